@@ -1,0 +1,1 @@
+"""The Dagster layer: thin asset definitions over the stage functions."""

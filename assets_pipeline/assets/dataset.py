@@ -1,0 +1,194 @@
+"""Dataset assets: raw_images -> captioned_images -> filtered_images -> clip_scored_images -> control_images."""
+
+
+import dataclasses
+
+import dagster as dg
+
+from assets_pipeline.assets.common import (
+    SPEC_SNAPSHOT, concept_config, read_upstream, result, spec_from_snapshot, table_preview,
+)
+from assets_pipeline.hashing import digest
+from assets_pipeline.imaging import grid_markdown
+from assets_pipeline.partitions.concept_spec import load_concept_spec
+from assets_pipeline.partitions.definitions import concepts_partitions
+from assets_pipeline.resources import (
+    AcceleratorResource, BaseModelResource, CaptionerResource, ClipScorerResource, PipelineStorage,
+)
+from assets_pipeline.store import atomic_dir, write_json_atomic
+from assets_pipeline.tables import table_version, write_imagefolder, write_table
+
+GROUP = "dataset"
+
+
+def _file_name(sha: str) -> str:
+    return f"{sha[:16]}.png"
+
+
+@dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="1", kinds={"python"})
+def raw_images(context: dg.AssetExecutionContext, storage: PipelineStorage) -> dg.MaterializeResult:
+    """Every file of the concept folder: decoded photos (manifest) or rejects with a reason."""
+    from assets_pipeline.stages.ingest import IngestConfig, MANIFEST_COLUMNS, ingest_concept
+
+    concept = context.partition_key
+    folder = storage.concept_dir(concept)
+    spec = load_concept_spec(folder)
+    layout = storage.layout()
+    res = ingest_concept(folder, storage.data_path(), layout.cache("images", ".png"), IngestConfig())
+    out = layout.asset_dir(concept, "raw_images")
+    with atomic_dir(out) as tmp:
+        write_table(res.manifest, tmp / "manifest.parquet")
+        write_table(res.rejects, tmp / "rejects.parquet")
+        write_json_atomic(tmp / SPEC_SNAPSHOT, dataclasses.asdict(spec))
+    for r in res.rejects.itertuples():
+        context.log.warning(f"rejected {r.source_path}: {r.reason}")
+    version_cols = [c for c in MANIFEST_COLUMNS if c != "decoded_path"]
+    return result(
+        out, digest(table_version(res.manifest, version_cols), dataclasses.asdict(spec)), len(res.manifest), {
+            **res.cache_counts,
+            "rejected": len(res.rejects),
+            "rejects": table_preview(res.rejects, ["source_path", "reason"], rows=50),
+            "preview": dg.MetadataValue.md(grid_markdown(list(res.manifest["decoded_path"][:24]))),
+        },
+    )
+
+
+@dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="1", deps=[raw_images],
+          kinds={"python"})
+def captioned_images(
+    context: dg.AssetExecutionContext, storage: PipelineStorage, captioner: CaptionerResource,
+    accelerator: AcceleratorResource,
+) -> dg.MaterializeResult:
+    """A caption per photo: sidecar .txt > captioner model > 'a photo of {token} {class_noun}'."""
+    from assets_pipeline.stages.captions import CaptionConfig, caption_images
+
+    concept = context.partition_key
+    spec = spec_from_snapshot(storage, concept)
+    layout = storage.layout()
+    cfg = concept_config(spec, "captions", CaptionConfig())
+    model = captioner.load(layout.root, accelerator.torch_device()) if cfg.use_captioner else None
+    cache = layout.cache("captions", ".txt")
+    df = caption_images(read_upstream(storage, concept, "raw_images", "manifest.parquet"), spec, cache, model, cfg)
+    out = layout.asset_dir(concept, "captioned_images")
+    with atomic_dir(out) as tmp:
+        write_table(df, tmp / "captions.parquet")
+        write_imagefolder(tmp / "imagefolder", [
+            {"image": p, "file_name": _file_name(s), "text": c}
+            for s, p, c in zip(df["image_sha256"], df["decoded_path"], df["caption"])
+        ])
+    missing_token = df[~df["has_token"]]
+    if len(missing_token):
+        context.log.warning(f"{len(missing_token)} captions lack the token {spec.token!r}: "
+                            f"{list(missing_token['source_path'])}")
+    sources = df["caption_source"].value_counts().to_dict()
+    return result(out, table_version(df, ["image_sha256", "caption"]), len(df), {
+        **cache.counts(),
+        **{f"captions_from_{k}": int(sources.get(k, 0)) for k in ("sidecar", "model", "template")},
+        "preview": table_preview(df, ["source_path", "caption_source", "caption"]),
+    })
+
+
+@dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="1", deps=[captioned_images],
+          kinds={"python"})
+def filtered_images(
+    context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource
+) -> dg.MaterializeResult:
+    """Quality filter: minimum side, blur, near-duplicates, aspect ratio; dropped photos keep their reasons."""
+    from assets_pipeline.stages.curation import QualityConfig, filter_images
+
+    concept = context.partition_key
+    spec = spec_from_snapshot(storage, concept)
+    layout = storage.layout()
+    cfg = concept_config(spec, "quality", QualityConfig())
+    resolution = base_model.resolve(layout.root).resolution
+    cache = layout.cache("quality_metrics", ".json")
+    df = filter_images(read_upstream(storage, concept, "captioned_images", "captions.parquet"),
+                       read_upstream(storage, concept, "raw_images", "manifest.parquet"), cfg, resolution, cache)
+    kept = df[df["kept"]]
+    out = layout.asset_dir(concept, "filtered_images")
+    with atomic_dir(out) as tmp:
+        write_table(df, tmp / "filtered.parquet")
+        write_imagefolder(tmp / "imagefolder", [
+            {"image": p, "file_name": _file_name(s), "text": c}
+            for s, p, c in zip(kept["image_sha256"], kept["decoded_path"], kept["caption"])
+        ])
+    for r in df[~df["kept"]].itertuples():
+        context.log.info(f"dropped {r.source_path}: {r.reason}")
+    return result(out, table_version(kept, ["image_sha256", "caption"]), len(kept), {
+        **cache.counts(),
+        "dropped": int((~df["kept"]).sum()),
+        "min_side": cfg.min_side or resolution,
+        "dropped_table": table_preview(df[~df["kept"]], ["source_path", "reason"], rows=50),
+        "preview": dg.MetadataValue.md(grid_markdown(list(kept["decoded_path"][:24]))),
+    })
+
+
+@dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="1", deps=[filtered_images],
+          kinds={"python"})
+def clip_scored_images(
+    context: dg.AssetExecutionContext, storage: PipelineStorage, clip_scorer: ClipScorerResource,
+    accelerator: AcceleratorResource,
+) -> dg.MaterializeResult:
+    """open_clip image-caption score per kept photo, and the quality subset the trainers use."""
+    from assets_pipeline.stages.scoring import ScoringConfig, score_images
+
+    concept = context.partition_key
+    spec = spec_from_snapshot(storage, concept)
+    layout = storage.layout()
+    cfg = concept_config(spec, "scoring", ScoringConfig())
+    scorer = clip_scorer.load(layout.root, accelerator.torch_device())
+    cache = layout.cache("clip_scores", ".json")
+    df = score_images(read_upstream(storage, concept, "filtered_images", "filtered.parquet"), scorer, cache, cfg)
+    subset = df[df["in_subset"]]
+    if scorer.is_random and cfg.min_score is None and cfg.top_fraction is None:
+        context.log.warning("CLIP scorer has random weights (the embedded default): its scores are meaningless, "
+                            "so the quality subset keeps every kept photo. Configure a pretrained scorer.")
+    out = layout.asset_dir(concept, "clip_scored_images")
+    with atomic_dir(out) as tmp:
+        write_table(df, tmp / "scores.parquet")
+        write_imagefolder(tmp / "imagefolder", [
+            {"image": p, "file_name": _file_name(s), "text": c}
+            for s, p, c in zip(subset["image_sha256"], subset["decoded_path"], subset["caption"])
+        ])
+    return result(out, table_version(subset, ["image_sha256", "caption"]), len(subset), {
+        **cache.counts(),
+        "scored": len(df),
+        "scorer_is_random": scorer.is_random,
+        "mean_clip_score": float(df["clip_score"].mean()) if len(df) else 0.0,
+        "preview": table_preview(df.sort_values("clip_score", ascending=False),
+                                 ["source_path", "clip_score", "in_subset", "reason"], rows=20),
+    })
+
+
+@dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="1", deps=[clip_scored_images],
+          kinds={"python"})
+def control_images(
+    context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource
+) -> dg.MaterializeResult:
+    """ControlNet conditioning image (Canny, offline) per photo of the quality subset, at the training crop."""
+    from assets_pipeline.stages.conditioning import ControlConfig, make_control_images
+    from assets_pipeline.stages.latents import LatentConfig
+
+    concept = context.partition_key
+    spec = spec_from_snapshot(storage, concept)
+    layout = storage.layout()
+    cfg = concept_config(spec, "control", ControlConfig())
+    latent_cfg = concept_config(spec, "latents", LatentConfig())
+    resolution = latent_cfg.resolution or base_model.resolve(layout.root).resolution
+    scores = read_upstream(storage, concept, "clip_scored_images", "scores.parquet")
+    cache = layout.cache("control_images", ".png")
+    df = make_control_images(scores[scores["in_subset"]], cfg, resolution, latent_cfg.center_crop, cache)
+    out = layout.asset_dir(concept, "control_images")
+    with atomic_dir(out) as tmp:
+        write_table(df, tmp / "control.parquet")
+        write_imagefolder(tmp / "imagefolder", [
+            {"image": p, "file_name": _file_name(s), "text": c, "conditioning_image": cp,
+             "conditioning_image_file_name": f"conditioning/{_file_name(s)}"}
+            for s, p, c, cp in zip(df["image_sha256"], df["decoded_path"], df["caption"], df["control_path"])
+        ])
+    return result(out, table_version(df, ["image_sha256", "caption", "control_path"]), len(df), {
+        **cache.counts(),
+        "annotator": cfg.annotator,
+        "resolution": resolution,
+        "preview": dg.MetadataValue.md(grid_markdown(list(df["control_path"][:24]))),
+    })

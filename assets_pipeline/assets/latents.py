@@ -1,0 +1,50 @@
+"""vae_latents: latents and text embeddings of the quality subset, what every trainer reads."""
+
+
+import dagster as dg
+
+from assets_pipeline.assets.common import concept_config, read_upstream, result, spec_from_snapshot
+from assets_pipeline.assets.dataset import clip_scored_images
+from assets_pipeline.partitions.definitions import concepts_partitions
+from assets_pipeline.resources import AcceleratorResource, BaseModelResource, PipelineStorage
+from assets_pipeline.store import atomic_dir
+from assets_pipeline.tables import table_version, write_table
+
+
+@dg.asset(partitions_def=concepts_partitions, group_name="latents", code_version="1", deps=[clip_scored_images],
+          pool="gpu", kinds={"pytorch"})
+def vae_latents(
+    context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource,
+    accelerator: AcceleratorResource,
+) -> dg.MaterializeResult:
+    """VAE latent distributions and CLIP text embeddings, keyed by image sha256 (latents.safetensors + index)."""
+    from assets_pipeline.base_model import load_encoders
+    from assets_pipeline.stages.latents import LatentConfig, compute_latents, write_latent_bundle
+
+    concept = context.partition_key
+    spec = spec_from_snapshot(storage, concept)
+    layout = storage.layout()
+    cfg = concept_config(spec, "latents", LatentConfig())
+    ref = base_model.resolve(layout.root)
+    resolution = cfg.resolution or ref.resolution
+    scores = read_upstream(storage, concept, "clip_scored_images", "scores.parquet")
+    items = scores[scores["in_subset"]].assign(role="instance")
+    enc = load_encoders(ref, layout.root, accelerator.torch_device())
+    latent_cache, text_cache = layout.cache("latents", ".safetensors"), layout.cache("text_embeds", ".safetensors")
+    index = compute_latents(items, enc, resolution, cfg, latent_cache, text_cache)
+    out = layout.asset_dir(concept, "vae_latents")
+    with atomic_dir(out) as tmp:
+        write_table(index, tmp / "index.parquet")
+        write_latent_bundle(index, latent_cache, text_cache, tmp / "latents.safetensors", {
+            "resolution": resolution, "scaling_factor": enc.vae.config.scaling_factor,
+            "base_model_fingerprint": ref.fingerprint, "vae_fingerprint": enc.vae_fingerprint,
+            "text_fingerprint": enc.text_fingerprint,
+        })
+    return result(out, table_version(index, ["image_sha256", "role", "latent_key", "text_key"]), len(index), {
+        "latents_computed": latent_cache.computed, "latents_cached": latent_cache.cached,
+        "text_embeds_computed": text_cache.computed, "text_embeds_cached": text_cache.cached,
+        "items_computed": latent_cache.computed + text_cache.computed,
+        "items_cached": latent_cache.cached + text_cache.cached,
+        "resolution": resolution,
+        "base_model_fingerprint": ref.fingerprint,
+    })

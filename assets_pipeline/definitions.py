@@ -1,0 +1,33 @@
+"""The code location: merges assets, jobs, sensors and resources. Imports nothing heavy."""
+
+import dagster as dg
+
+from assets_pipeline.assets.dataset import (
+    captioned_images, clip_scored_images, control_images, filtered_images, raw_images,
+)
+from assets_pipeline.assets.latents import vae_latents
+from assets_pipeline.jobs import build_concept_job
+from assets_pipeline.resources import (
+    AcceleratorResource, BaseModelResource, CaptionerResource, ClipScorerResource, PipelineStorage,
+)
+from assets_pipeline.sensors import concept_folder_sensor
+
+ASSETS = [raw_images, captioned_images, filtered_images, clip_scored_images, control_images, vae_latents]
+
+
+def default_resources() -> dict:
+    return {
+        "storage": PipelineStorage(),
+        "base_model": BaseModelResource(),
+        "accelerator": AcceleratorResource(),
+        "captioner": CaptionerResource(),
+        "clip_scorer": ClipScorerResource(),
+    }
+
+
+defs = dg.Definitions(
+    assets=ASSETS,
+    jobs=[build_concept_job],
+    sensors=[concept_folder_sensor],
+    resources=default_resources(),
+)

@@ -1,0 +1,1 @@
+"""Concepts: the folder format (``concept_spec``, pure) and the Dagster partitions over them (``definitions``)."""

@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from assets_pipeline.base_model import EMBEDDED, BaseModelRef, resolve_base_model
+from assets_pipeline.hashing import digest
+
+
+class BaseModelResource(dg.ConfigurableResource):
+    """The Stable Diffusion model everything derives from. Its fingerprint enters every downstream cache key."""
+
+    source: str = Field(
+        default=EMBEDDED,
+        description="'embedded' (tiny random SD, built offline), a diffusers folder, a single-file checkpoint "
+        "(.safetensors/.ckpt), or a hub id 'org/name' resolved from the local hub cache.",
+    )
+    resolution: int | None = Field(default=None, description="Training resolution; default: 64 embedded, else 512.")
+    single_file_config: str | None = Field(
+        default=None, description="For single-file checkpoints: a local diffusers folder holding the configs."
+    )
+
+    def resolve(self, artifact_root: Path) -> BaseModelRef:
+        return resolve_base_model(self.source, artifact_root, self.resolution, self.single_file_config)
+
+
+class AcceleratorResource(dg.ConfigurableResource):
+    """Device and precision for model work: CUDA when present, else CPU; bf16 where the GPU supports it."""
+
+    device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
+    mixed_precision: str = Field(default="auto", description="'auto', 'no', 'fp16' or 'bf16'.")
+
+    def torch_device(self) -> str:
+        import torch
+
+        if self.device != "auto":
+            return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def precision(self) -> str:
+        import torch
+
+        if self.mixed_precision != "auto":
+            return self.mixed_precision
+        if self.torch_device().startswith("cuda") and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "no"
+
+
+class CaptionerResource(dg.ConfigurableResource):
+    """A BLIP captioning model from a local folder (e.g. blip-image-captioning-base saved with save_pretrained).
+    Unset: photos without a sidecar caption get the template caption."""
+
+    model_path: str | None = Field(default=None, description="Local BLIP folder; None = no model captions.")
+
+    def load(self, artifact_root: Path, device: str):
+        if not self.model_path:
+            return None
+        from assets_pipeline.base_model import cached_fingerprint
+        from assets_pipeline.stages.captions import BlipCaptioner
+
+        fp = cached_fingerprint(Path(self.model_path), artifact_root / "base_models" / ".fingerprints")
+        return BlipCaptioner(self.model_path, fp, device=device)
+
+
+class ClipScorerResource(dg.ConfigurableResource):
+    """The open_clip model that scores photo-caption agreement."""
+
+    model_name: str = Field(
+        default=EMBEDDED,
+        description="'embedded' (tiny random CLIP), an open_clip name such as 'ViT-B-32' with `pretrained`, "
+        "or 'local-dir:/path' (open_clip_config.json + weights).",
+    )
+    pretrained: str | None = Field(default=None, description="Local checkpoint file for a named architecture.")
+
+    def load(self, artifact_root: Path, device: str):
+        from assets_pipeline.base_model import cached_fingerprint
+        from assets_pipeline.stages.scoring import ClipScorer, ensure_embedded_clip
+
+        memo = artifact_root / "base_models" / ".fingerprints"
+        if self.model_name == EMBEDDED:
+            folder = ensure_embedded_clip(artifact_root / "base_models")
+            return ClipScorer(f"local-dir:{folder}", None, cached_fingerprint(folder, memo), True, device)
+        if self.model_name.startswith("local-dir:"):
+            fp = cached_fingerprint(Path(self.model_name.removeprefix("local-dir:")), memo)
+        elif self.pretrained:
+            fp = digest(self.model_name, cached_fingerprint(Path(self.pretrained), memo))
+        else:
+            raise ValueError(
+                f"CLIP scorer {self.model_name!r} needs `pretrained` (a local checkpoint file): weights are never "
+                "downloaded at run time"
+            )
+        return ClipScorer(self.model_name, self.pretrained, fp, False, device)

@@ -1,0 +1,1 @@
+"""Stage functions: pure Python, no Dagster import. Each takes plain inputs and returns plain outputs."""

@@ -1,0 +1,131 @@
+"""Quality filter: drop photos too small, too blurry, too elongated, or near-duplicates of a better photo.
+
+Every dropped photo keeps its reasons and measurements. Defaults and their sources:
+- ``min_side``: 512 px for SD 1.x (its training resolution); defaults to the base model's resolution.
+- blur: variance of the Laplacian on a fixed-size grayscale copy; below ~100 is blurry (Pech-Pacheco et al.
+  2000; the threshold popularized by pyimagesearch's "Blur detection with OpenCV").
+- near-duplicates: 64-bit perceptual hash (DCT of a 32x32 grayscale copy, as imagehash.phash), Hamming
+  distance <= 10, imagededup's default ``max_distance_threshold``.
+- aspect ratio <= 3: DataComp's basic filter (Gadre et al. 2023).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from assets_pipeline.hashing import digest
+from assets_pipeline.store import ItemCache
+
+METRICS_VERSION = 1
+FILTER_COLUMNS = [
+    "image_sha256", "source_path", "decoded_path", "caption", "width", "height", "blur_variance", "phash",
+    "kept", "reason",
+]
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    min_side: int | None = field(default=None, metadata={"help": "Shorter side in px; None = model resolution."})
+    max_aspect_ratio: float = field(default=3.0, metadata={"help": "Longer side / shorter side (DataComp: 3)."})
+    min_blur_variance: float = field(default=100.0, metadata={"help": "Variance of the Laplacian; lower is blurry."})
+    blur_side: int = field(default=512, metadata={"help": "Longer side the blur measure downscales to first."})
+    max_hash_distance: int = field(default=10, metadata={"help": "pHash Hamming distance counted as duplicate."})
+
+    def __post_init__(self) -> None:
+        if self.min_side is not None and self.min_side < 1:
+            raise ValueError(f"min_side must be >= 1, got {self.min_side}")
+        if self.max_aspect_ratio < 1:
+            raise ValueError(f"max_aspect_ratio must be >= 1 (it is longer/shorter side), got {self.max_aspect_ratio}")
+        if not 0 <= self.max_hash_distance <= 64:
+            raise ValueError(f"max_hash_distance must be within 0..64 (a 64-bit hash), got {self.max_hash_distance}")
+
+
+def laplacian_variance(gray: np.ndarray) -> float:
+    """Variance of the 4-neighbour Laplacian (cv2.Laplacian's default 3x3 kernel) over the interior pixels."""
+    g = gray.astype(np.float64)
+    lap = g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:] - 4.0 * g[1:-1, 1:-1]
+    return float(lap.var())
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    k = np.arange(n)[:, None]
+    i = np.arange(n)[None, :]
+    return np.cos(np.pi * (2 * i + 1) * k / (2 * n))
+
+
+_DCT32 = _dct_matrix(32)
+
+
+def phash(img) -> int:
+    """64-bit perceptual hash, the imagehash.phash algorithm: DCT-II of a 32x32 grayscale copy, the top-left
+    8x8 low frequencies, each bit = coefficient > their median."""
+    from PIL import Image
+
+    g = np.asarray(img.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+    low = (_DCT32 @ g @ _DCT32.T)[:8, :8]
+    bits = (low > np.median(low)).flatten()
+    return int("".join("1" if b else "0" for b in bits), 2)
+
+
+def image_metrics(path: str, blur_side: int) -> dict:
+    from PIL import Image
+
+    img = Image.open(path).convert("RGB")
+    gray = img.convert("L")
+    scale = blur_side / max(gray.size)
+    if scale < 1:  # only downscale: upscaling smooths, and would call every small photo blurry
+        gray = gray.resize((max(3, round(gray.width * scale)), max(3, round(gray.height * scale))),
+                           Image.Resampling.BILINEAR)
+    return {"blur_variance": laplacian_variance(np.asarray(gray)), "phash": f"{phash(img):016x}"}
+
+
+def filter_images(
+    captioned: pd.DataFrame, manifest: pd.DataFrame, cfg: QualityConfig, resolution: int, cache: ItemCache
+) -> pd.DataFrame:
+    """Return one row per captioned image with ``kept`` and, for dropped ones, every reason that applies."""
+    min_side = cfg.min_side or resolution
+    df = captioned.merge(manifest[["image_sha256", "width", "height"]], on="image_sha256")
+    metrics = []
+    for sha, path in zip(df["image_sha256"], df["decoded_path"]):
+        p = cache.get_or_create(
+            digest("quality-metrics", sha, METRICS_VERSION, cfg.blur_side),
+            lambda tmp, path=path: Path(tmp).write_text(json.dumps(image_metrics(path, cfg.blur_side))),
+        )
+        metrics.append(json.loads(p.read_text()))
+    df["blur_variance"] = [m["blur_variance"] for m in metrics]
+    df["phash"] = [m["phash"] for m in metrics]
+
+    reasons: list[list[str]] = [[] for _ in range(len(df))]
+    for i, r in enumerate(df.itertuples()):
+        short, long = sorted((r.width, r.height))
+        if short < min_side:
+            reasons[i].append(f"too small: shorter side {short} px < {min_side}")
+        if long / short > cfg.max_aspect_ratio:
+            reasons[i].append(f"aspect ratio {long / short:.2f} > {cfg.max_aspect_ratio}")
+        if r.blur_variance < cfg.min_blur_variance:
+            reasons[i].append(f"blurry: Laplacian variance {r.blur_variance:.1f} < {cfg.min_blur_variance}")
+
+    # Near-duplicates among the photos that pass the other checks: keep the largest, then sharpest, of each
+    # group, so a blurry or tiny copy never displaces a good photo.
+    order = sorted(
+        (i for i in range(len(df)) if not reasons[i]),
+        key=lambda i: (-df.at[i, "width"] * df.at[i, "height"], -df.at[i, "blur_variance"], df.at[i, "source_path"]),
+    )
+    keepers: list[int] = []
+    for i in order:
+        h = int(df.at[i, "phash"], 16)
+        for k in keepers:
+            d = (h ^ int(df.at[k, "phash"], 16)).bit_count()
+            if d <= cfg.max_hash_distance:
+                reasons[i].append(f"near duplicate of {df.at[k, 'source_path']} (pHash distance {d})")
+                break
+        else:
+            keepers.append(i)
+    df["kept"] = [not r for r in reasons]
+    df["reason"] = ["; ".join(r) for r in reasons]
+    return df[FILTER_COLUMNS]

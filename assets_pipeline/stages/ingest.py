@@ -1,0 +1,199 @@
+"""Ingest: every file of a concept folder becomes a manifest row (a decoded RGB image) or a reject with a reason.
+
+Sample identity is the sha256 of the file's bytes. Decoded images (EXIF-transposed, RGB) go to a
+content-addressed cache, so re-ingesting the same photo decodes nothing. The source folder is only read.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from assets_pipeline.hashing import digest, sha256_bytes
+from assets_pipeline.partitions.concept_spec import SPEC_FILE
+from assets_pipeline.store import ItemCache
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+CAPTION_SUFFIX = ".txt"
+# Bump when decoding changes what is written for the same bytes: it is part of every decoded-image cache key.
+DECODER_VERSION = 1
+
+MANIFEST_COLUMNS = [
+    "image_sha256", "source_path", "format", "source_mode", "width", "height", "file_bytes",
+    "exif_orientation", "decoded_path", "sidecar_caption",
+]
+REJECT_COLUMNS = ["source_path", "code", "reason"]
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    max_pixels: int = field(
+        default=100_000_000,
+        metadata={"help": "Images with more pixels are rejected before decoding (decompression-bomb guard)."},
+    )
+    max_file_bytes: int = field(default=200 * 1024 * 1024, metadata={"help": "Larger files are rejected unread."})
+
+    def __post_init__(self) -> None:
+        if self.max_pixels <= 0 or self.max_file_bytes <= 0:
+            raise ValueError("max_pixels and max_file_bytes must be positive")
+
+
+@dataclass
+class IngestResult:
+    manifest: pd.DataFrame
+    rejects: pd.DataFrame
+    cache_counts: dict[str, int]
+
+
+class RejectedFile(Exception):
+    def __init__(self, code: str, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def decode_image(data: bytes, cfg: IngestConfig):
+    """Decode bytes to an RGB PIL image; raise :class:`RejectedFile` with a specific reason otherwise.
+
+    Handles EXIF orientation, CMYK, 16-bit and float grayscale, palette/alpha transparency (composited on white,
+    since SD trains on RGB), and multi-frame files (first frame).
+    """
+    import numpy as np
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > cfg.max_pixels:
+                raise RejectedFile("pixel_limit", f"over the pixel limit: {w}x{h} = {w * h:,} px > {cfg.max_pixels:,}")
+            img.load()
+    except RejectedFile:
+        raise
+    except Image.DecompressionBombError as e:
+        raise RejectedFile("pixel_limit", f"over the pixel limit: {e}") from None
+    except UnidentifiedImageError:
+        raise RejectedFile("not_image", "not an image: no known image format in the file's bytes") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise RejectedFile("truncated", f"truncated or corrupt image data: {e}") from None
+    fmt, mode = img.format or "unknown", img.mode
+    orientation = int(img.getexif().get(0x0112, 1) or 1)
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("RGB"), fmt, mode, orientation
+
+
+def _read_caption(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise RejectedFile(
+            "unreadable_caption",
+            f"unreadable caption: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            "the image gets a generated caption instead",
+        ) from None
+    return " ".join(text.split())
+
+
+def _walk(concept_dir: Path):
+    """Every entry under the concept folder, depth first, without following directory links."""
+    for dirpath, dirnames, filenames in os.walk(concept_dir, followlinks=False):
+        dirnames.sort()
+        for d in list(dirnames):
+            if (Path(dirpath) / d).is_symlink():
+                dirnames.remove(d)
+                yield Path(dirpath) / d
+        for f in sorted(filenames):
+            yield Path(dirpath) / f
+
+
+def ingest_concept(
+    concept_dir: Path, data_root: Path, image_cache: ItemCache, cfg: IngestConfig = IngestConfig()
+) -> IngestResult:
+    root = data_root.resolve()
+    rows: list[dict] = []
+    rejects: list[dict] = []
+    seen: dict[str, str] = {}
+    image_files: list[Path] = []
+    captions: dict[Path, str] = {}
+
+    def reject(path: Path, code: str, reason: str) -> None:
+        rejects.append({"source_path": path.relative_to(concept_dir).as_posix(), "code": code, "reason": reason})
+
+    for path in _walk(concept_dir):
+        rel = path.relative_to(concept_dir)
+        if rel.as_posix() == SPEC_FILE:
+            continue
+        real = path.resolve()
+        if not real.is_relative_to(root):
+            reject(path, "outside_data_root", f"outside the data root: links to {real}; not read")
+            continue
+        if path.is_dir():
+            reject(path, "linked_folder", "linked folder not followed; move the photos into the concept folder")
+            continue
+        if any(part.startswith(".") for part in rel.parts):
+            reject(path, "hidden", "hidden file, ignored")
+            continue
+        suffix = path.suffix.lower()
+        if suffix == CAPTION_SUFFIX:
+            try:
+                captions[path.with_suffix("")] = _read_caption(path)
+            except RejectedFile as e:
+                reject(path, e.code, e.reason)
+        elif suffix in IMAGE_SUFFIXES:
+            image_files.append(path)
+        else:
+            reject(path, "unsupported_type", f"unsupported file type {suffix or '(no extension)'!r}; "
+                   f"photos must be one of {sorted(IMAGE_SUFFIXES)}")
+
+    image_stems = {p.with_suffix("") for p in image_files}
+    for stem in sorted(set(captions) - image_stems):
+        reject(stem.with_suffix(CAPTION_SUFFIX), "orphan_caption", "caption file without a photo of the same name")
+
+    for path in image_files:
+        rel = path.relative_to(concept_dir).as_posix()
+        size = path.stat().st_size
+        if size > cfg.max_file_bytes:
+            reject(path, "file_too_large", f"file too large: {size:,} bytes > {cfg.max_file_bytes:,}")
+            continue
+        data = path.read_bytes()
+        sha = sha256_bytes(data)
+        if sha in seen:
+            reject(path, "exact_duplicate", f"exact duplicate of {seen[sha]} (same bytes)")
+            continue
+        try:
+            img, fmt, mode, orientation = decode_image(data, cfg)
+        except RejectedFile as e:
+            reject(path, e.code, e.reason)
+            continue
+        seen[sha] = rel
+        decoded = image_cache.get_or_create(
+            digest("decoded-image", sha, DECODER_VERSION), lambda tmp: img.save(tmp, format="PNG")
+        )
+        rows.append({
+            "image_sha256": sha, "source_path": rel, "format": fmt, "source_mode": mode,
+            "width": img.width, "height": img.height, "file_bytes": size, "exif_orientation": orientation,
+            "decoded_path": str(decoded), "sidecar_caption": captions.get(path.with_suffix("")),
+        })
+    manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    return IngestResult(
+        manifest=manifest.sort_values("source_path", ignore_index=True),
+        rejects=pd.DataFrame(rejects, columns=REJECT_COLUMNS).sort_values("source_path", ignore_index=True),
+        cache_counts=image_cache.counts(),
+    )

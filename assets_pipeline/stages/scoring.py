@@ -1,0 +1,138 @@
+"""CLIP scoring: the open_clip cosine similarity between each photo and its caption, and the quality subset.
+
+Selection (all overridable per concept in ``[scoring]``): a threshold on the score — LAION-400M kept pairs with
+ViT-B/32 cosine >= 0.28 (Schuhmann et al. 2021) — and/or the top fraction by score (DataComp's best CLIP filter
+kept ~30%, Gadre et al. 2023). With no setting, a pretrained scorer applies LAION's 0.28; the embedded
+random-weight scorer keeps everything, since its scores carry no meaning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from assets_pipeline.hashing import digest
+from assets_pipeline.store import ItemCache, atomic_dir
+
+LAION_THRESHOLD = 0.28
+EMBEDDED_CLIP_NAME = "embedded-tiny-clip-v1"
+# A CLIP with SD's tokenizer/context but tiny towers; same JSON shape as open_clip's model_configs/*.json.
+EMBEDDED_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    min_score: float | None = field(default=None, metadata={"help": "Keep photos scoring at least this."})
+    top_fraction: float | None = field(default=None, metadata={"help": "Keep this fraction, best first."})
+    min_keep: int = field(default=1, metadata={"help": "Never keep fewer than this many (best first)."})
+    batch_size: int = field(default=16, metadata={"help": "Images per scorer forward pass."})
+
+    def __post_init__(self) -> None:
+        if self.top_fraction is not None and not 0 < self.top_fraction <= 1:
+            raise ValueError(f"top_fraction must be in (0, 1], got {self.top_fraction}")
+        if self.min_score is not None and not -1 <= self.min_score <= 1:
+            raise ValueError(f"min_score is a cosine similarity in [-1, 1], got {self.min_score}")
+
+
+def ensure_embedded_clip(base_models_dir: Path) -> Path:
+    """Build the tiny random open_clip model once, deterministically, as an open_clip ``local-dir:`` folder."""
+    import torch
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    target = base_models_dir / EMBEDDED_CLIP_NAME
+    if (target / "open_clip_model.safetensors").is_file():
+        return target
+    torch.manual_seed(0)
+    model = CLIP(**EMBEDDED_CLIP_CONFIG)
+    with atomic_dir(target) as tmp:
+        (tmp / "open_clip_config.json").write_text(json.dumps({"model_cfg": EMBEDDED_CLIP_CONFIG}, indent=2))
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "open_clip_model.safetensors")
+    return target
+
+
+class ClipScorer:
+    """open_clip model + preprocessing + tokenizer. ``model_name`` is an open_clip name ('ViT-B-32' with a
+    local ``pretrained`` checkpoint file) or 'local-dir:/path' (config + weights in one folder)."""
+
+    def __init__(self, model_name: str, pretrained: str | None, fingerprint: str, is_random: bool, device="cpu"):
+        import open_clip
+
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, device=device
+        )
+        self.model.eval()
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        self.device = device
+        self.fingerprint = fingerprint
+        self.is_random = is_random
+
+    def embed_images(self, images: list) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            x = torch.stack([self.preprocess(im) for im in images]).to(self.device)
+            f = self.model.encode_image(x)
+            return torch.nn.functional.normalize(f.float(), dim=-1).cpu().numpy()
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            f = self.model.encode_text(self.tokenizer(texts).to(self.device))
+            return torch.nn.functional.normalize(f.float(), dim=-1).cpu().numpy()
+
+    def score(self, images: list, texts: list[str]) -> np.ndarray:
+        """Cosine similarity of each (image, text) pair (CLIPScore without its 2.5 weight; Hessel et al. 2021)."""
+        return (self.embed_images(images) * self.embed_texts(texts)).sum(axis=1)
+
+
+def score_images(filtered: pd.DataFrame, scorer: ClipScorer, cache: ItemCache, cfg: ScoringConfig) -> pd.DataFrame:
+    """Score the kept photos against their captions (cached per image, caption and scorer) and mark the subset."""
+    from PIL import Image
+
+    df = filtered[filtered["kept"]].reset_index(drop=True).drop(columns=["kept", "reason"])
+    keys = [digest("clip-score", sha, cap, scorer.fingerprint) for sha, cap in zip(df["image_sha256"], df["caption"])]
+    missing = set(cache.split(keys))
+    todo = [i for i, k in enumerate(keys) if k in missing]
+    for start in range(0, len(todo), cfg.batch_size):
+        idx = todo[start : start + cfg.batch_size]
+        scores = scorer.score([Image.open(df.at[i, "decoded_path"]).convert("RGB") for i in idx],
+                              [df.at[i, "caption"] for i in idx])
+        for i, s in zip(idx, scores):
+            cache.put(keys[i], lambda tmp, s=float(s): Path(tmp).write_text(json.dumps(s)))
+    df["clip_score"] = [json.loads(cache.path(k).read_text()) for k in keys]
+    df["in_subset"], df["reason"] = select_subset(df["clip_score"].to_numpy(), cfg, scorer.is_random)
+    return df
+
+
+def select_subset(scores: np.ndarray, cfg: ScoringConfig, scorer_is_random: bool) -> tuple[list[bool], list[str]]:
+    n = len(scores)
+    min_score = cfg.min_score
+    if min_score is None and cfg.top_fraction is None and not scorer_is_random:
+        min_score = LAION_THRESHOLD
+    order = np.argsort(-scores, kind="stable")
+    rank = np.empty(n, dtype=int)
+    rank[order] = np.arange(n)
+    keep_top = n if cfg.top_fraction is None else math.ceil(cfg.top_fraction * n)
+    keep, reasons = [], []
+    for i in range(n):
+        why = []
+        if min_score is not None and scores[i] < min_score:
+            why.append(f"CLIP score {scores[i]:.3f} < {min_score}")
+        if rank[i] >= keep_top:
+            why.append(f"rank {rank[i] + 1} outside the top {cfg.top_fraction:.0%} ({keep_top} of {n})")
+        if why and rank[i] < cfg.min_keep:
+            why = []  # min_keep: the best few always stay, so a concept is never emptied by scoring alone
+        keep.append(not why)
+        reasons.append("; ".join(why))
+    return keep, reasons
