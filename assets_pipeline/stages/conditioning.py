@@ -33,7 +33,11 @@ class ControlConfig:
 
 
 def make_annotator(cfg: ControlConfig):
-    from controlnet_aux import CannyDetector
+    import warnings
+
+    with warnings.catch_warnings():  # controlnet_aux's import re-registers timm models, warning about each
+        warnings.simplefilter("ignore")
+        from controlnet_aux import CannyDetector
 
     detector = CannyDetector()
 
