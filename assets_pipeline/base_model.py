@@ -27,8 +27,12 @@ EMBEDDED_NAME = "embedded-tiny-sd-v1"
 EMBEDDED_RESOLUTION = 64
 _SEED = 0
 # Config keys that record library versions or load paths, not model content: left out of fingerprints so the
-# same weights and architecture always have the same fingerprint.
-_VOLATILE_KEYS = {"_diffusers_version", "transformers_version", "_name_or_path", "_commit_hash"}
+# same weights and architecture always have the same fingerprint. (transformers writes how a tokenizer was loaded,
+# e.g. is_local / local_files_only, into the tokenizer_config.json of a re-saved pipeline.)
+_VOLATILE_KEYS = {
+    "_diffusers_version", "transformers_version", "_name_or_path", "_commit_hash",
+    "name_or_path", "is_local", "local_files_only", "tokenizer_file", "special_tokens_map_file",
+}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 
 
@@ -229,9 +233,19 @@ def resolve_base_model(
     )
 
 
+def quiet_progress_bars() -> None:
+    """Loading bars from diffusers/transformers would flood run logs; progress is reported by our own logs."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def load_pipeline(ref: BaseModelRef, torch_dtype: Any = None) -> StableDiffusionPipeline:
     from diffusers import StableDiffusionPipeline
 
+    quiet_progress_bars()
     kwargs: dict[str, Any] = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     if ref.kind == "single_file":
         if ref.single_file_config:
@@ -253,6 +267,7 @@ def load_encoders(ref: BaseModelRef, artifact_root: Path, device: str = "cpu"):
     """The frozen VAE, text encoder and tokenizer, with their fingerprints, for precomputing latents."""
     from assets_pipeline.stages.latents import Encoders
 
+    quiet_progress_bars()
     if ref.kind == "single_file":
         pipe = load_pipeline(ref)
         vae, text_encoder, tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer

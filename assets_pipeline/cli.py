@@ -27,14 +27,14 @@ def build_concepts(concepts: list[str], selection=None) -> list[tuple[str, objec
     """Register ``concepts`` as partitions on the local instance and materialize the asset graph for each."""
     import dagster as dg
 
-    from assets_pipeline.definitions import ASSETS, default_resources
+    from assets_pipeline.definitions import ASSETS, CHECKS, default_resources
     from assets_pipeline.partitions.definitions import concepts_partitions
 
     instance = _instance()
     instance.add_dynamic_partitions(concepts_partitions.name, concepts)
     results = []
     for concept in concepts:
-        res = dg.materialize(ASSETS, selection=selection, partition_key=concept, instance=instance,
+        res = dg.materialize([*ASSETS, *CHECKS], selection=selection, partition_key=concept, instance=instance,
                              resources=default_resources(), run_config=_QUIET)
         results.append((concept, res))
     return results
@@ -48,8 +48,11 @@ def _summary(res) -> list[str]:
         counts = ""
         if "items_computed" in md:
             counts = f"  computed {md['items_computed']}, cached {md['items_cached']}"
-        lines.append(f"  {mat.asset_key.to_user_string():<20} rows {md.get('dagster/row_count', '-'):>3}"
+        lines.append(f"  {mat.asset_key.to_user_string():<28} rows {md.get('dagster/row_count', '-'):>3}"
                      f"{counts}\n      -> {md.get('path')}")
+    for check in res.get_asset_check_evaluations():
+        lines.append(f"  check {check.asset_key.to_user_string()}.{check.check_name}: "
+                     f"{'passed' if check.passed else 'FAILED'}")
     return lines
 
 

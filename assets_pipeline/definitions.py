@@ -5,14 +5,19 @@ import dagster as dg
 from assets_pipeline.assets.dataset import (
     captioned_images, clip_scored_images, control_images, filtered_images, raw_images,
 )
+from assets_pipeline.assets.checks import MODEL_CHECKS
 from assets_pipeline.assets.latents import vae_latents
-from assets_pipeline.jobs import build_concept_job
+from assets_pipeline.assets.models import MODEL_ASSETS
+from assets_pipeline.assets.priors import class_images
+from assets_pipeline.jobs import build_concept_job, train_concept_job
 from assets_pipeline.resources import (
-    AcceleratorResource, BaseModelResource, CaptionerResource, ClipScorerResource, PipelineStorage,
+    AcceleratorResource, BaseModelResource, CaptionerResource, ClipScorerResource, PipelineStorage, TrainerLauncher,
 )
 from assets_pipeline.sensors import concept_folder_sensor
 
-ASSETS = [raw_images, captioned_images, filtered_images, clip_scored_images, control_images, vae_latents]
+ASSETS = [raw_images, captioned_images, filtered_images, clip_scored_images, control_images, class_images,
+          vae_latents, *MODEL_ASSETS]
+CHECKS = MODEL_CHECKS
 
 
 def default_resources() -> dict:
@@ -22,12 +27,14 @@ def default_resources() -> dict:
         "accelerator": AcceleratorResource(),
         "captioner": CaptionerResource(),
         "clip_scorer": ClipScorerResource(),
+        "trainer": TrainerLauncher(),
     }
 
 
 defs = dg.Definitions(
     assets=ASSETS,
-    jobs=[build_concept_job],
+    asset_checks=CHECKS,
+    jobs=[build_concept_job, train_concept_job],
     sensors=[concept_folder_sensor],
     resources=default_resources(),
 )

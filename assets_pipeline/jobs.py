@@ -2,10 +2,18 @@ import dagster as dg
 
 from assets_pipeline.partitions.definitions import concepts_partitions
 
-# Everything per concept that exists so far: the dataset chain and its latents.
+# One concept's dataset chain, priors and latents: cheap, run whenever its photos change.
 build_concept_job = dg.define_asset_job(
     "build_concept",
-    selection=dg.AssetSelection.groups("dataset", "latents"),
+    selection=dg.AssetSelection.groups("dataset", "priors", "latents"),
     partitions_def=concepts_partitions,
-    description="Build one concept's dataset assets and latents (partition = concept folder name).",
+    description="Build one concept's dataset assets, class images and latents (partition = concept folder).",
+)
+
+# Everything for one concept, trained outputs and their checks included (methods it doesn't request skip).
+train_concept_job = dg.define_asset_job(
+    "train_concept",
+    selection=dg.AssetSelection.groups("dataset", "priors", "latents", "models"),
+    partitions_def=concepts_partitions,
+    description="Build one concept end to end: datasets, latents and every method its concept.toml requests.",
 )

@@ -160,7 +160,7 @@ def clip_scored_images(
     })
 
 
-@dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="1", deps=[clip_scored_images],
+@dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="2", deps=[clip_scored_images],
           kinds={"python"})
 def control_images(
     context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource

@@ -5,19 +5,23 @@ import dagster as dg
 
 from assets_pipeline.assets.common import concept_config, read_upstream, result, spec_from_snapshot
 from assets_pipeline.assets.dataset import clip_scored_images
+from assets_pipeline.assets.priors import class_images
 from assets_pipeline.partitions.definitions import concepts_partitions
 from assets_pipeline.resources import AcceleratorResource, BaseModelResource, PipelineStorage
 from assets_pipeline.store import atomic_dir
 from assets_pipeline.tables import table_version, write_table
 
 
-@dg.asset(partitions_def=concepts_partitions, group_name="latents", code_version="1", deps=[clip_scored_images],
+@dg.asset(partitions_def=concepts_partitions, group_name="latents", code_version="1", deps=[clip_scored_images, class_images],
           pool="gpu", kinds={"pytorch"})
 def vae_latents(
     context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource,
     accelerator: AcceleratorResource,
 ) -> dg.MaterializeResult:
-    """VAE latent distributions and CLIP text embeddings, keyed by image sha256 (latents.safetensors + index)."""
+    """VAE latent distributions and CLIP text embeddings of the quality subset and the class images, keyed by
+    image sha256 (latents.safetensors + index.parquet); class images share the photos' latent cache."""
+    import pandas as pd
+
     from assets_pipeline.base_model import load_encoders
     from assets_pipeline.stages.latents import LatentConfig, compute_latents, write_latent_bundle
 
@@ -28,7 +32,9 @@ def vae_latents(
     ref = base_model.resolve(layout.root)
     resolution = cfg.resolution or ref.resolution
     scores = read_upstream(storage, concept, "clip_scored_images", "scores.parquet")
-    items = scores[scores["in_subset"]].assign(role="instance")
+    priors = read_upstream(storage, concept, "class_images", "class_images.parquet")
+    items = pd.concat([scores[scores["in_subset"]].assign(role="instance"), priors.assign(role="class")],
+                      ignore_index=True)
     enc = load_encoders(ref, layout.root, accelerator.torch_device())
     latent_cache, text_cache = layout.cache("latents", ".safetensors"), layout.cache("text_embeds", ".safetensors")
     index = compute_latents(items, enc, resolution, cfg, latent_cache, text_cache)

@@ -27,7 +27,7 @@ from typing import Any
 CONCEPT_KEY = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 METHODS = ("lora", "dreambooth", "textual_inversion", "controlnet")
 SPEC_FILE = "concept.toml"
-_SECTIONS = ("quality", "scoring", "captions", "latents", "control", *METHODS)
+_SECTIONS = ("quality", "scoring", "captions", "latents", "control", "class_images", *METHODS)
 
 
 class ConceptSpecError(ValueError):

@@ -6,7 +6,6 @@ import dagster as dg
 from pydantic import Field
 
 from assets_pipeline.base_model import EMBEDDED, BaseModelRef, resolve_base_model
-from assets_pipeline.hashing import digest
 
 
 class BaseModelResource(dg.ConfigurableResource):
@@ -76,20 +75,35 @@ class ClipScorerResource(dg.ConfigurableResource):
     pretrained: str | None = Field(default=None, description="Local checkpoint file for a named architecture.")
 
     def load(self, artifact_root: Path, device: str):
-        from assets_pipeline.base_model import cached_fingerprint
-        from assets_pipeline.stages.scoring import ClipScorer, ensure_embedded_clip
+        from assets_pipeline.stages.scoring import load_clip_scorer
 
-        memo = artifact_root / "base_models" / ".fingerprints"
-        if self.model_name == EMBEDDED:
-            folder = ensure_embedded_clip(artifact_root / "base_models")
-            return ClipScorer(f"local-dir:{folder}", None, cached_fingerprint(folder, memo), True, device)
-        if self.model_name.startswith("local-dir:"):
-            fp = cached_fingerprint(Path(self.model_name.removeprefix("local-dir:")), memo)
-        elif self.pretrained:
-            fp = digest(self.model_name, cached_fingerprint(Path(self.pretrained), memo))
-        else:
-            raise ValueError(
-                f"CLIP scorer {self.model_name!r} needs `pretrained` (a local checkpoint file): weights are never "
-                "downloaded at run time"
-            )
-        return ClipScorer(self.model_name, self.pretrained, fp, False, device)
+        return load_clip_scorer(self.model_name, self.pretrained, artifact_root, device)
+
+
+class TrainerLauncher(dg.ConfigurableResource):
+    """Runs the trainer as its own process through Dagster Pipes, so GPU memory is returned after every
+    training: ``python -m assets_pipeline.training`` for one process, ``accelerate launch`` for several GPUs.
+    The same job file runs on Kubernetes through dagster-k8s's PipesK8sClient."""
+
+    num_processes: int = Field(default=1, description="Processes (GPUs) for data-parallel training.")
+    accelerate_config_file: str | None = Field(default=None, description="`accelerate config` file to use.")
+    device: str = Field(default="auto", description="'auto' (CUDA if present), 'cpu' or 'cuda'.")
+    mixed_precision: str = Field(default="auto", description="'auto' (bf16 where supported), 'no', 'fp16', 'bf16'.")
+
+    def command(self, job_path: Path) -> list[str]:
+        import sys
+
+        if self.num_processes > 1:
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(self.num_processes)]
+            if self.accelerate_config_file:
+                cmd += ["--config_file", self.accelerate_config_file]
+            return [*cmd, "-m", "assets_pipeline.training", "--job", str(job_path)]
+        return [sys.executable, "-m", "assets_pipeline.training", "--job", str(job_path)]
+
+    def launch(self, context, job_path: Path):
+        import os
+
+        # Extra variables only: PipesSubprocessClient merges them over this process's environment.
+        env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        return dg.PipesSubprocessClient(env=env).run(context=context, command=self.command(job_path),
+                                                     cwd=os.getcwd())

@@ -15,7 +15,7 @@ from assets_pipeline.hashing import digest
 from assets_pipeline.imaging import training_crop
 from assets_pipeline.store import ItemCache
 
-CONDITIONING_VERSION = 1
+CONDITIONING_VERSION = 2
 ANNOTATORS = ("canny",)
 
 
@@ -35,6 +35,8 @@ class ControlConfig:
 def make_annotator(cfg: ControlConfig):
     import warnings
 
+    from PIL import Image
+
     with warnings.catch_warnings():  # controlnet_aux's import re-registers timm models, warning about each
         warnings.simplefilter("ignore")
         from controlnet_aux import CannyDetector
@@ -43,8 +45,13 @@ def make_annotator(cfg: ControlConfig):
 
     def annotate(img, resolution: int):
         # controlnet_aux resizes to 512 unless told the resolution: pass ours for both detection and output.
-        return detector(img, low_threshold=cfg.low_threshold, high_threshold=cfg.high_threshold,
-                        detect_resolution=resolution, image_resolution=resolution, output_type="pil")
+        out = detector(img, low_threshold=cfg.low_threshold, high_threshold=cfg.high_threshold,
+                       detect_resolution=resolution, image_resolution=resolution, output_type="pil")
+        # It also rounds both sides to a multiple of 64 (controlnet_aux.util.resize_image), so e.g. 96 px comes
+        # back as 128 px; the crop is the same square, so scaling back keeps it aligned with the latents.
+        if out.size != (resolution, resolution):
+            out = out.resize((resolution, resolution), Image.Resampling.BILINEAR)
+        return out
 
     return annotate
 

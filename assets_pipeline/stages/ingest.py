@@ -99,7 +99,7 @@ def decode_image(data: bytes, cfg: IngestConfig):
 
 
 def _read_caption(path: Path) -> str:
-    data = path.read_bytes()
+    data = _read_bytes(path)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -109,6 +109,18 @@ def _read_caption(path: Path) -> str:
             "the image gets a generated caption instead",
         ) from None
     return " ".join(text.split())
+
+
+def _read_bytes(path: Path, max_bytes: int | None = None) -> bytes:
+    """The file's bytes, or a reject: too large (checked before reading), or unreadable (a dangling link, a file
+    removed mid-scan, one we may not read)."""
+    try:
+        size = path.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise RejectedFile("file_too_large", f"file too large: {size:,} bytes > {max_bytes:,}")
+        return path.read_bytes()
+    except OSError as e:
+        raise RejectedFile("unreadable", f"cannot read the file: {e.strerror or e}") from None
 
 
 def _walk(concept_dir: Path):
@@ -168,11 +180,12 @@ def ingest_concept(
 
     for path in image_files:
         rel = path.relative_to(concept_dir).as_posix()
-        size = path.stat().st_size
-        if size > cfg.max_file_bytes:
-            reject(path, "file_too_large", f"file too large: {size:,} bytes > {cfg.max_file_bytes:,}")
+        try:
+            data = _read_bytes(path, cfg.max_file_bytes)
+        except RejectedFile as e:
+            reject(path, e.code, e.reason)
             continue
-        data = path.read_bytes()
+        size = len(data)
         sha = sha256_bytes(data)
         if sha in seen:
             reject(path, "exact_duplicate", f"exact duplicate of {seen[sha]} (same bytes)")

@@ -96,6 +96,26 @@ class ClipScorer:
         return (self.embed_images(images) * self.embed_texts(texts)).sum(axis=1)
 
 
+def load_clip_scorer(model_name: str, pretrained: str | None, artifact_root: Path, device: str = "cpu") -> ClipScorer:
+    """'embedded' (built once under the artifact root), 'local-dir:/path', or an open_clip name + local weights."""
+    from assets_pipeline.base_model import EMBEDDED, cached_fingerprint
+
+    memo = artifact_root / "base_models" / ".fingerprints"
+    if model_name == EMBEDDED:
+        folder = ensure_embedded_clip(artifact_root / "base_models")
+        return ClipScorer(f"local-dir:{folder}", None, cached_fingerprint(folder, memo), True, device)
+    if model_name.startswith("local-dir:"):
+        fp = cached_fingerprint(Path(model_name.removeprefix("local-dir:")), memo)
+    elif pretrained:
+        fp = digest(model_name, cached_fingerprint(Path(pretrained), memo))
+    else:
+        raise ValueError(
+            f"CLIP scorer {model_name!r} needs `pretrained` (a local checkpoint file): weights are never "
+            "downloaded at run time"
+        )
+    return ClipScorer(model_name, pretrained, fp, False, device)
+
+
 def score_images(filtered: pd.DataFrame, scorer: ClipScorer, cache: ItemCache, cfg: ScoringConfig) -> pd.DataFrame:
     """Score the kept photos against their captions (cached per image, caption and scorer) and mark the subset."""
     from PIL import Image

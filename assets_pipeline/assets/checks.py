@@ -1,0 +1,73 @@
+"""Asset checks on every trained output: finite weights, a visible change versus the base model, and a
+lineage manifest that lists exactly the images the output was trained on."""
+
+import json
+
+import dagster as dg
+
+from assets_pipeline.assets.models import current_output, training_rows
+from assets_pipeline.partitions.definitions import concepts_partitions
+from assets_pipeline.resources import BaseModelResource, PipelineStorage
+from assets_pipeline.training.methods import get_method, method_names
+
+
+def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
+    method = get_method(method_name)
+    asset = dg.AssetKey(method.asset_name)
+
+    def _output(storage, concept):
+        out = current_output(storage, concept, method.asset_name)
+        if out is None or not out.is_dir():
+            raise FileNotFoundError(f"{method.asset_name} has no current output for concept {concept!r}")
+        return out
+
+    @dg.asset_check(asset=asset, name="weights_finite", blocking=True, partitions_def=concepts_partitions)
+    def weights_finite(context: dg.AssetCheckExecutionContext, storage: PipelineStorage) -> dg.AssetCheckResult:
+        from assets_pipeline.training.verify import nonfinite_tensors
+
+        counts = nonfinite_tensors(_output(storage, context.partition_key))
+        bad = {k: v for k, v in counts.items() if v}
+        return dg.AssetCheckResult(passed=not bad, metadata={"files_checked": len(counts),
+                                                             "nonfinite_values": json.dumps(bad)})
+
+    @dg.asset_check(asset=asset, name="changes_base_output", partitions_def=concepts_partitions)
+    def changes_base_output(context: dg.AssetCheckExecutionContext, storage: PipelineStorage,
+                            base_model: BaseModelResource) -> dg.AssetCheckResult:
+        from dataclasses import asdict
+
+        from assets_pipeline.assets.common import spec_from_snapshot
+        from assets_pipeline.training.methods.base import TrainContext
+        from assets_pipeline.training.verify import change_versus_base
+
+        concept = context.partition_key
+        out = _output(storage, concept)
+        spec = spec_from_snapshot(storage, concept)
+        ref = base_model.resolve(storage.layout().root)
+        manifest = json.loads((out / "lineage.json").read_text())
+        controls = [r["control_path"] for r in training_rows(storage, concept, ("instance",), True)] \
+            if method.name == "controlnet" else []
+        ctx = TrainContext(concept=concept, token=spec.token, class_noun=spec.class_noun,
+                           resolution=manifest["base_model"]["resolution"], num_instance_images=0,
+                           extra={"control_paths": controls})
+        change = change_versus_base(method, asdict(ref), out, ctx)
+        return dg.AssetCheckResult(passed=change > 0, metadata={"mean_abs_change": change})
+
+    @dg.asset_check(asset=asset, name="manifest_lists_training_images", blocking=True,
+                    partitions_def=concepts_partitions)
+    def manifest_lists_training_images(context: dg.AssetCheckExecutionContext,
+                                       storage: PipelineStorage) -> dg.AssetCheckResult:
+        from assets_pipeline.training.verify import manifest_difference
+
+        concept = context.partition_key
+        out = _output(storage, concept)
+        manifest = json.loads((out / "lineage.json").read_text())
+        cfg = method.config_cls(**manifest["method_config"])
+        expected = training_rows(storage, concept, method.batch_roles(cfg), control=False)
+        extra, missing = manifest_difference(out, expected)
+        return dg.AssetCheckResult(passed=not extra and not missing, metadata={
+            "images_listed": len(manifest["training_images"]), "unexpected": len(extra), "missing": len(missing)})
+
+    return [weights_finite, changes_base_output, manifest_lists_training_images]
+
+
+MODEL_CHECKS = [check for name in method_names() for check in build_checks(name)]

@@ -1,0 +1,127 @@
+"""Trained outputs: one asset per registered method (lora_adapter, dreambooth_model,
+textual_inversion_embedding, controlnet_model), each trained in its own process through Dagster Pipes,
+each with asset checks. A concept builds only the methods its concept.toml requests; for the others the
+asset is skipped (not materialized, not failed)."""
+
+import json
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import dagster as dg
+
+from assets_pipeline.assets.common import read_upstream, spec_from_snapshot
+from assets_pipeline.assets.dataset import clip_scored_images, control_images, raw_images
+from assets_pipeline.assets.latents import vae_latents
+from assets_pipeline.assets.priors import class_images
+from assets_pipeline.partitions.definitions import concepts_partitions
+from assets_pipeline.paths import project_root
+from assets_pipeline.store import write_json_atomic
+from assets_pipeline.resources import BaseModelResource, ClipScorerResource, PipelineStorage, TrainerLauncher
+from assets_pipeline.training.methods import get_method, method_names
+
+CODE_VERSION = "1"
+CURRENT = "current.json"  # {"path": <output folder>}: the asset's current output among kept versions
+INPUT_ASSETS = (raw_images, clip_scored_images, class_images, control_images, vae_latents)
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True, text=True,
+                              check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None  # not a git checkout (an installed wheel): recorded as null, not guessed
+
+
+def current_output(storage: PipelineStorage, concept: str, asset_name: str) -> Path | None:
+    pointer = storage.layout().asset_dir(concept, asset_name) / CURRENT
+    return Path(json.loads(pointer.read_text())["path"]) if pointer.is_file() else None
+
+
+def _input_versions(context: dg.AssetExecutionContext, concept: str) -> dict:
+    versions = {}
+    for a in INPUT_ASSETS:
+        rec = context.instance.get_latest_data_version_record(a.key, partition_key=concept)
+        mat = rec.asset_materialization if rec else None
+        versions[a.key.to_user_string()] = mat.tags.get("dagster/data_version") if mat and mat.tags else None
+    return versions
+
+
+def training_rows(storage: PipelineStorage, concept: str, roles: tuple[str, ...], control: bool) -> list[dict]:
+    """The exact rows the trainer reads: vae_latents' index joined with where each image came from."""
+    index = read_upstream(storage, concept, "vae_latents", "index.parquet")
+    scores = read_upstream(storage, concept, "clip_scored_images", "scores.parquet")
+    priors = read_upstream(storage, concept, "class_images", "class_images.parquet")
+    source = {s: (p, d) for s, p, d in zip(scores["image_sha256"], scores["source_path"], scores["decoded_path"])}
+    source.update({s: (f"class_images/{k}", d)
+                   for s, k, d in zip(priors["image_sha256"], priors["cache_key"], priors["decoded_path"])})
+    ctrl = {}
+    if control:
+        table = read_upstream(storage, concept, "control_images", "control.parquet")
+        ctrl = dict(zip(table["image_sha256"], table["control_path"]))
+    rows = []
+    for r in index[index["role"].isin(roles)].itertuples():
+        src, decoded = source[r.image_sha256]
+        row = {"image_sha256": r.image_sha256, "role": r.role, "caption": r.caption, "source_path": src,
+               "decoded_path": decoded}
+        if control and r.role == "instance":
+            row["control_path"] = ctrl.get(r.image_sha256)
+        rows.append(row)
+    return rows
+
+
+def build_model_asset(method_name: str) -> dg.AssetsDefinition:
+    method = get_method(method_name)
+    deps = [vae_latents, clip_scored_images, class_images] + ([control_images] if method_name == "controlnet" else [])
+
+    @dg.asset(name=method.asset_name, partitions_def=concepts_partitions, group_name="models",
+              code_version=CODE_VERSION, deps=deps, pool="gpu", output_required=False,
+              kinds={"pytorch", "diffusers"}, description=(method.__doc__ or method.name))
+    def _model(context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource,
+               clip_scorer: ClipScorerResource, trainer: TrainerLauncher):
+        from dataclasses import asdict
+
+        from assets_pipeline.assets.common import concept_config
+        from assets_pipeline.training.job import TrainJob
+        from assets_pipeline.training.loop import train_context
+
+        concept = context.partition_key
+        spec = spec_from_snapshot(storage, concept)
+        if method.name not in spec.methods:
+            context.log.info(f"{method.name} is not requested by concept {concept!r} (methods = {list(spec.methods)})")
+            return
+        layout = storage.layout()
+        ref = base_model.resolve(layout.root)
+        index = read_upstream(storage, concept, "vae_latents", "index.parquet")
+        n_images = int((index["role"] == "instance").sum())
+        default = method.config_cls(**method.default_config(n_images, quick=ref.is_random))
+        cfg = concept_config(spec, method.name, default)
+        rows = training_rows(storage, concept, method.batch_roles(cfg), control=method.name == "controlnet")
+        asset_dir = layout.asset_dir(concept, method.asset_name)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        job = TrainJob(
+            concept=concept, method=method.name, config=asdict(cfg), base_model=asdict(ref),
+            latents_dir=str(layout.asset_dir(concept, "vae_latents")),
+            output_dir=str(asset_dir / f"{stamp}-{context.run_id[:8]}"),
+            checkpoint_dir=str(asset_dir / ".checkpoints"),
+            token=spec.token, class_noun=spec.class_noun, training_images=rows,
+            lineage={"asset": method.asset_name, "code_version": CODE_VERSION, "run_id": context.run_id,
+                     "git_commit": git_commit(), "input_data_versions": _input_versions(context, concept),
+                     "created_at": stamp},
+            scorer={"model_name": clip_scorer.model_name, "pretrained": clip_scorer.pretrained,
+                    "artifact_root": str(layout.root)},
+            device=trainer.device, mixed_precision=trainer.mixed_precision,
+            validation_steps=10 if ref.is_random else 30,
+        )
+        method.check_inputs(train_context(job), cfg)  # refuse here, with the reason, before launching a process
+        asset_dir.mkdir(parents=True, exist_ok=True)
+        job_path = asset_dir / f".job-{context.run_id}.json"
+        job.save(job_path)
+        yield from trainer.launch(context, job_path).get_results()
+        write_json_atomic(asset_dir / CURRENT, {"path": job.output_dir, "run_id": context.run_id})
+        job_path.unlink()
+
+    return _model
+
+
+MODEL_ASSETS = [build_model_asset(name) for name in method_names()]

@@ -1,0 +1,66 @@
+"""The trainer as a program: ``python -m assets_pipeline.training --job job.json``.
+
+Launched by the model assets through Dagster Pipes (logs and the materialization stream back into the run);
+from a shell it logs to stderr. Under ``accelerate launch --num_processes N`` it trains data-parallel and the
+main process writes the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+
+def _pipes(stack: ExitStack):
+    from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
+
+    if not PipesEnvVarParamsLoader().is_dagster_pipes_process():
+        return None
+    return stack.enter_context(open_dagster_pipes())
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from assets_pipeline.training.job import TrainJob
+    from assets_pipeline.training.loop import checkpoint_root, train
+    from assets_pipeline.training.output import write_output
+
+    parser = argparse.ArgumentParser(prog="python -m assets_pipeline.training", description=__doc__)
+    parser.add_argument("--job", required=True, type=Path, help="job JSON written by a model asset")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    job = TrainJob.load(args.job)
+    with ExitStack() as stack:
+        pipes = _pipes(stack)
+        progress = pipes.log.info if pipes else logging.getLogger("trainer").info
+        state = train(job, progress)
+        if not state.is_main_process:
+            return 0
+        device = "cuda" if job.device != "cpu" and torch.cuda.is_available() else "cpu"
+        result = write_output(job, state, device)
+        shutil.rmtree(checkpoint_root(job), ignore_errors=True)  # done: nothing left to resume
+        progress(f"wrote {job.output_dir}: CLIP-T {result['clip_t']:.4f}, CLIP-I {result['clip_i']:.4f}, "
+                 f"mean change vs base {result['mean_abs_change_vs_base']:.4f}")
+        if pipes:
+            pipes.report_asset_materialization(
+                metadata={
+                    "path": {"raw_value": job.output_dir, "type": "path"},
+                    "preview": {"raw_value": result["preview_md"], "type": "md"},
+                    "loss_curve": {"raw_value": str(Path(job.output_dir) / "loss.png"), "type": "path"},
+                    **{k: result[k] for k in ("clip_t", "clip_i", "mean_abs_change_vs_base", "final_loss", "steps",
+                                              "lineage_sha256", "scorer_is_random")},
+                    "resumed_from_step": state.resumed_from,
+                    "dagster/row_count": len(job.training_images),
+                },
+                data_version=result["weights_version"],
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

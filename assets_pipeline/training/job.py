@@ -1,0 +1,45 @@
+"""A training job: everything the trainer process needs, as one JSON file (the asset writes it, the CLI reads
+it), so the same trainer runs under Dagster Pipes, from a shell, or on a cluster."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from assets_pipeline.hashing import digest
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    concept: str
+    method: str
+    config: dict[str, Any]  # the method's config fields, defaults and overrides resolved
+    base_model: dict[str, Any]  # BaseModelRef fields
+    latents_dir: str  # the vae_latents output folder (latents.safetensors + index.parquet)
+    output_dir: str  # final output folder; written to a temporary sibling and renamed at the end
+    checkpoint_dir: str  # resumable checkpoints of this exact job live here
+    token: str
+    class_noun: str
+    training_images: list[dict[str, Any]]  # sha256, role, caption, source_path, decoded_path (+ control_path)
+    lineage: dict[str, Any]  # data versions, code version, run id, git commit, ...
+    scorer: dict[str, Any] = field(default_factory=dict)  # ClipScorerResource settings for CLIP-T / CLIP-I
+    device: str = "auto"
+    mixed_precision: str = "auto"
+    validation_steps: int = 30
+    validation_seeds: tuple[int, ...] = (0, 1)
+
+    def identity(self) -> str:
+        """What determines the trained weights: checkpoints from a job with another identity are never resumed."""
+        return digest(self.method, self.config, self.base_model["fingerprint"],
+                      [(r["image_sha256"], r["role"], r["caption"]) for r in self.training_images])
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: Path) -> TrainJob:
+        raw = json.loads(Path(path).read_text())
+        raw["validation_seeds"] = tuple(raw.get("validation_seeds", (0, 1)))
+        return cls(**raw)

@@ -1,0 +1,143 @@
+"""What a fine-tuning method is: a config dataclass plus a few hooks on the one training loop.
+
+The loop (``training/loop.py``) owns devices, precision, noise, timesteps, accumulation, checkpoints and
+logging. A method says which weights train (``prepare``), how conditioning is built (``encode``,
+``predict``), how the loss is split (``loss``), what to restore after a step (``after_step``), how the result
+is saved (``save``) and how stock diffusers loads it back (``load_pipeline``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from assets_pipeline.training.config import MIN_IMAGES, TrainConfig
+
+
+class TrainingInputError(ValueError):
+    """The concept's data does not fit the method; the message says what to fix."""
+
+
+@dataclass
+class Models:
+    """The base model's parts as the loop uses them (frozen unless a method marks them trainable)."""
+
+    unet: Any
+    noise_scheduler: Any
+    text_encoder: Any = None
+    tokenizer: Any = None
+    controlnet: Any = None
+    scaling_factor: float = 0.18215
+    vae_scale_factor: int = 8
+
+
+@dataclass
+class Batch:
+    latents: Any  # [B, 4, h, w], already scaled by the VAE scaling factor
+    prompt_embeds: Any  # [B, 77, dim] cached embeddings (None where a method re-encodes)
+    captions: list[str]
+    roles: list[str]
+    control: Any = None  # [B, 3, H, W] in [0, 1] for ControlNet
+
+
+@dataclass(frozen=True)
+class TrainContext:
+    """What a method needs to know about the concept and its data."""
+
+    concept: str
+    token: str
+    class_noun: str
+    resolution: int
+    num_instance_images: int
+    num_class_images: int = 0
+    num_control_images: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def instance_prompt(self) -> str:
+        return f"a photo of {self.token} {self.class_noun}".strip()
+
+    @property
+    def class_prompt(self) -> str:
+        return f"a photo of a {self.class_noun}"
+
+
+def per_sample_mse(pred, target):
+    return ((pred.float() - target.float()) ** 2).mean(dim=list(range(1, pred.ndim)))
+
+
+def snr_weights(noise_scheduler, timesteps, gamma: float):
+    """Min-SNR-gamma weights (Hang et al. 2023), as in diffusers' train_text_to_image.py."""
+    import torch
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return weights / (snr + 1)
+    return weights / snr
+
+
+class Method:
+    name: str = ""
+    asset_name: str = ""
+    config_cls: type[TrainConfig] = TrainConfig
+
+    # -- inputs -------------------------------------------------------------------------------------------------
+    def default_config(self, num_images: int, quick: bool) -> dict:
+        """Overrides of ``config_cls`` defaults that depend on the dataset and the base model."""
+        from assets_pipeline.training.config import quick_steps
+
+        return {"max_train_steps": quick_steps(num_images), "checkpointing_steps": 2} if quick else {}
+
+    def batch_roles(self, cfg: TrainConfig) -> tuple[str, ...]:
+        """Which rows of the latents bundle a batch draws from, in equal numbers ("instance", "class")."""
+        return ("instance",)
+
+    def check_inputs(self, ctx: TrainContext, cfg: TrainConfig) -> None:
+        if ctx.num_instance_images < MIN_IMAGES:
+            raise TrainingInputError(
+                f"{self.name} for concept {ctx.concept!r} needs at least {MIN_IMAGES} photos in the quality subset, "
+                f"found {ctx.num_instance_images}: add sharp, varied photos (5-10 is the usual advice) or relax "
+                "the [quality]/[scoring] settings in concept.toml"
+            )
+
+    def needs_text_encoder(self, cfg: TrainConfig) -> bool:
+        return False
+
+    def training_caption(self, caption: str, ctx: TrainContext) -> str:
+        return caption
+
+    # -- training -----------------------------------------------------------------------------------------------
+    def prepare(self, models: Models, cfg: TrainConfig, ctx: TrainContext) -> list:
+        """Mark what trains; return the trainable modules (the loop hands them to accelerate)."""
+        raise NotImplementedError
+
+    def encode(self, models: Models, batch: Batch):
+        return batch.prompt_embeds
+
+    def predict(self, models: Models, noisy_latents, timesteps, prompt_embeds, batch: Batch):
+        return models.unet(noisy_latents, timesteps, encoder_hidden_states=prompt_embeds).sample
+
+    def loss(self, pred, target, batch: Batch, cfg: TrainConfig, weights):
+        losses = per_sample_mse(pred, target)
+        return (losses * weights).mean() if weights is not None else losses.mean()
+
+    def after_step(self, models: Models) -> None:
+        pass
+
+    # -- output -------------------------------------------------------------------------------------------------
+    def save(self, models: Models, load_base, out_dir: Path, cfg: TrainConfig, ctx: TrainContext) -> list[Path]:
+        raise NotImplementedError
+
+    def load_pipeline(self, load_base, out_dir: Path, ctx: TrainContext):
+        """The trained output in a stock diffusers pipeline: ``load_base()`` gives the base pipeline, and the
+        output is applied with diffusers' own loaders only (what a user without this project would do)."""
+        raise NotImplementedError
+
+    def validation_prompt(self, ctx: TrainContext) -> str:
+        return ctx.instance_prompt
+
+    def validation_kwargs(self, out_dir: Path, ctx: TrainContext, index: int) -> dict:
+        return {}

@@ -1,0 +1,151 @@
+"""The trained output folder: weights (safetensors), lineage manifest, validation images, CLIP-T/CLIP-I, loss.
+
+Written into a temporary sibling and renamed into place, so a folder that exists is complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from assets_pipeline.hashing import digest, sha256_file
+from assets_pipeline.store import write_json_atomic
+from assets_pipeline.training.job import TrainJob
+from assets_pipeline.training.loop import TrainState
+from assets_pipeline.training.models import base_pipeline_loader
+
+LINEAGE_FILE = "lineage.json"
+METRICS_FILE = "metrics.json"
+VALIDATION_SUFFIXES = ("", ", at the beach")  # fixed prompts: the validation prompt, and one new context
+
+
+def stamp_safetensors(path: Path, extra: dict[str, str]) -> None:
+    """Add ``extra`` to a safetensors header, keeping its tensors and existing metadata (e.g. format=pt)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    tensors = load_file(str(path))
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={**meta, **extra})
+    tmp.replace(path)
+
+
+def lineage_manifest(job: TrainJob, state: TrainState, weights: list[Path], root: Path) -> dict[str, Any]:
+    return {
+        **job.lineage,
+        "concept": job.concept,
+        "method": job.method,
+        "method_config": job.config,
+        "steps": state.steps,
+        "resumed_from_step": state.resumed_from,
+        "base_model": {k: job.base_model[k] for k in ("source", "kind", "fingerprint", "resolution")},
+        "training_images": [
+            {k: r.get(k) for k in ("image_sha256", "role", "caption", "source_path")} for r in job.training_images
+        ],
+        "weights": {p.relative_to(root).as_posix(): sha256_file(p) for p in weights},
+    }
+
+
+def _loss_curve(losses: list[float], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(out / "loss.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss"])
+        w.writerows(enumerate(losses, start=1))
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=80)
+    ax.plot(range(1, len(losses) + 1), losses)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    fig.tight_layout()
+    fig.savefig(out / "loss.png")
+    plt.close(fig)
+
+
+def render(pipe, prompt: str, seed: int, resolution: int, steps: int, **kwargs):
+    """One image for a fixed prompt and seed (CPU generator, so the same seed gives the same noise anywhere)."""
+    import torch
+
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt, num_inference_steps=steps, height=resolution, width=resolution,
+                generator=torch.Generator().manual_seed(seed), **kwargs).images[0]
+
+
+def validate(job: TrainJob, state: TrainState, out: Path, device: str) -> dict[str, Any]:
+    """Validation images for fixed prompts and seeds, compared with the base model's images for the same
+    prompts and seeds, and scored: CLIP-T (image-prompt cosine) and CLIP-I (mean pairwise cosine between
+    generated and training images), the DreamBooth paper's metrics (Ruiz et al. 2022, section 4.1)."""
+    import numpy as np
+    from PIL import Image
+
+    from assets_pipeline.imaging import grid_markdown
+    from assets_pipeline.stages.scoring import load_clip_scorer
+
+    method, ctx = state.method, state.ctx
+    load_base = base_pipeline_loader(job.base_model)
+    pipe = method.load_pipeline(load_base, out, ctx).to(device)
+    base = load_base().to(device)
+    vdir = out / "validation"
+    vdir.mkdir()
+    prompts, images, diffs, paths = [], [], [], []
+    for pi, suffix in enumerate(VALIDATION_SUFFIXES):
+        prompt = method.validation_prompt(ctx) + suffix
+        for seed in job.validation_seeds:
+            kw = method.validation_kwargs(out, ctx, pi * len(job.validation_seeds) + seed)
+            img = render(pipe, prompt, seed, ctx.resolution, job.validation_steps, **kw)
+            ref = render(base, prompt, seed, ctx.resolution, job.validation_steps)
+            path = vdir / f"p{pi}_seed{seed}.png"
+            img.save(path)
+            ref.save(vdir / f"p{pi}_seed{seed}_base.png")
+            diffs.append(float(np.abs(np.asarray(img, np.float32) - np.asarray(ref, np.float32)).mean() / 255))
+            prompts.append(prompt)
+            images.append(img)
+            paths.append(str(path))
+    scorer = load_clip_scorer(job.scorer.get("model_name", "embedded"), job.scorer.get("pretrained"),
+                              Path(job.scorer["artifact_root"]), device)
+    train_imgs = [Image.open(r["decoded_path"]).convert("RGB") for r in job.training_images if r["role"] == "instance"]
+    clip_t = float(scorer.score(images, prompts).mean())
+    clip_i = float((scorer.embed_images(images) @ scorer.embed_images(train_imgs).T).mean())
+    return {
+        "clip_t": clip_t, "clip_i": clip_i, "scorer_is_random": scorer.is_random,
+        "mean_abs_change_vs_base": float(np.mean(diffs)),
+        "validation_prompts": sorted(set(prompts)), "validation_seeds": list(job.validation_seeds),
+        "preview_md": grid_markdown(paths, prompts),
+    }
+
+
+def write_output(job: TrainJob, state: TrainState, device: str) -> dict[str, Any]:
+    final = Path(job.output_dir)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        weights = state.method.save(state.models, base_pipeline_loader(job.base_model), tmp, state.cfg, state.ctx)
+        manifest = lineage_manifest(job, state, weights, tmp)
+        write_json_atomic(tmp / LINEAGE_FILE, manifest)
+        lineage_digest = sha256_file(tmp / LINEAGE_FILE)
+        for w in weights:  # the manifest's digest travels inside every weights file
+            stamp_safetensors(w, {"lineage_sha256": lineage_digest, "concept": job.concept, "method": job.method})
+        _loss_curve(state.losses, tmp)
+        metrics = validate(job, state, tmp, device)
+        preview = metrics.pop("preview_md")
+        metrics.update(final_loss=state.losses[-1] if state.losses else None, steps=state.steps,
+                       lineage_sha256=lineage_digest,
+                       weights_version=digest(sorted(manifest["weights"].values())))
+        write_json_atomic(tmp / METRICS_FILE, metrics)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return {**metrics, "preview_md": preview, "weights": [str(final / w.relative_to(tmp)) for w in weights]}

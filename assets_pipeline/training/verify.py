@@ -1,0 +1,45 @@
+"""Checks of a trained output folder (pure; the Dagster asset checks call these)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from assets_pipeline.training.output import LINEAGE_FILE
+
+
+def nonfinite_tensors(out_dir: Path) -> dict[str, int]:
+    """Weight file -> number of non-finite values, for every weights file the lineage manifest lists."""
+    import torch
+    from safetensors.torch import load_file
+
+    manifest = json.loads((out_dir / LINEAGE_FILE).read_text())
+    bad = {}
+    for rel in manifest["weights"]:
+        tensors = load_file(str(out_dir / rel))
+        bad[rel] = int(sum((~torch.isfinite(t.float())).sum().item() for t in tensors.values()))
+    return bad
+
+
+def manifest_difference(out_dir: Path, expected_rows: list[dict]) -> tuple[set, set]:
+    """(trained on but not expected, expected but missing) as (image_sha256, role, caption) triples."""
+    manifest = json.loads((out_dir / LINEAGE_FILE).read_text())
+    listed = {(r["image_sha256"], r["role"], r["caption"]) for r in manifest["training_images"]}
+    expected = {(r["image_sha256"], r["role"], r["caption"]) for r in expected_rows}
+    return listed - expected, expected - listed
+
+
+def change_versus_base(method, base_model: dict, out_dir: Path, ctx, seed: int = 0, steps: int = 5) -> float:
+    """Mean absolute pixel difference (0..1) between the base model's image and the output's, loaded through
+    stock diffusers, for the same prompt and seed. 0 means the output changes nothing."""
+    import numpy as np
+
+    from assets_pipeline.training.models import base_pipeline_loader
+    from assets_pipeline.training.output import render
+
+    load_base = base_pipeline_loader(base_model)
+    prompt = method.validation_prompt(ctx)
+    tuned = render(method.load_pipeline(load_base, out_dir, ctx), prompt, seed, ctx.resolution, steps,
+                   **method.validation_kwargs(out_dir, ctx, 0))
+    base = render(load_base(), prompt, seed, ctx.resolution, steps)
+    return float(np.abs(np.asarray(tuned, np.float32) - np.asarray(base, np.float32)).mean() / 255)

@@ -1,0 +1,80 @@
+"""Shared fixtures: models built once per session, fresh data and artifact roots per test.
+
+The suite runs offline on a CPU: every model is built in code (the embedded tiny SD and CLIP), and the hub
+clients are told they are offline, so a mistake fails fast instead of waiting on a network timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(scope="session")
+def built_models(tmp_path_factory) -> Path:
+    """An artifact root holding the embedded base model and the embedded CLIP, built once for the session.
+
+    Treat it as read-only: tests that write caches use :func:`artifact_root`, which links these models in.
+    """
+    from assets_pipeline.base_model import ensure_embedded_model
+    from assets_pipeline.stages.scoring import ensure_embedded_clip
+
+    root = tmp_path_factory.mktemp("built_models")
+    ensure_embedded_model(root / "base_models")
+    ensure_embedded_clip(root / "base_models")
+    return root
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir(built_models) -> Path:
+    from assets_pipeline.base_model import EMBEDDED_NAME
+
+    return built_models / "base_models" / EMBEDDED_NAME
+
+
+def link_models(built_models: Path, root: Path) -> Path:
+    """A fresh artifact root (empty caches) with the session's built models hard-linked in."""
+    shutil.copytree(built_models / "base_models", root / "base_models", copy_function=os.link,
+                    ignore=shutil.ignore_patterns(".fingerprints"))
+    return root
+
+
+@pytest.fixture
+def artifact_root(tmp_path, built_models) -> Path:
+    return link_models(built_models, tmp_path / "artifacts")
+
+
+@pytest.fixture
+def data_root(tmp_path) -> Path:
+    root = tmp_path / "data"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def storage(data_root, artifact_root):
+    from assets_pipeline.resources import PipelineStorage
+
+    return PipelineStorage(data_root=str(data_root), artifact_root=str(artifact_root))
+
+
+@pytest.fixture(scope="session")
+def encoders(built_models):
+    """The embedded model's frozen VAE, text encoder and tokenizer, loaded once."""
+    from assets_pipeline.base_model import load_encoders, resolve_base_model
+
+    return load_encoders(resolve_base_model("embedded", built_models), built_models, "cpu")
+
+
+@pytest.fixture
+def image_cache(tmp_path):
+    from assets_pipeline.store import ItemCache
+
+    return ItemCache(tmp_path / "artifacts", "images", ".png")

@@ -1,0 +1,78 @@
+"""stages/conditioning.py: one Canny control image per photo, at the training crop, pixel-aligned with latents."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from assets_pipeline.stages.conditioning import ControlConfig, make_control_images
+from assets_pipeline.store import ItemCache
+from helpers import photo
+
+
+def subset(tmp_path, images: dict[str, Image.Image]) -> pd.DataFrame:
+    rows = []
+    for i, (name, img) in enumerate(images.items()):
+        path = tmp_path / f"{name}.png"
+        img.save(path)
+        rows.append({"image_sha256": f"{i:064x}", "source_path": name, "decoded_path": str(path),
+                     "caption": "a photo of sks dog"})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("resolution", [64, 96])
+def test_control_image_is_square_at_resolution(tmp_path, resolution):
+    items = subset(tmp_path, {"wide": photo("coffee", (150, 100)), "tall": photo("rocket", (60, 90)),
+                              "tiny": photo("chelsea", (40, 30))})
+    df = make_control_images(items, ControlConfig(), resolution, True, ItemCache(tmp_path, "control", ".png"))
+    for path in df["control_path"]:
+        img = Image.open(path)
+        assert img.size == (resolution, resolution)
+        assert img.mode == "RGB"
+    assert list(df["image_sha256"]) == list(items["image_sha256"])
+    assert (df["annotator"] == "canny").all()
+
+
+def edge_box(path: str) -> tuple[int, int, int, int]:
+    edges = np.asarray(Image.open(path).convert("L")) > 0
+    ys, xs = np.nonzero(edges)
+    return xs.min(), ys.min(), xs.max(), ys.max()
+
+
+@pytest.mark.parametrize(("center_crop", "res"), [(True, 64), (False, 64), (True, 96)])
+def test_control_image_is_aligned_with_the_training_crop(tmp_path, center_crop, res):
+    # A white box on black in a 200x100 photo. The training crop scales the short side to `res` and cuts a
+    # square: from the middle (center crop; at 64 px: 128 px wide -> left edge at 32) or from the left.
+    w, h = 200, 100
+    box = (90, 30, 120, 70)  # x0, y0, x1, y1 in the photo
+    px = np.zeros((h, w, 3), np.uint8)
+    px[box[1]:box[3], box[0]:box[2]] = 255
+    items = subset(tmp_path, {"box": Image.fromarray(px)})
+    df = make_control_images(items, ControlConfig(), res, center_crop, ItemCache(tmp_path, "control", ".png"))
+
+    scale = res / min(w, h)
+    left = (w * scale - res) / 2 if center_crop else 0
+    expected = np.clip([box[0] * scale - left, box[1] * scale, box[2] * scale - left, box[3] * scale], 0, res - 1)
+    got = edge_box(df["control_path"][0])
+    assert np.abs(np.array(got) - np.array(expected)).max() <= 2.5, (got, expected)
+
+
+def test_cache_key_covers_resolution_crop_and_thresholds(tmp_path):
+    items = subset(tmp_path, {"a": photo("coffee", (150, 100))})
+    seen = set()
+    for cfg, res, crop in [(ControlConfig(), 64, True), (ControlConfig(), 64, True), (ControlConfig(), 96, True),
+                           (ControlConfig(), 64, False), (ControlConfig(low_threshold=50), 64, True)]:
+        cache = ItemCache(tmp_path / "art", "control", ".png")
+        path = make_control_images(items, cfg, res, crop, cache)["control_path"][0]
+        assert cache.counts() == ({"items_computed": 0, "items_cached": 1} if path in seen
+                                  else {"items_computed": 1, "items_cached": 0})
+        seen.add(path)
+    assert len(seen) == 4
+
+
+@pytest.mark.parametrize("kwargs", [{"annotator": "depth"}, {"low_threshold": 200, "high_threshold": 100}])
+def test_control_config_rejects_nonsense(kwargs):
+    with pytest.raises(ValueError):
+        ControlConfig(**kwargs)

@@ -1,0 +1,57 @@
+"""definitions.py: the code location loads, keeps the architecture's asset keys, and imports nothing heavy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import dagster as dg
+
+EXPECTED = {
+    # The foundation's keys (ARCHITECTURE.md's table; user-facing, so they stay): group, upstream keys it must have.
+    "raw_images": ("dataset", set()),
+    "captioned_images": ("dataset", {"raw_images"}),
+    "filtered_images": ("dataset", {"captioned_images"}),
+    "clip_scored_images": ("dataset", {"filtered_images"}),
+    "control_images": ("dataset", {"clip_scored_images"}),
+    "vae_latents": ("latents", {"clip_scored_images"}),
+}
+
+
+def test_definitions_load_with_the_architecture_asset_graph():
+    from assets_pipeline.definitions import defs
+
+    dg.Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert set(EXPECTED) <= keys
+    for key, (group, parents) in EXPECTED.items():
+        node = graph.get(dg.AssetKey(key))
+        assert node.group_name == group, key
+        assert parents <= {p.to_user_string() for p in node.parent_keys}, key
+    for key in graph.get_all_asset_keys():  # every asset, including ones added later
+        node = graph.get(key)
+        assert node.code_version, key
+        assert isinstance(node.partitions_def, dg.DynamicPartitionsDefinition), key
+        assert node.partitions_def.name == "concepts", key
+    assert graph.get(dg.AssetKey("vae_latents")).pools == {"gpu"}
+
+
+def test_job_and_sensor_are_registered():
+    from assets_pipeline.definitions import defs
+
+    job = defs.resolve_job_def("build_concept")
+    assert job.partitions_def.name == "concepts"
+    sensor = defs.resolve_sensor_def("concept_folder_sensor")
+    assert sensor.job_name == "build_concept"
+
+
+def test_importing_definitions_imports_nothing_heavy():
+    heavy = ["torch", "diffusers", "open_clip", "transformers", "controlnet_aux", "datasets"]
+    code = (
+        "import sys, json; import assets_pipeline.definitions; "
+        f"print(json.dumps([m for m in {heavy!r} if m in sys.modules]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

@@ -1,0 +1,135 @@
+"""stages/latents.py: cached VAE latents + text embeddings, bundled and keyed by image sha256."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from assets_pipeline.imaging import training_crop
+from assets_pipeline.stages.latents import (
+    LatentConfig, compute_latents, encode_prompts, latent_key, load_latent_bundle, text_key, write_latent_bundle,
+)
+from assets_pipeline.store import ItemCache
+from helpers import photo
+
+RES = 64
+
+
+@pytest.fixture
+def items(tmp_path) -> pd.DataFrame:
+    rows = []
+    for i, name in enumerate(["astronaut", "coffee", "rocket"]):
+        path = tmp_path / f"{name}.png"
+        photo(name, (96 + 8 * i, 64)).save(path)
+        rows.append({"image_sha256": f"{i:02d}" * 32, "decoded_path": str(path),
+                     "caption": f"a photo of sks {name}", "role": "instance"})
+    return pd.DataFrame(rows)
+
+
+def caches(root):
+    return ItemCache(root, "latents", ".safetensors"), ItemCache(root, "text_embeds", ".safetensors")
+
+
+def vae_mean(enc, path: str, flip: bool = False) -> torch.Tensor:
+    """The VAE posterior mean of one photo at the training crop, computed here without the stage's batching."""
+    img = training_crop(Image.open(path), RES, True)
+    if flip:
+        img = ImageOps.mirror(img)
+    x = torch.from_numpy(np.asarray(img, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        return enc.vae.encode(x).latent_dist.mean[0]
+
+
+def test_bundle_round_trip_pairs_each_photo_with_its_own_caption(items, encoders, tmp_path):
+    lat, txt = caches(tmp_path / "art")
+    index = compute_latents(items, encoders, RES, LatentConfig(batch_size=2), lat, txt)
+    out = tmp_path / "latents.safetensors"
+    write_latent_bundle(index, lat, txt, out, {"resolution": RES, "note": "x"})
+    tensors, shas, roles, meta = load_latent_bundle(out)
+    assert sorted(shas) == sorted(items["image_sha256"])
+    assert roles == ["instance"] * 3
+    assert meta == {"resolution": RES, "note": "x"}
+    assert tensors["latent_mean"].shape == (3, 4, RES // 2, RES // 2)  # the tiny VAE downsamples 2x
+    assert tensors["latent_std"].shape == tensors["latent_mean"].shape
+    assert tensors["prompt_embeds"].shape == (3, 77, 32)
+    assert "flip_latent_mean" not in tensors
+
+    by_sha = items.set_index("image_sha256")
+    for row, sha in enumerate(shas):
+        expected_text = encode_prompts([by_sha.loc[sha, "caption"]], encoders)[0]
+        assert torch.allclose(tensors["prompt_embeds"][row], expected_text, atol=1e-5)
+        assert torch.allclose(tensors["latent_mean"][row], vae_mean(encoders, by_sha.loc[sha, "decoded_path"]),
+                              atol=1e-4)
+    # The captions differ, so a mix-up would have been visible above.
+    assert not torch.allclose(tensors["prompt_embeds"][0], tensors["prompt_embeds"][1])
+
+
+def test_items_are_computed_once_and_reused(items, encoders, tmp_path):
+    lat, txt = caches(tmp_path / "art")
+    compute_latents(items, encoders, RES, LatentConfig(), lat, txt)
+    assert (lat.computed, txt.computed) == (3, 3)
+
+    lat2, txt2 = caches(tmp_path / "art")
+    compute_latents(items, encoders, RES, LatentConfig(), lat2, txt2)
+    assert (lat2.computed, lat2.cached, txt2.computed, txt2.cached) == (0, 3, 0, 3)
+
+    lat3, txt3 = caches(tmp_path / "art")
+    index = compute_latents(items, encoders, RES, LatentConfig(random_flip=True), lat3, txt3)
+    assert (lat3.computed, lat3.cached) == (3, 3)  # only the flipped ones are new
+    out = tmp_path / "flip.safetensors"
+    write_latent_bundle(index, lat3, txt3, out, {})
+    tensors, shas, _, _ = load_latent_bundle(out)
+    path = items.set_index("image_sha256").loc[shas[0], "decoded_path"]
+    assert torch.allclose(tensors["flip_latent_mean"][0], vae_mean(encoders, path, flip=True), atol=1e-4)
+    assert not torch.allclose(tensors["flip_latent_mean"][0], tensors["latent_mean"][0])
+
+
+def test_stored_dtype(items, encoders, tmp_path):
+    lat, txt = caches(tmp_path / "art")
+    index = compute_latents(items, encoders, RES, LatentConfig(dtype="float16"), lat, txt)
+    out = tmp_path / "half.safetensors"
+    write_latent_bundle(index, lat, txt, out, {})
+    tensors, *_ = load_latent_bundle(out)
+    assert {t.dtype for t in tensors.values()} == {torch.float16}
+
+
+def test_cache_keys_change_with_every_input(encoders):
+    sha = "ab" * 32
+    base = latent_key(sha, encoders, 64, LatentConfig(), False)
+    assert base == latent_key(sha, encoders, 64, LatentConfig(), False)  # deterministic
+    variants = [
+        latent_key("cd" * 32, encoders, 64, LatentConfig(), False),
+        latent_key(sha, encoders, 128, LatentConfig(), False),
+        latent_key(sha, encoders, 64, LatentConfig(), True),
+        latent_key(sha, encoders, 64, LatentConfig(center_crop=False), False),
+        latent_key(sha, encoders, 64, LatentConfig(dtype="float16"), False),
+        latent_key(sha, encoders, 64, LatentConfig(dtype="bfloat16"), False),
+        latent_key(sha, dataclasses.replace(encoders, vae_fingerprint="another-vae"), 64, LatentConfig(), False),
+    ]
+    assert len({base, *variants}) == len(variants) + 1
+    # Settings that do not change a latent must not split the cache.
+    assert latent_key(sha, encoders, 64, LatentConfig(batch_size=1), False) == base
+    assert latent_key(sha, dataclasses.replace(encoders, text_fingerprint="x"), 64, LatentConfig(), False) == base
+
+    t = text_key("a photo of sks dog", encoders, LatentConfig())
+    assert len({t, text_key("a photo of sks cat", encoders, LatentConfig()),
+                text_key("a photo of sks dog", encoders, LatentConfig(dtype="float16")),
+                text_key("a photo of sks dog", dataclasses.replace(encoders, text_fingerprint="x"),
+                         LatentConfig())}) == 4
+    assert text_key("a photo of sks dog", dataclasses.replace(encoders, vae_fingerprint="y"), LatentConfig()) == t
+
+
+def test_encoder_fingerprints_are_per_component(encoders):
+    assert encoders.vae_fingerprint != encoders.text_fingerprint
+    assert len(encoders.vae_fingerprint) == 64
+
+
+@pytest.mark.parametrize("kwargs", [{"resolution": 100}, {"dtype": "int8"}])
+def test_latent_config_rejects_nonsense(kwargs):
+    with pytest.raises(ValueError):
+        LatentConfig(**kwargs)
