@@ -78,3 +78,15 @@ def image_cache(tmp_path):
     from assets_pipeline.store import ItemCache
 
     return ItemCache(tmp_path / "artifacts", "images", ".png")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped, with the reason, on machines without one."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))

@@ -33,7 +33,8 @@ def unet_to_ldm(sd: dict, config) -> dict:
             out[fixed[key]] = value
         elif m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
             i = int(m[1]) * per_level + int(m[3]) + 1
-            out[f"input_blocks.{i}.0.{_unet_resnet(m[4])}" if m[2] == "resnets" else f"input_blocks.{i}.1.{m[4]}"] = value
+            name = f"{i}.0.{_unet_resnet(m[4])}" if m[2] == "resnets" else f"{i}.1.{m[4]}"
+            out[f"input_blocks.{name}"] = value
         elif m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
             out[f"input_blocks.{(int(m[1]) + 1) * per_level}.0.op.{m[2]}"] = value
         elif m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
@@ -42,7 +43,8 @@ def unet_to_ldm(sd: dict, config) -> dict:
             out[f"middle_block.1.{m[1]}"] = value
         elif m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
             i = int(m[1]) * per_level + int(m[3])
-            out[f"output_blocks.{i}.0.{_unet_resnet(m[4])}" if m[2] == "resnets" else f"output_blocks.{i}.1.{m[4]}"] = value
+            name = f"{i}.0.{_unet_resnet(m[4])}" if m[2] == "resnets" else f"{i}.1.{m[4]}"
+            out[f"output_blocks.{name}"] = value
         elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
             level = int(m[1])
             slot = 2 if any(k.startswith(f"up_blocks.{level}.attentions.") for k in sd) else 1
@@ -64,14 +66,16 @@ def vae_to_ldm(sd: dict, config) -> dict:
         elif m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
             out[f"encoder.down.{m[1]}.downsample.conv.{m[2]}"] = value
         elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):  # LDM counts up from 0
-            out[f"decoder.up.{levels - 1 - int(m[1])}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"] = value
+            level = levels - 1 - int(m[1])
+            out[f"decoder.up.{level}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"] = value
         elif m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
             out[f"decoder.up.{levels - 1 - int(m[1])}.upsample.conv.{m[2]}"] = value
         elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
             out[f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"] = value
         elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", key):
             # LDM's VAE attention uses 1x1 convolutions where diffusers uses linear layers.
-            out[f"{m[1]}.mid.attn_1.{_VAE_ATTENTION[m[2]]}.{m[3]}"] = value[:, :, None, None] if value.ndim == 2 else value
+            conv = value[:, :, None, None] if value.ndim == 2 else value
+            out[f"{m[1]}.mid.attn_1.{_VAE_ATTENTION[m[2]]}.{m[3]}"] = conv
         else:
             raise KeyError(f"no LDM name for VAE key {key!r}")
     return {"first_stage_model." + k: v for k, v in out.items()}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub.errors import LocalEntryNotFoundError
 
 from assets_pipeline.base_model import (
     EMBEDDED_RESOLUTION, fingerprint_model, load_encoders, load_pipeline, resolve_base_model,
@@ -61,21 +63,18 @@ def test_embedded_loads_in_stock_diffusers(embedded_model_dir):
     assert pipe.text_encoder.config.vocab_size == len(pipe.tokenizer) == 49408
 
 
-def test_tokenizer_matches_open_clips_reference():
+def test_tokenizer_matches_open_clips_reference(tmp_path):
     """SD's tokenizer built from open_clip's BPE file gives the same ids as open_clip's own tokenizer."""
     from open_clip.tokenizer import SimpleTokenizer
+    from transformers import CLIPTokenizer
 
     from assets_pipeline.base_model import write_clip_tokenizer_files
 
     ref = SimpleTokenizer()
     text = "A photo of sks dog, naïve café-style portrait at 35mm!"
-    from transformers import CLIPTokenizer
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        write_clip_tokenizer_files(Path(d))
-        tok = CLIPTokenizer(f"{d}/vocab.json", f"{d}/merges.txt", pad_token="<|endoftext|>")
-        ids = tok(text).input_ids
+    write_clip_tokenizer_files(tmp_path)
+    tok = CLIPTokenizer(f"{tmp_path}/vocab.json", f"{tmp_path}/merges.txt", pad_token="<|endoftext|>")
+    ids = tok(text).input_ids
     assert ids == [ref.encoder["<start_of_text>"], *ref.encode(text), ref.encoder["<end_of_text>"]]
 
 
@@ -129,7 +128,7 @@ def test_resolve_hub_id_from_local_cache(tiny_pipe, embedded_model_dir, tmp_path
     assert ref.fingerprint == fingerprint_model(embedded_model_dir)
     assert same_weights(load_pipeline(ref).vae, tiny_pipe.vae)
 
-    with pytest.raises(Exception, match="(?i)cache|offline|local"):
+    with pytest.raises(LocalEntryNotFoundError):  # not in the cache: fails at once, no download attempted
         resolve_base_model("acme/not-cached", tmp_path / "art", hub_cache_dir=str(tmp_path / "hub"))
 
 
@@ -159,6 +158,10 @@ def test_single_file_checkpoint_round_trip(tiny_pipe, embedded_model_dir, tmp_pa
             assert same_weights(getattr(pipe, name), getattr(tiny_pipe, name)), name
         assert not torch.equal(pipe.unet.state_dict()["conv_in.weight"], original["conv_in.weight"])
         assert pipe.tokenizer("a photo of").input_ids == [49406, 320, 1125, 539, 49407]
+
+        # Without the config folder diffusers would fetch SD 1.5's configs from the hub: offline, that fails.
+        with pytest.raises(LocalEntryNotFoundError):
+            load_pipeline(dataclasses.replace(ref, single_file_config=None))
 
         enc = load_encoders(ref, tmp_path / "art")
         assert enc.vae_fingerprint == digest(ref.fingerprint, "vae")

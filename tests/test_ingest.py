@@ -32,7 +32,8 @@ def test_demo_concept_every_file_accounted_for(data_root, image_cache):
     res = ingest(folder, data_root, image_cache)
     files = {p.name for p in folder.iterdir()} - {"concept.toml"}
     used_sidecars = {Path(p).with_suffix(".txt").name
-                     for p, c in zip(res.manifest["source_path"], res.manifest["sidecar_caption"]) if isinstance(c, str)}
+                     for p, c in zip(res.manifest["source_path"], res.manifest["sidecar_caption"])
+                     if isinstance(c, str)}
     assert set(res.manifest["source_path"]) | set(res.rejects["source_path"]) | used_sidecars == files
     assert not set(res.manifest["source_path"]) & set(res.rejects["source_path"])
     # What demo_data.py says each bad file is for.

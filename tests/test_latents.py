@@ -133,3 +133,36 @@ def test_encoder_fingerprints_are_per_component(encoders):
 def test_latent_config_rejects_nonsense(kwargs):
     with pytest.raises(ValueError):
         LatentConfig(**kwargs)
+
+
+def test_empty_subset_fails_with_a_message_not_a_torch_error(encoders, tmp_path):
+    lat, txt = caches(tmp_path / "art")
+    empty = pd.DataFrame(columns=["image_sha256", "decoded_path", "caption", "role"])
+    index = compute_latents(empty, encoders, RES, LatentConfig(), lat, txt)
+    assert len(index) == 0 and (lat.computed, txt.computed) == (0, 0)
+    with pytest.raises(ValueError, match="quality subset is empty"):
+        write_latent_bundle(index, lat, txt, tmp_path / "x.safetensors", {})
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.gpu
+def test_gpu_latents_match_cpu_so_the_cache_can_be_shared(items, encoders, tmp_path):
+    """The device is not part of a latent's cache key, so a GPU-computed item must equal the CPU one (within
+    TF32/cuDNN rounding) for a hit from either to be valid."""
+    import copy
+
+    from assets_pipeline.resources import AcceleratorResource
+
+    assert AcceleratorResource().torch_device() == "cuda"
+    gpu = dataclasses.replace(encoders, vae=copy.deepcopy(encoders.vae).to("cuda"),
+                              text_encoder=copy.deepcopy(encoders.text_encoder).to("cuda"), device="cuda")
+    bundles = []
+    for name, enc in (("cpu", encoders), ("gpu", gpu)):
+        lat, txt = caches(tmp_path / name)
+        index = compute_latents(items, enc, RES, LatentConfig(), lat, txt)
+        write_latent_bundle(index, lat, txt, tmp_path / f"{name}.safetensors", {})
+        bundles.append(load_latent_bundle(tmp_path / f"{name}.safetensors"))
+    (cpu_t, cpu_shas, *_), (gpu_t, gpu_shas, *_) = bundles
+    assert cpu_shas == gpu_shas
+    for name in ("latent_mean", "prompt_embeds"):
+        assert torch.allclose(cpu_t[name], gpu_t[name], atol=1e-2, rtol=1e-2), name

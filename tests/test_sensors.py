@@ -86,3 +86,13 @@ def test_work_per_tick_is_bounded(instance, data_root, tmp_path):
 def test_missing_data_root_is_not_an_error(instance, tmp_path):
     result = tick(instance, tmp_path / "nowhere", tmp_path / "art")
     assert result.run_requests == [] and added(result) == []
+
+
+def test_folder_with_broken_concept_toml_is_reported_not_built(instance, data_root, tmp_path, capfd):
+    folder = write_concept(data_root, "rusty", {"a.png": encode(photo("chelsea", (64, 64)), "PNG")})
+    (folder / "concept.toml").write_text('token = "sks"\nmethods = ["lora", "hypernetwork"]\n')
+    result = tick(instance, data_root, tmp_path / "art")
+    assert added(result) == [] and result.run_requests == []
+    assert "unknown methods ['hypernetwork']" in capfd.readouterr().err
+    (folder / "concept.toml").write_text('token = "sks"\nmethods = ["lora"]\n')  # fixed: now it is built
+    assert [r.partition_key for r in tick(instance, data_root, tmp_path / "art").run_requests] == ["rusty"]

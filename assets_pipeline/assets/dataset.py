@@ -2,6 +2,7 @@
 
 
 import dataclasses
+from pathlib import Path
 
 import dagster as dg
 
@@ -66,7 +67,7 @@ def captioned_images(
     spec = spec_from_snapshot(storage, concept)
     layout = storage.layout()
     cfg = concept_config(spec, "captions", CaptionConfig())
-    model = captioner.load(layout.root, accelerator.torch_device()) if cfg.use_captioner else None
+    model = captioner.load(layout.root, accelerator.torch_device(), cfg.max_new_tokens) if cfg.use_captioner else None
     cache = layout.cache("captions", ".txt")
     df = caption_images(read_upstream(storage, concept, "raw_images", "manifest.parquet"), spec, cache, model, cfg)
     out = layout.asset_dir(concept, "captioned_images")
@@ -186,7 +187,9 @@ def control_images(
              "conditioning_image_file_name": f"conditioning/{_file_name(s)}"}
             for s, p, c, cp in zip(df["image_sha256"], df["decoded_path"], df["caption"], df["control_path"])
         ])
-    return result(out, table_version(df, ["image_sha256", "caption", "control_path"]), len(df), {
+    # The cache file's name (its content key), not its path: the version must not depend on the artifact root.
+    control_keys = df.assign(control_key=[Path(p).name for p in df["control_path"]])
+    return result(out, table_version(control_keys, ["image_sha256", "caption", "control_key"]), len(df), {
         **cache.counts(),
         "annotator": cfg.annotator,
         "resolution": resolution,

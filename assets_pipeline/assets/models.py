@@ -70,6 +70,43 @@ def training_rows(storage: PipelineStorage, concept: str, roles: tuple[str, ...]
     return rows
 
 
+def build_train_job(storage: PipelineStorage, ref, spec, method_name: str, run_id: str, input_versions: dict,
+                    trainer: TrainerLauncher, clip_scorer: ClipScorerResource, overrides: dict | None = None):
+    """The trainer's job for one concept and method: resolved config (method defaults for this dataset size and
+    base model, then the concept's [method] overrides, then ``overrides``), the exact training rows, lineage."""
+    from dataclasses import asdict
+
+    from assets_pipeline.assets.common import concept_config
+    from assets_pipeline.training.job import TrainJob
+
+    method = get_method(method_name)
+    concept = spec.name
+    layout = storage.layout()
+    index = read_upstream(storage, concept, "vae_latents", "index.parquet")
+    n_images = int((index["role"] == "instance").sum())
+    default = method.config_cls(**method.default_config(n_images, quick=ref.is_random))
+    cfg = concept_config(spec, method.name, default)
+    if overrides:
+        cfg = method.config_cls(**{**asdict(cfg), **overrides})
+    rows = training_rows(storage, concept, method.batch_roles(cfg), control=method.name == "controlnet")
+    asset_dir = layout.asset_dir(concept, method.asset_name)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return TrainJob(
+        concept=concept, method=method.name, config=asdict(cfg), base_model=asdict(ref),
+        latents_dir=str(layout.asset_dir(concept, "vae_latents")),
+        output_dir=str(asset_dir / f"{stamp}-{run_id[:8]}"),
+        checkpoint_dir=str(asset_dir / ".checkpoints"),
+        token=spec.token, class_noun=spec.class_noun, training_images=rows,
+        lineage={"asset": method.asset_name, "code_version": CODE_VERSION, "run_id": run_id,
+                 "git_commit": git_commit(), "input_data_versions": input_versions, "created_at": stamp},
+        scorer={"model_name": clip_scorer.model_name, "pretrained": clip_scorer.pretrained,
+                "artifact_root": str(layout.root)},
+        device=trainer.device, mixed_precision=trainer.mixed_precision,
+        # The embedded random model's images mean nothing: fewer, cheaper validation renders.
+        validation_steps=4 if ref.is_random else 30, validation_seeds=(0,) if ref.is_random else (0, 1),
+    )
+
+
 def build_model_asset(method_name: str) -> dg.AssetsDefinition:
     method = get_method(method_name)
     deps = [vae_latents, clip_scored_images, class_images] + ([control_images] if method_name == "controlnet" else [])
@@ -79,10 +116,6 @@ def build_model_asset(method_name: str) -> dg.AssetsDefinition:
               kinds={"pytorch", "diffusers"}, description=(method.__doc__ or method.name))
     def _model(context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource,
                clip_scorer: ClipScorerResource, trainer: TrainerLauncher):
-        from dataclasses import asdict
-
-        from assets_pipeline.assets.common import concept_config
-        from assets_pipeline.training.job import TrainJob
         from assets_pipeline.training.loop import train_context
 
         concept = context.partition_key
@@ -90,30 +123,12 @@ def build_model_asset(method_name: str) -> dg.AssetsDefinition:
         if method.name not in spec.methods:
             context.log.info(f"{method.name} is not requested by concept {concept!r} (methods = {list(spec.methods)})")
             return
-        layout = storage.layout()
-        ref = base_model.resolve(layout.root)
-        index = read_upstream(storage, concept, "vae_latents", "index.parquet")
-        n_images = int((index["role"] == "instance").sum())
-        default = method.config_cls(**method.default_config(n_images, quick=ref.is_random))
-        cfg = concept_config(spec, method.name, default)
-        rows = training_rows(storage, concept, method.batch_roles(cfg), control=method.name == "controlnet")
-        asset_dir = layout.asset_dir(concept, method.asset_name)
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        job = TrainJob(
-            concept=concept, method=method.name, config=asdict(cfg), base_model=asdict(ref),
-            latents_dir=str(layout.asset_dir(concept, "vae_latents")),
-            output_dir=str(asset_dir / f"{stamp}-{context.run_id[:8]}"),
-            checkpoint_dir=str(asset_dir / ".checkpoints"),
-            token=spec.token, class_noun=spec.class_noun, training_images=rows,
-            lineage={"asset": method.asset_name, "code_version": CODE_VERSION, "run_id": context.run_id,
-                     "git_commit": git_commit(), "input_data_versions": _input_versions(context, concept),
-                     "created_at": stamp},
-            scorer={"model_name": clip_scorer.model_name, "pretrained": clip_scorer.pretrained,
-                    "artifact_root": str(layout.root)},
-            device=trainer.device, mixed_precision=trainer.mixed_precision,
-            validation_steps=10 if ref.is_random else 30,
-        )
+        job = build_train_job(
+            storage, base_model.resolve(storage.layout().root), spec, method.name, run_id=context.run_id,
+            input_versions=_input_versions(context, concept), trainer=trainer, clip_scorer=clip_scorer)
+        cfg = method.config_cls(**job.config)
         method.check_inputs(train_context(job), cfg)  # refuse here, with the reason, before launching a process
+        asset_dir = Path(job.output_dir).parent
         asset_dir.mkdir(parents=True, exist_ok=True)
         job_path = asset_dir / f".job-{context.run_id}.json"
         job.save(job_path)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from assets_pipeline.hashing import digest
-from assets_pipeline.partitions.concept_spec import is_valid_concept_key
+from assets_pipeline.partitions.concept_spec import ConceptSpecError, is_valid_concept_key, load_concept_spec
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,11 @@ def scan_concepts(data_root: Path) -> ConceptScan:
             continue
         if not (entry / "concept.toml").is_file():
             invalid[entry.name] = "no concept.toml (it needs at least token = \"...\")"
+            continue
+        try:
+            load_concept_spec(entry)
+        except (ConceptSpecError, UnicodeDecodeError) as e:  # reported each tick until fixed; never built
+            invalid[entry.name] = f"concept.toml is not usable: {e}"
             continue
         concepts[entry.name] = folder_digest(entry)
     return ConceptScan(concepts, invalid)

@@ -20,9 +20,11 @@ class BaseModelResource(dg.ConfigurableResource):
     single_file_config: str | None = Field(
         default=None, description="For single-file checkpoints: a local diffusers folder holding the configs."
     )
+    hub_cache_dir: str | None = Field(default=None, description="Hub cache for hub ids; None = HF's default.")
 
     def resolve(self, artifact_root: Path) -> BaseModelRef:
-        return resolve_base_model(self.source, artifact_root, self.resolution, self.single_file_config)
+        return resolve_base_model(self.source, artifact_root, self.resolution, self.single_file_config,
+                                  self.hub_cache_dir)
 
 
 class AcceleratorResource(dg.ConfigurableResource):
@@ -54,14 +56,14 @@ class CaptionerResource(dg.ConfigurableResource):
 
     model_path: str | None = Field(default=None, description="Local BLIP folder; None = no model captions.")
 
-    def load(self, artifact_root: Path, device: str):
+    def load(self, artifact_root: Path, device: str, max_new_tokens: int = 30):
         if not self.model_path:
             return None
         from assets_pipeline.base_model import cached_fingerprint
         from assets_pipeline.stages.captions import BlipCaptioner
 
         fp = cached_fingerprint(Path(self.model_path), artifact_root / "base_models" / ".fingerprints")
-        return BlipCaptioner(self.model_path, fp, device=device)
+        return BlipCaptioner(self.model_path, fp, device=device, max_new_tokens=max_new_tokens)
 
 
 class ClipScorerResource(dg.ConfigurableResource):

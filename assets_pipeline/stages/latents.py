@@ -136,6 +136,10 @@ def write_latent_bundle(index: pd.DataFrame, latent_cache: ItemCache, text_cache
     import torch
     from safetensors.torch import load_file, save_file
 
+    if not len(index):
+        raise ValueError("no latents to bundle: the quality subset is empty (every photo was rejected, dropped by "
+                         "the quality filter or left out by CLIP scoring; see those assets' tables)")
+
     def stack(keys, cache, name):
         return torch.stack([load_file(str(cache.path(k)))[name] for k in keys]).contiguous()
 

@@ -17,23 +17,29 @@ def seeded_generator(*parts):
 
 
 class TrainingData:
-    def __init__(self, latents_dir: Path, rows: list[dict], caption_fn, control: bool, resolution: int):
+    """Rows of cached tensors (CPU) with their roles and captions; ``batch`` draws from them."""
+
+    def __init__(self, mean, std, embeds, roles: list[str], captions: list[str], control=None,
+                 flip_mean=None, flip_std=None):
+        self.mean, self.std, self.embeds = mean, std, embeds
+        self.flip_mean, self.flip_std = flip_mean, flip_std
+        self.roles, self.captions, self.control = roles, captions, control
+        self.by_role = {role: [i for i, r in enumerate(roles) if r == role] for role in set(roles)}
+        self._perms: dict = {}
+
+    @classmethod
+    def from_bundle(cls, latents_dir: Path, rows: list[dict], caption_fn, control: bool, resolution: int):
+        """The job's rows (in order) from the vae_latents bundle, matched by (image sha256, role)."""
         import numpy as np
         import torch
         from PIL import Image
 
         from assets_pipeline.stages.latents import load_latent_bundle
 
-        tensors, shas, roles, self.meta = load_latent_bundle(latents_dir / "latents.safetensors")
+        tensors, shas, roles, _ = load_latent_bundle(latents_dir / "latents.safetensors")
         position = {(s, r): i for i, (s, r) in enumerate(zip(shas, roles))}
         idx = [position[(r["image_sha256"], r["role"])] for r in rows]  # KeyError = bundle/job mismatch
-        self.mean, self.std = tensors["latent_mean"][idx], tensors["latent_std"][idx]
-        self.flip_mean = tensors["flip_latent_mean"][idx] if "flip_latent_mean" in tensors else None
-        self.flip_std = tensors["flip_latent_std"][idx] if "flip_latent_std" in tensors else None
-        self.embeds = tensors["prompt_embeds"][idx]
-        self.roles = [r["role"] for r in rows]
-        self.captions = [caption_fn(r["caption"]) for r in rows]
-        self.control = None
+        images = None
         if control:
             imgs = []
             for r in rows:
@@ -42,9 +48,13 @@ class TrainingData:
                     continue
                 arr = np.asarray(Image.open(r["control_path"]).convert("RGB"), dtype=np.float32) / 255.0
                 imgs.append(torch.from_numpy(arr).permute(2, 0, 1))  # [0, 1], as train_controlnet.py
-            self.control = torch.stack(imgs)
-        self.by_role = {role: [i for i, r in enumerate(self.roles) if r == role] for role in set(self.roles)}
-        self._perms: dict = {}
+            images = torch.stack(imgs)
+        flip = "flip_latent_mean" in tensors
+        return cls(
+            tensors["latent_mean"][idx], tensors["latent_std"][idx], tensors["prompt_embeds"][idx],
+            [r["role"] for r in rows], [caption_fn(r["caption"]) for r in rows], images,
+            tensors["flip_latent_mean"][idx] if flip else None, tensors["flip_latent_std"][idx] if flip else None,
+        )
 
     def count(self, role: str) -> int:
         return len(self.by_role.get(role, []))

@@ -57,9 +57,32 @@ def _latest_checkpoint(root: Path) -> tuple[int, Path] | None:
     return max(done) if done else None
 
 
+def compute_loss(method: Method, models: Models, batch, cfg, generator, device, weight_dtype):
+    """The step every method shares: noise, timesteps, add_noise, predict, loss (DDPM's objective, Ho et al.
+    2020, as in diffusers' training scripts). Methods change only what they override (encode/predict/loss)."""
+    import torch
+
+    scheduler = models.noise_scheduler
+    latents = batch.latents.to(device, weight_dtype)
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    timesteps = timesteps.to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    v_pred = scheduler.config.prediction_type == "v_prediction"
+    target = scheduler.get_velocity(latents, noise, timesteps) if v_pred else noise
+    batch.prompt_embeds = batch.prompt_embeds.to(device, weight_dtype)
+    if batch.control is not None:
+        batch.control = batch.control.to(device)
+    embeds = method.encode(models, batch).to(weight_dtype)
+    pred = method.predict(models, noisy, timesteps, embeds, batch)
+    weights = snr_weights(scheduler, timesteps, cfg.snr_gamma) if cfg.snr_gamma else None
+    return method.loss(pred, target, batch, cfg, weights)
+
+
 def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainState:
     import torch
     from accelerate import Accelerator
+    from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
 
@@ -75,8 +98,9 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
+    set_seed(cfg.seed)  # adapter/ControlNet initialization; batches and noise have their own seeded generators
     models = load_training_models(job.base_model, method.needs_text_encoder(cfg))
-    data = TrainingData(Path(job.latents_dir), job.training_images, lambda c: method.training_caption(c, ctx),
+    data = TrainingData.from_bundle(Path(job.latents_dir), job.training_images, lambda c: method.training_caption(c, ctx),
                         control=job.method == "controlnet", resolution=ctx.resolution)
     trainable = method.prepare(models, cfg, ctx)
     for name in ("unet", "text_encoder", "controlnet"):
@@ -108,7 +132,6 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
         losses = json.loads((path / "losses.json").read_text())
         progress(f"resumed from checkpoint at step {start} ({path})")
 
-    scheduler = models.noise_scheduler
     roles = method.batch_roles(cfg)
     n_procs, accum = accelerator.num_processes, cfg.gradient_accumulation_steps
     progress(f"training {method.name} for {ctx.concept!r}: {steps} steps, {ctx.num_instance_images} images, "
@@ -119,21 +142,8 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
             sample = ((step * accum + micro) * n_procs + accelerator.process_index) * cfg.train_batch_size
             batch = data.batch(roles, cfg.train_batch_size, sample, cfg.seed, models.scaling_factor, cfg.random_flip)
             g = seeded_generator("diffusion-noise", cfg.seed, sample)
-            latents = batch.latents.to(accelerator.device, weight_dtype)
-            noise = torch.randn(latents.shape, generator=g).to(latents)
-            timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
-            timesteps = timesteps.to(accelerator.device)
-            noisy = scheduler.add_noise(latents, noise, timesteps)
-            target = scheduler.get_velocity(latents, noise, timesteps) \
-                if scheduler.config.prediction_type == "v_prediction" else noise
-            batch.prompt_embeds = batch.prompt_embeds.to(accelerator.device, weight_dtype)
-            if batch.control is not None:
-                batch.control = batch.control.to(accelerator.device)
             with accelerator.accumulate(*prepared), accelerator.autocast():
-                embeds = method.encode(models, batch).to(weight_dtype)
-                pred = method.predict(models, noisy, timesteps, embeds, batch)
-                weights = snr_weights(scheduler, timesteps, cfg.snr_gamma) if cfg.snr_gamma else None
-                loss = method.loss(pred, target, batch, cfg, weights)
+                loss = compute_loss(method, models, batch, cfg, g, accelerator.device, weight_dtype)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)

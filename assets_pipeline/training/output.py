@@ -35,6 +35,21 @@ def stamp_safetensors(path: Path, extra: dict[str, str]) -> None:
     tmp.replace(path)
 
 
+def tensors_digest(path: Path) -> str:
+    """sha256 over a safetensors file's tensors (names, dtypes, shapes, bytes), not its header: the manifest
+    names the weights by this, since the header then receives the manifest's own digest."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file
+
+    h = hashlib.sha256()
+    for name, t in sorted(load_file(str(path)).items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def lineage_manifest(job: TrainJob, state: TrainState, weights: list[Path], root: Path) -> dict[str, Any]:
     return {
         **job.lineage,
@@ -47,7 +62,7 @@ def lineage_manifest(job: TrainJob, state: TrainState, weights: list[Path], root
         "training_images": [
             {k: r.get(k) for k in ("image_sha256", "role", "caption", "source_path")} for r in job.training_images
         ],
-        "weights": {p.relative_to(root).as_posix(): sha256_file(p) for p in weights},
+        "weights": {p.relative_to(root).as_posix(): {"tensors_sha256": tensors_digest(p)} for p in weights},
     }
 
 
@@ -135,12 +150,15 @@ def write_output(job: TrainJob, state: TrainState, device: str) -> dict[str, Any
         lineage_digest = sha256_file(tmp / LINEAGE_FILE)
         for w in weights:  # the manifest's digest travels inside every weights file
             stamp_safetensors(w, {"lineage_sha256": lineage_digest, "concept": job.concept, "method": job.method})
+        # Whole-file digests, final bytes included, in `sha256sum -c` format.
+        (tmp / "SHA256SUMS").write_text("".join(f"{sha256_file(w)}  {w.relative_to(tmp).as_posix()}\n"
+                                                for w in weights))
         _loss_curve(state.losses, tmp)
         metrics = validate(job, state, tmp, device)
         preview = metrics.pop("preview_md")
         metrics.update(final_loss=state.losses[-1] if state.losses else None, steps=state.steps,
                        lineage_sha256=lineage_digest,
-                       weights_version=digest(sorted(manifest["weights"].values())))
+                       weights_version=digest(manifest["weights"]))
         write_json_atomic(tmp / METRICS_FILE, metrics)
         if final.exists():
             shutil.rmtree(final)

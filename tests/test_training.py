@@ -1,0 +1,241 @@
+"""The four methods end to end through Dagster on the embedded model, and each output loaded back into a
+fresh stock-diffusers pipeline with no project code in the loading path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from tests.conftest import link_models
+
+METHODS = {
+    "lora": "lora_adapter",
+    "dreambooth": "dreambooth_model",
+    "textual_inversion": "textual_inversion_embedding",
+    "controlnet": "controlnet_model",
+}
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_build(tmp_path_factory, built_models):
+    """The demo concept (all four methods requested) built once through Dagster, trained outputs included."""
+    import dagster as dg
+
+    from assets_pipeline.definitions import ASSETS, CHECKS, default_resources
+    from assets_pipeline.demo_data import DEMO_CONCEPT, write_demo_concept
+    from assets_pipeline.resources import PipelineStorage
+
+    root = tmp_path_factory.mktemp("training")
+    data = root / "data"
+    artifacts = link_models(built_models, root / "artifacts")
+    write_demo_concept(data)
+    storage = PipelineStorage(data_root=str(data), artifact_root=str(artifacts))
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("concepts", [DEMO_CONCEPT])
+    resources = {**default_resources(), "storage": storage}
+    res = dg.materialize([*ASSETS, *CHECKS], partition_key=DEMO_CONCEPT, instance=instance, resources=resources)
+    assert res.success
+    mats = {e.materialization.asset_key.to_user_string(): e.materialization
+            for e in res.get_asset_materialization_events()}
+    checks = {(c.asset_key.to_user_string(), c.check_name): c for c in res.get_asset_check_evaluations()}
+    return SimpleNamespace(res=res, mats=mats, checks=checks, storage=storage, artifacts=artifacts,
+                           concept=DEMO_CONCEPT, base=artifacts / "base_models" / "embedded-tiny-sd-v1",
+                           instance=instance, resources=resources, data=data)
+
+
+def _out(demo, asset: str) -> Path:
+    return Path(demo.mats[asset].metadata["path"].value)
+
+
+def _render(pipe, prompt: str, seed: int = 0, **kw) -> np.ndarray:
+    import torch
+
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe(prompt, num_inference_steps=4, height=64, width=64, generator=torch.Generator().manual_seed(seed),
+               output_type="np", **kw).images[0]
+    return img
+
+
+def _stock_pipeline(base: Path, method: str, out: Path):
+    """How a diffusers user loads each output: nothing from this project."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+
+    if method == "dreambooth":
+        return StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    if method == "controlnet":
+        cn = ControlNetModel.from_pretrained(out, local_files_only=True)
+        return StableDiffusionControlNetPipeline.from_pretrained(base, controlnet=cn, local_files_only=True)
+    pipe = StableDiffusionPipeline.from_pretrained(base, local_files_only=True)
+    if method == "lora":
+        pipe.load_lora_weights(out)
+    else:
+        pipe.load_textual_inversion(out / "learned_embeds.safetensors", token="<sks>")
+    return pipe
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_trains_and_passes_its_checks(demo_build, method):
+    asset = METHODS[method]
+    assert asset in demo_build.mats, f"{asset} was not materialized"
+    out = _out(demo_build, asset)
+    for name in ("lineage.json", "metrics.json", "loss.csv", "loss.png", "validation"):
+        assert (out / name).exists(), name
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt")), "weights must be safetensors only"
+    for check in ("weights_finite", "changes_base_output", "manifest_lists_training_images"):
+        assert demo_build.checks[(asset, check)].passed, check
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert np.isfinite(metrics["clip_t"]) and np.isfinite(metrics["clip_i"])
+    assert metrics["steps"] == len((out / "loss.csv").read_text().splitlines()) - 1
+    assert "preview" in demo_build.mats[asset].metadata
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_output_loads_in_stock_diffusers_and_changes_the_image(demo_build, method):
+    from diffusers import StableDiffusionPipeline
+
+    out = _out(demo_build, METHODS[method])
+    pipe = _stock_pipeline(demo_build.base, method, out)
+    prompt = "a photo of <sks> scene" if method == "textual_inversion" else "a photo of sks scene"
+    kw = {}
+    if method == "controlnet":
+        from PIL import Image
+
+        control = json.loads((out / "lineage.json").read_text())["training_images"][0]["image_sha256"]
+        table = __import__("pandas").read_parquet(demo_build.artifacts / "concepts" / demo_build.concept
+                                                  / "control_images" / "control.parquet")
+        kw["image"] = Image.open(table.set_index("image_sha256").loc[control, "control_path"])
+    tuned = _render(pipe, prompt, **kw)
+    base = _render(StableDiffusionPipeline.from_pretrained(demo_build.base, local_files_only=True), prompt)
+    assert tuned.shape == base.shape == (64, 64, 3)
+    assert np.abs(tuned - base).max() > 0, "the trained output leaves the image unchanged"
+
+
+def test_lineage_manifest_lists_exactly_the_training_rows(demo_build):
+    import pandas as pd
+    from safetensors import safe_open
+
+    from assets_pipeline.hashing import sha256_file
+    from assets_pipeline.training.output import tensors_digest
+
+    index = pd.read_parquet(demo_build.artifacts / "concepts" / demo_build.concept / "vae_latents" / "index.parquet")
+    for method, asset in METHODS.items():
+        out = _out(demo_build, asset)
+        manifest = json.loads((out / "lineage.json").read_text())
+        roles = {"instance", "class"} if method == "dreambooth" else {"instance"}
+        expected = {(r.image_sha256, r.role, r.caption) for r in index.itertuples() if r.role in roles}
+        listed = {(r["image_sha256"], r["role"], r["caption"]) for r in manifest["training_images"]}
+        assert listed == expected, method
+        assert manifest["run_id"] == demo_build.res.run_id
+        assert manifest["base_model"]["fingerprint"]
+        assert set(manifest["input_data_versions"]) >= {"raw_images", "vae_latents", "clip_scored_images"}
+        assert all(manifest["input_data_versions"][k] for k in ("raw_images", "vae_latents"))
+        digest = sha256_file(out / "lineage.json")
+        sums = dict(line.split("  ")[::-1] for line in (out / "SHA256SUMS").read_text().splitlines())
+        assert set(sums) == set(manifest["weights"])
+        for rel, entry in manifest["weights"].items():
+            assert tensors_digest(out / rel) == entry["tensors_sha256"]
+            assert sha256_file(out / rel) == sums[rel]
+            with safe_open(str(out / rel), framework="pt") as f:
+                assert f.metadata()["lineage_sha256"] == digest
+
+
+def test_kohya_lora_loads_through_diffusers_and_matches(demo_build):
+    from diffusers import StableDiffusionPipeline
+
+    out = _out(demo_build, "lora_adapter")
+    images = []
+    for weight_name in ("pytorch_lora_weights.safetensors", "kohya_lora.safetensors"):
+        pipe = StableDiffusionPipeline.from_pretrained(demo_build.base, local_files_only=True)
+        pipe.load_lora_weights(out, weight_name=weight_name)
+        images.append(_render(pipe, "a photo of sks scene"))
+    np.testing.assert_allclose(images[0], images[1], atol=1e-4)
+
+
+def test_textual_inversion_changes_only_its_token(demo_build):
+    from safetensors.torch import load_file
+
+    out = _out(demo_build, "textual_inversion_embedding")
+    learned = load_file(str(out / "learned_embeds.safetensors"))
+    assert list(learned) == ["<sks>"] and learned["<sks>"].shape == (1, 32)
+    a1111 = load_file(str(out / f"{demo_build.concept}.safetensors"))
+    assert a1111["emb_params"].equal(learned["<sks>"])
+
+
+def test_unrequested_method_is_skipped_not_failed(demo_build, tmp_path):
+    import shutil
+
+    import dagster as dg
+
+    from assets_pipeline.definitions import ASSETS
+
+    folder = demo_build.data / "lora_only"
+    folder.mkdir()
+    for name in ("astronaut.png", "chelsea.png", "coffee.png"):
+        shutil.copy(demo_build.data / demo_build.concept / name, folder / name)
+    (folder / "concept.toml").write_text('token = "sks"\nclass_noun = "scene"\nmethods = ["lora"]\n')
+    demo_build.instance.add_dynamic_partitions("concepts", ["lora_only"])
+    for selection in (["raw_images"], ["dreambooth_model"]):  # not connected: run in order, as the graph would
+        res = dg.materialize(ASSETS, selection=selection, partition_key="lora_only",
+                             instance=demo_build.instance, resources=demo_build.resources)
+        assert res.success
+    assert res.get_asset_materialization_events() == []
+    assert not (demo_build.artifacts / "concepts" / "lora_only" / "dreambooth_model").exists()
+
+
+def test_killed_training_resumes_from_its_checkpoint_and_matches(demo_build, tmp_path):
+    """SIGKILL mid-run, start again: it resumes from the last checkpoint and ends with the same weights and
+    loss curve as an uninterrupted run (batches and noise are a function of the step, RNG states are saved)."""
+    import dataclasses
+    import re
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    from assets_pipeline.assets.common import spec_from_snapshot
+    from assets_pipeline.assets.models import build_train_job
+    from assets_pipeline.resources import BaseModelResource, ClipScorerResource, TrainerLauncher
+
+    spec = spec_from_snapshot(demo_build.storage, demo_build.concept)
+    ref = BaseModelResource().resolve(demo_build.artifacts)
+    steps = 24
+
+    def make(name):
+        job = build_train_job(demo_build.storage, ref, spec, "lora", run_id=name, input_versions={},
+                              trainer=TrainerLauncher(device="cpu"), clip_scorer=ClipScorerResource(),
+                              overrides={"max_train_steps": steps, "checkpointing_steps": 2})
+        job = dataclasses.replace(job, output_dir=str(tmp_path / name / "out"),
+                                  checkpoint_dir=str(tmp_path / name / "ckpt"))
+        path = tmp_path / f"{name}.json"
+        job.save(path)
+        return job, [sys.executable, "-m", "assets_pipeline.training", "--job", str(path)]
+
+    full, cmd = make("full")
+    subprocess.run(cmd, check=True, capture_output=True)
+    killed, cmd = make("killed")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(Path(killed.checkpoint_dir).glob("*/step-*/losses.json")):
+        assert proc.poll() is None, "training finished before a checkpoint could be interrupted"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert not Path(killed.output_dir).exists()
+    rerun = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    resumed = int(re.search(r"resumed from checkpoint at step (\d+)", rerun.stderr).group(1))
+    assert 0 < resumed < steps
+    a = load_file(str(Path(full.output_dir) / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(Path(killed.output_dir) / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (Path(full.output_dir) / "loss.csv").read_text() == (Path(killed.output_dir) / "loss.csv").read_text()
+    manifest = json.loads((Path(killed.output_dir) / "lineage.json").read_text())
+    assert manifest["resumed_from_step"] == resumed
+    assert not any(Path(killed.checkpoint_dir).glob("*/step-*")), "checkpoints are removed once the output exists"

@@ -1,0 +1,88 @@
+"""The method registry, configs, refusals and step scaling: pure, no training."""
+
+from __future__ import annotations
+
+import pytest
+
+from assets_pipeline.training.config import TrainConfig
+from assets_pipeline.training.methods import get_method, method_names
+from assets_pipeline.training.methods.base import TrainContext, TrainingInputError
+
+
+def ctx(**kw):
+    base = dict(concept="c", token="sks", class_noun="dog", resolution=64, num_instance_images=5,
+                num_class_images=8, num_control_images=5)
+    return TrainContext(**{**base, **kw})
+
+
+def test_registry_has_the_four_methods_and_fails_loudly():
+    assert method_names() == ["controlnet", "dreambooth", "lora", "textual_inversion"]
+    with pytest.raises(KeyError, match="registered"):
+        get_method("hypernetwork")
+
+
+@pytest.mark.parametrize("method, lr", [("lora", 1e-4), ("dreambooth", 5e-6), ("textual_inversion", 5e-4),
+                                        ("controlnet", 1e-5)])
+def test_defaults_follow_diffusers_examples(method, lr):
+    cfg = get_method(method).config_cls()
+    assert cfg.learning_rate == lr
+    if method == "lora":
+        assert cfg.rank == 4
+    if method == "dreambooth":
+        assert (cfg.prior_loss_weight, cfg.num_class_images) == (1.0, 100)
+
+
+def test_steps_scale_with_dataset_size_within_bounds():
+    cfg = TrainConfig()
+    assert cfg.total_steps(1) == cfg.min_train_steps
+    assert cfg.total_steps(5) == 500 and cfg.total_steps(10) == 1000
+    assert cfg.total_steps(1000) == cfg.max_scaled_steps
+    assert TrainConfig(max_train_steps=7).total_steps(1000) == 7
+
+
+@pytest.mark.parametrize("method", ["lora", "dreambooth", "textual_inversion", "controlnet"])
+def test_fewer_than_three_images_is_refused_with_what_to_fix(method):
+    m = get_method(method)
+    with pytest.raises(TrainingInputError, match="at least 3 photos"):
+        m.check_inputs(ctx(num_instance_images=2), m.config_cls())
+
+
+def test_dreambooth_refuses_without_class_noun_or_class_images():
+    m = get_method("dreambooth")
+    with pytest.raises(TrainingInputError, match="class noun"):
+        m.check_inputs(ctx(class_noun=""), m.config_cls())
+    with pytest.raises(TrainingInputError, match="no class images"):
+        m.check_inputs(ctx(num_class_images=0), m.config_cls())
+    m.check_inputs(ctx(num_class_images=0), m.config_cls(with_prior_preservation=False))  # allowed
+
+
+def test_controlnet_refuses_without_control_images():
+    m = get_method("controlnet")
+    with pytest.raises(TrainingInputError, match="control_images"):
+        m.check_inputs(ctx(num_control_images=0), m.config_cls())
+
+
+def test_bad_config_values_are_rejected():
+    with pytest.raises(ValueError, match="rank"):
+        get_method("lora").config_cls(rank=0)
+    with pytest.raises(ValueError, match="learning_rate"):
+        get_method("controlnet").config_cls(learning_rate=0)
+
+
+def test_textual_inversion_caption_uses_the_placeholder():
+    m = get_method("textual_inversion")
+    assert m.training_caption("a photo of sks dog on grass", ctx()) == "a photo of <sks> dog on grass"
+    assert m.training_caption("a dog on grass", ctx()) == "a photo of <sks>, a dog on grass"
+    assert m.training_caption("asksme sks", ctx()) == "asksme <sks>"
+
+
+def test_dreambooth_loss_adds_weighted_prior_half():
+    import torch
+
+    from assets_pipeline.training.methods.base import Batch
+
+    m = get_method("dreambooth")
+    pred = torch.zeros(2, 4, 2, 2)
+    target = torch.stack([torch.ones(4, 2, 2), 2 * torch.ones(4, 2, 2)])  # instance mse 1, class mse 4
+    batch = Batch(latents=None, prompt_embeds=None, captions=["a", "b"], roles=["instance", "class"])
+    assert m.loss(pred, target, batch, m.config_cls(prior_loss_weight=0.5), None).item() == pytest.approx(3.0)
