@@ -81,9 +81,9 @@ def run_one(variant: str, shapes: str, batch: int, steps: int, warmup: int, devi
         g = torch.Generator().manual_seed(i)
         with acc.autocast():
             if variant == "project":
-                batch = data.batch(("instance",), batch_size=batch, sample_index=i * batch, seed=0,
-                                   scaling_factor=models.scaling_factor, random_flip=False)
-                loss = compute_loss(method, models, batch, cfg, g, acc.device, dtype)
+                rows = data.batch(("instance",), batch_size=batch, sample_index=i * batch, seed=0,
+                                  scaling_factor=models.scaling_factor, random_flip=False)
+                loss = compute_loss(method, models, rows, cfg, g, acc.device, dtype)
             else:  # the plain loop: encode pixels and prompts every step
                 idx = torch.randint(0, n, (batch,), generator=g)
                 with torch.no_grad():
