@@ -264,23 +264,29 @@ def component_fingerprint(ref: BaseModelRef, component: str, artifact_root: Path
 
 
 def load_encoders(ref: BaseModelRef, artifact_root: Path, device: str = "cpu"):
-    """The frozen VAE, text encoder and tokenizer, with their fingerprints, for precomputing latents."""
+    """The frozen VAE, text encoder and tokenizer (loaded on first use), with their fingerprints."""
     from assets_pipeline.stages.latents import Encoders
 
-    quiet_progress_bars()
-    if ref.kind == "single_file":
-        pipe = load_pipeline(ref)
-        vae, text_encoder, tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
-    else:
-        from diffusers import AutoencoderKL
-        from transformers import CLIPTextModel, CLIPTokenizer
+    def load():
+        quiet_progress_bars()
+        if ref.kind == "single_file":
+            pipe = load_pipeline(ref)
+            vae, text_encoder, tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
+        else:
+            from diffusers import AutoencoderKL
+            from transformers import CLIPTextModel, CLIPTokenizer
 
-        vae = AutoencoderKL.from_pretrained(ref.location, subfolder="vae", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(ref.location, subfolder="text_encoder", local_files_only=True)
-        tokenizer = CLIPTokenizer.from_pretrained(ref.location, subfolder="tokenizer", local_files_only=True)
+            vae = AutoencoderKL.from_pretrained(ref.location, subfolder="vae", local_files_only=True)
+            text_encoder = CLIPTextModel.from_pretrained(ref.location, subfolder="text_encoder",
+                                                         local_files_only=True)
+            tokenizer = CLIPTokenizer.from_pretrained(ref.location, subfolder="tokenizer", local_files_only=True)
+        return vae.to(device).eval(), text_encoder.to(device).eval(), tokenizer
+
+    scaling_factor = None
+    if ref.kind != "single_file":  # read from the config alone, without loading weights
+        vae_config = json.loads((Path(ref.location) / "vae" / "config.json").read_text())
+        scaling_factor = vae_config.get("scaling_factor", 0.18215)  # diffusers' AutoencoderKL default
     text_fp = digest(component_fingerprint(ref, "text_encoder", artifact_root),
                      component_fingerprint(ref, "tokenizer", artifact_root))
-    return Encoders(
-        vae=vae.to(device).eval(), text_encoder=text_encoder.to(device).eval(), tokenizer=tokenizer,
-        vae_fingerprint=component_fingerprint(ref, "vae", artifact_root), text_fingerprint=text_fp, device=device,
-    )
+    return Encoders(load, vae_fingerprint=component_fingerprint(ref, "vae", artifact_root),
+                    text_fingerprint=text_fp, scaling_factor_hint=scaling_factor, device=device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 
 
 def training_crop(img, resolution: int, center_crop: bool = True):
@@ -20,16 +21,29 @@ def training_crop(img, resolution: int, center_crop: bool = True):
     return img.crop((left, top, left + resolution, top + resolution))
 
 
-def grid_markdown(paths: list[str], captions: list[str] | None = None, thumb: int = 96, columns: int = 6) -> str:
-    """A small contact sheet as an inline PNG in Markdown, for the Dagster UI's metadata panel."""
+def grid_markdown(paths: list[str], captions: list[str] | None = None, thumb: int = 96, columns: int = 6,
+                  thumb_cache=None) -> str:
+    """A small contact sheet as an inline PNG in Markdown, for the Dagster UI's metadata panel.
+
+    ``thumb_cache`` (an ItemCache) keeps thumbnails of content-addressed files (whose names are their content
+    keys), so a rebuild does not re-open every full-size photo just to draw the preview.
+    """
     from PIL import Image, ImageOps
+
+    from assets_pipeline.hashing import digest
 
     if not paths:
         return "_no images_"
     rows = (len(paths) + columns - 1) // columns
     sheet = Image.new("RGB", (thumb * min(columns, len(paths)), thumb * rows), "white")
     for i, p in enumerate(paths):
-        tile = ImageOps.fit(Image.open(p).convert("RGB"), (thumb, thumb))
+        def make(tmp, p=p):
+            ImageOps.fit(Image.open(p).convert("RGB"), (thumb, thumb)).save(tmp, format="PNG")
+
+        if thumb_cache is not None:
+            tile = Image.open(thumb_cache.get_or_create(digest("thumb", Path(p).name, thumb), make))
+        else:
+            tile = ImageOps.fit(Image.open(p).convert("RGB"), (thumb, thumb))
         sheet.paste(tile, ((i % columns) * thumb, (i // columns) * thumb))
     buf = io.BytesIO()
     sheet.save(buf, format="PNG", optimize=True)

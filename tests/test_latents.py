@@ -154,8 +154,9 @@ def test_gpu_latents_match_cpu_so_the_cache_can_be_shared(items, encoders, tmp_p
     from assets_pipeline.resources import AcceleratorResource
 
     assert AcceleratorResource().torch_device() == "cuda"
-    gpu = dataclasses.replace(encoders, vae=copy.deepcopy(encoders.vae).to("cuda"),
-                              text_encoder=copy.deepcopy(encoders.text_encoder).to("cuda"), device="cuda")
+    on_gpu = (copy.deepcopy(encoders.vae).to("cuda"), copy.deepcopy(encoders.text_encoder).to("cuda"),
+              encoders.tokenizer)
+    gpu = dataclasses.replace(encoders, load=lambda: on_gpu, loaded=None, device="cuda")
     bundles = []
     for name, enc in (("cpu", encoders), ("gpu", gpu)):
         lat, txt = caches(tmp_path / name)

@@ -22,6 +22,11 @@ from assets_pipeline.tables import table_version, write_imagefolder, write_table
 GROUP = "dataset"
 
 
+def _preview(layout, paths) -> dg.MetadataValue:
+    """A contact sheet of the first photos, thumbnails cached by content."""
+    return dg.MetadataValue.md(grid_markdown(list(paths[:24]), thumb_cache=layout.cache("thumbnails", ".png")))
+
+
 def _file_name(sha: str) -> str:
     return f"{sha[:16]}.png"
 
@@ -49,7 +54,7 @@ def raw_images(context: dg.AssetExecutionContext, storage: PipelineStorage) -> d
             **res.cache_counts,
             "rejected": len(res.rejects),
             "rejects": table_preview(res.rejects, ["source_path", "reason"], rows=50),
-            "preview": dg.MetadataValue.md(grid_markdown(list(res.manifest["decoded_path"][:24]))),
+            "preview": _preview(layout, res.manifest["decoded_path"]),
         },
     )
 
@@ -120,7 +125,7 @@ def filtered_images(
         "dropped": int((~df["kept"]).sum()),
         "min_side": cfg.min_side or resolution,
         "dropped_table": table_preview(df[~df["kept"]], ["source_path", "reason"], rows=50),
-        "preview": dg.MetadataValue.md(grid_markdown(list(kept["decoded_path"][:24]))),
+        "preview": _preview(layout, kept["decoded_path"]),
     })
 
 
@@ -193,5 +198,5 @@ def control_images(
         **cache.counts(),
         "annotator": cfg.annotator,
         "resolution": resolution,
-        "preview": dg.MetadataValue.md(grid_markdown(list(df["control_path"][:24]))),
+        "preview": _preview(layout, df["control_path"]),
     })

@@ -42,7 +42,7 @@ def vae_latents(
     with atomic_dir(out) as tmp:
         write_table(index, tmp / "index.parquet")
         write_latent_bundle(index, latent_cache, text_cache, tmp / "latents.safetensors", {
-            "resolution": resolution, "scaling_factor": enc.vae.config.scaling_factor,
+            "resolution": resolution, "scaling_factor": enc.scaling_factor,
             "base_model_fingerprint": ref.fingerprint, "vae_fingerprint": enc.vae_fingerprint,
             "text_fingerprint": enc.text_fingerprint,
         })

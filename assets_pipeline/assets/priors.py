@@ -49,5 +49,5 @@ def class_images(
         **cache.counts(),
         "prompt": prompt,
         "base_model_fingerprint": ref.fingerprint,
-        "preview": dg.MetadataValue.md(grid_markdown(list(df["decoded_path"][:24]))),
+        "preview": dg.MetadataValue.md(grid_markdown(list(df["decoded_path"][:24]), thumb_cache=layout.cache("thumbnails", ".png"))),
     })

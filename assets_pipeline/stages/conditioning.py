@@ -7,6 +7,7 @@ resolution, crop).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
@@ -61,14 +62,15 @@ def make_control_images(
 ) -> pd.DataFrame:
     from PIL import Image
 
-    annotate = make_annotator(cfg)
+    annotator = functools.cache(lambda: make_annotator(cfg))  # made on the first miss: the import takes seconds
+
     paths = []
     for sha, src in zip(subset["image_sha256"], subset["decoded_path"]):
         key = digest("control-image", sha, CONDITIONING_VERSION, asdict(cfg), resolution, center_crop)
 
         def create(tmp, src=src):
             img = training_crop(Image.open(src), resolution, center_crop)
-            annotate(img, resolution).convert("RGB").save(tmp, format="PNG")
+            annotator()(img, resolution).convert("RGB").save(tmp, format="PNG")
 
         paths.append(str(cache.get_or_create(key, create)))
     out = subset[["image_sha256", "source_path", "decoded_path", "caption"]].copy()

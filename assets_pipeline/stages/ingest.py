@@ -21,7 +21,7 @@ from assets_pipeline.store import ItemCache
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_SUFFIX = ".txt"
 # Bump when decoding changes what is written for the same bytes: it is part of every decoded-image cache key.
-DECODER_VERSION = 1
+DECODER_VERSION = 2
 
 MANIFEST_COLUMNS = [
     "image_sha256", "source_path", "format", "source_mode", "width", "height", "file_bytes",
@@ -135,6 +135,28 @@ def _walk(concept_dir: Path):
             yield Path(dirpath) / f
 
 
+def _decoded_info(cache: ItemCache, key: str, data: bytes, cfg: IngestConfig) -> dict:
+    """Decode into the cache once; on a hit read what the manifest needs from the PNG's header and text chunks,
+    so re-ingesting a large, unchanged folder costs a hash per photo, not a decode."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    if cache.split([key]):
+        img, fmt, mode, orientation = decode_image(data, cfg)
+        meta = PngInfo()
+        for k, v in (("source_format", fmt), ("source_mode", mode), ("exif_orientation", str(orientation))):
+            meta.add_text(k, v)
+        cache.put(key, lambda tmp: img.save(tmp, format="PNG", pnginfo=meta))
+        w, h = img.size
+    else:
+        with Image.open(cache.path(key)) as png:  # header and text chunks only; pixels stay undecoded
+            (w, h), text = png.size, dict(png.text)
+        fmt, mode, orientation = text["source_format"], text["source_mode"], int(text["exif_orientation"])
+        if w * h > cfg.max_pixels:
+            raise RejectedFile("pixel_limit", f"over the pixel limit: {w}x{h} = {w * h:,} px > {cfg.max_pixels:,}")
+    return {"format": fmt, "source_mode": mode, "width": w, "height": h, "exif_orientation": orientation}
+
+
 def ingest_concept(
     concept_dir: Path, data_root: Path, image_cache: ItemCache, cfg: IngestConfig = IngestConfig()
 ) -> IngestResult:
@@ -190,19 +212,16 @@ def ingest_concept(
         if sha in seen:
             reject(path, "exact_duplicate", f"exact duplicate of {seen[sha]} (same bytes)")
             continue
+        key = digest("decoded-image", sha, DECODER_VERSION)
         try:
-            img, fmt, mode, orientation = decode_image(data, cfg)
+            info = _decoded_info(image_cache, key, data, cfg)
         except RejectedFile as e:
             reject(path, e.code, e.reason)
             continue
         seen[sha] = rel
-        decoded = image_cache.get_or_create(
-            digest("decoded-image", sha, DECODER_VERSION), lambda tmp: img.save(tmp, format="PNG")
-        )
         rows.append({
-            "image_sha256": sha, "source_path": rel, "format": fmt, "source_mode": mode,
-            "width": img.width, "height": img.height, "file_bytes": size, "exif_orientation": orientation,
-            "decoded_path": str(decoded), "sidecar_caption": captions.get(path.with_suffix("")),
+            "image_sha256": sha, "source_path": rel, **info, "file_bytes": size,
+            "decoded_path": str(image_cache.path(key)), "sidecar_caption": captions.get(path.with_suffix("")),
         })
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     return IngestResult(

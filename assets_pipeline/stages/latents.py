@@ -46,14 +46,39 @@ class LatentConfig:
 
 @dataclass
 class Encoders:
-    """The frozen models latents come from, with the fingerprints that enter every cache key."""
+    """The frozen models latents come from, with the fingerprints that enter every cache key.
 
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
+    ``load()`` returns (vae, text_encoder, tokenizer); it runs on first use, so a run whose items are all
+    cached loads no model.
+    """
+
+    load: Any
     vae_fingerprint: str
     text_fingerprint: str
+    scaling_factor_hint: float | None = None  # from the VAE's config.json, when it can be read without loading
     device: str = "cpu"
+    loaded: tuple | None = field(default=None, repr=False)
+
+    def _get(self) -> tuple:
+        if self.loaded is None:
+            self.loaded = self.load()
+        return self.loaded
+
+    @property
+    def vae(self):
+        return self._get()[0]
+
+    @property
+    def text_encoder(self):
+        return self._get()[1]
+
+    @property
+    def tokenizer(self):
+        return self._get()[2]
+
+    @property
+    def scaling_factor(self) -> float:
+        return self.scaling_factor_hint if self.scaling_factor_hint is not None else self.vae.config.scaling_factor
 
 
 def latent_key(sha: str, enc: Encoders, resolution: int, cfg: LatentConfig, flip: bool) -> str:

@@ -65,30 +65,37 @@ class ClipScorer:
     local ``pretrained`` checkpoint file) or 'local-dir:/path' (config + weights in one folder)."""
 
     def __init__(self, model_name: str, pretrained: str | None, fingerprint: str, is_random: bool, device="cpu"):
-        import open_clip
-
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-            model_name, pretrained=pretrained, device=device
-        )
-        self.model.eval()
-        self.tokenizer = open_clip.get_tokenizer(model_name)
-        self.device = device
+        self.model_name, self.pretrained, self.device = model_name, pretrained, device
         self.fingerprint = fingerprint
         self.is_random = is_random
+        self._loaded = None
+
+    def _parts(self):
+        """(model, preprocess, tokenizer), loaded on first use: a run with every score cached loads nothing."""
+        if self._loaded is None:
+            import open_clip
+
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                self.model_name, pretrained=self.pretrained, device=self.device
+            )
+            self._loaded = (model.eval(), preprocess, open_clip.get_tokenizer(self.model_name))
+        return self._loaded
 
     def embed_images(self, images: list) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
-            x = torch.stack([self.preprocess(im) for im in images]).to(self.device)
-            f = self.model.encode_image(x)
+            model, preprocess, _ = self._parts()
+            x = torch.stack([preprocess(im) for im in images]).to(self.device)
+            f = model.encode_image(x)
             return torch.nn.functional.normalize(f.float(), dim=-1).cpu().numpy()
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
-            f = self.model.encode_text(self.tokenizer(texts).to(self.device))
+            model, _, tokenizer = self._parts()
+            f = model.encode_text(tokenizer(texts).to(self.device))
             return torch.nn.functional.normalize(f.float(), dim=-1).cpu().numpy()
 
     def score(self, images: list, texts: list[str]) -> np.ndarray:
