@@ -1,4 +1,5 @@
-"""Command line: ``assets-pipeline demo`` builds the demo concept end to end through Dagster."""
+"""Command line: ``assets-pipeline demo`` builds the demo concept end to end through Dagster;
+``assets-pipeline lineage output|image TARGET`` audits lineage in either direction."""
 
 from __future__ import annotations
 
@@ -78,12 +79,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lineage(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from assets_pipeline.lineage import audit_output, image_sha256, outputs_trained_on
+    from assets_pipeline.resources import PipelineStorage
+
+    storage = PipelineStorage()
+    pd.set_option("display.width", 200)
+    pd.set_option("display.max_colwidth", 80)
+    if args.direction == "output":
+        table = audit_output(Path(args.target), storage.data_path())
+        cols = [c for c in ("source_path", "image_sha256", "role", "status", "clip_score", "blur_variance",
+                            "caption") if c in table]
+        print(table[cols].to_string(index=False) if args.format == "table" else table.to_json(orient="records"))
+        changed = table[table["status"].isin(["missing", "changed"])]
+        if len(changed):
+            print(f"\n{len(changed)} source photo(s) missing or changed since training", file=sys.stderr)
+    else:
+        table = outputs_trained_on(storage.artifact_path(), image_sha256(args.target))
+        print(table.to_string(index=False) if args.format == "table" else table.to_json(orient="records"))
+        if table.empty:
+            print("no trained output lists this image", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="assets-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="write the demo concept and materialize every asset for it")
+    lineage = sub.add_parser("lineage", help="audit lineage: an output's sources, or the outputs of an image")
+    lineage.add_argument("direction", choices=["output", "image"],
+                         help="output: list the source photos of an output; image: list outputs trained on it")
+    lineage.add_argument("target", help="output folder or weights file / photo file or its sha256")
+    lineage.add_argument("--format", choices=["table", "json"], default="table")
     args = parser.parse_args(argv)
-    return {"demo": cmd_demo}[args.command](args)
+    return {"demo": cmd_demo, "lineage": cmd_lineage}[args.command](args)
 
 
 if __name__ == "__main__":

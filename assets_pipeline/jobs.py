@@ -2,6 +2,23 @@ import dagster as dg
 
 from assets_pipeline.partitions.definitions import concepts_partitions
 
+# What the concept-folder sensor runs: ingest only. Declarative automation takes it from there, rebuilding
+# downstream assets only where raw_images' data version changed.
+ingest_concept_job = dg.define_asset_job(
+    "ingest_concept",
+    selection=dg.AssetSelection.assets("raw_images"),
+    partitions_def=concepts_partitions,
+    description="Ingest one concept folder (partition = concept folder name).",
+)
+
+# What the retraining schedule runs: trained outputs only (each run selects the stale ones).
+train_models_job = dg.define_asset_job(
+    "train_models",
+    selection=dg.AssetSelection.groups("models"),
+    partitions_def=concepts_partitions,
+    description="Train the given concept's outputs from its current latents.",
+)
+
 # One concept's dataset chain, priors and latents: cheap, run whenever its photos change.
 build_concept_job = dg.define_asset_job(
     "build_concept",

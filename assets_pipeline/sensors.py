@@ -5,16 +5,17 @@ import json
 
 import dagster as dg
 
-from assets_pipeline.jobs import build_concept_job
+from assets_pipeline.jobs import ingest_concept_job
 from assets_pipeline.partitions.definitions import concepts_partitions
 from assets_pipeline.resources import PipelineStorage
 
 MAX_RUNS_PER_TICK = 10
 
 
-@dg.sensor(job=build_concept_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
+@dg.sensor(job=ingest_concept_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
 def concept_folder_sensor(context: dg.SensorEvaluationContext, storage: PipelineStorage) -> dg.SensorResult:
-    """Cursor: {concept: content digest} of what has been requested. A folder whose name is not a valid
+    """Requests an ingest of each new or changed concept folder (declarative automation rebuilds what the
+    ingest's new data version invalidates). Cursor: {concept: content digest} of what has been requested. A folder whose name is not a valid
     partition key is reported (once per tick) and never used as a path."""
     from assets_pipeline.partitions.discovery import scan_concepts
 

@@ -9,6 +9,7 @@ import dagster as dg
 from assets_pipeline.assets.common import (
     SPEC_SNAPSHOT, concept_config, read_upstream, result, spec_from_snapshot, table_preview,
 )
+from assets_pipeline.automation import rebuild_on_change, rebuild_on_code_change
 from assets_pipeline.hashing import digest
 from assets_pipeline.imaging import grid_markdown
 from assets_pipeline.partitions.concept_spec import load_concept_spec
@@ -31,7 +32,8 @@ def _file_name(sha: str) -> str:
     return f"{sha[:16]}.png"
 
 
-@dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="1", kinds={"python"})
+@dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="1", kinds={"python"},
+          automation_condition=rebuild_on_code_change())
 def raw_images(context: dg.AssetExecutionContext, storage: PipelineStorage) -> dg.MaterializeResult:
     """Every file of the concept folder: decoded photos (manifest) or rejects with a reason."""
     from assets_pipeline.stages.ingest import IngestConfig, MANIFEST_COLUMNS, ingest_concept
@@ -60,7 +62,7 @@ def raw_images(context: dg.AssetExecutionContext, storage: PipelineStorage) -> d
 
 
 @dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="1", deps=[raw_images],
-          kinds={"python"})
+          kinds={"python"}, automation_condition=rebuild_on_change())
 def captioned_images(
     context: dg.AssetExecutionContext, storage: PipelineStorage, captioner: CaptionerResource,
     accelerator: AcceleratorResource,
@@ -95,7 +97,7 @@ def captioned_images(
 
 
 @dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="1", deps=[captioned_images],
-          kinds={"python"})
+          kinds={"python"}, automation_condition=rebuild_on_change())
 def filtered_images(
     context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource
 ) -> dg.MaterializeResult:
@@ -130,7 +132,7 @@ def filtered_images(
 
 
 @dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="1", deps=[filtered_images],
-          kinds={"python"})
+          kinds={"python"}, automation_condition=rebuild_on_change())
 def clip_scored_images(
     context: dg.AssetExecutionContext, storage: PipelineStorage, clip_scorer: ClipScorerResource,
     accelerator: AcceleratorResource,
@@ -167,7 +169,7 @@ def clip_scored_images(
 
 
 @dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="2", deps=[clip_scored_images],
-          kinds={"python"})
+          kinds={"python"}, automation_condition=rebuild_on_change())
 def control_images(
     context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource
 ) -> dg.MaterializeResult:

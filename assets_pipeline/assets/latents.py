@@ -3,6 +3,7 @@
 
 import dagster as dg
 
+from assets_pipeline.automation import rebuild_on_change
 from assets_pipeline.assets.common import concept_config, read_upstream, result, spec_from_snapshot
 from assets_pipeline.assets.dataset import clip_scored_images
 from assets_pipeline.assets.priors import class_images
@@ -13,7 +14,7 @@ from assets_pipeline.tables import table_version, write_table
 
 
 @dg.asset(partitions_def=concepts_partitions, group_name="latents", code_version="1", deps=[clip_scored_images, class_images],
-          pool="gpu", kinds={"pytorch"})
+          pool="gpu", kinds={"pytorch"}, automation_condition=rebuild_on_change())
 def vae_latents(
     context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource,
     accelerator: AcceleratorResource,

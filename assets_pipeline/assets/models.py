@@ -52,8 +52,11 @@ def training_rows(storage: PipelineStorage, concept: str, roles: tuple[str, ...]
     index = read_upstream(storage, concept, "vae_latents", "index.parquet")
     scores = read_upstream(storage, concept, "clip_scored_images", "scores.parquet")
     priors = read_upstream(storage, concept, "class_images", "class_images.parquet")
-    source = {s: (p, d) for s, p, d in zip(scores["image_sha256"], scores["source_path"], scores["decoded_path"])}
-    source.update({s: (f"class_images/{k}", d)
+    # Where each image came from and the decisions that let it in, as they stand for this training.
+    source = {r.image_sha256: {"source_path": r.source_path, "decoded_path": r.decoded_path,
+                               "clip_score": float(r.clip_score), "blur_variance": float(r.blur_variance)}
+              for r in scores.itertuples()}
+    source.update({s: {"source_path": f"class_images/{k}", "decoded_path": d}
                    for s, k, d in zip(priors["image_sha256"], priors["cache_key"], priors["decoded_path"])})
     ctrl = {}
     if control:
@@ -61,9 +64,7 @@ def training_rows(storage: PipelineStorage, concept: str, roles: tuple[str, ...]
         ctrl = dict(zip(table["image_sha256"], table["control_path"]))
     rows = []
     for r in index[index["role"].isin(roles)].itertuples():
-        src, decoded = source[r.image_sha256]
-        row = {"image_sha256": r.image_sha256, "role": r.role, "caption": r.caption, "source_path": src,
-               "decoded_path": decoded}
+        row = {"image_sha256": r.image_sha256, "role": r.role, "caption": r.caption, **source[r.image_sha256]}
         if control and r.role == "instance":
             row["control_path"] = ctrl.get(r.image_sha256)
         rows.append(row)

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from assets_pipeline.automation import rebuild_on_change
 from assets_pipeline.assets.common import concept_config, result, spec_from_snapshot
 from assets_pipeline.assets.dataset import raw_images
 from assets_pipeline.partitions.definitions import concepts_partitions
@@ -11,7 +12,7 @@ from assets_pipeline.tables import table_version, write_table
 
 
 @dg.asset(partitions_def=concepts_partitions, group_name="priors", code_version="1", deps=[raw_images],
-          pool="gpu", kinds={"pytorch"})
+          pool="gpu", kinds={"pytorch"}, automation_condition=rebuild_on_change())
 def class_images(
     context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource,
     accelerator: AcceleratorResource,

@@ -23,6 +23,15 @@ def _pipes(stack: ExitStack):
     return stack.enter_context(open_dagster_pipes())
 
 
+def _images_table(job) -> str:
+    """The training images as a Markdown table for the UI (the full list is in lineage.json)."""
+    rows = [f"| {r['role']} | {r['source_path']} | {r['image_sha256'][:12]} | {r['caption']} |"
+            for r in job.training_images[:50]]
+    more = len(job.training_images) - len(rows)
+    return "\n".join(["| role | source | sha256 | caption |", "|---|---|---|---|", *rows]) + (
+        f"\n\n_and {more} more_" if more > 0 else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -33,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m assets_pipeline.training", description=__doc__)
     parser.add_argument("--job", required=True, type=Path, help="job JSON written by a model asset")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # Our progress at INFO; libraries (accelerate's checkpoint chatter, open_clip's loading) at WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("trainer").setLevel(logging.INFO)
     job = TrainJob.load(args.job)
     with ExitStack() as stack:
         pipes = _pipes(stack)
@@ -52,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
                     "path": {"raw_value": job.output_dir, "type": "path"},
                     "preview": {"raw_value": result["preview_md"], "type": "md"},
                     "loss_curve": {"raw_value": str(Path(job.output_dir) / "loss.png"), "type": "path"},
+                    "lineage": {"raw_value": str(Path(job.output_dir) / "lineage.json"), "type": "path"},
+                    "training_images": {"raw_value": _images_table(job), "type": "md"},
                     **{k: result[k] for k in ("clip_t", "clip_i", "mean_abs_change_vs_base", "final_loss", "steps",
                                               "lineage_sha256", "scorer_is_random")},
                     "resumed_from_step": state.resumed_from,

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from assets_pipeline.hashing import digest, sha256_file
+from assets_pipeline.lineage import LINEAGE_FILE
 from assets_pipeline.store import write_json_atomic
 from assets_pipeline.training.job import TrainJob
 from assets_pipeline.training.loop import TrainState
 from assets_pipeline.training.models import base_pipeline_loader
 
-LINEAGE_FILE = "lineage.json"
 METRICS_FILE = "metrics.json"
 VALIDATION_SUFFIXES = ("", ", at the beach")  # fixed prompts: the validation prompt, and one new context
 
@@ -59,8 +59,11 @@ def lineage_manifest(job: TrainJob, state: TrainState, weights: list[Path], root
         "steps": state.steps,
         "resumed_from_step": state.resumed_from,
         "base_model": {k: job.base_model[k] for k in ("source", "kind", "fingerprint", "resolution")},
+        "job_identity": job.identity(),
         "training_images": [
-            {k: r.get(k) for k in ("image_sha256", "role", "caption", "source_path")} for r in job.training_images
+            {k: r[k] for k in ("image_sha256", "role", "caption", "source_path", "clip_score", "blur_variance")
+             if k in r}
+            for r in job.training_images
         ],
         "weights": {p.relative_to(root).as_posix(): {"tensors_sha256": tensors_digest(p)} for p in weights},
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from assets_pipeline.training.output import LINEAGE_FILE
+from assets_pipeline.lineage import LINEAGE_FILE
 
 
 def nonfinite_tensors(out_dir: Path) -> dict[str, int]:

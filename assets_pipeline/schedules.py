@@ -1,0 +1,103 @@
+"""Scheduled retraining: each tick (nightly by default) retrains exactly the (concept, method) pairs whose
+training inputs changed since their current output, for the methods each concept requests."""
+
+import os
+from dataclasses import dataclass
+from datetime import timezone
+
+import dagster as dg
+
+from assets_pipeline.jobs import train_models_job
+from assets_pipeline.partitions.definitions import concepts_partitions
+from assets_pipeline.resources import BaseModelResource, ClipScorerResource, PipelineStorage, TrainerLauncher
+
+RETRAIN_CRON_ENV = "ASSETS_PIPELINE_RETRAIN_CRON"
+DEFAULT_RETRAIN_CRON = "0 3 * * *"  # 03:00 every night
+
+
+@dataclass(frozen=True)
+class RetrainDecision:
+    concept: str
+    method: str
+    asset: str
+    retrain: bool
+    reason: str
+    identity: str = ""
+
+
+def plan_retraining(storage: PipelineStorage, base_model: BaseModelResource, clip_scorer: ClipScorerResource,
+                    trainer: TrainerLauncher, concepts: list[str]) -> list[RetrainDecision]:
+    """For each concept and requested method: retrain when the job it would run now (training rows with their
+    captions, resolved config, base model) differs from the one that made the current output.
+
+    Concepts whose dataset is not built yet, or whose quality subset fails the readiness rules (the blocking
+    dataset checks), are skipped with the reason.
+    """
+    import json
+
+    from assets_pipeline.assets.common import read_upstream, spec_from_snapshot
+    from assets_pipeline.assets.models import build_train_job, current_output
+    from assets_pipeline.stages.readiness import readiness
+    from assets_pipeline.training.loop import train_context
+    from assets_pipeline.training.methods import get_method
+    from assets_pipeline.training.methods.base import TrainingInputError
+
+    layout = storage.layout()
+    decisions = []
+    for concept in concepts:
+        if not (layout.asset_dir(concept, "vae_latents") / "index.parquet").is_file():
+            decisions.append(RetrainDecision(concept, "*", "*", False, "dataset not built yet"))
+            continue
+        spec = spec_from_snapshot(storage, concept)
+        ready = readiness(read_upstream(storage, concept, "clip_scored_images", "scores.parquet"))
+        ref = base_model.resolve(layout.root)
+        for name in spec.methods:
+            method = get_method(name)
+            if not ready.ready:
+                decisions.append(RetrainDecision(concept, name, method.asset_name, False,
+                                                 "dataset checks fail: " + "; ".join(ready.problems())))
+                continue
+            job = build_train_job(storage, ref, spec, name, run_id="schedule", input_versions={}, trainer=trainer,
+                                  clip_scorer=clip_scorer)
+            try:
+                method.check_inputs(train_context(job), method.config_cls(**job.config))
+            except TrainingInputError as e:
+                decisions.append(RetrainDecision(concept, name, method.asset_name, False, str(e)))
+                continue
+            identity = job.identity()
+            out = current_output(storage, concept, method.asset_name)
+            trained = json.loads((out / "lineage.json").read_text()).get("job_identity") if out else None
+            if trained == identity:
+                decisions.append(RetrainDecision(concept, name, method.asset_name, False, "up to date", identity))
+            else:
+                why = "no trained output yet" if out is None else "training inputs changed"
+                decisions.append(RetrainDecision(concept, name, method.asset_name, True, why, identity))
+    return decisions
+
+
+@dg.schedule(
+    cron_schedule=os.environ.get(RETRAIN_CRON_ENV, DEFAULT_RETRAIN_CRON),
+    job=train_models_job,
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description=f"Retrain stale (concept, method) outputs; cron from ${RETRAIN_CRON_ENV} (default nightly).",
+)
+def retrain_schedule(context: dg.ScheduleEvaluationContext, storage: PipelineStorage,
+                     base_model: BaseModelResource, clip_scorer: ClipScorerResource, trainer: TrainerLauncher):
+    concepts = context.instance.get_dynamic_partitions(concepts_partitions.name)
+    decisions = plan_retraining(storage, base_model, clip_scorer, trainer, concepts)
+    for d in decisions:
+        if not d.retrain:
+            context.log.info(f"{d.concept}/{d.method}: {d.reason}")
+    tick = context.scheduled_execution_time.astimezone(timezone.utc).strftime("%Y%m%dT%H%M") \
+        if context.scheduled_execution_time else "manual"
+    requests = [
+        dg.RunRequest(
+            # Same inputs, same tick -> same key: a re-evaluated tick never starts a second training.
+            run_key=f"retrain:{d.concept}:{d.method}:{d.identity[:16]}:{tick}",
+            partition_key=d.concept,
+            asset_selection=[dg.AssetKey(d.asset)],
+            tags={"retrain/reason": d.reason},
+        )
+        for d in decisions if d.retrain
+    ]
+    return requests or dg.SkipReason("every requested output is up to date (or its dataset is not ready)")
