@@ -263,12 +263,23 @@ def component_fingerprint(ref: BaseModelRef, component: str, artifact_root: Path
     return digest(component, cached_fingerprint(Path(ref.location) / component, memo))
 
 
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is present, else 'cpu'; anything else as given. Imports torch only here,
+    at the moment a model is actually loaded."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_encoders(ref: BaseModelRef, artifact_root: Path, device: str = "cpu"):
     """The frozen VAE, text encoder and tokenizer (loaded on first use), with their fingerprints."""
     from assets_pipeline.stages.latents import Encoders
 
     def load():
         quiet_progress_bars()
+        dev = resolve_device(device)
         if ref.kind == "single_file":
             pipe = load_pipeline(ref)
             vae, text_encoder, tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
@@ -280,7 +291,7 @@ def load_encoders(ref: BaseModelRef, artifact_root: Path, device: str = "cpu"):
             text_encoder = CLIPTextModel.from_pretrained(ref.location, subfolder="text_encoder",
                                                          local_files_only=True)
             tokenizer = CLIPTokenizer.from_pretrained(ref.location, subfolder="tokenizer", local_files_only=True)
-        return vae.to(device).eval(), text_encoder.to(device).eval(), tokenizer
+        return vae.to(dev).eval(), text_encoder.to(dev).eval(), tokenizer
 
     scaling_factor = None
     if ref.kind != "single_file":  # read from the config alone, without loading weights

@@ -38,13 +38,15 @@ def test_definitions_load_with_the_architecture_asset_graph():
     assert graph.get(dg.AssetKey("vae_latents")).pools == {"gpu"}
 
 
-def test_job_and_sensor_are_registered():
+def test_jobs_sensors_and_schedule_are_registered():
     from assets_pipeline.definitions import defs
 
-    job = defs.resolve_job_def("build_concept")
-    assert job.partitions_def.name == "concepts"
-    sensor = defs.resolve_sensor_def("concept_folder_sensor")
-    assert sensor.job_name == "build_concept"
+    for name in ("ingest_concept", "build_concept", "train_concept", "train_models"):
+        assert defs.resolve_job_def(name).partitions_def.name == "concepts"
+    # the folder sensor only ingests; declarative automation rebuilds what the ingest invalidates
+    assert defs.resolve_sensor_def("concept_folder_sensor").job_name == "ingest_concept"
+    assert defs.resolve_sensor_def("dataset_automation") is not None
+    assert defs.resolve_schedule_def("retrain_schedule").job_name == "train_models"
 
 
 def test_importing_definitions_imports_nothing_heavy():

@@ -74,7 +74,7 @@ def captioned_images(
     spec = spec_from_snapshot(storage, concept)
     layout = storage.layout()
     cfg = concept_config(spec, "captions", CaptionConfig())
-    model = captioner.load(layout.root, accelerator.torch_device(), cfg.max_new_tokens) if cfg.use_captioner else None
+    model = captioner.load(layout.root, accelerator.device, cfg.max_new_tokens) if cfg.use_captioner else None
     cache = layout.cache("captions", ".txt")
     df = caption_images(read_upstream(storage, concept, "raw_images", "manifest.parquet"), spec, cache, model, cfg)
     out = layout.asset_dir(concept, "captioned_images")
@@ -144,7 +144,7 @@ def clip_scored_images(
     spec = spec_from_snapshot(storage, concept)
     layout = storage.layout()
     cfg = concept_config(spec, "scoring", ScoringConfig())
-    scorer = clip_scorer.load(layout.root, accelerator.torch_device())
+    scorer = clip_scorer.load(layout.root, accelerator.device)  # "auto" is resolved if a model is loaded
     cache = layout.cache("clip_scores", ".json")
     df = score_images(read_upstream(storage, concept, "filtered_images", "filtered.parquet"), scorer, cache, cfg)
     subset = df[df["in_subset"]]

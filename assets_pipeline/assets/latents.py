@@ -9,8 +9,12 @@ from assets_pipeline.assets.dataset import clip_scored_images
 from assets_pipeline.assets.priors import class_images
 from assets_pipeline.partitions.definitions import concepts_partitions
 from assets_pipeline.resources import AcceleratorResource, BaseModelResource, PipelineStorage
-from assets_pipeline.store import atomic_dir
-from assets_pipeline.tables import table_version, write_table
+from assets_pipeline.store import atomic_dir, link_or_copy
+from assets_pipeline.tables import read_table, table_version, write_table
+
+
+def _records(df) -> list[dict]:
+    return df.astype(object).where(df.notna(), None).to_dict("records")
 
 
 @dg.asset(partitions_def=concepts_partitions, group_name="latents", code_version="1", deps=[clip_scored_images, class_images],
@@ -36,17 +40,23 @@ def vae_latents(
     priors = read_upstream(storage, concept, "class_images", "class_images.parquet")
     items = pd.concat([scores[scores["in_subset"]].assign(role="instance"), priors.assign(role="class")],
                       ignore_index=True)
-    enc = load_encoders(ref, layout.root, accelerator.torch_device())
+    enc = load_encoders(ref, layout.root, accelerator.device)  # loaded, on the resolved device, only on a miss
     latent_cache, text_cache = layout.cache("latents", ".safetensors"), layout.cache("text_embeds", ".safetensors")
     index = compute_latents(items, enc, resolution, cfg, latent_cache, text_cache)
     out = layout.asset_dir(concept, "vae_latents")
+    # Same rows as the current bundle (its keys cover every input): keep it rather than restack every tensor.
+    unchanged = (out / "latents.safetensors").is_file() and (out / "index.parquet").is_file() \
+        and _records(read_table(out / "index.parquet")) == _records(index)
     with atomic_dir(out) as tmp:
         write_table(index, tmp / "index.parquet")
-        write_latent_bundle(index, latent_cache, text_cache, tmp / "latents.safetensors", {
-            "resolution": resolution, "scaling_factor": enc.scaling_factor,
-            "base_model_fingerprint": ref.fingerprint, "vae_fingerprint": enc.vae_fingerprint,
-            "text_fingerprint": enc.text_fingerprint,
-        })
+        if unchanged:
+            link_or_copy(out / "latents.safetensors", tmp / "latents.safetensors")
+        else:
+            write_latent_bundle(index, latent_cache, text_cache, tmp / "latents.safetensors", {
+                "resolution": resolution, "scaling_factor": enc.scaling_factor,
+                "base_model_fingerprint": ref.fingerprint, "vae_fingerprint": enc.vae_fingerprint,
+                "text_fingerprint": enc.text_fingerprint,
+            })
     return result(out, table_version(index, ["image_sha256", "role", "latent_key", "text_key"]), len(index), {
         "latents_computed": latent_cache.computed, "latents_cached": latent_cache.cached,
         "text_embeds_computed": text_cache.computed, "text_embeds_cached": text_cache.cached,

@@ -34,11 +34,9 @@ class AcceleratorResource(dg.ConfigurableResource):
     mixed_precision: str = Field(default="auto", description="'auto', 'no', 'fp16' or 'bf16'.")
 
     def torch_device(self) -> str:
-        import torch
+        from assets_pipeline.base_model import resolve_device
 
-        if self.device != "auto":
-            return self.device
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_device(self.device)
 
     def precision(self) -> str:
         import torch

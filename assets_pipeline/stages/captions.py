@@ -38,6 +38,9 @@ class BlipCaptioner:
     def __init__(self, model_path: str, fingerprint: str, device: str = "cpu", max_new_tokens: int = 30):
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
+        from assets_pipeline.base_model import resolve_device
+
+        device = resolve_device(device)
         self.processor = BlipProcessor.from_pretrained(model_path, local_files_only=True)
         self.model = BlipForConditionalGeneration.from_pretrained(model_path, local_files_only=True).to(device).eval()
         self.device = device

@@ -149,8 +149,8 @@ def _decoded_info(cache: ItemCache, key: str, data: bytes, cfg: IngestConfig) ->
         cache.put(key, lambda tmp: img.save(tmp, format="PNG", pnginfo=meta))
         w, h = img.size
     else:
-        with Image.open(cache.path(key)) as png:  # header and text chunks only; pixels stay undecoded
-            (w, h), text = png.size, dict(png.text)
+        with Image.open(cache.path(key)) as png:  # header and the text chunks before the pixels; no decode
+            (w, h), text = png.size, png.info
         fmt, mode, orientation = text["source_format"], text["source_mode"], int(text["exif_orientation"])
         if w * h > cfg.max_pixels:
             raise RejectedFile("pixel_limit", f"over the pixel limit: {w}x{h} = {w * h:,} px > {cfg.max_pixels:,}")

@@ -100,7 +100,7 @@ def _encode_images(paths: list[str], flips: list[bool], enc: Encoders, resolutio
         if flip:
             img = ImageOps.mirror(img)
         pixels.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
-    x = torch.stack(pixels).to(enc.device, dtype=enc.vae.dtype)
+    x = torch.stack(pixels).to(enc.vae.device, dtype=enc.vae.dtype)
     with torch.inference_mode():
         dist = enc.vae.encode(x).latent_dist
     return dist.mean.float().cpu(), dist.std.float().cpu()
@@ -110,7 +110,7 @@ def encode_prompts(captions: list[str], enc: Encoders):
     import torch
 
     ids = enc.tokenizer(captions, padding="max_length", max_length=enc.tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(enc.device)
+                        truncation=True, return_tensors="pt").input_ids.to(enc.text_encoder.device)
     with torch.inference_mode():
         return enc.text_encoder(ids)[0].float().cpu()
 
@@ -119,11 +119,8 @@ def compute_latents(
     items: pd.DataFrame, enc: Encoders, resolution: int, cfg: LatentConfig,
     latent_cache: ItemCache, text_cache: ItemCache,
 ) -> pd.DataFrame:
-    """Fill both caches for ``items`` (columns image_sha256, decoded_path, caption, role); return the index."""
-    import torch
-    from safetensors.torch import save_file
-
-    dtype = getattr(torch, cfg.dtype)
+    """Fill both caches for ``items`` (columns image_sha256, decoded_path, caption, role); return the index.
+    torch is imported only when something is missing: a fully cached run needs no model library at all."""
     jobs = []  # (key, path, flip)
     index = []
     for r in items.itertuples():
@@ -137,6 +134,14 @@ def compute_latents(
                       "latent_key": lk, "text_key": tk, "flip_latent_key": fk})
 
     missing = set(latent_cache.split([k for k, _, _ in jobs]))
+    captions = {row["text_key"]: row["caption"] for row in index}
+    missing_text = text_cache.split(list(captions))
+    if not missing and not missing_text:
+        return pd.DataFrame(index, columns=INDEX_COLUMNS)
+    import torch
+    from safetensors.torch import save_file
+
+    dtype = getattr(torch, cfg.dtype)
     todo = list({k: (k, p, f) for k, p, f in jobs if k in missing}.values())  # one encode per key
     for s in range(0, len(todo), cfg.batch_size):
         batch = todo[s : s + cfg.batch_size]
@@ -145,8 +150,6 @@ def compute_latents(
             latent_cache.put(key, lambda tmp, m=m, sd=sd: save_file(
                 {"mean": m.to(dtype).contiguous(), "std": sd.to(dtype).contiguous()}, str(tmp)))
 
-    captions = {row["text_key"]: row["caption"] for row in index}
-    missing_text = text_cache.split(list(captions))
     for s in range(0, len(missing_text), cfg.batch_size):
         keys = missing_text[s : s + cfg.batch_size]
         embeds = encode_prompts([captions[k] for k in keys], enc)

@@ -45,13 +45,13 @@ class ScoringConfig:
 
 def ensure_embedded_clip(base_models_dir: Path) -> Path:
     """Build the tiny random open_clip model once, deterministically, as an open_clip ``local-dir:`` folder."""
+    target = base_models_dir / EMBEDDED_CLIP_NAME
+    if (target / "open_clip_model.safetensors").is_file():
+        return target
     import torch
     from open_clip.model import CLIP
     from safetensors.torch import save_file
 
-    target = base_models_dir / EMBEDDED_CLIP_NAME
-    if (target / "open_clip_model.safetensors").is_file():
-        return target
     torch.manual_seed(0)
     model = CLIP(**EMBEDDED_CLIP_CONFIG)
     with atomic_dir(target) as tmp:
@@ -75,6 +75,9 @@ class ClipScorer:
         if self._loaded is None:
             import open_clip
 
+            from assets_pipeline.base_model import resolve_device
+
+            self.device = resolve_device(self.device)
             model, _, preprocess = open_clip.create_model_and_transforms(
                 self.model_name, pretrained=self.pretrained, device=self.device
             )
