@@ -85,7 +85,6 @@ def test_schedule_skips_up_to_date_and_unready_concepts(world):
 
 
 def test_changed_photos_retrain_only_that_concept_and_history_stays_auditable(world):
-    from assets_pipeline.cli import main
     from assets_pipeline.hashing import sha256_file
     from assets_pipeline.lineage import audit_output, outputs_trained_on
 

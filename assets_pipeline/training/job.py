@@ -32,8 +32,10 @@ class TrainJob:
 
     def identity(self) -> str:
         """What determines the trained weights: checkpoints from a job with another identity are never resumed."""
+        # control images are content-addressed: their file name is their cache key (annotator settings included)
         return digest(self.method, self.config, self.base_model["fingerprint"],
-                      [(r["image_sha256"], r["role"], r["caption"]) for r in self.training_images])
+                      [(r["image_sha256"], r["role"], r["caption"], Path(r.get("control_path") or "").name)
+                       for r in self.training_images])
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))

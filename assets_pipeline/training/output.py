@@ -6,7 +6,6 @@ Written into a temporary sibling and renamed into place, so a folder that exists
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 from pathlib import Path
 from typing import Any
