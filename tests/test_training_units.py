@@ -86,3 +86,16 @@ def test_dreambooth_loss_adds_weighted_prior_half():
     target = torch.stack([torch.ones(4, 2, 2), 2 * torch.ones(4, 2, 2)])  # instance mse 1, class mse 4
     batch = Batch(latents=None, prompt_embeds=None, captions=["a", "b"], roles=["instance", "class"])
     assert m.loss(pred, target, batch, m.config_cls(prior_loss_weight=0.5), None).item() == pytest.approx(3.0)
+
+
+def test_trainer_launch_command_uses_accelerate_for_several_gpus(tmp_path):
+    import sys
+
+    from assets_pipeline.resources import TrainerLauncher
+
+    job = tmp_path / "job.json"
+    assert TrainerLauncher().command(job) == [sys.executable, "-m", "assets_pipeline.training", "--job", str(job)]
+    multi = TrainerLauncher(num_processes=4, accelerate_config_file="acc.yaml").command(job)
+    assert multi[:5] == [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "4"]
+    assert multi[5:7] == ["--config_file", "acc.yaml"]
+    assert multi[7:] == ["-m", "assets_pipeline.training", "--job", str(job)]  # accelerate's --module form
