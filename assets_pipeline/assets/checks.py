@@ -2,7 +2,6 @@
 lineage manifest that lists exactly the images the output was trained on."""
 
 import json
-import warnings
 
 import dagster as dg
 
@@ -11,9 +10,6 @@ from assets_pipeline.partitions.definitions import concepts_partitions
 from assets_pipeline.resources import BaseModelResource, PipelineStorage
 from assets_pipeline.training.methods import get_method, method_names
 
-
-# Partitioned asset checks are a Dagster preview feature; they are what per-concept checks need.
-warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec", category=dg.PreviewWarning)
 
 
 def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:

@@ -39,6 +39,13 @@ def table_preview(df: pd.DataFrame, columns: list[str], rows: int = 10) -> dg.Me
     return dg.MetadataValue.md(df[columns].head(rows).to_markdown(index=False) if len(df) else "_empty_")
 
 
+def image_preview(layout, paths) -> dg.MetadataValue:
+    """A contact sheet of the first images, from thumbnails cached by content (no full-size reopen on rebuild)."""
+    from assets_pipeline.imaging import grid_markdown
+
+    return dg.MetadataValue.md(grid_markdown(list(paths[:24]), thumb_cache=layout.cache("thumbnails", ".png")))
+
+
 def result(
     path: Path, data_version: str, row_count: int, extra: dict[str, Any] | None = None
 ) -> dg.MaterializeResult:

@@ -7,11 +7,11 @@ from pathlib import Path
 import dagster as dg
 
 from assets_pipeline.assets.common import (
-    SPEC_SNAPSHOT, concept_config, read_upstream, result, spec_from_snapshot, table_preview,
+    SPEC_SNAPSHOT, concept_config, image_preview as _preview, read_upstream, result, spec_from_snapshot,
+    table_preview,
 )
 from assets_pipeline.automation import rebuild_on_change, rebuild_on_code_change
 from assets_pipeline.hashing import digest
-from assets_pipeline.imaging import grid_markdown
 from assets_pipeline.partitions.concept_spec import load_concept_spec
 from assets_pipeline.partitions.definitions import concepts_partitions
 from assets_pipeline.resources import (
@@ -23,13 +23,16 @@ from assets_pipeline.tables import table_version, write_imagefolder, write_table
 GROUP = "dataset"
 
 
-def _preview(layout, paths) -> dg.MetadataValue:
-    """A contact sheet of the first photos, thumbnails cached by content."""
-    return dg.MetadataValue.md(grid_markdown(list(paths[:24]), thumb_cache=layout.cache("thumbnails", ".png")))
-
-
-def _file_name(sha: str) -> str:
-    return f"{sha[:16]}.png"
+def _imagefolder_rows(df, control: bool = False) -> list[dict]:
+    """Rows for tables.write_imagefolder: each photo named by its sha256, with its caption (and control image)."""
+    rows = []
+    for r in df.itertuples():
+        name = f"{r.image_sha256[:16]}.png"
+        row = {"image": r.decoded_path, "file_name": name, "text": r.caption}
+        if control:
+            row.update(conditioning_image=r.control_path, conditioning_image_file_name=f"conditioning/{name}")
+        rows.append(row)
+    return rows
 
 
 @dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="1", kinds={"python"},
@@ -80,10 +83,7 @@ def captioned_images(
     out = layout.asset_dir(concept, "captioned_images")
     with atomic_dir(out) as tmp:
         write_table(df, tmp / "captions.parquet")
-        write_imagefolder(tmp / "imagefolder", [
-            {"image": p, "file_name": _file_name(s), "text": c}
-            for s, p, c in zip(df["image_sha256"], df["decoded_path"], df["caption"])
-        ])
+        write_imagefolder(tmp / "imagefolder", _imagefolder_rows(df))
     missing_token = df[~df["has_token"]]
     if len(missing_token):
         context.log.warning(f"{len(missing_token)} captions lack the token {spec.token!r}: "
@@ -116,10 +116,7 @@ def filtered_images(
     out = layout.asset_dir(concept, "filtered_images")
     with atomic_dir(out) as tmp:
         write_table(df, tmp / "filtered.parquet")
-        write_imagefolder(tmp / "imagefolder", [
-            {"image": p, "file_name": _file_name(s), "text": c}
-            for s, p, c in zip(kept["image_sha256"], kept["decoded_path"], kept["caption"])
-        ])
+        write_imagefolder(tmp / "imagefolder", _imagefolder_rows(kept))
     for r in df[~df["kept"]].itertuples():
         context.log.info(f"dropped {r.source_path}: {r.reason}")
     return result(out, table_version(kept, ["image_sha256", "caption"]), len(kept), {
@@ -154,10 +151,7 @@ def clip_scored_images(
     out = layout.asset_dir(concept, "clip_scored_images")
     with atomic_dir(out) as tmp:
         write_table(df, tmp / "scores.parquet")
-        write_imagefolder(tmp / "imagefolder", [
-            {"image": p, "file_name": _file_name(s), "text": c}
-            for s, p, c in zip(subset["image_sha256"], subset["decoded_path"], subset["caption"])
-        ])
+        write_imagefolder(tmp / "imagefolder", _imagefolder_rows(subset))
     return result(out, table_version(subset, ["image_sha256", "caption"]), len(subset), {
         **cache.counts(),
         "scored": len(df),
@@ -189,11 +183,7 @@ def control_images(
     out = layout.asset_dir(concept, "control_images")
     with atomic_dir(out) as tmp:
         write_table(df, tmp / "control.parquet")
-        write_imagefolder(tmp / "imagefolder", [
-            {"image": p, "file_name": _file_name(s), "text": c, "conditioning_image": cp,
-             "conditioning_image_file_name": f"conditioning/{_file_name(s)}"}
-            for s, p, c, cp in zip(df["image_sha256"], df["decoded_path"], df["caption"], df["control_path"])
-        ])
+        write_imagefolder(tmp / "imagefolder", _imagefolder_rows(df, control=True))
     # The cache file's name (its content key), not its path: the version must not depend on the artifact root.
     control_keys = df.assign(control_key=[Path(p).name for p in df["control_path"]])
     return result(out, table_version(control_keys, ["image_sha256", "caption", "control_key"]), len(df), {

@@ -1,15 +1,11 @@
 """Blocking checks on the quality subset: training waits for them (a failed ERROR check stops downstream)."""
 
-import warnings
-
 import dagster as dg
 
 from assets_pipeline.assets.common import read_upstream
 from assets_pipeline.assets.dataset import clip_scored_images
 from assets_pipeline.partitions.definitions import concepts_partitions
 from assets_pipeline.resources import PipelineStorage
-
-warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec", category=dg.PreviewWarning)
 
 
 @dg.asset_check(asset=clip_scored_images, blocking=True, partitions_def=concepts_partitions)

@@ -3,7 +3,7 @@
 import dagster as dg
 
 from assets_pipeline.automation import rebuild_on_change
-from assets_pipeline.assets.common import concept_config, result, spec_from_snapshot
+from assets_pipeline.assets.common import concept_config, image_preview, result, spec_from_snapshot
 from assets_pipeline.assets.dataset import raw_images
 from assets_pipeline.partitions.definitions import concepts_partitions
 from assets_pipeline.resources import AcceleratorResource, BaseModelResource, PipelineStorage
@@ -19,7 +19,6 @@ def class_images(
 ) -> dg.MaterializeResult:
     """'a photo of a {class_noun}' from the base model; empty for concepts that don't request DreamBooth."""
     from assets_pipeline.base_model import load_pipeline
-    from assets_pipeline.imaging import grid_markdown
     from assets_pipeline.stages.class_images import CLASS_IMAGE_COLUMNS, ClassImageConfig, generate_class_images
     from assets_pipeline.training.methods import get_method
 
@@ -50,5 +49,5 @@ def class_images(
         **cache.counts(),
         "prompt": prompt,
         "base_model_fingerprint": ref.fingerprint,
-        "preview": dg.MetadataValue.md(grid_markdown(list(df["decoded_path"][:24]), thumb_cache=layout.cache("thumbnails", ".png"))),
+        "preview": image_preview(layout, df["decoded_path"]),
     })

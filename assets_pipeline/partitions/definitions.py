@@ -1,4 +1,9 @@
+import warnings
+
 import dagster as dg
+
+# Per-concept asset checks need partitioned checks, a Dagster preview feature; said once here, not per check.
+warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec", category=dg.PreviewWarning)
 
 # One partition per concept folder; keys are validated folder names (see concept_spec.CONCEPT_KEY).
 concepts_partitions = dg.DynamicPartitionsDefinition(name="concepts")

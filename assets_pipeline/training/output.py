@@ -87,6 +87,13 @@ def _loss_curve(losses: list[float], out: Path) -> None:
     plt.close(fig)
 
 
+def pixel_change(image, reference) -> float:
+    """Mean absolute pixel difference, 0..1: how much an output changed an image against the base model's."""
+    import numpy as np
+
+    return float(np.abs(np.asarray(image, np.float32) - np.asarray(reference, np.float32)).mean() / 255)
+
+
 def render(pipe, prompt: str, seed: int, resolution: int, steps: int, **kwargs):
     """One image for a fixed prompt and seed (CPU generator, so the same seed gives the same noise anywhere)."""
     import torch
@@ -122,7 +129,7 @@ def validate(job: TrainJob, state: TrainState, out: Path, device: str) -> dict[s
             path = vdir / f"p{pi}_seed{seed}.png"
             img.save(path)
             ref.save(vdir / f"p{pi}_seed{seed}_base.png")
-            diffs.append(float(np.abs(np.asarray(img, np.float32) - np.asarray(ref, np.float32)).mean() / 255))
+            diffs.append(pixel_change(img, ref))
             prompts.append(prompt)
             images.append(img)
             paths.append(str(path))

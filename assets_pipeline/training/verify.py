@@ -32,14 +32,13 @@ def manifest_difference(out_dir: Path, expected_rows: list[dict]) -> tuple[set, 
 def change_versus_base(method, base_model: dict, out_dir: Path, ctx, seed: int = 0, steps: int = 5) -> float:
     """Mean absolute pixel difference (0..1) between the base model's image and the output's, loaded through
     stock diffusers, for the same prompt and seed. 0 means the output changes nothing."""
-    import numpy as np
 
     from assets_pipeline.training.models import base_pipeline_loader
-    from assets_pipeline.training.output import render
+    from assets_pipeline.training.output import pixel_change, render
 
     load_base = base_pipeline_loader(base_model)
     prompt = method.validation_prompt(ctx)
     tuned = render(method.load_pipeline(load_base, out_dir, ctx), prompt, seed, ctx.resolution, steps,
                    **method.validation_kwargs(out_dir, ctx, 0))
     base = render(load_base(), prompt, seed, ctx.resolution, steps)
-    return float(np.abs(np.asarray(tuned, np.float32) - np.asarray(base, np.float32)).mean() / 255)
+    return pixel_change(tuned, base)
