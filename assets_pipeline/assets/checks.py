@@ -11,7 +11,6 @@ from assets_pipeline.resources import BaseModelResource, PipelineStorage
 from assets_pipeline.training.methods import get_method, method_names
 
 
-
 def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
     method = get_method(method_name)
     asset = dg.AssetKey(method.asset_name)

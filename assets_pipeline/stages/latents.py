@@ -133,11 +133,12 @@ def compute_latents(
         index.append({"image_sha256": r.image_sha256, "role": r.role, "caption": r.caption,
                       "latent_key": lk, "text_key": tk, "flip_latent_key": fk})
 
+    table = pd.DataFrame(index, columns=INDEX_COLUMNS)
     missing = set(latent_cache.split([k for k, _, _ in jobs]))
     captions = {row["text_key"]: row["caption"] for row in index}
     missing_text = text_cache.split(list(captions))
     if not missing and not missing_text:
-        return pd.DataFrame(index, columns=INDEX_COLUMNS)
+        return table
     import torch
     from safetensors.torch import save_file
 
@@ -155,7 +156,7 @@ def compute_latents(
         embeds = encode_prompts([captions[k] for k in keys], enc)
         for key, e in zip(keys, embeds):
             text_cache.put(key, lambda tmp, e=e: save_file({"prompt_embeds": e.to(dtype).contiguous()}, str(tmp)))
-    return pd.DataFrame(index, columns=INDEX_COLUMNS)
+    return table
 
 
 def write_latent_bundle(index: pd.DataFrame, latent_cache: ItemCache, text_cache: ItemCache, out: Path,
@@ -176,7 +177,7 @@ def write_latent_bundle(index: pd.DataFrame, latent_cache: ItemCache, text_cache
         "latent_std": stack(index["latent_key"], latent_cache, "std"),
         "prompt_embeds": stack(index["text_key"], text_cache, "prompt_embeds"),
     }
-    if index["flip_latent_key"].notna().all() and len(index):
+    if index["flip_latent_key"].notna().all():
         tensors["flip_latent_mean"] = stack(index["flip_latent_key"], latent_cache, "mean")
         tensors["flip_latent_std"] = stack(index["flip_latent_key"], latent_cache, "std")
     header = {"image_sha256": json.dumps(list(index["image_sha256"])), "role": json.dumps(list(index["role"])),
