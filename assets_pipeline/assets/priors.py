@@ -11,7 +11,7 @@ from assets_pipeline.store import atomic_dir
 from assets_pipeline.tables import table_version, write_table
 
 
-@dg.asset(partitions_def=concepts_partitions, group_name="priors", code_version="1", deps=[raw_images],
+@dg.asset(partitions_def=concepts_partitions, group_name="priors", code_version="2", deps=[raw_images],
           pool="gpu", kinds={"pytorch"}, automation_condition=rebuild_on_change())
 def class_images(
     context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource,
@@ -39,8 +39,9 @@ def class_images(
         count = 0
         context.log.info(f"concept {concept!r} does not request dreambooth with a class noun: no class images")
     device = accelerator.torch_device()
-    df = (generate_class_images(lambda: load_pipeline(ref), ref.fingerprint, prompt, count, ref.resolution, cfg,
-                                cache, quick=ref.is_random, device=device)
+    df = (generate_class_images(lambda dtype: load_pipeline(ref, torch_dtype=dtype), ref.fingerprint, prompt, count,
+                                ref.resolution, cfg, cache, quick=ref.is_random, device=device,
+                                progress=lambda done, total: context.log.info(f"class images: {done}/{total}"))
           if count else pd.DataFrame(columns=CLASS_IMAGE_COLUMNS))
     out = layout.asset_dir(concept, "class_images")
     with atomic_dir(out) as tmp:
