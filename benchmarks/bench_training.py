@@ -1,152 +1,281 @@
-"""Training-step throughput: this project's step (cached latents + text embeddings) against a plain reference
-step that VAE-encodes pixels and runs the text encoder every step. Same U-Net, batch and precision.
+"""Training-step throughput of the project's trainer against a plain diffusers-style loop, per method.
 
-    python benchmarks/bench_training.py --shapes tiny --batch-sizes 4 16          # CPU, seconds
-    python benchmarks/bench_training.py --shapes sd15 --batch-sizes 4 16          # GPU: SD 1.5 shapes
+    python benchmarks/bench_training.py --shapes tiny                                   # CPU, ~1-2 minutes
+    python benchmarks/bench_training.py --shapes sd15 --batch-sizes 4 16                # GPU: SD 1.5 shapes
+    python benchmarks/bench_training.py --shapes sd15 --methods lora --variants reference project-compiled
 
-Each (variant, batch size) runs in its own process, so peak memory is that variant's alone: CUDA peak
-allocated on a GPU, peak RSS on the CPU. Prints one JSON line per run, then a table with the ratio.
+Variants (each run in its own process, so peak memory is that run's alone):
+- ``reference``: the loop of diffusers' example scripts (train_dreambooth_lora.py, train_dreambooth.py,
+  textual_inversion.py, train_controlnet.py): VAE-encodes pixels and runs the text encoder every step, reads
+  the loss every step, plain AdamW. Pixels and token ids already sit on the GPU (kinder to it than the scripts'
+  data loaders).
+- ``project-eager``, ``project-compiled`` (regional compilation, cold compile cache),
+  ``project-compiled-warm`` (the same, a fresh process whose local Inductor/Triton caches are empty, loading
+  the kernels the cold run persisted), ``project-compiled-full`` (whole-network compile): the project's real
+  trainer (``assets_pipeline.training.loop.train``) on a job over a synthetic latents bundle.
+
+DreamBooth runs with prior preservation (batch b = b instance + b class rows). Both sides time ``--steps``
+steps after one warm-up step (compilation and cuDNN autotuning happen there; ``warmup_s`` is its time);
+``images_per_s`` counts the rows the U-Net sees. Prints one JSON line per run, then the ratio table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # a plain checkout works without installing the package
+    sys.path.insert(0, str(ROOT))
+
+METHODS = ("lora", "dreambooth", "textual_inversion", "controlnet")
+PERFORMANCE = {
+    "project-eager": {"compile": "none"},
+    "project-compiled": {"compile": "regional"},
+    "project-compiled-warm": {"compile": "regional"},
+    "project-compiled-full": {"compile": "full"},
+}
+VARIANTS = ("reference", *PERFORMANCE)
+ROWS = 16  # distinct instance (and class) rows in the synthetic bundle
 
 
-def build_models(shapes: str):
-    """Random-weight models from config: the embedded tiny SD, or SD 1.5's shapes (U-Net 859.5 M params)."""
+def synthetic_job(method: str, shapes: str, batch: int, steps: int, variant: str, work: Path, device: str):
+    """A trainer job over a random latents bundle for the model folder of ``shapes`` (both made once)."""
+    import torch
+    from dataclasses import asdict
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from assets_pipeline.base_model import resolve_base_model
+    from assets_pipeline.model_shapes import RESOLUTION, write_model_folder
+    from assets_pipeline.training.job import TrainJob
+    from assets_pipeline.training.methods import get_method
+
+    res = RESOLUTION[shapes]
+    folder = write_model_folder(shapes, work / f"model-{shapes}", device=device)
+    ref = resolve_base_model(str(folder), work / "artifacts", res, None, None)
+    vae_cfg = json.loads((folder / "vae" / "config.json").read_text())
+    te_cfg = json.loads((folder / "text_encoder" / "config.json").read_text())
+    side = res // 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    rows, bundle = [], work / f"latents-{shapes}"
+    for role in ("instance", "class"):
+        for i in range(ROWS):
+            control = bundle / f"control-{i}.png"
+            rows.append({"image_sha256": f"{role}-{i}", "role": role, "caption": f"a photo of sks dog {i}",
+                         "source_path": f"synthetic/{role}-{i}", "decoded_path": str(control),
+                         **({"control_path": str(control)} if role == "instance" else {})})
+    if not (bundle / "latents.safetensors").is_file():
+        bundle.mkdir(parents=True, exist_ok=True)
+        g = torch.Generator().manual_seed(0)
+        n = len(rows)
+        save_file({"latent_mean": torch.randn(n, 4, side, side, generator=g),
+                   "latent_std": torch.rand(n, 4, side, side, generator=g) * 0.1,
+                   "prompt_embeds": torch.randn(n, 77, te_cfg["hidden_size"], generator=g)},
+                  str(bundle / "latents.safetensors"),
+                  metadata={"image_sha256": json.dumps([r["image_sha256"] for r in rows]),
+                            "role": json.dumps([r["role"] for r in rows])})
+        for i in range(ROWS):
+            Image.effect_noise((res, res), 64).convert("RGB").save(bundle / f"control-{i}.png")
+    m = get_method(method)
+    cfg = asdict(m.config_cls(**{**m.default_config(ROWS, quick=False), "max_train_steps": steps + 1,
+                                 "train_batch_size": batch, "checkpointing_steps": 10**9}))
+    run = work / "runs" / f"{method}-{variant}-{batch}-{os.getpid()}"
+    return TrainJob(concept="bench", method=method, config=cfg, base_model=asdict(ref), latents_dir=str(bundle),
+                    output_dir=str(run / "out"), checkpoint_dir=str(run / "ckpt"), token="sks", class_noun="dog",
+                    training_images=rows if method == "dreambooth" else rows[:ROWS], lineage={}, device=device,
+                    performance={**PERFORMANCE[variant], "micro_batch": "configured"},
+                    cache_dir=str(work / f"cache-{method}-{batch}"))
+
+
+def run_project(method, shapes, batch, steps, variant, work: Path, device: str) -> dict:
+    from assets_pipeline.training.loop import train
+
+    state = train(synthetic_job(method, shapes, batch, steps, variant, work, device), progress=lambda msg: None)
+    s = state.stats
+    return {"images_per_s": s["images_per_s"], "warmup_s": s["warmup_s"], "peak_mem_gib": s["peak_mem_gib"],
+            "compile_cache": s["compile_cache"], "attention": s["attention"], "precision": s["precision"],
+            "device": s["device"]}
+
+
+def run_reference(method, shapes, batch, steps, work: Path, device: str) -> dict:
+    """The example scripts' step: encode pixels and prompt, noise, predict, MSE, backward, clip, AdamW."""
+    import torch
+    import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+    from transformers import CLIPTextModel, CLIPTokenizer
 
-    if shapes == "tiny":
-        from assets_pipeline.base_model import EMBEDDED_RESOLUTION, build_embedded_pipeline
+    from assets_pipeline.model_shapes import RESOLUTION, write_model_folder
+    from assets_pipeline.training.methods.controlnet import controlnet_from_unet
 
-        p = build_embedded_pipeline()
-        return p.unet, p.vae, p.text_encoder, DDPMScheduler.from_config(p.scheduler.config), EMBEDDED_RESOLUTION
-    # SD 1.5: unet/config.json, vae/config.json and CLIP ViT-L/14's text tower.
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-                                block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
-    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        sample_size=512)
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                                        num_hidden_layers=12, projection_dim=768, hidden_act="quick_gelu"))
-    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                          num_train_timesteps=1000)
-    return unet, vae, text, sched, 512
+    res, cuda = RESOLUTION[shapes], device == "cuda"
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    folder = str(write_model_folder(shapes, work / f"model-{shapes}", device=device))
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").to(device, dtype)
+    text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
+    tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    vae.requires_grad_(False)
+    text.requires_grad_(False)
+    unet.requires_grad_(method == "dreambooth")
+    controlnet = None
+    if method == "lora":
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    elif method == "controlnet":
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        controlnet = controlnet_from_unet(unet, factor).to(device).train()
+    elif method == "textual_inversion":
+        text.get_input_embeddings().requires_grad_(True)
+    unet.to(device, torch.float32 if method == "dreambooth" else dtype)
+    text.to(device, torch.float32 if method == "textual_inversion" else dtype)
+    trained = {"lora": unet, "dreambooth": unet, "textual_inversion": text, "controlnet": controlnet}[method]
+    cast_training_params(trained, dtype=torch.float32)
+    params = [p for p in trained.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    original = text.get_input_embeddings().weight.detach().clone()
+    rows = 2 * batch if method == "dreambooth" else batch  # instance + class rows with prior preservation
+    g = torch.Generator(device).manual_seed(0)
+    pixels = torch.rand(rows, 3, res, res, device=device, generator=g) * 2 - 1
+    ids = tok(["a photo of sks dog"] * rows, padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
+
+    def step():
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            with torch.no_grad():
+                latents = vae.encode(pixels.to(dtype)).latent_dist.sample() * vae.config.scaling_factor
+            with torch.set_grad_enabled(method == "textual_inversion"):
+                embeds = text(ids)[0]
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, sched.config.num_train_timesteps, (rows,), device=device)
+            noisy = sched.add_noise(latents, noise, t)
+            kw = {}
+            if controlnet is not None:
+                down, mid = controlnet(noisy, t, encoder_hidden_states=embeds, controlnet_cond=pixels * 0.5 + 0.5,
+                                       return_dict=False)
+                kw = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            pred = unet(noisy, t, encoder_hidden_states=embeds, **kw).sample
+            if method == "dreambooth":
+                pred, pred_prior = pred.chunk(2)
+                noise, noise_prior = noise.chunk(2)
+                loss = F.mse_loss(pred.float(), noise.float()) + F.mse_loss(pred_prior.float(), noise_prior.float())
+            else:
+                loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if method == "textual_inversion":  # the script restores every other row after each step
+            keep = torch.ones(original.shape[0], dtype=torch.bool, device=device)
+            keep[-1] = False
+            with torch.no_grad():
+                text.get_input_embeddings().weight[keep] = original[keep]
+        return loss.detach().item()  # the scripts log the loss every step (a host sync)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    step()
+    warmup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    return {"images_per_s": round(rows * steps / elapsed, 2), "warmup_s": round(warmup, 2),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+            "precision": str(dtype).removeprefix("torch."), "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
 
-def run_one(variant: str, shapes: str, batch: int, steps: int, warmup: int, device: str, precision: str) -> dict:
+def run_one(args) -> dict:
     import resource
 
     import torch
-    from accelerate import Accelerator
 
-    from assets_pipeline.training.data import TrainingData
-    from assets_pipeline.training.loop import compute_loss
-    from assets_pipeline.training.methods import get_method
-    from assets_pipeline.training.methods.base import Models
-
-    torch.manual_seed(0)
-    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    if precision == "auto":
-        precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
-    acc = Accelerator(mixed_precision=precision, cpu=cpu)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    unet, vae, text, sched, res = build_models(shapes)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    lat = (4, res // factor, res // factor)
-    unet.to(acc.device).train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-6)
-    unet, optimizer = acc.prepare(unet, optimizer)
-    method = get_method("dreambooth")  # full U-Net training, the heaviest of the four
-    cfg = method.config_cls(with_prior_preservation=False)
-    n = 32
-    if variant == "project":
-        # What vae_latents hands the trainer: latent distributions and prompt embeddings, on the CPU.
-        data = TrainingData(torch.randn(n, *lat), torch.rand(n, *lat) * 0.1, torch.randn(n, 77, text.config.hidden_size),
-                            ["instance"] * n, ["a photo of sks dog"] * n)
-        models = Models(unet=unet, noise_scheduler=sched, scaling_factor=vae.config.scaling_factor)
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    if device == "auto":
+        device = "cpu"
+    method, variant, batch = args.one.split(",")
+    batch = int(batch)
+    work = Path(args.workdir)
+    if variant == "reference":
+        out = run_reference(method, args.shapes, batch, args.steps, work, device)
     else:
-        vae.to(acc.device, dtype=dtype).eval()
-        text.to(acc.device, dtype=dtype).eval()
-        pixels = torch.rand(n, 3, res, res) * 2 - 1
-        ids = torch.randint(0, text.config.vocab_size, (n, 77))
+        out = run_project(method, args.shapes, batch, args.steps, variant, work, device)
+    if out["peak_mem_gib"] is None:  # CPU: the process's peak RSS (torch and the libraries included)
+        out["peak_mem_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    return {"method": method, "variant": variant, "batch": batch, "shapes": args.shapes, "steps": args.steps, **out}
 
-    def step(i: int):
-        g = torch.Generator().manual_seed(i)
-        with acc.autocast():
-            if variant == "project":
-                rows = data.batch(("instance",), batch_size=batch, sample_index=i * batch, seed=0,
-                                  scaling_factor=models.scaling_factor, random_flip=False)
-                loss = compute_loss(method, models, rows, cfg, g, acc.device, dtype)
-            else:  # the plain loop: encode pixels and prompts every step
-                idx = torch.randint(0, n, (batch,), generator=g)
-                with torch.no_grad():
-                    latents = vae.encode(pixels[idx].to(acc.device, dtype)).latent_dist.sample()
-                    latents = latents * vae.config.scaling_factor
-                    embeds = text(ids[idx].to(acc.device))[0]
-                noise = torch.randn(latents.shape, generator=g).to(latents)
-                t = torch.randint(0, 1000, (batch,), generator=g).to(acc.device)
-                pred = unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=embeds).sample
-                loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
-            acc.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return loss
 
-    for i in range(warmup):
-        step(i).item()
-    if not cpu:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for i in range(warmup, warmup + steps):
-        loss = step(i)
-    loss.item()  # one sync at the end: the steps above queue asynchronously on a GPU
-    if not cpu:
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() if not cpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"variant": variant, "shapes": shapes, "batch": batch, "steps": steps, "precision": precision,
-            "device": torch.cuda.get_device_name() if not cpu else "cpu",
-            "unet_params_m": round(sum(p.numel() for p in acc.unwrap_model(unet).parameters()) / 1e6, 1),
-            "images_per_s": round(batch * steps / elapsed, 2), "peak_mem_gib": round(peak / 2**30, 2)}
+def table(rows: list[dict]) -> str:
+    lines = [f"{'method':<18} {'batch':>5} {'variant':<22} {'img/s':>8} {'x ref':>6} {'peak GiB':>9} {'warmup s':>9}"]
+    for r in rows:
+        ref = next((x for x in rows if x["method"] == r["method"] and x["batch"] == r["batch"]
+                    and x["variant"] == "reference"), None)
+        ratio = f"{r['images_per_s'] / ref['images_per_s']:.2f}" if ref and r["images_per_s"] else "-"
+        lines.append(f"{r['method']:<18} {r['batch']:>5} {r['variant']:<22} {r['images_per_s'] or '-':>8} {ratio:>6} "
+                     f"{r['peak_mem_gib']:>9} {r['warmup_s']:>9}")
+    return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", choices=["tiny", "sd15"], default="tiny")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16])
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--variants", nargs="+", choices=VARIANTS,
+                    default=["reference", "project-eager", "project-compiled", "project-compiled-warm"])
+    ap.add_argument("--steps", type=int, default=10, help="timed steps after one warm-up step")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--precision", default="auto", help="'auto' = bf16 on a GPU that supports it, fp32 on CPU")
-    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run a single variant in this process
+    ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "assets_pipeline_bench_training"),
+                    help="model folders and latents are made here once and reused")
+    ap.add_argument("--run-timeout", type=float, default=1800, help="seconds one run may take")
+    ap.add_argument("--json-out", help="also write every run's JSON line to this file")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: "method,variant,batch" in this process
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.one, args.shapes, args.batch_sizes[0], args.steps, args.warmup,
-                                 args.device, args.precision)))
+        print(json.dumps(run_one(args)), flush=True)
         return 0
+    work = Path(args.workdir)
     rows = []
-    for b in args.batch_sizes:
-        for variant in ("reference", "project"):
-            cmd = [sys.executable, __file__, "--one", variant, "--shapes", args.shapes, "--batch-sizes", str(b),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
-                   "--precision", args.precision]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-            print(out, flush=True)
-            rows.append(json.loads(out))
-    print(f"\n{'batch':>5} {'reference img/s':>16} {'project img/s':>14} {'ratio':>6} {'ref GiB':>8} {'proj GiB':>9}")
-    for b in args.batch_sizes:
-        ref, proj = (next(r for r in rows if r["batch"] == b and r["variant"] == v) for v in ("reference", "project"))
-        print(f"{b:>5} {ref['images_per_s']:>16} {proj['images_per_s']:>14} "
-              f"{proj['images_per_s'] / ref['images_per_s']:>6.2f} {ref['peak_mem_gib']:>8} {proj['peak_mem_gib']:>9}")
-    print(f"device: {rows[0]['device']}, precision: {rows[0]['precision']}, U-Net {rows[0]['unet_params_m']} M params")
+    for method in args.methods:
+        for b in args.batch_sizes:
+            shutil.rmtree(work / f"cache-{method}-{b}", ignore_errors=True)  # the cold run starts cold
+            for variant in args.variants:
+                # Fresh local compiler caches per process: only the persisted artifact may make a run warm.
+                local = tempfile.mkdtemp(prefix="inductor-")
+                env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{local}/inductor", "TRITON_CACHE_DIR": f"{local}/triton"}
+                cmd = [sys.executable, __file__, "--one", f"{method},{variant},{b}", "--shapes", args.shapes,
+                       "--steps", str(args.steps), "--device", args.device, "--workdir", args.workdir]
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.run_timeout)
+                except subprocess.TimeoutExpired:
+                    proc = subprocess.CompletedProcess(cmd, -1, "", f"timed out after {args.run_timeout} s")
+                shutil.rmtree(local, ignore_errors=True)
+                if proc.returncode:
+                    print(json.dumps({"method": method, "variant": variant, "batch": b, "error": proc.stderr[-2000:]}),
+                          flush=True)
+                    continue
+                line = proc.stdout.strip().splitlines()[-1]
+                print(line, flush=True)
+                rows.append(json.loads(line))
+                if args.json_out:
+                    with open(args.json_out, "a") as f:
+                        f.write(line + "\n")
+    shutil.rmtree(work / "runs", ignore_errors=True)
+    print()
+    print(table(rows))
+    if rows:
+        print(f"device: {rows[0]['device']}, precision: {rows[0]['precision']}, shapes: {args.shapes}")
     return 0
 
 

@@ -7,7 +7,7 @@ import dagster as dg
 
 from assets_pipeline.assets.models import current_output, training_rows
 from assets_pipeline.partitions.definitions import concepts_partitions
-from assets_pipeline.resources import BaseModelResource, PipelineStorage
+from assets_pipeline.resources import AcceleratorResource, BaseModelResource, PipelineStorage
 from assets_pipeline.training.methods import get_method, method_names
 
 
@@ -32,7 +32,7 @@ def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
 
     @dg.asset_check(asset=asset, name="changes_base_output", partitions_def=concepts_partitions)
     def changes_base_output(context: dg.AssetCheckExecutionContext, storage: PipelineStorage,
-                            base_model: BaseModelResource) -> dg.AssetCheckResult:
+                            base_model: BaseModelResource, accelerator: AcceleratorResource) -> dg.AssetCheckResult:
         from dataclasses import asdict
 
         from assets_pipeline.assets.common import spec_from_snapshot
@@ -49,7 +49,7 @@ def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
         ctx = TrainContext(concept=concept, token=spec.token, class_noun=spec.class_noun,
                            resolution=manifest["base_model"]["resolution"], num_instance_images=0,
                            extra={"control_paths": controls})
-        change = change_versus_base(method, asdict(ref), out, ctx)
+        change = change_versus_base(method, asdict(ref), out, ctx, device=accelerator.torch_device())
         return dg.AssetCheckResult(passed=change > 0, metadata={"mean_abs_change": change})
 
     @dg.asset_check(asset=asset, name="manifest_lists_training_images", blocking=True,

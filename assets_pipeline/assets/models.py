@@ -103,6 +103,7 @@ def build_train_job(storage: PipelineStorage, ref, spec, method_name: str, run_i
         scorer={"model_name": clip_scorer.model_name, "pretrained": clip_scorer.pretrained,
                 "artifact_root": str(layout.root)},
         device=trainer.device, mixed_precision=trainer.mixed_precision,
+        performance=trainer.performance_settings(), cache_dir=str(layout.root / "cache"),
         # The embedded random model's images mean nothing: fewer, cheaper validation renders.
         validation_steps=4 if ref.is_random else 30, validation_seeds=(0,) if ref.is_random else (0, 1),
     )

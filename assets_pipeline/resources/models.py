@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
@@ -89,6 +90,19 @@ class TrainerLauncher(dg.ConfigurableResource):
     accelerate_config_file: str | None = Field(default=None, description="`accelerate config` file to use.")
     device: str = Field(default="auto", description="'auto' (CUDA if present), 'cpu' or 'cuda'.")
     mixed_precision: str = Field(default="auto", description="'auto' (bf16 where supported), 'no', 'fp16', 'bf16'.")
+    performance: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Speed settings, none of which changes what is learned: compile ('auto'|'none'|'regional'|"
+        "'full'), compile_min_steps, channels_last / fused_optimizer ('auto'|'on'|'off'), micro_batch ('auto'|"
+        "'configured'), memory_fraction, log_every. Empty = every setting 'auto' (fast on CUDA, plain on CPU); "
+        "see assets_pipeline/training/performance.py.",
+    )
+
+    def performance_settings(self) -> dict[str, Any]:
+        """The settings, validated here (a typo fails the asset before a trainer process starts)."""
+        from assets_pipeline.training.performance import Performance
+
+        return Performance.from_dict(self.performance).to_dict()
 
     def command(self, job_path: Path) -> list[str]:
         import sys

@@ -23,6 +23,10 @@ def _pipes(stack: ExitStack):
     return stack.enter_context(open_dagster_pipes())
 
 
+SPEED_KEYS = ("images_per_s", "warmup_s", "train_s", "peak_mem_gib", "micro_batch", "gradient_accumulation",
+              "compile", "compile_cache", "attention")
+
+
 def _images_table(job) -> str:
     """The training images as a Markdown table for the UI (the full list is in lineage.json)."""
     rows = [f"| {r['role']} | {r['source_path']} | {r['image_sha256'][:12]} | {r['caption']} |"
@@ -68,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
                     **{k: result[k] for k in ("clip_t", "clip_i", "mean_abs_change_vs_base", "final_loss", "steps",
                                               "lineage_sha256", "scorer_is_random")},
                     "resumed_from_step": state.resumed_from,
+                    # Speed of this training (None where not measured, e.g. a run of one step).
+                    **{k: v for k, v in state.stats.items() if k in SPEED_KEYS and v is not None},
                     "dagster/row_count": len(job.training_images),
                 },
                 data_version=result["weights_version"],

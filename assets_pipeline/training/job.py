@@ -29,6 +29,10 @@ class TrainJob:
     mixed_precision: str = "auto"
     validation_steps: int = 30
     validation_seeds: tuple[int, ...] = (0, 1)
+    # How to run, not what to learn (not in the identity): speed settings and where compiled kernels and
+    # micro-batch probes are cached.
+    performance: dict[str, Any] = field(default_factory=dict)
+    cache_dir: str = ""
 
     def identity(self) -> str:
         """What determines the trained weights: checkpoints from a job with another identity are never resumed."""

@@ -11,9 +11,10 @@ import json
 import logging
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from assets_pipeline.hashing import digest
 from assets_pipeline.training.data import TrainingData, seeded_generator
 from assets_pipeline.training.job import TrainJob
 from assets_pipeline.training.methods import get_method
@@ -33,6 +34,7 @@ class TrainState:
     steps: int
     resumed_from: int
     is_main_process: bool = True
+    stats: dict = field(default_factory=dict)  # images/s, warm-up, peak memory and the speed settings used
 
 
 def train_context(job: TrainJob) -> TrainContext:
@@ -57,70 +59,120 @@ def _latest_checkpoint(root: Path) -> tuple[int, Path] | None:
     return max(done) if done else None
 
 
-def compute_loss(method: Method, models: Models, batch, cfg, generator, device, weight_dtype):
+def compute_loss(method: Method, models: Models, batch, cfg, generator, weight_dtype, channels_last=False):
     """The step every method shares: noise, timesteps, add_noise, predict, loss (DDPM's objective, Ho et al.
-    2020, as in diffusers' training scripts). Methods change only what they override (encode/predict/loss)."""
+    2020, as in diffusers' training scripts). Methods change only what they override (encode/predict/loss).
+    The batch is on the device and the noise is drawn there from ``generator``: no host round trip."""
     import torch
 
     scheduler = models.noise_scheduler
-    latents = batch.latents.to(device, weight_dtype)
-    noise = torch.randn(latents.shape, generator=generator).to(latents)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
-    timesteps = timesteps.to(device)
+    latents = batch.latents.to(weight_dtype)
+    if channels_last:
+        latents = latents.contiguous(memory_format=torch.channels_last)
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+                              device=latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     v_pred = scheduler.config.prediction_type == "v_prediction"
     target = scheduler.get_velocity(latents, noise, timesteps) if v_pred else noise
-    batch.prompt_embeds = batch.prompt_embeds.to(device, weight_dtype)
-    if batch.control is not None:
-        batch.control = batch.control.to(device)
+    batch.prompt_embeds = batch.prompt_embeds.to(weight_dtype)
     embeds = method.encode(models, batch).to(weight_dtype)
     pred = method.predict(models, noisy, timesteps, embeds, batch)
     weights = snr_weights(scheduler, timesteps, cfg.snr_gamma) if cfg.snr_gamma else None
     return method.loss(pred, target, batch, cfg, weights)
 
 
+def _place(models: Models, trainable: list[str], device, weight_dtype, cfg, channels_last: bool) -> None:
+    """Frozen weights in the low-precision dtype, trained ones as fp32 master weights (diffusers' scripts and
+    ``cast_training_params``): a LoRA leaves the U-Net's own weights in bf16, DreamBooth trains them in fp32."""
+    import torch
+    from diffusers.training_utils import cast_training_params
+
+    for name in ("unet", "text_encoder", "controlnet"):
+        module = getattr(models, name)
+        if module is None:
+            continue
+        fully_trained = name in trainable and all(p.requires_grad for p in module.parameters())
+        module.to(device, dtype=torch.float32 if fully_trained else weight_dtype)
+        if name in trainable:
+            cast_training_params(module, dtype=torch.float32)
+            if cfg.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
+                module.enable_gradient_checkpointing()
+        if channels_last and name in ("unet", "controlnet"):
+            module.to(memory_format=torch.channels_last)
+
+
 def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainState:
+    import time
+
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
-    from diffusers.training_utils import cast_training_params
+
+    from assets_pipeline.training import performance as perf_mod
 
     method = get_method(job.method)
     cfg = method.config_cls(**job.config)
+    perf = perf_mod.Performance.from_dict(job.performance)
     ctx = train_context(job)
     method.check_inputs(ctx, cfg)
     cpu = job.device == "cpu" or (job.device == "auto" and not torch.cuda.is_available())
     precision = job.mixed_precision
     if precision == "auto":
         precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(mixed_precision=precision, cpu=cpu,
-                              gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    micro, accum = cfg.train_batch_size, cfg.gradient_accumulation_steps
+    accelerator = Accelerator(mixed_precision=precision, cpu=cpu, gradient_accumulation_steps=accum)
+    device = accelerator.device
+    cuda = device.type == "cuda"
+    perf_mod.configure_backends(cuda)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
     set_seed(cfg.seed)  # adapter/ControlNet initialization; batches and noise have their own seeded generators
     models = load_training_models(job.base_model, method.needs_text_encoder(cfg))
     data = TrainingData.from_bundle(Path(job.latents_dir), job.training_images, lambda c: method.training_caption(c, ctx),
-                        control=job.method == "controlnet", resolution=ctx.resolution)
+                        control=job.method == "controlnet", resolution=ctx.resolution).to(device)
     trainable = method.prepare(models, cfg, ctx)
-    for name in ("unet", "text_encoder", "controlnet"):
-        module = getattr(models, name)
-        if module is None:
-            continue
-        # Frozen parts run in the low-precision dtype; trainable ones keep fp32 master weights (as diffusers).
-        module.to(accelerator.device, dtype=torch.float32 if name in trainable else weight_dtype)
-        if cfg.gradient_checkpointing and name in trainable and hasattr(module, "enable_gradient_checkpointing"):
-            module.enable_gradient_checkpointing()
-    trainable_modules = [getattr(models, n) for n in trainable]
-    cast_training_params(trainable_modules, dtype=torch.float32)
-    params = [p for m in trainable_modules for p in m.parameters() if p.requires_grad]
-
+    if method.needs_text_encoder(cfg):
+        data.tokenize(models.tokenizer)  # after prepare: textual inversion adds its token there
     steps = cfg.total_steps(ctx.num_instance_images)
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
+    roles = method.batch_roles(cfg)
+    trained = {n: getattr(models, n) for n in trainable}
+    sig = perf_mod.device_signature()
+    plan = perf_mod.resolve(perf, cuda, steps, accum, compile_cache_warm=False)
+    _place(models, trainable, device, weight_dtype, cfg, plan.channels_last)
+    params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
+    # The networks every step runs forward and backward through, trained or frozen (textual inversion's
+    # gradients flow through the frozen U-Net): these are compiled, and their structure keys the kernels.
+    running = {n: getattr(models, n) for n in ("unet", "controlnet", "text_encoder") if getattr(models, n) is not None}
+    network = perf_mod.shape_fingerprint(running)
+    probe = None
+    if plan.probe_micro_batch:
+        micro, probe = _choose_micro_batch(job, method, models, data, cfg, roles, params, weight_dtype,
+                                           digest(sig, network), perf.memory_fraction, plan.channels_last, progress)
+        accum = cfg.train_batch_size * cfg.gradient_accumulation_steps // micro
+        accelerator.gradient_accumulation_steps = accum
+
+    def compile_cache(mode: str) -> perf_mod.CompileCache:
+        # What the compiled graphs depend on: the network's structure, the batch, precision and the device.
+        return perf_mod.CompileCache(job.cache_dir or None, digest(
+            "compiled-train-step", sig, network, job.method, precision, micro, len(roles),
+            tuple(data.mean.shape[1:]), mode, plan.channels_last, cfg.gradient_checkpointing))
+
+    plan = perf_mod.resolve(perf, cuda, steps, accum, compile_cache_warm=compile_cache("regional").warm)
+    cache = compile_cache(plan.compile)
+    cache_state = "off"
+    if plan.compile != "none":
+        cache_state = "warm" if cache.load() else "cold"
+        for module in running.values():
+            perf_mod.compile_module(module, plan.compile, plan.backend)
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay,
+                                  **({"fused": True} if plan.fused_optimizer else {}))
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
                                  num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=steps * accelerator.num_processes)
-    *prepared, optimizer, lr_scheduler = accelerator.prepare(*trainable_modules, optimizer, lr_scheduler)
+    *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
     for name, module in zip(trainable, prepared):
         setattr(models, name, module)
 
@@ -132,18 +184,31 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
         losses = json.loads((path / "losses.json").read_text())
         progress(f"resumed from checkpoint at step {start} ({path})")
 
-    roles = method.batch_roles(cfg)
-    n_procs, accum = accelerator.num_processes, cfg.gradient_accumulation_steps
+    n_procs, rank = accelerator.num_processes, accelerator.process_index
+    attention = perf_mod.flash_attention_status({"unet": models.unet}, weight_dtype)
     progress(f"training {method.name} for {ctx.concept!r}: {steps} steps, {ctx.num_instance_images} images, "
-             f"batch {cfg.train_batch_size}x{accum}x{n_procs}, precision {precision}, device {accelerator.device}")
+             f"batch {micro}x{accum}x{n_procs}, precision {precision}, device {device}, compile {plan.compile} "
+             f"(cache {cache_state}), channels_last {plan.channels_last}, fused AdamW {plan.fused_optimizer}, "
+             f"attention: {attention}")
+    # Every remaining micro-batch's rows, decided up front on the host and moved to the device once.
+    samples = [((step * accum + m) * n_procs + rank) * micro for step in range(start, steps) for m in range(accum)]
+    rows = [data.indices(roles, micro, s, cfg.seed) for s in samples]
+    index = torch.tensor(rows, device=device) if rows else None
+    pending: list = []  # per-step losses still on the device; read every log_every steps (one sync)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    warmup_s, t_steady = None, None
     for step in range(start, steps):
-        step_loss = 0.0
-        for micro in range(accum):
-            sample = ((step * accum + micro) * n_procs + accelerator.process_index) * cfg.train_batch_size
-            batch = data.batch(roles, cfg.train_batch_size, sample, cfg.seed, models.scaling_factor, cfg.random_flip)
-            g = seeded_generator("diffusion-noise", cfg.seed, sample)
+        step_loss = torch.zeros((), device=device)
+        for m in range(accum):
+            k = (step - start) * accum + m
+            g = seeded_generator("step", cfg.seed, samples[k], device=device)
+            batch = data.draw(index[k], g, models.scaling_factor, cfg.random_flip)
+            batch.roles = [data.roles[i] for i in rows[k]]
+            batch.captions = [data.captions[i] for i in rows[k]]
             with accelerator.accumulate(*prepared), accelerator.autocast():
-                loss = compute_loss(method, models, batch, cfg, g, accelerator.device, weight_dtype)
+                loss = compute_loss(method, models, batch, cfg, g, weight_dtype, plan.channels_last)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -151,16 +216,81 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             method.after_step(models)
-            step_loss += loss.detach().item() / accum  # .item() is a device sync: once per micro-batch, not per op
-        losses.append(step_loss)
-        progress(f"step {step + 1}/{steps} loss {step_loss:.5f} lr {lr_scheduler.get_last_lr()[0]:.2e}")
-        if (step + 1) % cfg.checkpointing_steps == 0 and step + 1 < steps:
-            _save_checkpoint(accelerator, ckpt_root, step + 1, losses, cfg.checkpoints_total_limit)
+            step_loss += loss.detach() / accum
+        pending.append(step_loss)
+        done = step + 1
+        if warmup_s is None:  # the first step pays compilation (and cuDNN's autotuning): time it on its own
+            float(step_loss)
+            warmup_s = time.perf_counter() - t0
+            t_steady = time.perf_counter()
+            if cache_state == "cold":
+                saved = cache.save()
+                progress(f"compiled in {warmup_s:.1f} s; saved {saved / 2**20:.1f} MiB of kernels to {cache.path}")
+        if done % plan.log_every == 0 or done == steps or done % cfg.checkpointing_steps == 0 or done == start + 1:
+            losses.extend(torch.stack(pending).float().tolist())
+            pending = []
+            progress(f"step {done}/{steps} loss {losses[-1]:.5f} lr {lr_scheduler.get_last_lr()[0]:.2e}")
+        if done % cfg.checkpointing_steps == 0 and done < steps:
+            _save_checkpoint(accelerator, ckpt_root, done, losses, cfg.checkpoints_total_limit)
+    train_s = time.perf_counter() - t0
+    steady = time.perf_counter() - t_steady if t_steady else 0.0
+    images_per_step = micro * len(roles) * accum * n_procs
+    stats = {
+        "images_per_s": round(images_per_step * (steps - start - 1) / steady, 2) if steps - start > 1 and steady else None,
+        "warmup_s": round(warmup_s, 2) if warmup_s is not None else None, "train_s": round(train_s, 2),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "micro_batch": micro, "gradient_accumulation": accum, "compile": plan.compile, "compile_cache": cache_state,
+        "channels_last": plan.channels_last, "fused_optimizer": plan.fused_optimizer, "attention": attention,
+        "precision": precision, "device": sig.get("gpu", "cpu"),
+    }
+    if probe is not None:
+        stats["micro_batch_probe"] = probe
 
     accelerator.wait_for_everyone()
     for name in trainable:
         setattr(models, name, accelerator.unwrap_model(getattr(models, name)))
-    return TrainState(method, cfg, ctx, models, losses, steps, start, accelerator.is_main_process)
+    return TrainState(method, cfg, ctx, models, losses, steps, start, accelerator.is_main_process, stats)
+
+
+def _choose_micro_batch(job: TrainJob, method: Method, models: Models, data: TrainingData, cfg, roles, params,
+                        weight_dtype, model_key: str, fraction: float, channels_last: bool, progress):
+    """The largest micro-batch dividing the configured effective batch (train_batch_size x accumulation) that
+    fits the card, probed once with eager forward+backward steps and cached per card, model and method."""
+    import torch
+
+    from assets_pipeline.store import write_json_atomic
+    from assets_pipeline.training.performance import divisors_descending, probe_micro_batch
+
+    effective = cfg.train_batch_size * cfg.gradient_accumulation_steps
+    key = digest("micro-batch", model_key, job.method, str(weight_dtype), cfg.gradient_checkpointing, len(roles),
+                 tuple(data.mean.shape[1:]), effective, fraction, channels_last)
+    path = Path(job.cache_dir) / "micro_batch" / f"{key}.json" if job.cache_dir else None
+    if path is not None and path.is_file():
+        answer = json.loads(path.read_text())
+        progress(f"micro-batch {answer['micro_batch']} of effective batch {effective} (cached probe, {path})")
+        return answer["micro_batch"], answer
+
+    def try_batch(b: int) -> None:
+        rows = data.indices(roles, b, 0, cfg.seed)
+        g = seeded_generator("micro-batch-probe", device=data.device)
+        batch = data.draw(torch.tensor(rows, device=data.device), g, models.scaling_factor, cfg.random_flip)
+        batch.roles, batch.captions = [data.roles[i] for i in rows], [data.captions[i] for i in rows]
+        try:
+            with torch.autocast(data.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+                loss = compute_loss(method, models, batch, cfg, g, weight_dtype, channels_last)
+            loss.backward()
+        finally:
+            for p in params:
+                p.grad = None
+
+    # AdamW's two fp32 moments per trained parameter are allocated at the first optimizer step, after the probe.
+    optimizer_bytes = sum(2 * 4 * p.numel() for p in params)
+    micro, info = probe_micro_batch(try_batch, divisors_descending(effective), optimizer_bytes, fraction)
+    answer = {"micro_batch": micro, "effective_batch": effective, **info}
+    if path is not None:
+        write_json_atomic(path, answer)
+    progress(f"micro-batch {micro} of effective batch {effective} fits (probe: {info})")
+    return micro, answer
 
 
 def _save_checkpoint(accelerator, root: Path, step: int, losses: list[float], keep: int) -> None:

@@ -166,6 +166,7 @@ def write_output(job: TrainJob, state: TrainState, device: str) -> dict[str, Any
         metrics = validate(job, state, tmp, device)
         preview = metrics.pop("preview_md")
         metrics.update(final_loss=state.losses[-1] if state.losses else None, steps=state.steps,
+                       training_speed=state.stats,
                        lineage_sha256=lineage_digest,
                        weights_version=digest(manifest["weights"]))
         write_json_atomic(tmp / METRICS_FILE, metrics)

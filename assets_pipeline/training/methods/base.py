@@ -34,11 +34,15 @@ class Models:
 
 @dataclass
 class Batch:
+    """One micro-batch, on the training device."""
+
     latents: Any  # [B, 4, h, w], already scaled by the VAE scaling factor
     prompt_embeds: Any  # [B, 77, dim] cached embeddings (None where a method re-encodes)
-    captions: list[str]
-    roles: list[str]
+    captions: list[str] | None
+    roles: list[str] | None
     control: Any = None  # [B, 3, H, W] in [0, 1] for ControlNet
+    is_class: Any = None  # [B] bool: prior-preservation rows (a tensor, so no step needs a host sync)
+    input_ids: Any = None  # [B, 77] token ids for methods that run the text encoder
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,11 @@ class TrainContext:
     @property
     def class_prompt(self) -> str:
         return f"a photo of a {self.class_noun}"
+
+
+def encode_text(models: Models, batch: Batch):
+    """The text encoder on the batch's token ids (tokenized once, on the device), for methods that train it."""
+    return models.text_encoder(batch.input_ids)[0]
 
 
 def per_sample_mse(pred, target):

@@ -21,6 +21,14 @@ from assets_pipeline.training.config import MIN_IMAGES
 _COND_CHANNELS = (16, 32, 96, 256)
 
 
+def controlnet_from_unet(unet, vae_scale_factor: int):
+    """A ControlNet initialized from the U-Net's encoder, its conditioning embedding downsampling as the VAE."""
+    from diffusers import ControlNetModel
+
+    n = int(math.log2(vae_scale_factor)) + 1
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=_COND_CHANNELS[:n])
+
+
 @dataclass(frozen=True)
 class ControlNetConfig(TrainConfig):
     learning_rate: float = field(default=1e-5, metadata={"help": "diffusers' ControlNet example default."})
@@ -41,11 +49,8 @@ class ControlNetMethod(Method):
             )
 
     def prepare(self, models: Models, cfg, ctx: TrainContext) -> list[str]:
-        from diffusers import ControlNetModel
-
-        n = int(math.log2(models.vae_scale_factor)) + 1
         models.unet.requires_grad_(False)
-        models.controlnet = ControlNetModel.from_unet(models.unet, conditioning_embedding_out_channels=_COND_CHANNELS[:n])
+        models.controlnet = controlnet_from_unet(models.unet, models.vae_scale_factor)
         models.controlnet.train()
         return ["controlnet"]
 

@@ -57,17 +57,17 @@ class DreamBoothMethod(Method):
         return ["unet"]
 
     def loss(self, pred, target, batch, cfg: DreamBoothConfig, weights):
-        import torch
-
         losses = per_sample_mse(pred, target)
         if weights is not None:
             losses = losses * weights
-        is_class = torch.tensor([r == "class" for r in batch.roles], device=losses.device)
-        instance_loss = losses[~is_class].mean()
-        if not is_class.any():
-            return instance_loss
-        # Prior preservation (train_dreambooth.py): instance loss + weight x class loss, each a mean over its half.
-        return instance_loss + cfg.prior_loss_weight * losses[is_class].mean()
+        if not cfg.with_prior_preservation:
+            return losses.mean()
+        # Prior preservation (train_dreambooth.py): instance loss + weight x class loss, each a mean over its
+        # half. Masks rather than boolean indexing: indexing by a mask waits for the GPU to count it.
+        is_class = batch.is_class.to(losses.dtype)
+        instance_loss = (losses * (1 - is_class)).sum() / (1 - is_class).sum()
+        class_loss = (losses * is_class).sum() / is_class.sum().clamp(min=1)
+        return instance_loss + cfg.prior_loss_weight * class_loss
 
     def save(self, models: Models, load_base, out_dir: Path, cfg, ctx: TrainContext):
         pipe = load_base()

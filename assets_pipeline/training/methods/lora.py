@@ -12,7 +12,7 @@ from pathlib import Path
 
 from assets_pipeline.training.config import TrainConfig
 from assets_pipeline.training.methods import register
-from assets_pipeline.training.methods.base import Method, Models, TrainContext
+from assets_pipeline.training.methods.base import Method, Models, TrainContext, encode_text
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -32,12 +32,6 @@ class LoraConfig(TrainConfig):
         super().__post_init__()
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
-
-
-def encode_captions(models: Models, captions: list[str]):
-    ids = models.tokenizer(captions, padding="max_length", max_length=models.tokenizer.model_max_length,
-                           truncation=True, return_tensors="pt").input_ids
-    return models.text_encoder(ids.to(models.text_encoder.device))[0]
 
 
 class LoraMethod(Method):
@@ -65,9 +59,8 @@ class LoraMethod(Method):
         return trainable
 
     def encode(self, models: Models, batch):
-        if models.text_encoder is not None and any(p.requires_grad for p in models.text_encoder.parameters()):
-            return encode_captions(models, batch.captions)
-        return batch.prompt_embeds
+        # The loop tokenizes captions only when the text encoder trains (needs_text_encoder).
+        return encode_text(models, batch) if batch.input_ids is not None else batch.prompt_embeds
 
     def save(self, models: Models, load_base, out_dir: Path, cfg: LoraConfig, ctx: TrainContext):
         from diffusers import StableDiffusionPipeline

@@ -15,8 +15,7 @@ from pathlib import Path
 
 from assets_pipeline.training.config import TrainConfig
 from assets_pipeline.training.methods import register
-from assets_pipeline.training.methods.base import Method, Models, TrainContext
-from assets_pipeline.training.methods.lora import encode_captions
+from assets_pipeline.training.methods.base import Method, Models, TrainContext, encode_text
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"
 
@@ -61,19 +60,22 @@ class TextualInversionMethod(Method):
         te.requires_grad_(False)
         te.get_input_embeddings().requires_grad_(True)
         self.original = emb.detach().clone()
+        self.keep = torch.ones(emb.shape[0], 1, dtype=torch.bool)  # every row but the placeholder's is restored
+        self.keep[self.placeholder_id] = False
         return ["text_encoder"]
 
     def encode(self, models: Models, batch):
-        return encode_captions(models, batch.captions)
+        return encode_text(models, batch)
 
     def after_step(self, models: Models) -> None:
         import torch
 
         emb = models.text_encoder.get_input_embeddings().weight
-        keep = torch.ones(emb.shape[0], dtype=torch.bool, device=emb.device)
-        keep[self.placeholder_id] = False
-        with torch.no_grad():
-            emb[keep] = self.original.to(emb.device, emb.dtype)[keep]
+        if self.original.device != emb.device or self.original.dtype != emb.dtype:  # once, not every step
+            self.original = self.original.to(emb.device, emb.dtype)
+            self.keep = self.keep.to(emb.device)
+        with torch.no_grad():  # a where, not boolean indexing: no host sync
+            emb.copy_(torch.where(self.keep, self.original, emb))
 
     def save(self, models: Models, load_base, out_dir: Path, cfg, ctx: TrainContext):
         from safetensors.torch import save_file

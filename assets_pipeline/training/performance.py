@@ -1,0 +1,264 @@
+"""How the one training loop runs fast: execution settings, not training config.
+
+None of these changes what is learned (they are not part of a job's identity), only how fast and in how much
+memory: ``torch.compile`` of the networks each step runs (regional or whole), channels_last, fused AdamW, the micro-batch
+that fits the card, how often the loop syncs with the host to log. Each defaults to ``auto``: on where it helps
+(CUDA), off where it does not (CPU). The trainer resource sets them; the job carries them to the trainer.
+
+Compiled kernels are persisted as a content-addressed artifact (``torch.compiler.save_cache_artifacts``) keyed
+by everything that shapes the compiled graphs, so the next training on the same base model, card and batch
+starts warm. The micro-batch probe's answer is cached the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from assets_pipeline.hashing import digest
+
+log = logging.getLogger(__name__)
+
+COMPILE_MODES = ("auto", "none", "regional", "full")
+SWITCH = ("auto", "on", "off")
+# Regional compilation (https://docs.pytorch.org/tutorials/recipes/regional_compilation.html): diffusers marks
+# the U-Net's repeated transformer blocks (``_repeated_blocks``); its ResNet blocks repeat as much and carry most
+# of SD's convolution work, so they are compiled too, and so are the CLIP text encoder's layers when it runs
+# every step. Everything between them runs eagerly.
+REGIONAL_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D", "CLIPEncoderLayer")
+
+
+@dataclass(frozen=True)
+class Performance:
+    compile: str = field(default="auto", metadata={"help": (
+        "torch.compile of the networks every step runs (U-Net, ControlNet, a trained text encoder): 'regional' "
+        "(each repeated transformer/ResNet/CLIP layer: a fraction of the warm-up of 'full'), 'full' (each whole "
+        "network), 'none'. 'auto' = regional on CUDA when the run has at least compile_min_steps steps or a warm "
+        "compile cache exists for it; none on CPU.")})
+    compile_min_steps: int = field(default=300, metadata={"help": (
+        "'auto' compiles a cold run (no persisted kernels for its shape) only from this many steps. A cold compile "
+        "costs minutes once (113 s for SD 1.5's whole U-Net on an H200, in the numbers that opened this work) and "
+        "saves about a third of each step; it persists its kernels, so every later run of the same shape (the "
+        "nightly retrain, another concept on the same base model) compiles warm. Shorter cold runs stay eager. "
+        "Not yet re-tuned on a GPU: see docs/benchmarks.md.")})
+    compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend ('aot_eager' tests)."})
+    channels_last: str = field(default="auto", metadata={"help": "NHWC convolutions: 'auto' = on CUDA only."})
+    fused_optimizer: str = field(default="auto", metadata={"help": "Fused AdamW kernel: 'auto' = on CUDA only."})
+    micro_batch: str = field(default="auto", metadata={"help": (
+        "'auto' = on CUDA with gradient accumulation, probe the largest micro-batch that fits the card (cached per "
+        "card, model and method) and keep the configured effective batch; 'configured' = train_batch_size as set.")})
+    memory_fraction: float = field(default=0.85, metadata={"help": (
+        "Share of the card's memory the probed micro-batch may use (optimizer states included); the rest is "
+        "headroom for fragmentation and the compiled graphs.")})
+    log_every: int = field(default=10, metadata={"help": (
+        "Steps between loss logs: reading a loss is a device-to-host sync, so the GPU is never made to wait "
+        "for the host in between.")})
+
+    def __post_init__(self) -> None:
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"performance.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        for name in ("channels_last", "fused_optimizer"):
+            if getattr(self, name) not in SWITCH:
+                raise ValueError(f"performance.{name} must be one of {SWITCH}, got {getattr(self, name)!r}")
+        if self.micro_batch not in ("auto", "configured"):
+            raise ValueError(f"performance.micro_batch must be 'auto' or 'configured', got {self.micro_batch!r}")
+        if not 0.1 <= self.memory_fraction <= 1.0:
+            raise ValueError(f"performance.memory_fraction must be in [0.1, 1], got {self.memory_fraction}")
+        if self.log_every < 1 or self.compile_min_steps < 0:
+            raise ValueError("performance.log_every must be >= 1 and compile_min_steps >= 0")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> Performance:
+        raw = dict(raw or {})
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown performance settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The settings resolved for one run on one device."""
+
+    cuda: bool
+    compile: str  # none | regional | full
+    backend: str
+    channels_last: bool
+    fused_optimizer: bool
+    probe_micro_batch: bool
+    log_every: int
+
+
+def resolve(perf: Performance, cuda: bool, steps: int, accumulation: int, compile_cache_warm: bool) -> Plan:
+    def on(value: str) -> bool:
+        return cuda if value == "auto" else value == "on"
+
+    mode = perf.compile
+    if mode == "auto":
+        mode = "regional" if cuda and (steps >= perf.compile_min_steps or compile_cache_warm) else "none"
+    return Plan(cuda=cuda, compile=mode, backend=perf.compile_backend, channels_last=on(perf.channels_last),
+                fused_optimizer=on(perf.fused_optimizer),
+                probe_micro_batch=cuda and perf.micro_batch == "auto" and accumulation > 1, log_every=perf.log_every)
+
+
+def configure_backends(cuda: bool) -> None:
+    """Fixed shapes every step: let cuDNN pick its fastest convolutions once; TF32 for what stays fp32."""
+    import torch
+
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def compile_module(module, mode: str, backend: str) -> int:
+    """Compile ``module`` in place (``nn.Module.compile``: state-dict keys unchanged, so saving, checkpoints and
+    ``unwrap_model`` see the plain module). Returns the number of compiled regions."""
+    import torch
+
+    if mode == "none":
+        return 0
+    # Each distinct block shape is its own graph (SD 1.5's U-Net has ~20); the default limit of 8 recompiles
+    # per code object would silently fall back to eager for the rest.
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+    if mode == "full":
+        module.compile(backend=backend, dynamic=False)
+        return 1
+    count = 0
+    for sub in module.modules():
+        if type(sub).__name__ in REGIONAL_BLOCKS:
+            sub.compile(backend=backend, dynamic=False)
+            count += 1
+    if not count:
+        raise ValueError(f"regional compilation found none of {REGIONAL_BLOCKS} in {type(module).__name__}; "
+                         "use compile = 'full' or 'none'")
+    return count
+
+
+def device_signature() -> dict[str, Any]:
+    """What compiled kernels and memory limits depend on besides the model: torch, CUDA, the card."""
+    import torch
+
+    sig = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        sig.update(gpu=props.name, gpu_memory=props.total_memory, capability=f"{props.major}.{props.minor}")
+    return sig
+
+
+def shape_fingerprint(modules: dict[str, Any]) -> str:
+    """The trained network's structure: every parameter's name, shape, dtype and whether it trains (a LoRA rank,
+    a ControlNet branch or another base model all change it; the weights' values do not)."""
+    return digest({name: [type(m).__name__] + [(n, tuple(p.shape), str(p.dtype), p.requires_grad)
+                                               for n, p in m.named_parameters()]
+                   for name, m in modules.items()})
+
+
+class CompileCache:
+    """Persisted compiled kernels for one graph signature, under ``<cache_dir>/compile/<key>.bin``."""
+
+    def __init__(self, cache_dir: str | None, key: str):
+        self.path = Path(cache_dir) / "compile" / f"{key}.bin" if cache_dir else None
+        self.key = key
+
+    @property
+    def warm(self) -> bool:
+        return self.path is not None and self.path.is_file()
+
+    def load(self) -> bool:
+        import torch
+
+        if not self.warm:
+            return False
+        try:
+            info = torch.compiler.load_cache_artifacts(self.path.read_bytes())
+        except Exception as e:  # a cache from an incompatible build is a miss, never a failed training
+            info, why = None, f"{type(e).__name__}: {e}"
+        else:
+            why = "torch could not read it"
+        if info is None:  # torch returns None for bytes it cannot read (truncated, another torch's format)
+            log.warning("compile cache %s is unusable (%s); compiling from scratch and replacing it", self.path, why)
+            return False
+        return True
+
+    def save(self) -> int:
+        """Write what this process compiled; returns the bytes written (0 when nothing was compiled)."""
+        import torch
+
+        from assets_pipeline.store import write_bytes_atomic
+
+        if self.path is None:
+            return 0
+        artifacts = torch.compiler.save_cache_artifacts()
+        if not artifacts:
+            return 0
+        data, _info = artifacts
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(self.path, data)
+        return len(data)
+
+
+def divisors_descending(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def probe_micro_batch(try_batch, candidates: list[int], extra_bytes: int, fraction: float) -> tuple[int, dict]:
+    """The largest candidate micro-batch whose forward+backward peak, plus ``extra_bytes`` (optimizer states not
+    yet allocated), stays under ``fraction`` of the card's memory. ``try_batch(b)`` runs one eager step."""
+    import torch
+
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    tried = {}
+    for b in candidates:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            try_batch(b)
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        except torch.OutOfMemoryError:
+            tried[b] = "out of memory"
+            continue
+        finally:
+            torch.cuda.empty_cache()
+        tried[b] = round((peak + extra_bytes) / 2**30, 2)
+        if peak + extra_bytes <= fraction * total:
+            return b, {"tried_gib": tried, "card_gib": round(total / 2**30, 2)}
+    return candidates[-1], {"tried_gib": tried, "card_gib": round(total / 2**30, 2)}
+
+
+def flash_attention_status(modules: dict[str, Any], dtype) -> str:
+    """Whether every attention layer runs PyTorch SDPA and SDPA's flash kernel accepts its head size and dtype
+    (checked by forcing the flash backend on a tensor of that shape; a refusal raises)."""
+    import torch
+    import torch.nn.functional as F
+
+    processors, head_dims = set(), set()
+    for m in modules.values():
+        for sub in m.modules():
+            if type(sub).__name__ == "Attention" and hasattr(sub, "processor"):
+                processors.add(type(sub.processor).__name__)
+                head_dims.add(sub.to_q.out_features // sub.heads)
+    if not head_dims:
+        return "no attention layers"
+    if not torch.cuda.is_available() or dtype not in (torch.float16, torch.bfloat16):
+        return f"sdpa ({', '.join(sorted(processors))}); flash needs CUDA and fp16/bf16"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    refused = []
+    for d in sorted(head_dims):
+        q = torch.randn(1, 2, 64, d, device="cuda", dtype=dtype)
+        try:
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                F.scaled_dot_product_attention(q, q, q)
+        except RuntimeError:
+            refused.append(d)
+    state = "flash" if not refused else f"flash refused head dims {refused}"
+    return f"{state} for head dims {sorted(head_dims)} ({', '.join(sorted(processors))})"

@@ -1,0 +1,157 @@
+"""The speed levers of the training loop: settings resolve per device, the optimized loop learns what the plain
+loop learns, compiled kernels persist across processes, and the micro-batch probe keeps the effective batch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from assets_pipeline.training.performance import Performance, divisors_descending, resolve
+
+PLAIN = {"compile": "none", "channels_last": "off", "fused_optimizer": "off", "micro_batch": "configured"}
+
+
+def test_auto_is_fast_on_cuda_and_plain_on_cpu():
+    perf = Performance()
+    cpu = resolve(perf, cuda=False, steps=5000, accumulation=4, compile_cache_warm=True)
+    assert (cpu.compile, cpu.channels_last, cpu.fused_optimizer, cpu.probe_micro_batch) == ("none", False, False, False)
+    long_run = resolve(perf, cuda=True, steps=perf.compile_min_steps, accumulation=4, compile_cache_warm=False)
+    assert (long_run.compile, long_run.channels_last, long_run.fused_optimizer) == ("regional", True, True)
+    assert long_run.probe_micro_batch
+    # A short cold run would spend more on compiling than it saves; a warm cache makes compiling free.
+    assert resolve(perf, cuda=True, steps=50, accumulation=1, compile_cache_warm=False).compile == "none"
+    assert resolve(perf, cuda=True, steps=50, accumulation=1, compile_cache_warm=True).compile == "regional"
+    assert not resolve(perf, cuda=True, steps=50, accumulation=1, compile_cache_warm=True).probe_micro_batch
+    assert resolve(Performance(compile="full"), cuda=False, steps=1, accumulation=1,
+                   compile_cache_warm=False).compile == "full"
+
+
+@pytest.mark.parametrize("bad, match", [({"compile": "fast"}, "performance.compile"),
+                                        ({"channels_last": True}, "performance.channels_last"),
+                                        ({"micro_batch": "max"}, "performance.micro_batch"),
+                                        ({"log_evry": 5}, "unknown performance settings")])
+def test_bad_settings_name_the_setting(bad, match):
+    with pytest.raises(ValueError, match=match):
+        Performance.from_dict(bad)
+
+
+def test_micro_batch_candidates_divide_the_effective_batch():
+    assert divisors_descending(12) == [12, 6, 4, 3, 2, 1]
+    assert divisors_descending(1) == [1]
+
+
+@pytest.fixture(scope="module")
+def lora_jobs(tmp_path_factory, built_models):
+    """The demo concept's dataset half, and a job factory for it (no Dagster run needed for training)."""
+    import dagster as dg
+
+    from assets_pipeline.assets.common import spec_from_snapshot
+    from assets_pipeline.definitions import ASSETS, default_resources
+    from assets_pipeline.demo_data import DEMO_CONCEPT, write_demo_concept
+    from assets_pipeline.resources import PipelineStorage
+    from tests.conftest import link_models
+
+    root = tmp_path_factory.mktemp("speed")
+    artifacts = link_models(built_models, root / "artifacts")
+    write_demo_concept(root / "data")
+    storage = PipelineStorage(data_root=str(root / "data"), artifact_root=str(artifacts))
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("concepts", [DEMO_CONCEPT])
+    res = dg.materialize(ASSETS, selection="group:dataset or group:priors or group:latents",
+                         partition_key=DEMO_CONCEPT, instance=instance,
+                         resources={**default_resources(), "storage": storage})
+    assert res.success
+    spec = spec_from_snapshot(storage, DEMO_CONCEPT)
+
+    def make(method: str, name: str, performance: dict, **overrides):
+        from assets_pipeline.assets.models import build_train_job
+        from assets_pipeline.resources import BaseModelResource, ClipScorerResource, TrainerLauncher
+
+        job = build_train_job(storage, BaseModelResource().resolve(artifacts), spec, method, run_id=name,
+                              input_versions={}, trainer=TrainerLauncher(device="cpu", performance=performance),
+                              clip_scorer=ClipScorerResource(), overrides={"checkpointing_steps": 1000, **overrides})
+        return dataclasses.replace(job, output_dir=str(root / name / "out"), checkpoint_dir=str(root / name / "ckpt"),
+                                   cache_dir=str(root / name / "cache"))
+
+    return make
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "dreambooth", "textual_inversion", "controlnet"])
+def test_optimized_loop_gives_the_plain_loops_losses(lora_jobs, method):
+    """Compiled blocks (graph capture and AOT autograd; the aot_eager backend keeps this quick on a CPU),
+    channels_last, fused AdamW, data on the device and one log sync per 3 steps vs. the plain settings."""
+    from assets_pipeline.training.loop import train
+
+    overrides = {"max_train_steps": 6, "train_batch_size": 2}
+    plain = train(lora_jobs(method, f"{method}-plain", PLAIN, **overrides))
+    fast = train(lora_jobs(method, f"{method}-fast", {"compile": "regional", "compile_backend": "aot_eager",
+                                                      "channels_last": "on", "fused_optimizer": "on",
+                                                      "log_every": 3}, **overrides))
+    assert fast.stats["compile"] == "regional" and fast.stats["channels_last"] and fast.stats["fused_optimizer"]
+    assert plain.stats["compile"] == "none" and not plain.stats["fused_optimizer"]
+    assert len(plain.losses) == len(fast.losses) == 6
+    assert fast.losses == pytest.approx(plain.losses, rel=2e-3, abs=1e-5)
+    assert plain.losses[0] != plain.losses[1]  # the steps really differ (not one loss repeated)
+    assert fast.stats["images_per_s"] > 0 and fast.stats["warmup_s"] > 0
+
+
+@pytest.mark.slow
+def test_compiled_kernels_persist_and_the_next_process_starts_warm(tmp_path):
+    """torch.compiler's cache artifacts saved by one process make the next one (fresh local Inductor cache)
+    load instead of compile."""
+    script = textwrap.dedent("""
+        import json, sys, time, torch
+        from assets_pipeline.training.performance import CompileCache, compile_module
+        from torch._dynamo.utils import counters
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+        net.compile(backend="inductor", dynamic=False)
+        cache = CompileCache(sys.argv[1], "key")
+        warm = cache.load()
+        t = time.perf_counter()
+        net(torch.randn(4, 16)).sum().backward()
+        print(json.dumps({"warm": warm, "s": time.perf_counter() - t, "saved": 0 if warm else cache.save(),
+                          "hits": counters["inductor"]["fxgraph_cache_hit"]}))
+    """)
+    runs = []
+    for i in range(2):
+        env = {**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor{i}"),
+               "TRITON_CACHE_DIR": str(tmp_path / f"triton{i}")}
+        out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "store")], check=True,
+                             capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert not first["warm"] and first["saved"] > 0 and first["hits"] == 0
+    assert second["warm"] and second["hits"] > 0, "the second process compiled again instead of loading"
+    assert len(list((tmp_path / "store" / "compile").glob("*.bin"))) == 1
+
+
+def test_a_corrupt_compile_cache_is_a_miss_not_a_failure(tmp_path, caplog):
+    from assets_pipeline.training.performance import CompileCache
+
+    cache = CompileCache(str(tmp_path), "k")
+    cache.path.parent.mkdir(parents=True)
+    cache.path.write_bytes(b"not a cache")
+    assert cache.warm and cache.load() is False
+    assert str(cache.path) in caplog.text
+
+
+@pytest.mark.gpu
+def test_micro_batch_probe_keeps_the_effective_batch_and_is_cached(lora_jobs):
+    from assets_pipeline.training.loop import train
+
+    job = lora_jobs("lora", "probe", {"compile": "none"}, max_train_steps=2, train_batch_size=1,
+                    gradient_accumulation_steps=4)
+    job = dataclasses.replace(job, device="cuda")
+    first = train(job)
+    micro, accum = first.stats["micro_batch"], first.stats["gradient_accumulation"]
+    assert micro * accum == 4 and micro == 4  # the tiny model fits 4 at once on any card
+    cached = list((Path(job.cache_dir) / "micro_batch").glob("*.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["micro_batch"] == 4
