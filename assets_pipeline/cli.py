@@ -82,25 +82,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_lineage(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from assets_pipeline.lineage import audit_output, image_sha256, outputs_trained_on
+    from assets_pipeline.hashing import sha256_file
+    from assets_pipeline.lineage import audit_output, is_sha256, outputs_trained_on, source_of
     from assets_pipeline.resources import PipelineStorage
 
     storage = PipelineStorage()
     pd.set_option("display.width", 200)
     pd.set_option("display.max_colwidth", 80)
     if args.direction == "output":
-        table = audit_output(Path(args.target), storage.data_path())
+        try:
+            table = audit_output(Path(args.target), storage.data_path())
+        except FileNotFoundError as e:
+            print(f"assets-pipeline lineage: {e}", file=sys.stderr)
+            return 2
         cols = [c for c in ("source_path", "image_sha256", "role", "status", "clip_score", "blur_variance",
                             "caption") if c in table]
         print(table[cols].to_string(index=False) if args.format == "table" else table.to_json(orient="records"))
         changed = table[table["status"].isin(["missing", "changed"])]
         if len(changed):
             print(f"\n{len(changed)} source photo(s) missing or changed since training", file=sys.stderr)
-    else:
-        table = outputs_trained_on(storage.artifact_path(), image_sha256(args.target))
-        print(table.to_string(index=False) if args.format == "table" else table.to_json(orient="records"))
-        if table.empty:
-            print("no trained output lists this image", file=sys.stderr)
+        return 0
+    # image: by its content (a file, or a sha256) and, for a path under the data root, by that path's history.
+    path = Path(args.target)
+    sha = sha256_file(path) if path.is_file() else args.target.lower() if is_sha256(args.target) else None
+    source = None if is_sha256(args.target) else source_of(path, storage.data_path())
+    if sha is None and source is None:
+        print(f"assets-pipeline lineage: {args.target!r} is neither an existing file, a sha256, nor a path inside "
+              f"the data root {storage.data_path()}", file=sys.stderr)
+        return 2
+    table = outputs_trained_on(storage.artifact_path(), sha, source)
+    print(table.to_string(index=False) if args.format == "table" else table.to_json(orient="records"))
+    if table.empty:
+        print("no trained output lists this image", file=sys.stderr)
+    elif (table["match"] != "content").any():
+        print(f"{args.target}: this path's content changed since some outputs were trained on it (rows whose "
+              "match starts with 'path:')" if sha else f"{args.target} no longer exists; outputs trained on it "
+              "are listed", file=sys.stderr)
     return 0
 
 

@@ -21,14 +21,21 @@ LINEAGE_FILE = "lineage.json"
 
 
 def iter_manifests(artifact_root: Path) -> Iterator[tuple[Path, dict]]:
-    """(output folder, manifest) for every trained output under the artifact root, oldest first."""
-    for path in sorted((artifact_root / "concepts").glob(f"*/*/*/{LINEAGE_FILE}")):
-        yield path.parent, json.loads(path.read_text())
+    """(output folder, manifest) for every finished output under the artifact root, oldest first. Folders whose
+    name starts with '.' are unfinished (an output being written, a checkpoint) and never listed."""
+    concepts = artifact_root / "concepts"
+    for path in sorted(concepts.glob(f"*/*/*/{LINEAGE_FILE}")):
+        if not any(part.startswith(".") for part in path.relative_to(concepts).parts):
+            yield path.parent, json.loads(path.read_text())
 
 
 def _output_dir(path: Path) -> Path:
     path = Path(path)
-    return path if path.is_dir() else path.parent  # a weights file -> its folder
+    folder = path if path.is_dir() else path.parent  # a weights file -> its folder
+    if not (folder / LINEAGE_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a trained output: no {LINEAGE_FILE} in {folder} (give an output "
+                                "folder under artifacts/concepts/<concept>/<asset>/, or a weights file in one)")
+    return folder
 
 
 def audit_output(output: Path, data_root: Path) -> pd.DataFrame:
@@ -51,26 +58,37 @@ def audit_output(output: Path, data_root: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def image_sha256(image: str) -> str:
-    """A file's sha256, or ``image`` itself when it is already a sha256 (64 hex digits) and not a file."""
-    path = Path(image)
-    if path.is_file():
-        return sha256_file(path)
-    if len(image) == 64 and all(c in "0123456789abcdef" for c in image.lower()):
-        return image.lower()
-    raise FileNotFoundError(f"{image!r} is neither a file nor a sha256")
+def is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text.lower())
 
 
-def outputs_trained_on(artifact_root: Path, sha: str) -> pd.DataFrame:
-    """Every output, current or replaced, whose manifest lists the image with this sha256."""
+def source_of(path: Path, data_root: Path) -> tuple[str, str] | None:
+    """(concept, path inside the concept folder) for a photo path under the data root, existing or not."""
+    try:
+        rel = Path(path).absolute().relative_to(Path(data_root).absolute())
+    except ValueError:
+        return None
+    return (rel.parts[0], Path(*rel.parts[1:]).as_posix()) if len(rel.parts) > 1 else None
+
+
+def outputs_trained_on(artifact_root: Path, sha: str | None, source: tuple[str, str] | None = None) -> pd.DataFrame:
+    """Every output, current or replaced, whose manifest lists the image with this sha256 (``match`` =
+    "content") or, given ``source`` = (concept, path), an earlier content of that path ("path: content changed
+    since")."""
     rows = []
     for folder, m in iter_manifests(artifact_root):
-        hits = [r for r in m["training_images"] if r["image_sha256"] == sha]
-        if hits:
+        for r in m["training_images"]:
+            if sha is not None and r["image_sha256"] == sha:
+                match = "content"
+            elif source and r["role"] == "instance" and (m["concept"], r.get("source_path")) == source:
+                match = "path: content changed since" if sha else "path: the file no longer exists"
+            else:
+                continue
             current = folder.parent / "current.json"
             is_current = current.is_file() and Path(json.loads(current.read_text())["path"]) == folder
             rows.append({"output": str(folder), "concept": m["concept"], "method": m["method"],
                          "created_at": m.get("created_at"), "run_id": m.get("run_id"), "current": is_current,
-                         "source_path": hits[0].get("source_path")})
+                         "source_path": r.get("source_path"), "image_sha256": r["image_sha256"], "match": match})
+            break
     return pd.DataFrame(rows, columns=["output", "concept", "method", "created_at", "run_id", "current",
-                                       "source_path"])
+                                       "source_path", "image_sha256", "match"])

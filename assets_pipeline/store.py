@@ -137,7 +137,18 @@ class ArtifactLayout:
     root: Path
 
     def asset_dir(self, concept: str, asset: str) -> Path:
-        return self.root / "concepts" / concept / asset
+        """The folder of one asset partition. The concept key is validated before any path is built (``..``,
+        ``/`` or ``name/../name`` never reach the disk), and the result must resolve inside the root."""
+        from assets_pipeline.partitions.concept_spec import validate_concept_key
+
+        return self.inside(self.root / "concepts" / validate_concept_key(concept) / asset)
+
+    def inside(self, path: Path) -> Path:
+        """``path`` if it resolves inside the artifact root (links followed), else a ValueError naming both."""
+        root = self.root.resolve()
+        if not path.resolve().is_relative_to(root):
+            raise ValueError(f"refusing {path}: it resolves to {path.resolve()}, outside the artifact root {root}")
+        return path
 
     def cache(self, kind: str, ext: str) -> ItemCache:
         return ItemCache(self.root, kind, ext)

@@ -124,6 +124,21 @@ def test_sidecar_caption_is_read_and_normalized(data_root, image_cache):
     assert res.rejects.empty
 
 
+def test_overlong_sidecar_caption_is_rejected_and_the_photo_kept(data_root, image_cache):
+    """A 10 MB sidecar used to become a 100 MB materialization event and a 10 MB lineage file."""
+    folder = write_concept(data_root, "c", {"good.png": GOOD, "good.txt": b"sks dog " * 1_300_000,
+                                            "other.png": encode(photo("chelsea", (64, 64)), "PNG"),
+                                            "other.txt": b"tag, " * 500})  # 2,499 characters: just over 2,000
+    res = ingest(folder, data_root, image_cache)
+    assert codes(res) == {"good.txt": "caption_too_long", "other.txt": "caption_too_long"}
+    assert "10,400,000 bytes > 2,000 characters" in res.rejects.set_index("source_path").loc["good.txt", "reason"]
+    assert "2,499 characters > 2,000" in res.rejects.set_index("source_path").loc["other.txt", "reason"]
+    assert sorted(res.manifest["source_path"]) == ["good.png", "other.png"]
+    assert res.manifest["sidecar_caption"].isna().all()
+    ok = ingest_concept(folder, data_root, image_cache, IngestConfig(max_caption_chars=3000))
+    assert codes(ok) == {"good.txt": "caption_too_long"}
+
+
 def test_symlink_outside_data_root_is_rejected_unread(tmp_path, data_root, image_cache, monkeypatch):
     outside = tmp_path / "elsewhere"
     outside.mkdir()

@@ -90,6 +90,7 @@ def parse_concept_toml(name: str, text: str) -> ConceptSpec:
     for k, v in overrides.items():
         if not isinstance(v, dict):
             raise ConceptSpecError(f"concept {name!r}: [{k}] must be a table of overrides")
+        check_section(k, v, f"{name}/{SPEC_FILE} [{k}]")
     return ConceptSpec(
         name=name,
         token=str(raw["token"]),
@@ -107,12 +108,53 @@ def load_concept_spec(concept_dir: Path) -> ConceptSpec:
     return parse_concept_toml(name, spec_path.read_text(encoding="utf-8"))
 
 
-def apply_overrides(config: Any, overrides: dict[str, Any], where: str) -> Any:
-    """Return a copy of the dataclass ``config`` with ``overrides`` applied; unknown fields fail loudly."""
+# Each section's config dataclass, imported only when a concept is read ("module:Class"; methods by name).
+_SECTION_CONFIGS = {
+    "quality": "assets_pipeline.stages.curation:QualityConfig",
+    "scoring": "assets_pipeline.stages.scoring:ScoringConfig",
+    "captions": "assets_pipeline.stages.captions:CaptionConfig",
+    "latents": "assets_pipeline.stages.latents:LatentConfig",
+    "control": "assets_pipeline.stages.conditioning:ControlConfig",
+    "class_images": "assets_pipeline.stages.class_images:ClassImageConfig",
+}
+
+
+def section_config(section: str) -> type:
+    import importlib
+
+    if section in METHODS:
+        from assets_pipeline.training.methods import get_method
+
+        return get_method(section).config_cls
+    module, cls = _SECTION_CONFIGS[section].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def check_section(section: str, overrides: dict[str, Any], where: str) -> None:
+    """Keys and value types of one section against its config dataclass, then the dataclass's own checks
+    (ranges, choices) on its defaults with these overrides: everything a later stage would reject, now."""
     from dataclasses import replace
 
-    names = {f.name for f in fields(config)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ConceptSpecError(f"unknown settings {unknown} in [{where}]; known: {sorted(names)}")
+    from assets_pipeline.config_types import type_errors
+
+    cls = section_config(section)
+    errors = type_errors(cls, overrides)
+    if errors:
+        raise ConceptSpecError(f"{where}: " + "; ".join(errors))
+    try:
+        replace(cls(), **overrides)
+    except (ValueError, TypeError) as e:
+        raise ConceptSpecError(f"{where}: {e}") from e
+
+
+def apply_overrides(config: Any, overrides: dict[str, Any], where: str) -> Any:
+    """Return a copy of the dataclass ``config`` with ``overrides`` applied; unknown fields and values of the
+    wrong type fail loudly, naming ``where``."""
+    from dataclasses import replace
+
+    from assets_pipeline.config_types import type_errors
+
+    errors = type_errors(type(config), overrides)
+    if errors:
+        raise ConceptSpecError(f"{where}: " + "; ".join(errors))
     return replace(config, **overrides)

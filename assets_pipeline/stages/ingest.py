@@ -37,10 +37,14 @@ class IngestConfig:
         metadata={"help": "Images with more pixels are rejected before decoding (decompression-bomb guard)."},
     )
     max_file_bytes: int = field(default=200 * 1024 * 1024, metadata={"help": "Larger files are rejected unread."})
+    max_caption_chars: int = field(default=2000, metadata={"help": (
+        "Longer sidecar captions are rejected (the photo gets a generated caption). SD's text encoder reads 77 "
+        "tokens (~300 characters of English); long tag lists reach ~1000. A caption travels in every table, "
+        "materialization event and lineage manifest, so a 10 MB one would bloat all of them.")})
 
     def __post_init__(self) -> None:
-        if self.max_pixels <= 0 or self.max_file_bytes <= 0:
-            raise ValueError("max_pixels and max_file_bytes must be positive")
+        if self.max_pixels <= 0 or self.max_file_bytes <= 0 or self.max_caption_chars <= 0:
+            raise ValueError("max_pixels, max_file_bytes and max_caption_chars must be positive")
 
 
 @dataclass
@@ -98,8 +102,14 @@ def decode_image(data: bytes, cfg: IngestConfig):
     return img.convert("RGB"), fmt, mode, orientation
 
 
-def _read_caption(path: Path) -> str:
-    data = _read_bytes(path)
+def _read_caption(path: Path, max_chars: int) -> str:
+    try:
+        data = _read_bytes(path, 4 * max_chars)  # UTF-8 takes at most 4 bytes a character: larger is too long
+    except RejectedFile as e:
+        if e.code != "file_too_large":
+            raise
+        raise RejectedFile("caption_too_long", f"caption too long: {path.stat().st_size:,} bytes > {max_chars:,} "
+                           "characters; the image gets a generated caption instead") from None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -108,7 +118,11 @@ def _read_caption(path: Path) -> str:
             f"unreadable caption: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
             "the image gets a generated caption instead",
         ) from None
-    return " ".join(text.split())
+    text = " ".join(text.split())
+    if len(text) > max_chars:
+        raise RejectedFile("caption_too_long", f"caption too long: {len(text):,} characters > {max_chars:,}; "
+                           "the image gets a generated caption instead")
+    return text
 
 
 def _read_bytes(path: Path, max_bytes: int | None = None) -> bytes:
@@ -187,7 +201,7 @@ def ingest_concept(
         suffix = path.suffix.lower()
         if suffix == CAPTION_SUFFIX:
             try:
-                captions[path.with_suffix("")] = _read_caption(path)
+                captions[path.with_suffix("")] = _read_caption(path, cfg.max_caption_chars)
             except RejectedFile as e:
                 reject(path, e.code, e.reason)
         elif suffix in IMAGE_SUFFIXES:

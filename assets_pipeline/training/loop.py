@@ -92,6 +92,8 @@ def _place(models: Models, trainable: list[str], device, weight_dtype, cfg, chan
         module = getattr(models, name)
         if module is None:
             continue
+        if name not in trainable:  # frozen means no weight gradients at all (textual inversion's U-Net too)
+            module.requires_grad_(False)
         fully_trained = name in trainable and all(p.requires_grad for p in module.parameters())
         module.to(device, dtype=torch.float32 if fully_trained else weight_dtype)
         if name in trainable:

@@ -1,0 +1,139 @@
+"""Hostile but fair input: partition keys that try to leave the artifact root, unfinished output folders, and
+lineage questions about paths that do not exist. Each ends in a clear message with nothing written outside the
+roots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from assets_pipeline.partitions.concept_spec import ConceptSpecError
+from assets_pipeline.store import ArtifactLayout
+
+
+@pytest.mark.parametrize("key", ["../../../other/artifacts/concepts/k4", "name/../name", "..", "a/b", "", "Upper"])
+def test_asset_folders_refuse_keys_that_are_not_concept_names(tmp_path, key):
+    with pytest.raises(ConceptSpecError, match="not a valid concept name"):
+        ArtifactLayout(tmp_path / "artifacts").asset_dir(key, "captioned_images")
+
+
+def test_asset_folders_refuse_a_concept_folder_linked_outside_the_root(tmp_path):
+    root = tmp_path / "artifacts"
+    (root / "concepts").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (root / "concepts" / "evil").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="outside the artifact root"):
+        ArtifactLayout(root).asset_dir("evil", "raw_images")
+    assert ArtifactLayout(root).asset_dir("fine", "raw_images") == root / "concepts" / "fine" / "raw_images"
+
+
+def test_materializing_a_traversal_partition_fails_before_touching_disk(tmp_path, storage):
+    """The attack from the issue: captioned_images for '../../../other/artifacts/concepts/k4' rewrote another
+    root's folder. Now the run fails with the reason and nothing is written anywhere."""
+    import dagster as dg
+
+    from assets_pipeline.definitions import ASSETS, default_resources
+
+    key = "../../../other/artifacts/concepts/k4"
+    before = sorted(p for p in tmp_path.rglob("*"))
+    # As a context manager, so the instance's state storage is unset again for the tests that follow.
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("concepts", [key, "name/../name"])
+        for partition in (key, "name/../name"):
+            res = dg.materialize(ASSETS, selection="captioned_images", partition_key=partition, instance=instance,
+                                 resources={**default_resources(), "storage": storage}, raise_on_error=False)
+            assert not res.success
+            failure = next(e for e in res.all_events if e.event_type_value == "STEP_FAILURE")
+            assert "not a valid concept name" in str(failure.event_specific_data.error)
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+def _manifest(folder: Path, concept: str, rows: list[dict]) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "lineage.json").write_text(json.dumps({
+        "concept": concept, "method": "lora", "created_at": folder.name, "run_id": folder.name,
+        "training_images": [{"role": "instance", "caption": "c", **r} for r in rows]}))
+    return folder
+
+
+@pytest.fixture
+def audit_world(tmp_path, monkeypatch):
+    """Two finished outputs of concept 'dog' and one unfinished (.tmp) folder, photos under data/dog/."""
+    data, artifacts = tmp_path / "data", tmp_path / "artifacts"
+    (data / "dog").mkdir(parents=True)
+    (data / "dog" / "a.jpg").write_bytes(b"new content of a")
+    asset = artifacts / "concepts" / "dog" / "lora_adapter"
+    old = _manifest(asset / "v1", "dog", [{"image_sha256": "1" * 64, "source_path": "a.jpg"},
+                                          {"image_sha256": "2" * 64, "source_path": "gone.jpg"}])
+    tmp = _manifest(asset / ".v2.tmp", "dog", [{"image_sha256": "1" * 64, "source_path": "a.jpg"}])
+    monkeypatch.setenv("ASSETS_PIPELINE_DATA", str(data))
+    monkeypatch.setenv("ASSETS_PIPELINE_ARTIFACTS", str(artifacts))
+    return data, artifacts, old, tmp
+
+
+def test_unfinished_output_folders_are_never_listed(audit_world):
+    from assets_pipeline.lineage import iter_manifests, outputs_trained_on
+
+    _, artifacts, old, _ = audit_world
+    assert [folder for folder, _ in iter_manifests(artifacts)] == [old]
+    assert list(outputs_trained_on(artifacts, "1" * 64)["output"]) == [str(old)]
+
+
+def test_lineage_cli_gives_one_line_errors_not_tracebacks(audit_world, capsys, tmp_path):
+    from assets_pipeline.cli import main
+
+    assert main(["lineage", "output", str(tmp_path / "no_such_output")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("assets-pipeline lineage:") and "not a trained output" in err and "\n" not in err
+    assert main(["lineage", "image", str(tmp_path / "not_in_data_root.jpg")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "neither an existing file, a sha256, nor a path inside the data root" in err and "\n" not in err
+
+
+def test_lineage_image_finds_outputs_of_a_paths_earlier_content_and_of_a_removed_path(audit_world, capsys):
+    from assets_pipeline.cli import main
+
+    data, _, old, _ = audit_world
+    assert main(["lineage", "image", str(data / "dog" / "a.jpg"), "--format", "json"]) == 0
+    out = capsys.readouterr()
+    rows = json.loads(out.out)
+    assert [(r["output"], r["match"]) for r in rows] == [(str(old), "path: content changed since")]
+    assert "content changed since" in out.err
+    assert main(["lineage", "image", str(data / "dog" / "gone.jpg"), "--format", "json"]) == 0
+    out = capsys.readouterr()
+    assert [(r["output"], r["match"]) for r in json.loads(out.out)] == [(str(old), "path: the file no longer exists")]
+    assert "no longer exists" in out.err
+
+
+@pytest.mark.parametrize("section, expected", [
+    ('[lora]\nrank = "high"', "[lora]: rank = 'high' is str, expected an integer"),
+    ("[lora]\nrank = 4.5", "[lora]: rank = 4.5 is float, expected an integer"),
+    ('[lora]\ntrain_text_encoder = "no"', "train_text_encoder = 'no' is str, expected a boolean"),
+    ('[latents]\ncenter_crop = "false"', "[latents]: center_crop = 'false' is str, expected a boolean"),
+    ("[dreambooth]\nrnak = 4", "[dreambooth]: unknown keys ['rnak']"),
+    ("[lora]\nrank = 0", "[lora]: rank must be >= 1"),
+    ('[class_images]\ndtype = "fp8"', "[class_images]: [class_images] dtype = 'fp8' is invalid"),
+])
+def test_concept_toml_values_are_type_checked_when_the_concept_is_read(data_root, section, expected):
+    """The issue's cases: each used to fail (or pass) only at training time, after the whole dataset half."""
+    from assets_pipeline.partitions.concept_spec import load_concept_spec
+
+    folder = data_root / "dog"
+    folder.mkdir()
+    (folder / "concept.toml").write_text(f'token = "sks"\nclass_noun = "dog"\n{section}\n')
+    with pytest.raises(ConceptSpecError) as e:
+        load_concept_spec(folder)
+    assert str(e.value).startswith("dog/concept.toml [") and expected in str(e.value)
+
+
+def test_well_typed_overrides_pass_and_ints_are_valid_floats(data_root):
+    from assets_pipeline.partitions.concept_spec import load_concept_spec
+
+    folder = data_root / "dog"
+    folder.mkdir()
+    (folder / "concept.toml").write_text('token = "sks"\n[lora]\nrank = 8\nlearning_rate = 1\nalpha = 4\n'
+                                         '[class_images]\nbatch_size = "auto"\ncompile = true\n')
+    spec = load_concept_spec(folder)
+    assert spec.section("lora") == {"rank": 8, "learning_rate": 1, "alpha": 4}
