@@ -239,3 +239,41 @@ def test_killed_training_resumes_from_its_checkpoint_and_matches(demo_build, tmp
     manifest = json.loads((Path(killed.output_dir) / "lineage.json").read_text())
     assert manifest["resumed_from_step"] == resumed
     assert not any(Path(killed.checkpoint_dir).glob("*/step-*")), "checkpoints are removed once the output exists"
+
+
+def test_two_trainers_of_the_same_job_take_turns(demo_build, tmp_path):
+    """They share a checkpoint folder; the second used to crash on it (FileNotFoundError: random_states_0.pkl).
+    Now it waits for the first, then trains, and both end with the same weights."""
+    import dataclasses
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    from assets_pipeline.assets.common import spec_from_snapshot
+    from assets_pipeline.assets.models import build_train_job
+    from assets_pipeline.resources import BaseModelResource, ClipScorerResource, TrainerLauncher
+
+    spec = spec_from_snapshot(demo_build.storage, demo_build.concept)
+    ref = BaseModelResource().resolve(demo_build.artifacts)
+    procs, jobs = [], []
+    for name in ("first", "second"):
+        job = build_train_job(demo_build.storage, ref, spec, "lora", run_id=name, input_versions={},
+                              trainer=TrainerLauncher(device="cpu"), clip_scorer=ClipScorerResource(),
+                              overrides={"max_train_steps": 12, "checkpointing_steps": 2})
+        job = dataclasses.replace(job, output_dir=str(tmp_path / name), checkpoint_dir=str(tmp_path / "ckpt"))
+        job.save(tmp_path / f"{name}.json")
+        jobs.append(job)
+        procs.append(subprocess.Popen([sys.executable, "-m", "assets_pipeline.training", "--job",
+                                       str(tmp_path / f"{name}.json")], stderr=subprocess.PIPE, text=True))
+        deadline = time.time() + 300
+        while name == "first" and not list((tmp_path / "ckpt").glob("*/step-*")):  # the first is training
+            assert procs[0].poll() is None and time.time() < deadline
+            time.sleep(0.05)
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert "waiting for it to finish" in errs[1] and "waiting" not in errs[0]
+    a, b = (load_file(str(Path(j.output_dir) / "pytorch_lora_weights.safetensors")) for j in jobs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from assets_pipeline.training.job import TrainJob
-    from assets_pipeline.training.loop import checkpoint_root, train
+    from assets_pipeline.training.loop import checkpoint_root, job_lock, train
     from assets_pipeline.training.output import write_output
 
     parser = argparse.ArgumentParser(prog="python -m assets_pipeline.training", description=__doc__)
@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     with ExitStack() as stack:
         pipes = _pipes(stack)
         progress = pipes.log.info if pipes else logging.getLogger("trainer").info
+        stack.enter_context(job_lock(job, progress))  # released when the output is written (or on a crash)
         state = train(job, progress)
         if not state.is_main_process:
             return 0

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,33 @@ def train_context(job: TrainJob) -> TrainContext:
 def checkpoint_root(job: TrainJob) -> Path:
     """Checkpoints of exactly this job (same method, config, base model and training rows)."""
     return Path(job.checkpoint_dir) / job.identity()[:16]
+
+
+@contextmanager
+def job_lock(job: TrainJob, progress: Callable[[str], None] = log.info) -> Iterator[None]:
+    """One trainer at a time per job identity: they share a checkpoint folder, and a second one writing into it
+    would corrupt the first's states. A second trainer waits, then resumes or retrains. An OS file lock
+    (flock), so a killed trainer releases it at once. Under ``accelerate launch`` only rank 0 takes it; the other
+    ranks wait for rank 0 at their first collective."""
+    import fcntl
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    path = Path(job.checkpoint_dir) / f"{job.identity()[:16]}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress(f"another trainer holds {path} (the same job: method, config, base model, training rows); "
+                     "waiting for it to finish")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _latest_checkpoint(root: Path) -> tuple[int, Path] | None:
