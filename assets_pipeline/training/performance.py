@@ -39,7 +39,7 @@ class Performance:
         "compile cache exists for it; none on CPU.")})
     compile_min_steps: int = field(default=300, metadata={"help": (
         "'auto' compiles a cold run (no persisted kernels for its shape) only from this many steps. A cold compile "
-        "costs minutes once (113 s for SD 1.5's whole U-Net on an H200, in the numbers that opened this work) and "
+        "costs minutes once (113 s for SD 1.5's whole U-Net on an H200, measured when issue 7 was filed) and "
         "saves about a third of each step; it persists its kernels, so every later run of the same shape (the "
         "nightly retrain, another concept on the same base model) compiles warm. Shorter cold runs stay eager. "
         "Not yet re-tuned on a GPU: see docs/benchmarks.md.")})
