@@ -84,8 +84,7 @@ def test_dreambooth_loss_adds_weighted_prior_half():
     m = get_method("dreambooth")
     pred = torch.zeros(2, 4, 2, 2)
     target = torch.stack([torch.ones(4, 2, 2), 2 * torch.ones(4, 2, 2)])  # instance mse 1, class mse 4
-    batch = Batch(latents=None, prompt_embeds=None, captions=["a", "b"], roles=["instance", "class"],
-                  is_class=torch.tensor([False, True]))
+    batch = Batch(latents=None, prompt_embeds=None, is_class=torch.tensor([False, True]))  # instance, class
     assert m.loss(pred, target, batch, m.config_cls(prior_loss_weight=0.5), None).item() == pytest.approx(3.0)
 
 

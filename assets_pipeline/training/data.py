@@ -103,11 +103,13 @@ class TrainingData:
         per epoch)."""
         return [self._pick(role, sample_index + j, seed) for role in roles for j in range(batch_size)]
 
-    def draw(self, idx, generator, scaling_factor: float, random_flip: bool) -> Batch:
-        """Gather rows ``idx`` (a device index tensor) on the device; latents are sampled from their cached
-        distribution (``latent_dist.sample()`` in diffusers' scripts) and scaled for the U-Net."""
+    def draw(self, rows: list[int], generator, scaling_factor: float, random_flip: bool, index=None) -> Batch:
+        """Gather ``rows`` on the device (``index``: the same rows as a device tensor, when the caller made it
+        already); latents are sampled from their cached distribution (``latent_dist.sample()`` in diffusers'
+        scripts) and scaled for the U-Net."""
         import torch
 
+        idx = torch.tensor(rows, device=self.device) if index is None else index
         mean, std = self.mean[idx], self.std[idx]
         if random_flip and self.flip_mean is not None:
             flip = torch.rand(len(idx), generator=generator, device=self.device) < 0.5
@@ -126,20 +128,7 @@ class TrainingData:
         return Batch(
             latents=latents,
             prompt_embeds=self.embeds[idx],
-            captions=None,
-            roles=None,
             control=control,
             is_class=self.is_class[idx],
             input_ids=None if self.input_ids is None else self.input_ids[idx],
         )
-
-    def batch(self, roles: tuple[str, ...], batch_size: int, sample_index: int, seed: int,
-              scaling_factor: float, random_flip: bool) -> Batch:
-        """One batch by sample index (what the loop draws, for callers outside it)."""
-        import torch
-
-        rows = self.indices(roles, batch_size, sample_index, seed)
-        g = seeded_generator("step", seed, sample_index, device=self.device)
-        b = self.draw(torch.tensor(rows, device=self.device), g, scaling_factor, random_flip)
-        b.captions, b.roles = [self.captions[i] for i in rows], [self.roles[i] for i in rows]
-        return b

@@ -234,9 +234,7 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
         for m in range(accum):
             k = (step - start) * accum + m
             g = seeded_generator("step", cfg.seed, samples[k], device=device)
-            batch = data.draw(index[k], g, models.scaling_factor, cfg.random_flip)
-            batch.roles = [data.roles[i] for i in rows[k]]
-            batch.captions = [data.captions[i] for i in rows[k]]
+            batch = data.draw(rows[k], g, models.scaling_factor, cfg.random_flip, index=index[k])
             with accelerator.accumulate(*prepared), accelerator.autocast():
                 loss = compute_loss(method, models, batch, cfg, g, weight_dtype, plan.channels_last)
                 accelerator.backward(loss)
@@ -301,10 +299,8 @@ def _choose_micro_batch(job: TrainJob, method: Method, models: Models, data: Tra
         return answer["micro_batch"], answer
 
     def try_batch(b: int) -> None:
-        rows = data.indices(roles, b, 0, cfg.seed)
         g = seeded_generator("micro-batch-probe", device=data.device)
-        batch = data.draw(torch.tensor(rows, device=data.device), g, models.scaling_factor, cfg.random_flip)
-        batch.roles, batch.captions = [data.roles[i] for i in rows], [data.captions[i] for i in rows]
+        batch = data.draw(data.indices(roles, b, 0, cfg.seed), g, models.scaling_factor, cfg.random_flip)
         try:
             with torch.autocast(data.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
                 loss = compute_loss(method, models, batch, cfg, g, weight_dtype, channels_last)

@@ -38,8 +38,6 @@ class Batch:
 
     latents: Any  # [B, 4, h, w], already scaled by the VAE scaling factor
     prompt_embeds: Any  # [B, 77, dim] cached embeddings (None where a method re-encodes)
-    captions: list[str] | None
-    roles: list[str] | None
     control: Any = None  # [B, 3, H, W] in [0, 1] for ControlNet
     is_class: Any = None  # [B] bool: prior-preservation rows (a tensor, so no step needs a host sync)
     input_ids: Any = None  # [B, 77] token ids for methods that run the text encoder
