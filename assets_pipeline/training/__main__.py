@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 from contextlib import ExitStack
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("trainer").setLevel(logging.INFO)
     job = TrainJob.load(args.job)
+    if job.cache_dir:  # the compilers' own on-disk caches inside the artifact root, not /tmp or ~/.triton
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(job.cache_dir) / "inductor"))
+        os.environ.setdefault("TRITON_CACHE_DIR", str(Path(job.cache_dir) / "triton"))
     with ExitStack() as stack:
         pipes = _pipes(stack)
         progress = pipes.log.info if pipes else logging.getLogger("trainer").info
