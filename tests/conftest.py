@@ -90,3 +90,20 @@ def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         for item in gpu_items:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_dagster_instance():
+    """Fail the test that leaves a Dagster instance entered, not whichever test happens to run next.
+
+    Entering a DagsterInstance (or a schedule/sensor context over a persistent one) sets a context variable that
+    only exiting resets. A leaked one holds a weak reference to an instance that is later garbage-collected, and
+    every later ``materialize`` then fails with "Attempted to resolve undefined DagsterInstance weakref", at a
+    point that depends on the garbage collector's timing.
+    """
+    from dagster._core.storage.defs_state.base import DefsStateStorage
+
+    before = DefsStateStorage.get()
+    yield
+    after = DefsStateStorage.get()
+    assert after is before, "this test left a DagsterInstance entered: use it (or the schedule/sensor context) in `with`"

@@ -52,9 +52,11 @@ def world(tmp_path_factory, built_models):
 def schedule_tick(world):
     from assets_pipeline.schedules import retrain_schedule
 
-    ctx = dg.build_schedule_context(instance=world.instance, resources=world.resources,
-                                    scheduled_execution_time=datetime(2026, 11, 27, 3, tzinfo=timezone.utc))
-    return retrain_schedule(ctx)
+    # As the daemon does: the context is entered and exited (with a persistent instance it opens its own
+    # DagsterInstance from the ref, and only exiting closes it).
+    with dg.build_schedule_context(instance=world.instance, resources=world.resources,
+                                   scheduled_execution_time=datetime(2026, 11, 27, 3, tzinfo=timezone.utc)) as ctx:
+        return retrain_schedule(ctx)
 
 
 def test_blocking_check_stops_training_of_a_concept_with_too_few_photos(world):

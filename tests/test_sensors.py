@@ -20,11 +20,11 @@ def instance():
 
 
 def tick(instance, data_root, artifact_root, cursor=None) -> dg.SensorResult:
-    ctx = dg.build_sensor_context(
+    with dg.build_sensor_context(
         instance=instance, cursor=cursor,
         resources={"storage": PipelineStorage(data_root=str(data_root), artifact_root=str(artifact_root))},
-    )
-    result = concept_folder_sensor(ctx)
+    ) as ctx:
+        result = concept_folder_sensor(ctx)
     # What the daemon does with the result: register the partitions it asked for.
     for request in result.dynamic_partitions_requests or []:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
