@@ -273,6 +273,19 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def load_tokenizer(ref: BaseModelRef):
+    """The base model's own tokenizer (``model_max_length`` is how many tokens its text encoder reads), from its
+    ``tokenizer/`` folder without loading any weights. A single-file checkpoint has none: its config folder's
+    when one is set, else its whole pipeline is loaded for it (as diffusers infers the tokenizer)."""
+    from transformers import CLIPTokenizer
+
+    if ref.kind != "single_file":
+        return CLIPTokenizer.from_pretrained(ref.location, subfolder="tokenizer", local_files_only=True)
+    if ref.single_file_config and (Path(ref.single_file_config) / "tokenizer").is_dir():
+        return CLIPTokenizer.from_pretrained(ref.single_file_config, subfolder="tokenizer", local_files_only=True)
+    return load_pipeline(ref).tokenizer
+
+
 def load_encoders(ref: BaseModelRef, artifact_root: Path, device: str = "cpu"):
     """The frozen VAE, text encoder and tokenizer (loaded on first use), with their fingerprints."""
     from assets_pipeline.stages.latents import Encoders
@@ -285,12 +298,12 @@ def load_encoders(ref: BaseModelRef, artifact_root: Path, device: str = "cpu"):
             vae, text_encoder, tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
         else:
             from diffusers import AutoencoderKL
-            from transformers import CLIPTextModel, CLIPTokenizer
+            from transformers import CLIPTextModel
 
             vae = AutoencoderKL.from_pretrained(ref.location, subfolder="vae", local_files_only=True)
             text_encoder = CLIPTextModel.from_pretrained(ref.location, subfolder="text_encoder",
                                                          local_files_only=True)
-            tokenizer = CLIPTokenizer.from_pretrained(ref.location, subfolder="tokenizer", local_files_only=True)
+            tokenizer = load_tokenizer(ref)
         return vae.to(dev).eval(), text_encoder.to(dev).eval(), tokenizer
 
     scaling_factor = None

@@ -1,5 +1,6 @@
 """Command line: ``assets-pipeline demo`` builds the demo concept end to end through Dagster;
-``assets-pipeline lineage output|image TARGET`` audits lineage in either direction."""
+``assets-pipeline lineage output|image TARGET`` audits lineage in either direction;
+``assets-pipeline concept remove NAME`` removes a concept whose folder is gone."""
 
 from __future__ import annotations
 
@@ -85,6 +86,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     from assets_pipeline.hashing import sha256_file
     from assets_pipeline.lineage import audit_output, is_sha256, outputs_trained_on, source_of
     from assets_pipeline.resources import PipelineStorage
+    from assets_pipeline.retention import human_bytes, pruned_record
 
     storage = PipelineStorage()
     pd.set_option("display.width", 200)
@@ -101,6 +103,10 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         changed = table[table["status"].isin(["missing", "changed"])]
         if len(changed):
             print(f"\n{len(changed)} source photo(s) missing or changed since training", file=sys.stderr)
+        target = Path(args.target)
+        if (pruned := pruned_record(target if target.is_dir() else target.parent)) is not None:
+            print(f"this output's weights were pruned on {pruned['pruned_at']} ({len(pruned['files'])} files, "
+                  f"{human_bytes(pruned['bytes'])}); its lineage is kept", file=sys.stderr)
         return 0
     # image: by its content (a file, or a sha256) and, for a path under the data root, by that path's history.
     path = Path(args.target)
@@ -121,6 +127,138 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tree_size(path: Path) -> str:
+    """Files and bytes under ``path`` (links not followed, hard-linked files counted at full size)."""
+    files, size = 1, path.lstat().st_size
+    if path.is_dir() and not path.is_symlink():
+        files = size = 0
+        for dirpath, _, filenames in os.walk(path):
+            files += len(filenames)
+            size += sum(os.lstat(os.path.join(dirpath, f)).st_size for f in filenames)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    amount = f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
+    return f"{files} file{'s' * (files != 1)}, {amount}"
+
+
+def removal_plan(concept_dir: Path, with_trained_outputs: bool) -> list[tuple[Path, str | None]]:
+    """Every entry of ``concepts/<concept>/`` with None (remove it) or why it is kept. Dataset assets and their
+    temporaries go; trained outputs only when asked; anything this project did not write there stays."""
+    from assets_pipeline.assets.models import MODEL_ASSETS
+    from assets_pipeline.cleanup import is_temporary
+    from assets_pipeline.definitions import ASSETS
+
+    trained = {a.key.to_user_string() for a in MODEL_ASSETS}
+    assets = [a.key.to_user_string() for a in ASSETS]
+    plan = []
+    for entry in sorted(concept_dir.iterdir()):
+        owner = next((a for a in assets if entry.name == a or is_temporary(entry.name, owner=a)), None)
+        if entry.is_symlink():
+            why = "a symbolic link: not removed"
+        elif owner is None:
+            why = "not an output of this project's assets: not removed"
+        elif owner in trained and not with_trained_outputs:
+            why = f"trained output ({owner}); --with-trained-outputs removes it"
+        else:
+            why = None
+        plan.append((entry, why))
+    return plan
+
+
+def cmd_concept_remove(args: argparse.Namespace) -> int:
+    """Remove a concept whose folder is gone: its dataset artifacts, optionally its trained outputs, then its
+    partition. Nothing outside ``<artifact root>/concepts/<name>/`` is touched; the shared caches stay."""
+    import shutil
+
+    import dagster as dg
+
+    from assets_pipeline.partitions.concept_spec import is_valid_concept_key
+    from assets_pipeline.partitions.definitions import concepts_partitions
+    from assets_pipeline.resources import PipelineStorage
+
+    def fail(message: str) -> int:
+        print(f"assets-pipeline concept remove: {message}", file=sys.stderr)
+        return 2
+
+    storage = PipelineStorage()
+    layout = storage.layout()
+    if not is_valid_concept_key(args.name):  # checked before any path is built from it
+        return fail(f"{args.name!r} is not a valid concept name, so no concept has it")
+    name = args.name
+    try:
+        concept_dir = layout.inside(layout.root / "concepts" / name)
+    except ValueError as e:  # concepts/ or concepts/<name> links out of the artifact root
+        return fail(str(e))
+    folder = storage.data_path() / name
+    if folder.exists():
+        # While it exists the concept sensor registers it again and rebuilds it on its next tick.
+        return fail(f"its folder {folder} still exists: move or delete it first, then remove the concept")
+    if concept_dir.is_symlink():
+        return fail(f"refusing {concept_dir}: a symbolic link, not a folder this project wrote")
+    with _instance() as instance:
+        registered = instance.has_dynamic_partition(concepts_partitions.name, name)
+        if not registered and not concept_dir.is_dir():
+            return fail(f"unknown concept {name!r}: not a registered partition and no folder {concept_dir}")
+        active = instance.get_runs(dg.RunsFilter(tags={"dagster/partition": name}, statuses=[
+            dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
+            dg.DagsterRunStatus.CANCELING]), limit=1)
+        if active:
+            return fail(f"run {active[0].run_id} of concept {name!r} is {active[0].status.value.lower()}: wait "
+                        "for it or terminate it first")
+        verb = "would remove" if args.dry_run else "removed"
+        plan = removal_plan(concept_dir, args.with_trained_outputs) if concept_dir.is_dir() else []
+        for path, why in plan:
+            size = _tree_size(path)
+            if why is None and not args.dry_run and path.is_dir():
+                shutil.rmtree(layout.inside(path))
+            elif why is None and not args.dry_run:
+                layout.inside(path).unlink()
+            print(f"{'kept' if why else verb:<12}  {path}  ({size}){f': {why}' if why else ''}")
+        if concept_dir.is_dir() and all(why is None for _, why in plan):
+            if not args.dry_run:
+                concept_dir.rmdir()
+            print(f"{verb:<12}  {concept_dir}  (then empty)")
+        if registered:
+            if not args.dry_run:
+                instance.delete_dynamic_partition(concepts_partitions.name, name)
+            print(f"{verb:<12}  partition {name!r} of {concepts_partitions.name!r} (its run history stays)")
+    if (layout.root / "cache").is_dir():
+        print(f"{'kept':<12}  {layout.root / 'cache'}: content-addressed caches are shared between concepts")
+    if args.dry_run:
+        print("dry run: nothing was removed")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Apply the retention policy to every model asset of every concept (what each training does for its own)."""
+    from assets_pipeline.assets.models import current_output
+    from assets_pipeline.resources import PipelineStorage
+    from assets_pipeline.retention import human_bytes, prune_asset
+    from assets_pipeline.training.methods import get_method, method_names
+
+    storage = PipelineStorage()
+    keep = args.keep if args.keep is not None else storage.keep_weight_versions
+    if keep < 1:
+        print(f"assets-pipeline prune: --keep {keep}: at least 1 (the current version is always kept)",
+              file=sys.stderr)
+        return 2
+    concepts = storage.artifact_path() / "concepts"
+    total = 0
+    for concept in sorted(p.name for p in concepts.iterdir() if p.is_dir()) if concepts.is_dir() else []:
+        for name in method_names():
+            asset = get_method(name).asset_name
+            current = current_output(storage, concept, asset)
+            for p in prune_asset(storage.layout().asset_dir(concept, asset), current, keep, dry_run=args.dry_run):
+                total += p.bytes
+                print(f"{'would prune' if args.dry_run else 'pruned'}  {p.folder}  ({len(p.files)} weights files, "
+                      f"{human_bytes(p.bytes)})")
+    print(f"{'would free' if args.dry_run else 'freed'} {human_bytes(total)}; newest {keep} version(s) of each "
+          "output keep their weights, every version keeps its lineage")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="assets-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,8 +268,21 @@ def main(argv: list[str] | None = None) -> int:
                          help="output: list the source photos of an output; image: list outputs trained on it")
     lineage.add_argument("target", help="output folder or weights file / photo file or its sha256")
     lineage.add_argument("--format", choices=["table", "json"], default="table")
+    concept = sub.add_parser("concept", help="manage concepts: remove one whose folder is gone")
+    remove = concept.add_subparsers(dest="action", required=True).add_parser(
+        "remove", help="remove a concept's partition and dataset artifacts (its folder must be gone already)")
+    remove.add_argument("name", help="the concept (its former folder name)")
+    remove.add_argument("--with-trained-outputs", action="store_true",
+                        help="also remove its trained outputs (kept by default: they may be in use)")
+    remove.add_argument("--dry-run", action="store_true", help="print what would be removed; remove nothing")
+    prune = sub.add_parser("prune", help="delete the weights of replaced trained outputs beyond the newest N")
+    prune.add_argument("--keep", type=int, default=None,
+                       help="versions per output whose weights are kept (default: the storage resource's "
+                            "keep_weight_versions, 2)")
+    prune.add_argument("--dry-run", action="store_true", help="print what would be pruned; delete nothing")
     args = parser.parse_args(argv)
-    return {"demo": cmd_demo, "lineage": cmd_lineage}[args.command](args)
+    return {"demo": cmd_demo, "lineage": cmd_lineage, "concept": cmd_concept_remove,
+            "prune": cmd_prune}[args.command](args)
 
 
 if __name__ == "__main__":

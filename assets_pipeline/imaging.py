@@ -51,3 +51,62 @@ def grid_markdown(paths: list[str], captions: list[str] | None = None, thumb: in
     if captions:
         md += "\n\n" + "\n".join(f"{i + 1}. {c}" for i, c in enumerate(captions[:12]))
     return md
+
+
+def image_markdown(img, alt: str, max_side: int | None = None, jpeg_quality: int | None = None) -> str:
+    """An image inline in Markdown (a data URI), which the Dagster UI shows in the metadata panel.
+
+    ``jpeg_quality`` for photographic content (validation renders): a fraction of the PNG's size in the event
+    log; PNG (lossless) for plots and text.
+    """
+    from PIL import Image
+
+    if isinstance(img, (str, Path)):
+        with Image.open(img) as f:
+            img = f.convert("RGB")
+    if max_side and max(img.size) > max_side:
+        img = img.copy()
+        img.thumbnail((max_side, max_side))
+    buf = io.BytesIO()
+    if jpeg_quality:
+        img.convert("RGB").save(buf, format="JPEG", quality=jpeg_quality)
+        mime = "jpeg"
+    else:
+        img.save(buf, format="PNG", optimize=True)
+        mime = "png"
+    return f"![{alt}](data:image/{mime};base64,{base64.b64encode(buf.getvalue()).decode()})"
+
+
+def labeled_grid(rows: list[tuple[str, list[tuple[str, object]]]], tile: int = 256):
+    """One image a person can read: for each row a title line (e.g. the prompt), then its images side by side
+    with a label under each (e.g. "base, seed 0" | "trained, seed 0"). Images are scaled to ``tile`` pixels
+    (nearest-neighbour when enlarged, so a 64 px render stays sharp rather than blurred)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=max(12, tile // 16))
+    pad, line = 8, max(12, tile // 16) + 8
+    columns = max(len(cells) for _, cells in rows)
+    width = pad + columns * (tile + pad)
+    height = sum(line + tile + line + pad for _ in rows) + pad
+    sheet = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    y = pad
+    for title, cells in rows:
+        draw.text((pad, y), _fit(draw, title, font, width - 2 * pad), fill="black", font=font)
+        y += line
+        for i, (label, img) in enumerate(cells):
+            x = pad + i * (tile + pad)
+            resample = Image.Resampling.NEAREST if max(img.size) < tile else Image.Resampling.LANCZOS
+            sheet.paste(img.convert("RGB").resize((tile, tile), resample), (x, y))
+            draw.text((x, y + tile + 2), _fit(draw, label, font, tile), fill="dimgray", font=font)
+        y += tile + line + pad
+    return sheet
+
+
+def _fit(draw, text: str, font, width: int) -> str:
+    """``text``, shortened with an ellipsis to fit ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"

@@ -2,6 +2,12 @@ import dagster as dg
 
 from assets_pipeline.partitions.definitions import concepts_partitions
 
+# Every run of a job that trains carries this tag. The team instance (dagster_home/dagster.postgres.yaml) limits
+# in-progress runs with it to one per GPU (`concurrency: runs: tag_concurrency_limits`): a second training run
+# waits QUEUED, holding no worker and no memory, while dataset runs (untagged) go on. The `gpu` pool still
+# serializes the GPU steps themselves, whichever run they belong to.
+TRAINING_RUN_TAGS = {"assets_pipeline/training": "true"}
+
 # What the concept-folder sensor runs: ingest only. Declarative automation takes it from there, rebuilding
 # downstream assets only where raw_images' data version changed.
 ingest_concept_job = dg.define_asset_job(
@@ -17,6 +23,7 @@ train_models_job = dg.define_asset_job(
     selection=dg.AssetSelection.groups("models"),
     partitions_def=concepts_partitions,
     description="Train the given concept's outputs from its current latents.",
+    tags=TRAINING_RUN_TAGS,
 )
 
 # One concept's dataset chain, priors and latents: cheap, run whenever its photos change.
@@ -33,4 +40,5 @@ train_concept_job = dg.define_asset_job(
     selection=dg.AssetSelection.groups("dataset", "priors", "latents", "models"),
     partitions_def=concepts_partitions,
     description="Build one concept end to end: datasets, latents and every method its concept.toml requests.",
+    tags=TRAINING_RUN_TAGS,
 )

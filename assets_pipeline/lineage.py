@@ -4,7 +4,8 @@
   that let it in) and whether the file is still in the concept folder, unchanged.
 - image -> outputs: every output, current or replaced, trained on an image (for takedown requests).
 
-Replaced outputs keep their folders and manifests, so history stays auditable.
+Replaced outputs keep their folders and manifests, so history stays auditable, also once retention.py has
+pruned their weights (marked ``weights_pruned``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pandas as pd
 from assets_pipeline.hashing import sha256_file
 
 LINEAGE_FILE = "lineage.json"
+PRUNED_FILE = "PRUNED.json"  # beside the manifest of a version whose weights retention.py deleted
 
 
 def iter_manifests(artifact_root: Path) -> Iterator[tuple[Path, dict]]:
@@ -85,10 +87,11 @@ def outputs_trained_on(artifact_root: Path, sha: str | None, source: tuple[str, 
             else:
                 continue
             current = folder.parent / "current.json"
-            is_current = current.is_file() and Path(json.loads(current.read_text())["path"]) == folder
+            is_current = current.is_file() and folder.parent / json.loads(current.read_text())["path"] == folder
             rows.append({"output": str(folder), "concept": m["concept"], "method": m["method"],
                          "created_at": m.get("created_at"), "run_id": m.get("run_id"), "current": is_current,
+                         "weights_pruned": (folder / PRUNED_FILE).is_file(),
                          "source_path": r.get("source_path"), "image_sha256": r["image_sha256"], "match": match})
             break
     return pd.DataFrame(rows, columns=["output", "concept", "method", "created_at", "run_id", "current",
-                                       "source_path", "image_sha256", "match"])
+                                       "weights_pruned", "source_path", "image_sha256", "match"])

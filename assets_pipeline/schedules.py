@@ -27,20 +27,20 @@ class RetrainDecision:
 
 def plan_retraining(storage: PipelineStorage, base_model: BaseModelResource, clip_scorer: ClipScorerResource,
                     trainer: TrainerLauncher, concepts: list[str]) -> list[RetrainDecision]:
-    """For each concept and requested method: retrain when the job it would run now (training rows with their
-    captions, resolved config, base model) differs from the one that made the current output.
+    """For each concept and requested method: retrain when the current output is not reusable for the job it
+    would run now (training rows with their captions, resolved config, base model, code version; intact weights),
+    the same test a model asset applies before training (training/reuse.py).
 
     Concepts whose dataset is not built yet, or whose quality subset fails the readiness rules (the blocking
     dataset checks), are skipped with the reason.
     """
-    import json
-
     from assets_pipeline.assets.common import read_upstream, spec_from_snapshot
-    from assets_pipeline.assets.models import build_train_job, current_output
+    from assets_pipeline.assets.models import CODE_VERSION as MODEL_CODE_VERSION, build_train_job, current_output
     from assets_pipeline.stages.readiness import readiness
     from assets_pipeline.training.loop import train_context
     from assets_pipeline.training.methods import get_method
     from assets_pipeline.training.methods.base import TrainingInputError
+    from assets_pipeline.training.reuse import find_reusable
 
     layout = storage.layout()
     decisions = []
@@ -66,11 +66,12 @@ def plan_retraining(storage: PipelineStorage, base_model: BaseModelResource, cli
                 continue
             identity = job.identity()
             out = current_output(storage, concept, method.asset_name)
-            trained = json.loads((out / "lineage.json").read_text()).get("job_identity") if out else None
-            if trained == identity:
+            # The same test the model asset applies before it trains, so a scheduled run is never a no-op reuse.
+            reuse, why = find_reusable(out, job, MODEL_CODE_VERSION)
+            if reuse is not None:
                 decisions.append(RetrainDecision(concept, name, method.asset_name, False, "up to date", identity))
             else:
-                why = "no trained output yet" if out is None else "training inputs changed"
+                why = "no trained output yet" if out is None else why
                 decisions.append(RetrainDecision(concept, name, method.asset_name, True, why, identity))
     return decisions
 

@@ -8,11 +8,17 @@ Layout under the artifact root::
 
 Every write goes to a temporary sibling first and is renamed into place, so a crash never leaves a
 half-written file where a reader (or a cache lookup) would take it for a complete one.
+
+Integrity: every cache entry, and every output file that a later run reuses instead of rewriting, has a
+``<name>.sha256`` sidecar written after it. A lookup re-hashes the entry; a missing, truncated or overwritten
+one is logged with its path, discarded and recomputed. Hard links share one inode, so a file is verified
+before it is linked anywhere: a corrupted entry is never spread into other outputs.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -23,6 +29,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from assets_pipeline.hashing import sha256_file
+
+log = logging.getLogger(__name__)
+DIGEST_SUFFIX = ".sha256"
+
+
+def _file_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask (read without changing it for long)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
+def share_files(path: Path) -> None:
+    """Give ``path`` (a file, or every file under a folder) the usual file mode. Some writers (safetensors,
+    mkstemp) create files 0600; an output must be as readable as any other, whichever library wrote it."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
+    for f in files:
+        if f.stat().st_mode & 0o777 != FILE_MODE:
+            os.chmod(f, FILE_MODE)
+
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,7 +62,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared like any other file
+        os.chmod(tmp, FILE_MODE)  # mkstemp creates 0600; every output gets the mode any other new file gets
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -50,6 +80,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         yield tmp
+        share_files(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -68,6 +99,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        share_files(tmp)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.{uuid.uuid4().hex}.old")
@@ -80,9 +112,61 @@ def atomic_dir(path: Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Place ``src`` at ``dst`` without duplicating bytes where the filesystem allows (hard link)."""
+class CorruptFile(Exception):
+    """A file whose bytes no longer match the digest recorded when it was written."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path}: {why}")
+        self.path = path
+        self.why = why
+
+
+def digest_path(path: Path) -> Path:
+    return path.with_name(path.name + DIGEST_SUFFIX)
+
+
+def record_digest(path: Path) -> str:
+    """Write ``path``'s sha256 beside it (``<name>.sha256``); call once the file is complete and in place."""
+    value = sha256_file(path)
+    write_bytes_atomic(digest_path(path), (value + "\n").encode())
+    return value
+
+
+def check_file(path: Path) -> str | None:
+    """None when ``path`` matches its recorded digest, else why not (no digest, unreadable, mismatch)."""
+    try:
+        recorded = digest_path(path).read_text().strip()
+    except FileNotFoundError:
+        return "no integrity digest recorded (an unfinished write, or written by an older version)"
+    except OSError as e:
+        return f"integrity digest unreadable: {e}"
+    try:
+        actual = sha256_file(path)
+    except OSError as e:
+        return f"unreadable: {e}"
+    if actual != recorded:
+        return f"contents changed since written (sha256 {actual[:12]}, recorded {recorded[:12]}; size {path.stat().st_size} B)"
+    return None
+
+
+def verify_file(path: Path) -> Path:
+    """``path`` if it matches its recorded digest, else :class:`CorruptFile`."""
+    why = check_file(path)
+    if why is not None:
+        raise CorruptFile(path, why)
+    return path
+
+
+def link_or_copy(src: Path, dst: Path, verify: bool = True) -> None:
+    """Place ``src`` at ``dst`` without duplicating bytes where the filesystem allows (hard link).
+
+    With ``verify`` (the default) ``src`` must match its recorded digest first (:class:`CorruptFile` if not),
+    and the digest travels with it, so a link never spreads a corrupted file and the copy stays verifiable.
+    """
     dst.parent.mkdir(parents=True, exist_ok=True)
+    if verify:
+        verify_file(src)
+        link_or_copy(digest_path(src), digest_path(dst), verify=False)
     try:
         os.link(src, dst)
     except OSError:
@@ -100,22 +184,22 @@ class ItemCache:
     ext: str
     computed: int = field(default=0, init=False)
     cached: int = field(default=0, init=False)
+    discarded: list[str] = field(default_factory=list, init=False)  # "<path>: <why>" of each bad entry found
 
     def path(self, key: str) -> Path:
         return self.root / "cache" / self.kind / key[:2] / f"{key}{self.ext}"
 
     def get_or_create(self, key: str, create: Callable[[Path], None]) -> Path:
-        """Return the item's path, calling ``create(tmp_path)`` to write it first when it is missing."""
-        target = self.path(key)
-        if target.exists():
+        """Return the item's path, calling ``create(tmp_path)`` to write it first when it is missing or bad."""
+        if self._valid(key):
             self.cached += 1
-            return target
+            return self.path(key)
         return self.put(key, create)
 
     def split(self, keys: list[str]) -> list[str]:
-        """Count the keys already stored as cache hits and return the missing ones, for batched computation
-        (e.g. one VAE forward over all missing images); store each with :meth:`put`."""
-        missing = [k for k in dict.fromkeys(keys) if not self.path(k).exists()]
+        """Count the keys already stored (and intact) as cache hits and return the missing ones, for batched
+        computation (e.g. one VAE forward over all missing images); store each with :meth:`put`."""
+        missing = [k for k in dict.fromkeys(keys) if not self._valid(k)]
         self.cached += len(dict.fromkeys(keys)) - len(missing)
         return missing
 
@@ -123,11 +207,34 @@ class ItemCache:
         target = self.path(key)
         with atomic_path(target) as tmp:
             write(tmp)
+            digest = sha256_file(tmp)
+        # Written after the entry: a crash in between leaves an entry without a digest, which reads as missing.
+        write_bytes_atomic(digest_path(target), (digest + "\n").encode())
         self.computed += 1
         return target
 
+    def _valid(self, key: str) -> bool:
+        """Whether the entry exists and matches its digest; a bad one is logged, counted and removed."""
+        target = self.path(key)
+        if not target.exists():
+            return False
+        why = check_file(target)
+        if why is None:
+            return True
+        log.warning("discarding cache entry %s: %s; recomputing it", target, why)
+        self.discarded.append(f"{target}: {why}")
+        # Unlinking drops only this name: other outputs hard-linked to the same inode keep theirs, and the
+        # recomputed entry is a new inode.
+        target.unlink(missing_ok=True)
+        digest_path(target).unlink(missing_ok=True)
+        return False
+
     def counts(self) -> dict[str, int]:
-        return {"items_computed": self.computed, "items_cached": self.cached}
+        """Materialization metadata: hits, misses and (when any) the corrupt entries replaced."""
+        out = {"items_computed": self.computed, "items_cached": self.cached}
+        if self.discarded:
+            out["items_discarded_corrupt"] = len(self.discarded)
+        return out
 
 
 @dataclass(frozen=True)
@@ -149,6 +256,15 @@ class ArtifactLayout:
         if not path.resolve().is_relative_to(root):
             raise ValueError(f"refusing {path}: it resolves to {path.resolve()}, outside the artifact root {root}")
         return path
+
+    def relative(self, path: Path | str) -> str:
+        """How a path inside the root is stored in tables: relative to the root, so the root can be moved,
+        mounted elsewhere or restored from a backup and every stored path still resolves."""
+        return Path(path).resolve().relative_to(self.root.resolve()).as_posix()
+
+    def absolute(self, stored: str) -> Path:
+        """A stored path resolved against this root (an absolute one, from an older table, is kept as is)."""
+        return self.root / stored
 
     def cache(self, kind: str, ext: str) -> ItemCache:
         return ItemCache(self.root, kind, ext)

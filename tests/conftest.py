@@ -46,6 +46,33 @@ def link_models(built_models: Path, root: Path) -> Path:
     return root
 
 
+def build_dataset_half(root: Path, built_models: Path, concept: str | None = None,
+                       files: dict[str, bytes] | None = None, spec: str | None = None):
+    """Fresh roots under ``root`` with one concept's dataset half built through Dagster (photos to latents):
+    the demo concept by default, else ``concept`` with ``files`` and ``spec``. Returns the storage resource."""
+    import dagster as dg
+
+    from assets_pipeline.definitions import ASSETS, default_resources
+    from assets_pipeline.demo_data import DEMO_CONCEPT, write_demo_concept
+    from assets_pipeline.resources import PipelineStorage
+    from helpers import write_concept
+
+    storage = PipelineStorage(data_root=str(root / "data"), artifact_root=str(link_models(built_models,
+                                                                                           root / "artifacts")))
+    if concept is None:
+        concept = DEMO_CONCEPT
+        write_demo_concept(root / "data")
+    else:
+        write_concept(root / "data", concept, files or {}, spec)
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("concepts", [concept])
+        res = dg.materialize(ASSETS, selection="group:dataset or group:priors or group:latents",
+                             partition_key=concept, instance=instance,
+                             resources={**default_resources(), "storage": storage})
+    assert res.success
+    return storage
+
+
 @pytest.fixture
 def artifact_root(tmp_path, built_models) -> Path:
     return link_models(built_models, tmp_path / "artifacts")

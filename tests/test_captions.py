@@ -163,3 +163,53 @@ def test_blip_captioner_resource_captions_and_caches(tiny_blip, manifest, tmp_pa
     df2 = caption_images(manifest, SPEC, again, captioner)
     assert again.counts() == {"items_computed": 0, "items_cached": 2}
     assert df2["caption"].equals(df["caption"])
+
+
+# ---- captions longer than the text encoder reads --------------------------------------------------------------
+
+# 120 words, each one CLIP token: 122 tokens with the start and end tokens, 45 words past SD's 77.
+LONG_WORDS = ("a photo of sks dog sitting on the green grass under a tall oak tree in warm evening light".split()
+              * 7)[:120]
+
+
+def test_overlong_captions_counts_with_the_base_models_tokenizer(built_models):
+    from assets_pipeline.base_model import load_tokenizer, resolve_base_model
+    from assets_pipeline.stages.captions import overlong_captions
+
+    tokenizer = load_tokenizer(resolve_base_model("embedded", built_models))
+    assert tokenizer.model_max_length == 77
+    captions = pd.DataFrame({"source_path": ["long.png", "short.png", "edge.png"],
+                             "caption_source": ["sidecar", "template", "sidecar"],
+                             "caption": [" ".join(LONG_WORDS), "a photo of sks dog", " ".join(LONG_WORDS[:75])]})
+    long = overlong_captions(captions, tokenizer)
+    # 75 words + start + end = 77 exactly: read whole, not truncated.
+    assert long.to_dict("records") == [{"source_path": "long.png", "caption_source": "sidecar", "tokens": 122,
+                                        "cut": " ".join(LONG_WORDS[75:])}]
+    assert overlong_captions(captions.iloc[:0], tokenizer).empty  # every photo rejected: nothing to count
+
+
+def test_captioned_images_warns_per_truncated_caption_and_counts_them(storage, data_root):
+    import logging
+
+    import dagster as dg
+
+    from assets_pipeline.definitions import ASSETS, default_resources
+
+    write_concept(data_root, "rusty", {
+        "long.png": encode(photo("coffee", (64, 64)), "PNG"), "long.txt": " ".join(LONG_WORDS).encode(),
+        "short.png": encode(photo("astronaut", (64, 64)), "PNG"), "short.txt": b"a photo of sks dog",
+    })
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("concepts", ["rusty"])
+        res = dg.materialize(ASSETS, selection=["raw_images", "captioned_images"], partition_key="rusty",
+                             instance=instance, resources={**default_resources(), "storage": storage})
+        assert res.success
+        warnings = [e.user_message for e in instance.all_logs(res.run_id) if e.level == logging.WARNING]
+    [mat] = [e.materialization for e in res.get_asset_materialization_events()
+             if e.materialization.asset_key.to_user_string() == "captioned_images"]
+    assert mat.metadata["captions_truncated"].value == 1
+    assert mat.metadata["caption_token_limit"].value == 77
+    truncated = [w for w in warnings if "tokens, over the text encoder's" in w]
+    assert len(truncated) == 1
+    assert "sidecar caption of long.png is 122 tokens, over the text encoder's 77" in truncated[0]
+    assert "never seeing 'light a photo of sks dog" in truncated[0]

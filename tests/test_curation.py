@@ -48,6 +48,28 @@ def test_laplacian_variance_measures_sharpness():
     assert laplacian_variance(np.full((20, 20), 128)) == 0
 
 
+def test_laplacian_variance_is_the_4_neighbour_stencil_on_grey_levels():
+    """skimage.filters.laplace computes it; the scale must stay 0..255 grey levels (skimage rescales a uint8
+    image to 0..1, which would divide the variance by 255**2 and make min_blur_variance call everything blurry)."""
+    g = np.random.default_rng(0).integers(0, 256, (40, 30)).astype(np.uint8)
+    f = g.astype(np.float64)
+    stencil = f[:-2, 1:-1] + f[2:, 1:-1] + f[1:-1, :-2] + f[1:-1, 2:] - 4.0 * f[1:-1, 1:-1]
+    assert laplacian_variance(g) == pytest.approx(stencil.var(), rel=1e-12)
+    assert laplacian_variance(f) == laplacian_variance(g)
+
+
+def test_phash_is_the_dct_of_the_32x32_grey_copy_bits_in_row_order():
+    """scipy.fft.dctn computes it; the bits are the 8x8 low frequencies > their median, row by row, first bit
+    most significant (as imagehash's hex string)."""
+    n = np.arange(32)
+    dct = np.cos(np.pi * (2 * n[None, :] + 1) * n[:, None] / 64)  # DCT-II basis, unnormalized
+    for name in ["astronaut", "coffee"]:
+        img = photo(name)
+        g = np.asarray(img.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+        low = (dct @ g @ dct.T)[:8, :8]
+        assert phash(img) == int("".join("1" if b else "0" for b in (low > np.median(low)).flat), 2)
+
+
 @pytest.fixture
 def frame(tmp_path):
     """Build the (captioned, manifest) pair filter_images takes from named PIL images."""

@@ -118,7 +118,9 @@ def test_row_counts_match_the_demo_design_and_the_tables(demo):
     rejects = read_table(demo.asset_dir("raw_images") / "rejects.parquet")
     filtered = read_table(demo.asset_dir("filtered_images") / "filtered.parquet")
     scores = read_table(demo.asset_dir("clip_scored_images") / "scores.parquet")
-    control = read_table(demo.asset_dir("control_images") / "control.parquet")
+    from assets_pipeline.assets.common import read_upstream
+
+    control = read_upstream(demo.storage, demo.concept_dir.name, "control_images", "control.parquet")  # resolved
     index = read_table(demo.asset_dir("vae_latents") / "index.parquet")
     assert last["raw_images"]["dagster/row_count"] == len(manifest)
     assert last["raw_images"]["rejected"] == len(rejects)
@@ -186,7 +188,9 @@ def test_imagefolders_load_with_hf_datasets(demo, tmp_path):
     folder = demo.asset_dir("control_images") / "imagefolder"
     lines = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
     assert all((folder / e["conditioning_image_file_name"]).is_file() for e in lines)
-    control = read_table(demo.asset_dir("control_images") / "control.parquet")
+    from assets_pipeline.assets.common import read_upstream
+
+    control = read_upstream(demo.storage, demo.concept_dir.name, "control_images", "control.parquet")  # resolved
     ds = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", cache_dir=str(tmp_path / "hf2"))
     # datasets reads a `*_file_name` column as an image column named without the suffix: diffusers'
     # train_controlnet.py default --conditioning_image_column is exactly "conditioning_image".

@@ -28,7 +28,7 @@ def demo_build(tmp_path_factory, built_models):
 
     from assets_pipeline.definitions import ASSETS, CHECKS, default_resources
     from assets_pipeline.demo_data import DEMO_CONCEPT, write_demo_concept
-    from assets_pipeline.resources import PipelineStorage
+    from assets_pipeline.resources import PipelineStorage, TrainerLauncher
 
     root = tmp_path_factory.mktemp("training")
     data = root / "data"
@@ -37,7 +37,8 @@ def demo_build(tmp_path_factory, built_models):
     storage = PipelineStorage(data_root=str(data), artifact_root=str(artifacts))
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("concepts", [DEMO_CONCEPT])
-    resources = {**default_resources(), "storage": storage}
+    # TensorBoard through accelerate's trackers, so every method's training also proves the tracking path.
+    resources = {**default_resources(), "storage": storage, "trainer": TrainerLauncher(log_with="tensorboard")}
     res = dg.materialize([*ASSETS, *CHECKS], partition_key=DEMO_CONCEPT, instance=instance, resources=resources)
     assert res.success
     mats = {e.materialization.asset_key.to_user_string(): e.materialization
@@ -80,6 +81,8 @@ def _stock_pipeline(base: Path, method: str, out: Path):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_trains_and_passes_its_checks(demo_build, method):
+    import dagster as dg
+
     asset = METHODS[method]
     assert asset in demo_build.mats, f"{asset} was not materialized"
     out = _out(demo_build, asset)
@@ -91,7 +94,35 @@ def test_method_trains_and_passes_its_checks(demo_build, method):
     metrics = json.loads((out / "metrics.json").read_text())
     assert np.isfinite(metrics["clip_t"]) and np.isfinite(metrics["clip_i"])
     assert metrics["steps"] == len((out / "loss.csv").read_text().splitlines()) - 1
-    assert "preview" in demo_build.mats[asset].metadata
+    md = demo_build.mats[asset].metadata
+    # What a person sees in the UI: the loss curve and the labeled validation grid as images, and the key numbers
+    # as numeric metadata (which Dagster plots across materializations).
+    assert md["loss_curve"].value.startswith("![training loss per step](data:image/png;base64,")
+    assert md["preview"].value.startswith("![validation: base vs trained, per prompt and seed](data:image/jpeg;")
+    from PIL import Image
+
+    with Image.open(out / "validation" / "grid.png") as grid:  # 2 prompts x (base, trained) per seed, 256 px each
+        assert grid.width >= 2 * 256 * len(metrics["validation_seeds"]) and grid.height >= 2 * 256
+    for key in ("final_loss", "clip_t", "clip_i", "mean_abs_change_vs_base"):
+        assert isinstance(md[key], dg.FloatMetadataValue), key
+    assert isinstance(md["steps"], dg.IntMetadataValue) and md["reused"].value is False
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_training_reports_progress_and_logs_to_tensorboard(demo_build, method):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = _out(demo_build, METHODS[method])
+    steps = json.loads((out / "metrics.json").read_text())["steps"]
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    expected = [float(row.split(",")[1]) for row in (out / "loss.csv").read_text().splitlines()[1:]]
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, steps + 1))
+    assert np.allclose(losses, expected, rtol=1e-5) and len(events.Scalars("train/lr")) >= 1
+    # Progress reached the run's log through Pipes: step, percentage, loss, and an ETA once the rate is known.
+    messages = [e.user_message for e in demo_build.instance.all_logs(demo_build.res.run_id)]
+    assert any(f"step {steps}/{steps} (100%) loss" in m for m in messages), method
+    assert any("ETA" in m for m in messages)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -106,8 +137,9 @@ def test_output_loads_in_stock_diffusers_and_changes_the_image(demo_build, metho
         from PIL import Image
 
         control = json.loads((out / "lineage.json").read_text())["training_images"][0]["image_sha256"]
-        table = __import__("pandas").read_parquet(demo_build.artifacts / "concepts" / demo_build.concept
-                                                  / "control_images" / "control.parquet")
+        from assets_pipeline.assets.common import read_upstream
+
+        table = read_upstream(demo_build.storage, demo_build.concept, "control_images", "control.parquet")
         kw["image"] = Image.open(table.set_index("image_sha256").loc[control, "control_path"])
     tuned = _render(pipe, prompt, **kw)
     base = _render(StableDiffusionPipeline.from_pretrained(demo_build.base, local_files_only=True), prompt)
@@ -142,6 +174,15 @@ def test_lineage_manifest_lists_exactly_the_training_rows(demo_build):
             assert sha256_file(out / rel) == sums[rel]
             with safe_open(str(out / rel), framework="pt") as f:
                 assert f.metadata()["lineage_sha256"] == digest
+
+
+def test_trained_outputs_have_the_usual_file_mode(demo_build):
+    """safetensors creates its files 0600; every output file gets the mode any other new file gets."""
+    from assets_pipeline.store import FILE_MODE
+
+    for asset in METHODS.values():
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in _out(demo_build, asset).rglob("*") if p.is_file()}
+        assert set(modes.values()) == {oct(FILE_MODE)}, (asset, modes)
 
 
 def test_kohya_lora_loads_through_diffusers_and_matches(demo_build):
@@ -277,3 +318,76 @@ def test_two_trainers_of_the_same_job_take_turns(demo_build, tmp_path):
     assert "waiting for it to finish" in errs[1] and "waiting" not in errs[0]
     a, b = (load_file(str(Path(j.output_dir) / "pytorch_lora_weights.safetensors")) for j in jobs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _versions(demo, asset: str) -> list[str]:
+    return sorted(p.name for p in (demo.artifacts / "concepts" / demo.concept / asset).iterdir()
+                  if p.is_dir() and not p.name.startswith("."))
+
+
+def test_identical_job_reuses_the_current_output_and_the_tag_forces_training(demo_build):
+    import dagster as dg
+
+    from assets_pipeline.definitions import ASSETS, CHECKS
+    from assets_pipeline.resources import TrainerLauncher
+    from assets_pipeline.training.reuse import FORCE_RETRAIN_TAG
+
+    class NoTraining(TrainerLauncher):
+        def launch(self, context, job_path):
+            raise AssertionError(f"trained although nothing changed ({job_path})")
+
+    before = _versions(demo_build, "lora_adapter")
+    first = demo_build.mats["lora_adapter"]
+    res = dg.materialize([*ASSETS, *CHECKS], selection=dg.AssetSelection.assets("lora_adapter"),
+                         partition_key=demo_build.concept, instance=demo_build.instance,
+                         resources={**demo_build.resources, "trainer": NoTraining(device="cpu")})
+    assert res.success
+    mat = res.get_asset_materialization_events()[0].materialization
+    assert mat.metadata["reused"].value is True
+    assert mat.metadata["path"].value == first.metadata["path"].value
+    assert mat.metadata["reused_from_run_id"].value == demo_build.res.run_id
+    assert mat.metadata["final_loss"].value == first.metadata["final_loss"].value
+    assert mat.tags["dagster/data_version"] == first.tags["dagster/data_version"]  # downstream sees no change
+    assert _versions(demo_build, "lora_adapter") == before  # no new version folder
+    assert all(c.passed for c in res.get_asset_check_evaluations())  # the checks run on the reused output
+
+    forced = dg.materialize([*ASSETS, *CHECKS], selection=dg.AssetSelection.assets("lora_adapter"),
+                            partition_key=demo_build.concept, instance=demo_build.instance,
+                            resources=demo_build.resources, tags={FORCE_RETRAIN_TAG: "true"})
+    assert forced.success
+    mat = forced.get_asset_materialization_events()[0].materialization
+    assert mat.metadata["reused"].value is False
+    assert len(_versions(demo_build, "lora_adapter")) == len(before) + 1
+
+
+def test_an_output_is_reusable_only_when_intact_and_from_the_same_job_and_code(demo_build, tmp_path):
+    import dataclasses
+    import shutil
+
+    from assets_pipeline.assets.common import spec_from_snapshot
+    from assets_pipeline.assets.models import CODE_VERSION, build_train_job
+    from assets_pipeline.resources import BaseModelResource, ClipScorerResource, TrainerLauncher
+    from assets_pipeline.training.reuse import find_reusable, force_requested
+
+    out = tmp_path / "copy"
+    shutil.copytree(_out(demo_build, "dreambooth_model"), out)
+    spec = spec_from_snapshot(demo_build.storage, demo_build.concept)
+    ref = BaseModelResource().resolve(demo_build.artifacts)
+    job = build_train_job(demo_build.storage, ref, spec, "dreambooth", run_id="again", input_versions={},
+                          trainer=TrainerLauncher(device="cpu"), clip_scorer=ClipScorerResource())
+    reuse, why = find_reusable(out, job, CODE_VERSION)
+    assert reuse is not None and why.startswith("identical job already trained")
+    assert find_reusable(out, job, CODE_VERSION + "x")[1].startswith("trained by code version")
+    other = dataclasses.replace(job, config={**job.config, "learning_rate": job.config["learning_rate"] * 2})
+    assert find_reusable(out, other, CODE_VERSION) == (None, "training inputs changed")
+    weights = next(out.rglob("*.safetensors"))
+    with open(weights, "r+b") as f:
+        f.truncate(100)
+    reuse, why = find_reusable(out, job, CODE_VERSION)
+    assert reuse is None and str(weights) in why and "damaged" in why
+    (out / "metrics.json").unlink()
+    assert "incomplete" in find_reusable(out, job, CODE_VERSION)[1]
+    assert find_reusable(None, job, CODE_VERSION) == (None, "no current output")
+    assert not force_requested({}) and force_requested({"assets_pipeline/force_retrain": "TRUE"})
+    with pytest.raises(ValueError, match="expected 'true' or 'false'"):
+        force_requested({"assets_pipeline/force_retrain": "yes please"})

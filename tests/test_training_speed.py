@@ -49,24 +49,13 @@ def test_micro_batch_candidates_divide_the_effective_batch():
 @pytest.fixture(scope="module")
 def lora_jobs(tmp_path_factory, built_models):
     """The demo concept's dataset half, and a job factory for it (no Dagster run needed for training)."""
-    import dagster as dg
-
     from assets_pipeline.assets.common import spec_from_snapshot
-    from assets_pipeline.definitions import ASSETS, default_resources
-    from assets_pipeline.demo_data import DEMO_CONCEPT, write_demo_concept
-    from assets_pipeline.resources import PipelineStorage
-    from tests.conftest import link_models
+    from assets_pipeline.demo_data import DEMO_CONCEPT
+    from tests.conftest import build_dataset_half
 
     root = tmp_path_factory.mktemp("speed")
-    artifacts = link_models(built_models, root / "artifacts")
-    write_demo_concept(root / "data")
-    storage = PipelineStorage(data_root=str(root / "data"), artifact_root=str(artifacts))
-    instance = dg.DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("concepts", [DEMO_CONCEPT])
-    res = dg.materialize(ASSETS, selection="group:dataset or group:priors or group:latents",
-                         partition_key=DEMO_CONCEPT, instance=instance,
-                         resources={**default_resources(), "storage": storage})
-    assert res.success
+    storage = build_dataset_half(root, built_models)
+    artifacts = storage.artifact_path()
     spec = spec_from_snapshot(storage, DEMO_CONCEPT)
 
     def make(method: str, name: str, performance: dict, **overrides):

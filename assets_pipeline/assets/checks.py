@@ -23,6 +23,8 @@ def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
 
     @dg.asset_check(asset=asset, name="weights_finite", blocking=True, partitions_def=concepts_partitions)
     def weights_finite(context: dg.AssetCheckExecutionContext, storage: PipelineStorage) -> dg.AssetCheckResult:
+        """Every tensor of every weights file is finite (no NaN or inf): a diverged training (learning rate too
+        high, fp16 overflow) fails here before anyone loads the output. Blocking."""
         from assets_pipeline.training.verify import nonfinite_tensors
 
         counts = nonfinite_tensors(_output(storage, context.partition_key))
@@ -33,6 +35,9 @@ def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
     @dg.asset_check(asset=asset, name="changes_base_output", partitions_def=concepts_partitions)
     def changes_base_output(context: dg.AssetCheckExecutionContext, storage: PipelineStorage,
                             base_model: BaseModelResource, accelerator: AcceleratorResource) -> dg.AssetCheckResult:
+        """The output changes what the base model renders for the same prompt and seed (mean absolute pixel
+        change > 0): an adapter that loads but does nothing (zero LoRA weights, a token never trained, a
+        ControlNet with zero-convolutions still zero) fails here."""
         from dataclasses import asdict
 
         from assets_pipeline.assets.common import spec_from_snapshot
@@ -56,6 +61,8 @@ def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
                     partitions_def=concepts_partitions)
     def manifest_lists_training_images(context: dg.AssetCheckExecutionContext,
                                        storage: PipelineStorage) -> dg.AssetCheckResult:
+        """The output's lineage.json lists exactly the images (sha256, role, caption) its training rows have
+        now: none missing, none extra, so the audit from this output back to its photos is exact. Blocking."""
         from assets_pipeline.training.verify import manifest_difference
 
         concept = context.partition_key

@@ -11,7 +11,7 @@ import pandas as pd
 
 from assets_pipeline.partitions.concept_spec import ConceptSpec, apply_overrides
 from assets_pipeline.resources import PipelineStorage
-from assets_pipeline.tables import read_table
+from assets_pipeline.tables import read_table, write_table
 
 SPEC_SNAPSHOT = "concept.json"
 
@@ -28,11 +28,60 @@ def concept_config(spec: ConceptSpec, section: str, default: Any) -> Any:
     return apply_overrides(default, spec.section(section), f"{spec.name}/concept.toml [{section}]")
 
 
+# Table columns holding files inside the artifact root: stored relative to it (so the root can move), absolute
+# in memory.
+PATH_COLUMNS = ("decoded_path", "control_path")
+
+
 def read_upstream(storage: PipelineStorage, concept: str, asset: str, table: str) -> pd.DataFrame:
-    path = storage.layout().asset_dir(concept, asset) / table
+    layout = storage.layout()
+    path = layout.asset_dir(concept, asset) / table
     if not path.is_file():
         raise FileNotFoundError(f"{asset} has no output for concept {concept!r} yet ({path}); materialize it first")
-    return read_table(path)
+    df = read_table(path)
+    for col in PATH_COLUMNS:
+        if col in df:
+            df[col] = [None if v is None else str(layout.absolute(v)) for v in df[col]]
+    return df
+
+
+def save_table(storage: PipelineStorage, df: pd.DataFrame, path: Path) -> None:
+    """Write an asset's table, its path columns relative to the artifact root (:func:`read_upstream` undoes it)."""
+    layout = storage.layout()
+    df = df.copy()
+    for col in PATH_COLUMNS:
+        if col in df:
+            df[col] = [None if v is None else layout.relative(v) for v in df[col]]
+    write_table(df, path)
+
+
+def restore_images(context: dg.AssetExecutionContext, storage: PipelineStorage, concept: str,
+                   df: pd.DataFrame) -> dict[str, int]:
+    """Check the decoded photos ``df`` names before they are read or linked; re-decode any missing or corrupt
+    one from its photo (stages.ingest.restore_decoded). Returns metadata: how many were restored."""
+    from assets_pipeline.stages.ingest import restore_decoded
+
+    restored = restore_decoded(df, storage.concept_dir(concept), storage.layout().cache("images", ".png"))
+    for path in restored:
+        context.log.warning(f"decoded image {path} was missing or corrupt: discarded and re-decoded from its photo")
+    return {"images_restored": len(restored)}
+
+
+def clean_stale_temporaries(context: dg.AssetExecutionContext, storage: PipelineStorage, concept: str,
+                            asset: str, caches: tuple[str, ...] = ()) -> list[Path]:
+    """What earlier materializations of this asset left half-written when they crashed (cleanup.py): its
+    folder's temporaries beside it in the concept folder and inside it (a model asset's ``.<version>.tmp/``,
+    ``.job-*.json``), and those of the item cache kinds it writes. Each removal is logged."""
+    from assets_pipeline import cleanup
+
+    layout = storage.layout()
+    out = layout.asset_dir(concept, asset)
+    removed = cleanup.remove_stale_temporaries(out.parent, owner=asset) + cleanup.remove_stale_temporaries(out)
+    for kind in caches:
+        removed += cleanup.remove_stale_cache_temporaries(layout.root / "cache" / kind)
+    for path in removed:
+        context.log.info(f"removed stale temporary {path}: a write that never finished (crashed or killed run)")
+    return removed
 
 
 def table_preview(df: pd.DataFrame, columns: list[str], rows: int = 10) -> dg.MetadataValue:

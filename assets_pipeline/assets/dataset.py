@@ -2,13 +2,14 @@
 
 
 import dataclasses
+import textwrap
 from pathlib import Path
 
 import dagster as dg
 
 from assets_pipeline.assets.common import (
-    SPEC_SNAPSHOT, concept_config, image_preview as _preview, read_upstream, result, spec_from_snapshot,
-    table_preview,
+    SPEC_SNAPSHOT, clean_stale_temporaries, concept_config, image_preview as _preview, read_upstream,
+    restore_images, result, save_table, spec_from_snapshot, table_preview,
 )
 from assets_pipeline.automation import rebuild_on_change, rebuild_on_code_change
 from assets_pipeline.hashing import digest
@@ -18,7 +19,7 @@ from assets_pipeline.resources import (
     AcceleratorResource, BaseModelResource, CaptionerResource, ClipScorerResource, PipelineStorage,
 )
 from assets_pipeline.store import atomic_dir, write_json_atomic
-from assets_pipeline.tables import table_version, write_imagefolder, write_table
+from assets_pipeline.tables import table_version, write_imagefolder
 
 GROUP = "dataset"
 
@@ -45,11 +46,12 @@ def raw_images(context: dg.AssetExecutionContext, storage: PipelineStorage) -> d
     folder = storage.concept_dir(concept)
     spec = load_concept_spec(folder)
     layout = storage.layout()
+    clean_stale_temporaries(context, storage, concept, "raw_images", caches=("images", "thumbnails"))
     res = ingest_concept(folder, storage.data_path(), layout.cache("images", ".png"), IngestConfig())
     out = layout.asset_dir(concept, "raw_images")
     with atomic_dir(out) as tmp:
-        write_table(res.manifest, tmp / "manifest.parquet")
-        write_table(res.rejects, tmp / "rejects.parquet")
+        save_table(storage, res.manifest, tmp / "manifest.parquet")
+        save_table(storage, res.rejects, tmp / "rejects.parquet")
         write_json_atomic(tmp / SPEC_SNAPSHOT, dataclasses.asdict(spec))
     for r in res.rejects.itertuples():
         context.log.warning(f"rejected {r.source_path}: {r.reason}")
@@ -68,10 +70,12 @@ def raw_images(context: dg.AssetExecutionContext, storage: PipelineStorage) -> d
           kinds={"python"}, automation_condition=rebuild_on_change())
 def captioned_images(
     context: dg.AssetExecutionContext, storage: PipelineStorage, captioner: CaptionerResource,
-    accelerator: AcceleratorResource,
+    accelerator: AcceleratorResource, base_model: BaseModelResource,
 ) -> dg.MaterializeResult:
-    """A caption per photo: sidecar .txt > captioner model > 'a photo of {token} {class_noun}'."""
-    from assets_pipeline.stages.captions import CaptionConfig, caption_images
+    """A caption per photo: sidecar .txt > captioner model > 'a photo of {token} {class_noun}'. Captions longer
+    than the base model's text encoder reads are warned about, one by one (it truncates them)."""
+    from assets_pipeline.base_model import load_tokenizer
+    from assets_pipeline.stages.captions import CaptionConfig, caption_images, overlong_captions
 
     concept = context.partition_key
     spec = spec_from_snapshot(storage, concept)
@@ -79,19 +83,31 @@ def captioned_images(
     cfg = concept_config(spec, "captions", CaptionConfig())
     model = captioner.load(layout.root, accelerator.device, cfg.max_new_tokens) if cfg.use_captioner else None
     cache = layout.cache("captions", ".txt")
-    df = caption_images(read_upstream(storage, concept, "raw_images", "manifest.parquet"), spec, cache, model, cfg)
+    clean_stale_temporaries(context, storage, concept, "captioned_images", caches=(cache.kind,))
+    manifest = read_upstream(storage, concept, "raw_images", "manifest.parquet")
+    restored = restore_images(context, storage, concept, manifest)
+    df = caption_images(manifest, spec, cache, model, cfg)
     out = layout.asset_dir(concept, "captioned_images")
     with atomic_dir(out) as tmp:
-        write_table(df, tmp / "captions.parquet")
+        save_table(storage, df, tmp / "captions.parquet")
         write_imagefolder(tmp / "imagefolder", _imagefolder_rows(df))
     missing_token = df[~df["has_token"]]
     if len(missing_token):
         context.log.warning(f"{len(missing_token)} captions lack the token {spec.token!r}: "
                             f"{list(missing_token['source_path'])}")
+    tokenizer = load_tokenizer(base_model.resolve(layout.root))
+    limit = tokenizer.model_max_length
+    overlong = overlong_captions(df, tokenizer)
+    for r in overlong.itertuples():
+        context.log.warning(f"{r.caption_source} caption of {r.source_path} is {r.tokens} tokens, over the text "
+                            f"encoder's {limit} (start and end included): it is truncated, never seeing "
+                            f"{textwrap.shorten(r.cut, 160, placeholder=' ...')!r}")
     sources = df["caption_source"].value_counts().to_dict()
     return result(out, table_version(df, ["image_sha256", "caption"]), len(df), {
-        **cache.counts(),
+        **cache.counts(), **restored,
         **{f"captions_from_{k}": int(sources.get(k, 0)) for k in ("sidecar", "model", "template")},
+        "captions_truncated": len(overlong),
+        "caption_token_limit": limit,
         "preview": table_preview(df, ["source_path", "caption_source", "caption"]),
     })
 
@@ -110,17 +126,20 @@ def filtered_images(
     cfg = concept_config(spec, "quality", QualityConfig())
     resolution = base_model.resolve(layout.root).resolution
     cache = layout.cache("quality_metrics", ".json")
-    df = filter_images(read_upstream(storage, concept, "captioned_images", "captions.parquet"),
-                       read_upstream(storage, concept, "raw_images", "manifest.parquet"), cfg, resolution, cache)
+    clean_stale_temporaries(context, storage, concept, "filtered_images", caches=(cache.kind,))
+    captions = read_upstream(storage, concept, "captioned_images", "captions.parquet")
+    manifest = read_upstream(storage, concept, "raw_images", "manifest.parquet")
+    restored = restore_images(context, storage, concept, captions)
+    df = filter_images(captions, manifest, cfg, resolution, cache)
     kept = df[df["kept"]]
     out = layout.asset_dir(concept, "filtered_images")
     with atomic_dir(out) as tmp:
-        write_table(df, tmp / "filtered.parquet")
+        save_table(storage, df, tmp / "filtered.parquet")
         write_imagefolder(tmp / "imagefolder", _imagefolder_rows(kept))
     for r in df[~df["kept"]].itertuples():
         context.log.info(f"dropped {r.source_path}: {r.reason}")
     return result(out, table_version(kept, ["image_sha256", "caption"]), len(kept), {
-        **cache.counts(),
+        **cache.counts(), **restored,
         "dropped": int((~df["kept"]).sum()),
         "min_side": cfg.min_side or resolution,
         "dropped_table": table_preview(df[~df["kept"]], ["source_path", "reason"], rows=50),
@@ -143,17 +162,20 @@ def clip_scored_images(
     cfg = concept_config(spec, "scoring", ScoringConfig())
     scorer = clip_scorer.load(layout.root, accelerator.device)  # "auto" is resolved if a model is loaded
     cache = layout.cache("clip_scores", ".json")
-    df = score_images(read_upstream(storage, concept, "filtered_images", "filtered.parquet"), scorer, cache, cfg)
+    clean_stale_temporaries(context, storage, concept, "clip_scored_images", caches=(cache.kind,))
+    filtered = read_upstream(storage, concept, "filtered_images", "filtered.parquet")
+    restored = restore_images(context, storage, concept, filtered[filtered["kept"]])
+    df = score_images(filtered, scorer, cache, cfg)
     subset = df[df["in_subset"]]
     if scorer.is_random and cfg.min_score is None and cfg.top_fraction is None:
         context.log.warning("CLIP scorer has random weights (the embedded default): its scores are meaningless, "
                             "so the quality subset keeps every kept photo. Configure a pretrained scorer.")
     out = layout.asset_dir(concept, "clip_scored_images")
     with atomic_dir(out) as tmp:
-        write_table(df, tmp / "scores.parquet")
+        save_table(storage, df, tmp / "scores.parquet")
         write_imagefolder(tmp / "imagefolder", _imagefolder_rows(subset))
     return result(out, table_version(subset, ["image_sha256", "caption"]), len(subset), {
-        **cache.counts(),
+        **cache.counts(), **restored,
         "scored": len(df),
         "scorer_is_random": scorer.is_random,
         "mean_clip_score": float(df["clip_score"].mean()) if len(df) else 0.0,
@@ -179,15 +201,17 @@ def control_images(
     resolution = latent_cfg.resolution or base_model.resolve(layout.root).resolution
     scores = read_upstream(storage, concept, "clip_scored_images", "scores.parquet")
     cache = layout.cache("control_images", ".png")
+    clean_stale_temporaries(context, storage, concept, "control_images", caches=(cache.kind,))
+    restored = restore_images(context, storage, concept, scores[scores["in_subset"]])
     df = make_control_images(scores[scores["in_subset"]], cfg, resolution, latent_cfg.center_crop, cache)
     out = layout.asset_dir(concept, "control_images")
     with atomic_dir(out) as tmp:
-        write_table(df, tmp / "control.parquet")
+        save_table(storage, df, tmp / "control.parquet")
         write_imagefolder(tmp / "imagefolder", _imagefolder_rows(df, control=True))
     # The cache file's name (its content key), not its path: the version must not depend on the artifact root.
     control_keys = df.assign(control_key=[Path(p).name for p in df["control_path"]])
     return result(out, table_version(control_keys, ["image_sha256", "caption", "control_key"]), len(df), {
-        **cache.counts(),
+        **cache.counts(), **restored,
         "annotator": cfg.annotator,
         "resolution": resolution,
         "preview": _preview(layout, df["control_path"]),

@@ -4,12 +4,14 @@
 import dagster as dg
 
 from assets_pipeline.automation import rebuild_on_change
-from assets_pipeline.assets.common import concept_config, read_upstream, result, spec_from_snapshot
+from assets_pipeline.assets.common import (
+    clean_stale_temporaries, concept_config, read_upstream, restore_images, result, spec_from_snapshot,
+)
 from assets_pipeline.assets.dataset import clip_scored_images
 from assets_pipeline.assets.priors import class_images
 from assets_pipeline.partitions.definitions import concepts_partitions
 from assets_pipeline.resources import AcceleratorResource, BaseModelResource, PipelineStorage
-from assets_pipeline.store import atomic_dir, link_or_copy
+from assets_pipeline.store import atomic_dir, check_file, link_or_copy
 from assets_pipeline.tables import read_table, table_version, write_table
 
 
@@ -38,19 +40,26 @@ def vae_latents(
     resolution = cfg.resolution or ref.resolution
     scores = read_upstream(storage, concept, "clip_scored_images", "scores.parquet")
     priors = read_upstream(storage, concept, "class_images", "class_images.parquet")
+    restored = restore_images(context, storage, concept, scores[scores["in_subset"]])
     items = pd.concat([scores[scores["in_subset"]].assign(role="instance"), priors.assign(role="class")],
                       ignore_index=True)
     enc = load_encoders(ref, layout.root, accelerator.device)  # loaded, on the resolved device, only on a miss
     latent_cache, text_cache = layout.cache("latents", ".safetensors"), layout.cache("text_embeds", ".safetensors")
+    clean_stale_temporaries(context, storage, concept, "vae_latents", caches=(latent_cache.kind, text_cache.kind))
     index = compute_latents(items, enc, resolution, cfg, latent_cache, text_cache)
     out = layout.asset_dir(concept, "vae_latents")
-    # Same rows as the current bundle (its keys cover every input): keep it rather than restack every tensor.
-    unchanged = (out / "latents.safetensors").is_file() and (out / "index.parquet").is_file() \
+    # Same rows as the current bundle (its keys cover every input): keep it rather than restack every tensor,
+    # if it is still intact.
+    bundle = out / "latents.safetensors"
+    unchanged = bundle.is_file() and (out / "index.parquet").is_file() \
         and _records(read_table(out / "index.parquet")) == _records(index)
+    if unchanged and (why := check_file(bundle)) is not None:
+        context.log.warning(f"discarding the current bundle {bundle}: {why}; restacking it from the caches")
+        unchanged = False
     with atomic_dir(out) as tmp:
         write_table(index, tmp / "index.parquet")
         if unchanged:
-            link_or_copy(out / "latents.safetensors", tmp / "latents.safetensors")
+            link_or_copy(bundle, tmp / "latents.safetensors")
         else:
             write_latent_bundle(index, latent_cache, text_cache, tmp / "latents.safetensors", {
                 "resolution": resolution, "scaling_factor": enc.scaling_factor,
@@ -62,6 +71,8 @@ def vae_latents(
         "text_embeds_computed": text_cache.computed, "text_embeds_cached": text_cache.cached,
         "items_computed": latent_cache.computed + text_cache.computed,
         "items_cached": latent_cache.cached + text_cache.cached,
+        "items_discarded_corrupt": len(latent_cache.discarded) + len(text_cache.discarded), **restored,
+        "bundle_reused": unchanged,
         "resolution": resolution,
         "base_model_fingerprint": ref.fingerprint,
     })

@@ -10,18 +10,24 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets_pipeline.assets.common import read_upstream, spec_from_snapshot
+from assets_pipeline.assets.common import (
+    clean_stale_temporaries, read_upstream, restore_images, spec_from_snapshot,
+)
 from assets_pipeline.assets.dataset import clip_scored_images, control_images, raw_images
 from assets_pipeline.assets.latents import vae_latents
 from assets_pipeline.assets.priors import class_images
 from assets_pipeline.partitions.definitions import concepts_partitions
 from assets_pipeline.paths import project_root
 from assets_pipeline.store import write_json_atomic
+from assets_pipeline.retention import human_bytes, prune_asset
 from assets_pipeline.resources import BaseModelResource, ClipScorerResource, PipelineStorage, TrainerLauncher
 from assets_pipeline.training.methods import get_method, method_names
+from assets_pipeline.training.reuse import (
+    FORCE_RETRAIN_TAG, find_reusable, force_requested, output_views, reuse_metadata,
+)
 
 CODE_VERSION = "1"
-CURRENT = "current.json"  # {"path": <output folder>}: the asset's current output among kept versions
+CURRENT = "current.json"  # {"path": <version folder name>}: the asset's current output among kept versions
 INPUT_ASSETS = (raw_images, clip_scored_images, class_images, control_images, vae_latents)
 
 
@@ -35,7 +41,8 @@ def git_commit() -> str | None:
 
 def current_output(storage: PipelineStorage, concept: str, asset_name: str) -> Path | None:
     pointer = storage.layout().asset_dir(concept, asset_name) / CURRENT
-    return Path(json.loads(pointer.read_text())["path"]) if pointer.is_file() else None
+    # Relative to the pointer's folder (an absolute path, written by an older version, is kept as is).
+    return pointer.parent / json.loads(pointer.read_text())["path"] if pointer.is_file() else None
 
 
 def _input_versions(context: dg.AssetExecutionContext, concept: str) -> dict:
@@ -104,9 +111,27 @@ def build_train_job(storage: PipelineStorage, ref, spec, method_name: str, run_i
                 "artifact_root": str(layout.root)},
         device=trainer.device, mixed_precision=trainer.mixed_precision,
         performance=trainer.performance_settings(), cache_dir=str(layout.root / "cache"),
+        log_with=trainer.tracker(),
         # The embedded random model's images mean nothing: fewer, cheaper validation renders.
         validation_steps=4 if ref.is_random else 30, validation_seeds=(0,) if ref.is_random else (0, 1),
     )
+
+
+def check_training_inputs(context: dg.AssetExecutionContext, storage: PipelineStorage, job) -> None:
+    """Before a GPU is claimed: the photos validation compares against are restored if damaged, and the latents
+    bundle and control images must be intact (:class:`CorruptFile` names the file and the asset that rebuilds it)."""
+    import pandas as pd
+
+    from assets_pipeline.store import CorruptFile, check_file
+
+    photos = pd.DataFrame([r for r in job.training_images if r["role"] == "instance"],
+                          columns=["image_sha256", "source_path", "decoded_path"])
+    restore_images(context, storage, job.concept, photos)
+    needed = [(Path(job.latents_dir) / "latents.safetensors", "vae_latents")]
+    needed += [(Path(r["control_path"]), "control_images") for r in job.training_images if r.get("control_path")]
+    for path, asset in needed:
+        if (why := check_file(path)) is not None:
+            raise CorruptFile(path, f"{why}; rematerialize {asset} for concept {job.concept!r} to rebuild it")
 
 
 def build_model_asset(method_name: str) -> dg.AssetsDefinition:
@@ -128,15 +153,36 @@ def build_model_asset(method_name: str) -> dg.AssetsDefinition:
         job = build_train_job(
             storage, base_model.resolve(storage.layout().root), spec, method.name, run_id=context.run_id,
             input_versions=_input_versions(context, concept), trainer=trainer, clip_scorer=clip_scorer)
+        previous = current_output(storage, concept, method.asset_name)
+        reuse, why = find_reusable(previous, job, CODE_VERSION)
+        if force_requested(context.run_tags):
+            context.log.info(f"{FORCE_RETRAIN_TAG}=true: training although {why}")
+        elif reuse is not None:
+            context.log.info(f"reusing {reuse.path}: {why}; no training (tag {FORCE_RETRAIN_TAG}=true forces one)")
+            views = {k: dg.MetadataValue.md(v) if t == "md" else dg.MetadataValue.path(v)
+                     for k, (t, v) in output_views(reuse.path).items()}
+            yield dg.MaterializeResult(data_version=dg.DataVersion(reuse.data_version),
+                                       metadata={**views, **reuse_metadata(reuse)})
+            return
+        else:
+            context.log.info(f"training: {why}")
+        check_training_inputs(context, storage, job)
         cfg = method.config_cls(**job.config)
         method.check_inputs(train_context(job), cfg)  # refuse here, with the reason, before launching a process
         asset_dir = Path(job.output_dir).parent
         asset_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale_temporaries(context, storage, concept, method.asset_name)
         job_path = asset_dir / f".job-{context.run_id}.json"
         job.save(job_path)
         yield from trainer.launch(context, job_path).get_results()
-        write_json_atomic(asset_dir / CURRENT, {"path": job.output_dir, "run_id": context.run_id})
-        job_path.unlink()
+        # The version folder's name, relative to this folder: the artifact root can move.
+        write_json_atomic(asset_dir / CURRENT, {"path": Path(job.output_dir).name, "run_id": context.run_id})
+        for p in prune_asset(asset_dir, Path(job.output_dir), storage.keep_weight_versions):
+            context.log.info(f"pruned the weights of {p.folder.name} ({human_bytes(p.bytes)}; newest "
+                             f"{storage.keep_weight_versions} kept): its lineage, metrics and validation images stay")
+        # A concurrent run of this asset removes a job file quiet for an hour (cleanup.GRACE_S); the trainer
+        # read it at its start, so only this unlink notices.
+        job_path.unlink(missing_ok=True)
 
     return _model
 

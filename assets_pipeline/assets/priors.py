@@ -3,12 +3,14 @@
 import dagster as dg
 
 from assets_pipeline.automation import rebuild_on_change
-from assets_pipeline.assets.common import concept_config, image_preview, result, spec_from_snapshot
+from assets_pipeline.assets.common import (
+    clean_stale_temporaries, concept_config, image_preview, result, save_table, spec_from_snapshot,
+)
 from assets_pipeline.assets.dataset import raw_images
 from assets_pipeline.partitions.definitions import concepts_partitions
 from assets_pipeline.resources import AcceleratorResource, BaseModelResource, PipelineStorage
 from assets_pipeline.store import atomic_dir
-from assets_pipeline.tables import table_version, write_table
+from assets_pipeline.tables import table_version
 
 
 @dg.asset(partitions_def=concepts_partitions, group_name="priors", code_version="2", deps=[raw_images],
@@ -29,6 +31,7 @@ def class_images(
     layout = storage.layout()
     ref = base_model.resolve(layout.root)
     cache = layout.cache("class_images", ".png")
+    clean_stale_temporaries(context, storage, concept, "class_images", caches=(cache.kind,))
     cfg = concept_config(spec, "class_images", ClassImageConfig())
     prompt = f"a photo of a {spec.class_noun}"
     if "dreambooth" in spec.methods and spec.class_noun:
@@ -45,7 +48,7 @@ def class_images(
           if count else pd.DataFrame(columns=CLASS_IMAGE_COLUMNS))
     out = layout.asset_dir(concept, "class_images")
     with atomic_dir(out) as tmp:
-        write_table(df, tmp / "class_images.parquet")
+        save_table(storage, df, tmp / "class_images.parquet")
     return result(out, table_version(df, ["image_sha256", "caption"]), len(df), {
         **cache.counts(),
         "prompt": prompt,

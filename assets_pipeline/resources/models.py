@@ -7,6 +7,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets_pipeline.base_model import EMBEDDED, BaseModelRef, resolve_base_model
+from assets_pipeline.resources.k8s import K8sTrainerConfig
 
 
 class BaseModelResource(dg.ConfigurableResource):
@@ -81,6 +82,10 @@ class ClipScorerResource(dg.ConfigurableResource):
         return load_clip_scorer(self.model_name, self.pretrained, artifact_root, device)
 
 
+TRACKERS = ("", "tensorboard")  # accelerate's trackers that work offline and are tested here
+TRAINER_MODES = ("subprocess", "k8s")
+
+
 class TrainerLauncher(dg.ConfigurableResource):
     """Runs the trainer as its own process through Dagster Pipes, so GPU memory is returned after every
     training: ``python -m assets_pipeline.training`` for one process, ``accelerate launch`` for several GPUs.
@@ -98,6 +103,41 @@ class TrainerLauncher(dg.ConfigurableResource):
         "see assets_pipeline/training/performance.py.",
     )
 
+    log_with: str = Field(
+        default="",
+        description="Experiment tracking through accelerate's trackers: '' (none) or 'tensorboard' (the "
+        "tensorboard package; logs go to the checkpoint folder while training, for `tensorboard --logdir`, and "
+        "into the output's tensorboard/ folder at the end). Not part of the job identity.",
+    )
+    mode: str = Field(
+        default="subprocess",
+        description="'subprocess': the trainer runs on this machine; 'k8s': as a Kubernetes pod (settings in "
+        "`k8s`; README, 'On Kubernetes').",
+    )
+    k8s: K8sTrainerConfig = Field(default_factory=K8sTrainerConfig, description="The pod, for mode 'k8s'.")
+
+    def setup_for_execution(self, context) -> None:
+        self.check_mode()  # a bad mode or pod setting fails the run at its start, not after the inputs are read
+
+    def check_mode(self) -> None:
+        from assets_pipeline.resources.k8s import check_config, gpus_for
+
+        if self.mode not in TRAINER_MODES:
+            raise ValueError(f"trainer resource: mode = {self.mode!r}; expected one of {list(TRAINER_MODES)}")
+        if self.mode == "k8s":
+            check_config(self.k8s, gpus_for(self.k8s, self.num_processes, self.device), self.num_processes)
+
+    def tracker(self) -> str:
+        if self.log_with not in TRACKERS:
+            raise ValueError(f"trainer resource: log_with = {self.log_with!r}; expected one of {sorted(TRACKERS)}")
+        if self.log_with == "tensorboard":
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ValueError("trainer resource: log_with = 'tensorboard' needs the tensorboard package "
+                                 "(pip install 'assets-pipeline[tracking]')")
+        return self.log_with
+
     def performance_settings(self) -> dict[str, Any]:
         """The settings, validated here (a typo fails the asset before a trainer process starts)."""
         from assets_pipeline.training.performance import Performance
@@ -109,15 +149,39 @@ class TrainerLauncher(dg.ConfigurableResource):
 
         if self.num_processes > 1:
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(self.num_processes)]
-            if self.accelerate_config_file:
+            if self.accelerate_config_file:  # the file says how (DDP, FSDP, DeepSpeed, machines, port)
                 cmd += ["--config_file", self.accelerate_config_file]
+            else:
+                # Without a config file, plain `accelerate launch` starts ONE process unless it sees several
+                # GPUs; --multi_gpu always starts N (torchrun), and on the CPU the trainer's Accelerator(cpu=True)
+                # joins them over gloo. Port 0: a free port, so concurrent trainings do not collide on 29500.
+                # Precision and dynamo are the trainer's own settings (its Accelerator arguments); these only
+                # silence the launcher's "values were not passed" warning.
+                cmd += ["--multi_gpu", "--num_machines", "1", "--main_process_port", "0",
+                        "--mixed_precision", "no", "--dynamo_backend", "no"]
             return [*cmd, "-m", "assets_pipeline.training", "--job", str(job_path)]
         return [sys.executable, "-m", "assets_pipeline.training", "--job", str(job_path)]
 
     def launch(self, context, job_path: Path):
         import os
 
-        # Extra variables only: PipesSubprocessClient merges them over this process's environment.
+        if self.num_processes > 1:  # an effective batch that cannot be split fails here, before GPUs are claimed
+            from assets_pipeline.training.job import TrainJob
+            from assets_pipeline.training.loop import per_process_batch
+
+            cfg = TrainJob.load(job_path).config
+            per_process_batch(cfg["train_batch_size"], cfg["gradient_accumulation_steps"], self.num_processes)
+
+        # Extra variables only: PipesSubprocessClient merges them over this process's environment (a pod gets
+        # them with k8s.env and the Pipes variables over the image's).
         env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        self.check_mode()
+        if self.mode == "k8s":
+            from assets_pipeline.resources.k8s import gpus_for, run_pod
+
+            # The same command with the image's interpreter in place of this process's (command()'s first item).
+            command = [self.k8s.python, *self.command(job_path)[1:]]
+            return run_pod(context, self.k8s, command, env, gpus_for(self.k8s, self.num_processes, self.device),
+                           job_path)
         return dg.PipesSubprocessClient(env=env).run(context=context, command=self.command(job_path),
                                                      cwd=os.getcwd())

@@ -7,6 +7,7 @@ from pydantic import Field
 
 from assets_pipeline.partitions.concept_spec import validate_concept_key
 from assets_pipeline.paths import ARTIFACTS_ENV, DATA_ENV, resolve_root
+from assets_pipeline.retention import DEFAULT_KEEP
 from assets_pipeline.store import ArtifactLayout
 
 
@@ -16,6 +17,11 @@ class PipelineStorage(dg.ConfigurableResource):
     data_root: str = Field(default="", description=f"Concept folders; empty = ${DATA_ENV}, else <repo>/data.")
     artifact_root: str = Field(
         default="", description=f"Outputs and caches; empty = ${ARTIFACTS_ENV}, else <repo>/artifacts."
+    )
+    keep_weight_versions: int = Field(
+        default=DEFAULT_KEEP, ge=1,
+        description="Trained outputs: the weights of the newest N versions of each are kept (the current one "
+                    "always); older versions keep their lineage, metrics and validation images, not their weights.",
     )
 
     def data_path(self) -> Path:

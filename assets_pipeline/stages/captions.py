@@ -17,6 +17,7 @@ from assets_pipeline.partitions.concept_spec import ConceptSpec
 from assets_pipeline.store import ItemCache
 
 CAPTION_COLUMNS = ["image_sha256", "source_path", "decoded_path", "caption", "caption_source", "has_token"]
+OVERLONG_COLUMNS = ["source_path", "caption_source", "tokens", "cut"]
 
 
 class Captioner(Protocol):
@@ -95,3 +96,19 @@ def caption_images(
     df = pd.DataFrame(rows, columns=CAPTION_COLUMNS[:-1])
     df["has_token"] = df["caption"].str.split().apply(lambda words: spec.token in words)
     return df[CAPTION_COLUMNS]
+
+
+def overlong_captions(captions: pd.DataFrame, tokenizer) -> pd.DataFrame:
+    """The captions the text encoder truncates: more ``tokens`` (start and end tokens included, as the encoder
+    reads them) than ``tokenizer.model_max_length`` (77 for SD's CLIP), with ``cut``, the words past the limit
+    that it never sees. Nothing fails on such a caption: the latents stage and diffusers' training scripts
+    tokenize with ``truncation=True``, so the tail is dropped without a word."""
+    limit = tokenizer.model_max_length
+    if captions.empty:  # a tokenizer refuses an empty batch
+        return pd.DataFrame(columns=OVERLONG_COLUMNS)
+    # verbose=False: transformers' own "longer than the maximum" warning names no file; ours does.
+    ids = tokenizer(list(captions["caption"]), truncation=False, verbose=False).input_ids
+    rows = [{"source_path": r.source_path, "caption_source": r.caption_source, "tokens": len(i),
+             "cut": tokenizer.decode(i[limit - 1 : -1])}
+            for r, i in zip(captions.itertuples(), ids) if len(i) > limit]
+    return pd.DataFrame(rows, columns=OVERLONG_COLUMNS)

@@ -243,3 +243,32 @@ def ingest_concept(
         rejects=pd.DataFrame(rejects, columns=REJECT_COLUMNS).sort_values("source_path", ignore_index=True),
         cache_counts=image_cache.counts(),
     )
+
+
+def restore_decoded(manifest: pd.DataFrame, concept_dir: Path, image_cache: ItemCache,
+                    cfg: IngestConfig = IngestConfig()) -> list[str]:
+    """Check each row's decoded image against its integrity digest; re-decode a missing or corrupt one from its
+    photo, which must still hold the bytes the row was made from. Returns the paths restored.
+
+    Every stage after ``raw_images`` reads the decoded images (and links them into its imagefolder), so each
+    calls this first: a cache entry damaged since ``raw_images`` ran is rebuilt rather than read or spread.
+    """
+    restored = []
+    for r in manifest.itertuples():
+        decoded = Path(r.decoded_path)
+        key = decoded.name.removesuffix(image_cache.ext)
+        if decoded != image_cache.path(key):
+            raise ValueError(f"{decoded}: not an entry of the image cache {image_cache.path(key).parent.parent}")
+        if not image_cache.split([key]):
+            continue
+        source = concept_dir / r.source_path
+        try:
+            data, why = _read_bytes(source, cfg.max_file_bytes), "has changed"
+        except RejectedFile as e:
+            data, why = None, f"cannot be read ({e.reason})"
+        if data is None or sha256_bytes(data) != r.image_sha256:
+            raise ValueError(f"{decoded}: decoded image missing or corrupt, and its photo {source} {why} since "
+                             "raw_images ran; rematerialize raw_images for this concept")
+        _decoded_info(image_cache, key, data, cfg)
+        restored.append(str(decoded))
+    return restored

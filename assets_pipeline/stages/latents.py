@@ -22,7 +22,7 @@ import pandas as pd
 
 from assets_pipeline.hashing import digest
 from assets_pipeline.imaging import training_crop
-from assets_pipeline.store import ItemCache, atomic_path
+from assets_pipeline.store import CorruptFile, ItemCache, atomic_path, check_file, digest_path, record_digest
 
 LATENT_VERSION = 1
 INDEX_COLUMNS = ["image_sha256", "role", "caption", "latent_key", "text_key", "flip_latent_key"]
@@ -144,6 +144,12 @@ def compute_latents(
 
     dtype = getattr(torch, cfg.dtype)
     todo = list({k: (k, p, f) for k, p, f in jobs if k in missing}.values())  # one encode per key
+    for path in dict.fromkeys(Path(p) for _, p, _ in todo):
+        # Images from the project's caches carry a digest: the asset restores damaged photos before this, and
+        # anything still damaged names its fix instead of being encoded.
+        if digest_path(path).exists() and (why := check_file(path)) is not None:
+            raise CorruptFile(path, f"{why}; rematerialize the asset that made it (class_images for a "
+                              "class image, raw_images for a photo)")
     for s in range(0, len(todo), cfg.batch_size):
         batch = todo[s : s + cfg.batch_size]
         mean, std = _encode_images([p for _, p, _ in batch], [f for *_, f in batch], enc, resolution, cfg.center_crop)
@@ -184,12 +190,19 @@ def write_latent_bundle(index: pd.DataFrame, latent_cache: ItemCache, text_cache
               **{k: json.dumps(v) for k, v in meta.items()}}
     with atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata=header)
+    record_digest(out)  # a rerun links this bundle forward only while it still matches
 
 
 def load_latent_bundle(path: Path):
-    """Read a bundle back: (tensors, image_sha256 list, roles, metadata). What trainers call."""
+    """Read a bundle back: (tensors, image_sha256 list, roles, metadata). What trainers call.
+
+    The bundle must match its recorded digest (:class:`CorruptFile` names it otherwise), so a damaged file
+    stops training with its path and the fix, not with a safetensors header error."""
     from safetensors import safe_open
     from safetensors.torch import load_file
+
+    if (why := check_file(path)) is not None:
+        raise CorruptFile(path, f"{why}; rematerialize vae_latents for this concept to rebuild it")
 
     with safe_open(str(path), framework="pt") as f:
         header = f.metadata()

@@ -19,13 +19,15 @@ from pathlib import Path
 def _pipes(stack: ExitStack):
     from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
 
-    if not PipesEnvVarParamsLoader().is_dagster_pipes_process():
+    # Under accelerate launch every process inherits the Pipes variables; rank 0 alone talks to Dagster (the
+    # others log to stderr, which the run captures too).
+    if not PipesEnvVarParamsLoader().is_dagster_pipes_process() or os.environ.get("RANK", "0") != "0":
         return None
     return stack.enter_context(open_dagster_pipes())
 
 
 SPEED_KEYS = ("images_per_s", "warmup_s", "train_s", "peak_mem_gib", "micro_batch", "gradient_accumulation",
-              "compile", "compile_cache", "attention")
+              "compile", "compile_cache", "attention", "num_processes")
 
 
 def _images_table(job) -> str:
@@ -37,12 +39,29 @@ def _images_table(job) -> str:
         f"\n\n_and {more} more_" if more > 0 else "")
 
 
+def _die_with_launcher() -> None:
+    """Under ``accelerate launch`` (torchrun) each process trains in its own session, so a launcher killed hard
+    (SIGKILL of its process group, a Dagster run terminated) would leave them training on, holding the GPUs
+    and the job lock. Linux's parent-death signal ends each with its launcher (prctl(2), PR_SET_PDEATHSIG)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    launcher = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != launcher:  # it died before the signal was armed
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _die_with_launcher()  # first: importing torch takes seconds
     import torch
 
     from assets_pipeline.training.job import TrainJob
     from assets_pipeline.training.loop import checkpoint_root, job_lock, train
     from assets_pipeline.training.output import write_output
+    from assets_pipeline.training.reuse import output_views
 
     parser = argparse.ArgumentParser(prog="python -m assets_pipeline.training", description=__doc__)
     parser.add_argument("--job", required=True, type=Path, help="job JSON written by a model asset")
@@ -69,14 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         if pipes:
             pipes.report_asset_materialization(
                 metadata={
-                    "path": {"raw_value": job.output_dir, "type": "path"},
-                    "preview": {"raw_value": result["preview_md"], "type": "md"},
-                    "loss_curve": {"raw_value": str(Path(job.output_dir) / "loss.png"), "type": "path"},
-                    "lineage": {"raw_value": str(Path(job.output_dir) / "lineage.json"), "type": "path"},
+                    **{k: {"raw_value": v, "type": t}
+                       for k, (t, v) in output_views(Path(job.output_dir), result["preview_md"]).items()},
                     "training_images": {"raw_value": _images_table(job), "type": "md"},
                     **{k: result[k] for k in ("clip_t", "clip_i", "mean_abs_change_vs_base", "final_loss", "steps",
                                               "lineage_sha256", "scorer_is_random")},
                     "resumed_from_step": state.resumed_from,
+                    "reused": False,
                     # Speed of this training (None where not measured, e.g. a run of one step).
                     **{k: v for k, v in state.stats.items() if k in SPEED_KEYS and v is not None},
                     "dagster/row_count": len(job.training_images),

@@ -33,6 +33,7 @@ class TrainJob:
     # micro-batch probes are cached.
     performance: dict[str, Any] = field(default_factory=dict)
     cache_dir: str = ""
+    log_with: str = ""  # an accelerate tracker ("tensorboard"), or none
 
     def identity(self) -> str:
         """What determines the trained weights: checkpoints from a job with another identity are never resumed."""

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from assets_pipeline.hashing import digest
@@ -35,6 +36,7 @@ class TrainState:
     steps: int
     resumed_from: int
     is_main_process: bool = True
+    num_processes: int = 1  # data-parallel processes that trained (recorded in lineage.json)
     stats: dict = field(default_factory=dict)  # images/s, warm-up, peak memory and the speed settings used
 
 
@@ -50,24 +52,47 @@ def train_context(job: TrainJob) -> TrainContext:
     )
 
 
+TRACKER_RUN = "tensorboard"  # the trackers' run folder, under the checkpoint folder and then in the output
+
+
 def checkpoint_root(job: TrainJob) -> Path:
     """Checkpoints of exactly this job (same method, config, base model and training rows)."""
     return Path(job.checkpoint_dir) / job.identity()[:16]
+
+
+def remove_stale_trainer_temporaries(job: TrainJob) -> list[Path]:
+    """Temporaries of trainers that did not finish (cleanup.py). Call holding :func:`job_lock`: no other trainer
+    writes this job's checkpoints then, so a half-saved one (``.step-N.tmp/``) is removed whatever its age. The
+    caches a trainer shares with other jobs (micro-batch probes, compiled kernels) keep the grace period."""
+    from assets_pipeline.cleanup import remove_stale_cache_temporaries, remove_stale_temporaries
+
+    removed = remove_stale_temporaries(checkpoint_root(job), older_than_s=0)
+    if job.cache_dir:
+        for kind in ("micro_batch", "compile"):
+            removed += remove_stale_cache_temporaries(Path(job.cache_dir) / kind)
+    return removed
 
 
 @contextmanager
 def job_lock(job: TrainJob, progress: Callable[[str], None] = log.info) -> Iterator[None]:
     """One trainer at a time per job identity: they share a checkpoint folder, and a second one writing into it
     would corrupt the first's states. A second trainer waits, then resumes or retrains. An OS file lock
-    (flock), so a killed trainer releases it at once. Under ``accelerate launch`` only rank 0 takes it; the other
-    ranks wait for rank 0 at their first collective."""
+    (flock), so a killed trainer releases it at once, and whoever takes it next removes what that one left
+    half-written (:func:`remove_stale_trainer_temporaries`). Under ``accelerate launch`` only rank 0 takes it and
+    writes its launch into the file; the other ranks wait until they read their own launch there, not at their
+    first collective (which would time out, after 30 minutes, while another trainer holds the lock)."""
     import fcntl
     import os
+    import time
 
+    path = Path(job.checkpoint_dir) / f"{job.identity()[:16]}.lock"
+    # A launch: its rendezvous address (a free port per launch on this machine) and torchrun run id.
+    launch = ":".join(os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"))
     if os.environ.get("RANK", "0") != "0":
+        while not (path.is_file() and path.read_text() == launch):
+            time.sleep(0.5)
         yield
         return
-    path = Path(job.checkpoint_dir) / f"{job.identity()[:16]}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         try:
@@ -76,7 +101,12 @@ def job_lock(job: TrainJob, progress: Callable[[str], None] = log.info) -> Itera
             progress(f"another trainer holds {path} (the same job: method, config, base model, training rows); "
                      "waiting for it to finish")
             fcntl.flock(f, fcntl.LOCK_EX)
+        f.truncate(0)
+        f.write(launch)
+        f.flush()
         try:
+            for stale in remove_stale_trainer_temporaries(job):
+                progress(f"removed stale temporary {stale}: left half-written by a trainer that did not finish")
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
@@ -85,6 +115,27 @@ def job_lock(job: TrainJob, progress: Callable[[str], None] = log.info) -> Itera
 def _latest_checkpoint(root: Path) -> tuple[int, Path] | None:
     done = [(int(p.name.split("-")[1]), p) for p in root.glob("step-*") if (p / "losses.json").is_file()]
     return max(done) if done else None
+
+
+def per_process_batch(train_batch_size: int, accumulation: int, num_processes: int) -> tuple[int, int]:
+    """(micro-batch, accumulation steps) for each of ``num_processes`` data-parallel processes, keeping the
+    configured effective batch ``train_batch_size x accumulation`` per optimizer step: the config says what is
+    learned, the number of GPUs only how fast (unlike diffusers' scripts, where the batch is per process).
+
+    The accumulation steps are split first: each process then runs exactly the micro-batches (rows and noise)
+    that one process would, so N processes learn what one does up to float rounding. Otherwise the micro-batch
+    is split (the same rows per step, other noise draws)."""
+    effective = train_batch_size * accumulation
+    if effective % num_processes:
+        raise ValueError(
+            f"the effective batch (train_batch_size {train_batch_size} x gradient_accumulation_steps "
+            f"{accumulation} = {effective}) cannot be split over {num_processes} processes: make it a multiple "
+            f"of {num_processes} (e.g. gradient_accumulation_steps = {accumulation * num_processes}) or train "
+            "with fewer processes")
+    if accumulation % num_processes == 0:
+        return train_batch_size, accumulation // num_processes
+    micro = math.gcd(train_batch_size, effective // num_processes)
+    return micro, effective // num_processes // micro
 
 
 def compute_loss(method: Method, models: Models, batch, cfg, generator, weight_dtype, channels_last=False):
@@ -136,7 +187,7 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
     import time
 
     import torch
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
@@ -151,8 +202,21 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
     precision = job.mixed_precision
     if precision == "auto":
         precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
-    micro, accum = cfg.train_batch_size, cfg.gradient_accumulation_steps
-    accelerator = Accelerator(mixed_precision=precision, cpu=cpu, gradient_accumulation_steps=accum)
+    ckpt_root = checkpoint_root(job)
+    # Trackers log into the checkpoint folder while training (resume appends to the same run); write_output
+    # copies the logs into the output folder.
+    # split_batches: the configured batch is the total the processes split (per_process_batch), so the prepared
+    # LR scheduler steps once per optimizer step, not once per process (diffusers' scripts scale it by N instead):
+    # its state, and so a checkpoint, does not depend on the number of processes.
+    accelerator = Accelerator(mixed_precision=precision, cpu=cpu, log_with=job.log_with or None,
+                              project_dir=str(ckpt_root) if job.log_with else None,
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    n_procs, rank = accelerator.num_processes, accelerator.process_index
+    # The configured effective batch is kept whatever the number of processes (per_process_batch).
+    micro, accum = per_process_batch(cfg.train_batch_size, cfg.gradient_accumulation_steps, n_procs)
+    accelerator.gradient_accumulation_steps = accum
+    if not accelerator.is_main_process:  # one copy of the progress, not one per process
+        progress = log.debug
     device = accelerator.device
     cuda = device.type == "cuda"
     perf_mod.configure_backends(cuda)
@@ -178,9 +242,12 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
     network = perf_mod.shape_fingerprint(running)
     probe = None
     if plan.probe_micro_batch:
-        micro, probe = _choose_micro_batch(job, method, models, data, cfg, roles, params, weight_dtype,
+        share = micro * accum  # this process's part of the effective batch
+        micro, probe = _choose_micro_batch(job, method, models, data, cfg, share, roles, params, weight_dtype,
                                            digest(sig, network), perf.memory_fraction, plan.channels_last, progress)
-        accum = cfg.train_batch_size * cfg.gradient_accumulation_steps // micro
+        if n_procs > 1:  # every process must run as many micro-batches (gradient syncs) per step: the smallest fits all
+            micro = int(accelerator.gather(torch.tensor([micro], device=device)).min())
+        accum = share // micro
         accelerator.gradient_accumulation_steps = accum
 
     def compile_cache(mode: str) -> perf_mod.CompileCache:
@@ -199,32 +266,37 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
 
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay,
                                   **({"fused": True} if plan.fused_optimizer else {}))
-    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
-                                 num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=steps * accelerator.num_processes)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=steps)
     *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
+    unwrapped = replace(models)  # for the methods' after_step hooks: a DDP wrapper hides the module's methods
     for name, module in zip(trainable, prepared):
         setattr(models, name, module)
 
-    ckpt_root = checkpoint_root(job)
     start, losses = 0, []
+    # Every process reads the same checkpoint (rank 0 removed half-written ones under the job lock, before the
+    # collectives in prepare() that the other ranks waited on); each restores its own RNG state file.
     if latest := _latest_checkpoint(ckpt_root):
         start, path = latest
         accelerator.load_state(str(path))
         losses = json.loads((path / "losses.json").read_text())
         progress(f"resumed from checkpoint at step {start} ({path})")
 
-    n_procs, rank = accelerator.num_processes, accelerator.process_index
     attention = perf_mod.flash_attention_status({"unet": models.unet}, weight_dtype)
     progress(f"training {method.name} for {ctx.concept!r}: {steps} steps, {ctx.num_instance_images} images, "
              f"batch {micro}x{accum}x{n_procs}, precision {precision}, device {device}, compile {plan.compile} "
              f"(cache {cache_state}), channels_last {plan.channels_last}, fused AdamW {plan.fused_optimizer}, "
              f"attention: {attention}")
-    # Every remaining micro-batch's rows, decided up front on the host and moved to the device once.
+    # Every remaining micro-batch's rows, decided up front on the host and moved to the device once. A step
+    # covers samples step x effective .. +effective of each role; process `rank` takes every n_procs-th
+    # micro-batch of them, so with the accumulation split the processes together run one process's micro-batches.
     samples = [((step * accum + m) * n_procs + rank) * micro for step in range(start, steps) for m in range(accum)]
     rows = [data.indices(roles, micro, s, cfg.seed) for s in samples]
     index = torch.tensor(rows, device=device) if rows else None
     pending: list = []  # per-step losses still on the device; read every log_every steps (one sync)
+    if job.log_with:
+        accelerator.init_trackers(TRACKER_RUN, config={k: v for k, v in asdict(cfg).items()
+                                                       if isinstance(v, (int, float, str, bool))})
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -243,7 +315,7 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            method.after_step(models)
+            method.after_step(unwrapped)
             step_loss += loss.detach() / accum
         pending.append(step_loss)
         done = step + 1
@@ -255,9 +327,18 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
                 saved = cache.save()
                 progress(f"compiled in {warmup_s:.1f} s; saved {saved / 2**20:.1f} MiB of kernels to {cache.path}")
         if done % plan.log_every == 0 or done == steps or done % cfg.checkpointing_steps == 0 or done == start + 1:
-            losses.extend(torch.stack(pending).float().tolist())
+            # The step's loss is the mean over every process's micro-batches (one all-reduce per log, every
+            # process reaches it at the same step); rank 0's alone would be half the batch's loss.
+            new = accelerator.reduce(torch.stack(pending).float(), reduction="mean").tolist()
+            losses.extend(new)
             pending = []
-            progress(f"step {done}/{steps} loss {losses[-1]:.5f} lr {lr_scheduler.get_last_lr()[0]:.2e}")
+            lr = lr_scheduler.get_last_lr()[0]
+            progress(f"step {done}/{steps} ({100 * done // steps}%) loss {losses[-1]:.5f} lr {lr:.2e}"
+                     + _eta(done, start, steps, t_steady, time.perf_counter()))
+            if job.log_with:
+                for i, value in enumerate(new):
+                    accelerator.log({"train/loss": value}, step=done - len(new) + i + 1)
+                accelerator.log({"train/lr": lr}, step=done)
         if done % cfg.checkpointing_steps == 0 and done < steps:
             _save_checkpoint(accelerator, ckpt_root, done, losses, cfg.checkpoints_total_limit)
     train_s = time.perf_counter() - t0
@@ -269,27 +350,37 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "micro_batch": micro, "gradient_accumulation": accum, "compile": plan.compile, "compile_cache": cache_state,
         "channels_last": plan.channels_last, "fused_optimizer": plan.fused_optimizer, "attention": attention,
-        "precision": precision, "device": sig.get("gpu", "cpu"),
+        "precision": precision, "device": sig.get("gpu", "cpu"), "num_processes": n_procs,
     }
     if probe is not None:
         stats["micro_batch_probe"] = probe
 
+    if job.log_with:
+        accelerator.end_training()
     accelerator.wait_for_everyone()
     for name in trainable:
         setattr(models, name, accelerator.unwrap_model(getattr(models, name)))
-    return TrainState(method, cfg, ctx, models, losses, steps, start, accelerator.is_main_process, stats)
+    return TrainState(method, cfg, ctx, models, losses, steps, start, accelerator.is_main_process, n_procs, stats)
 
 
-def _choose_micro_batch(job: TrainJob, method: Method, models: Models, data: TrainingData, cfg, roles, params,
-                        weight_dtype, model_key: str, fraction: float, channels_last: bool, progress):
-    """The largest micro-batch dividing the configured effective batch (train_batch_size x accumulation) that
-    fits the card, probed once with eager forward+backward steps and cached per card, model and method."""
+def _eta(done: int, start: int, steps: int, t_steady: float | None, now: float) -> str:
+    """", ETA 3m12s" from the steady rate (steps after the first, which pays compilation), or "" before one."""
+    if t_steady is None or done - start <= 1 or done >= steps:
+        return ""
+    left = (now - t_steady) / (done - start - 1) * (steps - done)
+    return f", ETA {int(left // 60)}m{int(left % 60):02d}s"
+
+
+def _choose_micro_batch(job: TrainJob, method: Method, models: Models, data: TrainingData, cfg, effective: int,
+                        roles, params, weight_dtype, model_key: str, fraction: float, channels_last: bool, progress):
+    """The largest micro-batch dividing ``effective`` (the configured effective batch, train_batch_size x
+    accumulation, or one process's share of it) that fits the card, probed once with eager forward+backward
+    steps and cached per card, model and method."""
     import torch
 
     from assets_pipeline.store import write_json_atomic
     from assets_pipeline.training.performance import divisors_descending, probe_micro_batch
 
-    effective = cfg.train_batch_size * cfg.gradient_accumulation_steps
     key = digest("micro-batch", model_key, job.method, str(weight_dtype), cfg.gradient_checkpointing, len(roles),
                  tuple(data.mean.shape[1:]), effective, fraction, channels_last)
     path = Path(job.cache_dir) / "micro_batch" / f"{key}.json" if job.cache_dir else None
@@ -323,7 +414,8 @@ def _save_checkpoint(accelerator, root: Path, step: int, losses: list[float], ke
     """An accelerate state (models, optimizer, LR schedule, RNG) plus the loss history, renamed into place."""
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(tmp))  # the main process writes the weights, every process its RNG state
+    accelerator.wait_for_everyone()  # so all of them are in tmp before it is renamed: a step-N folder is whole
     if accelerator.is_main_process:
         (tmp / "losses.json").write_text(json.dumps(losses))
         if final.exists():

@@ -12,12 +12,12 @@ from typing import Any
 
 from assets_pipeline.hashing import digest, sha256_file
 from assets_pipeline.lineage import LINEAGE_FILE
-from assets_pipeline.store import write_json_atomic
+from assets_pipeline.store import share_files, write_json_atomic
 from assets_pipeline.training.job import TrainJob
-from assets_pipeline.training.loop import TrainState
+from assets_pipeline.training.loop import TRACKER_RUN, TrainState, checkpoint_root
 from assets_pipeline.training.models import base_pipeline_loader
+from assets_pipeline.training.reuse import GRID_FILE, LOSS_PLOT, METRICS_FILE, SUMS_FILE
 
-METRICS_FILE = "metrics.json"
 VALIDATION_SUFFIXES = ("", ", at the beach")  # fixed prompts: the validation prompt, and one new context
 
 
@@ -57,6 +57,7 @@ def lineage_manifest(job: TrainJob, state: TrainState, weights: list[Path], root
         "method_config": job.config,
         "steps": state.steps,
         "resumed_from_step": state.resumed_from,
+        "num_processes": state.num_processes,  # data-parallel processes (GPUs); the effective batch is the config's
         "base_model": {k: job.base_model[k] for k in ("source", "kind", "fingerprint", "resolution")},
         "job_identity": job.identity(),
         "training_images": [
@@ -70,6 +71,7 @@ def lineage_manifest(job: TrainJob, state: TrainState, weights: list[Path], root
 
 def _loss_curve(losses: list[float], out: Path) -> None:
     import matplotlib
+    import pandas as pd
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -78,12 +80,21 @@ def _loss_curve(losses: list[float], out: Path) -> None:
         w = csv.writer(f)
         w.writerow(["step", "loss"])
         w.writerows(enumerate(losses, start=1))
-    fig, ax = plt.subplots(figsize=(5, 3), dpi=80)
-    ax.plot(range(1, len(losses) + 1), losses)
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    steps = range(1, len(losses) + 1)
+    ax.plot(steps, losses, color="lightsteelblue", linewidth=1, label="per step")
+    if len(losses) >= 10:  # diffusion losses are noisy per step (random timesteps): the trend is the average
+        window = max(5, len(losses) // 20)
+        trend = pd.Series(losses).rolling(window, min_periods=1).mean()
+        ax.plot(steps, trend, color="navy", linewidth=1.5, label=f"mean of last {window}")
+        ax.legend(loc="upper right", fontsize=8)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel("training loss")
+    if losses:
+        ax.set_title(f"{len(losses)} steps, final loss {losses[-1]:.4f}", fontsize=9)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "loss.png")
+    fig.savefig(out / LOSS_PLOT)
     plt.close(fig)
 
 
@@ -110,7 +121,6 @@ def validate(job: TrainJob, state: TrainState, out: Path, device: str) -> dict[s
     import numpy as np
     from PIL import Image
 
-    from assets_pipeline.imaging import grid_markdown
     from assets_pipeline.stages.scoring import load_clip_scorer
 
     method, ctx = state.method, state.ctx
@@ -119,9 +129,10 @@ def validate(job: TrainJob, state: TrainState, out: Path, device: str) -> dict[s
     base = load_base().to(device)
     vdir = out / "validation"
     vdir.mkdir()
-    prompts, images, diffs, paths = [], [], [], []
+    prompts, images, diffs, grid = [], [], [], []
     for pi, suffix in enumerate(VALIDATION_SUFFIXES):
         prompt = method.validation_prompt(ctx) + suffix
+        grid.append((prompt, []))
         for seed in job.validation_seeds:
             kw = method.validation_kwargs(out, ctx, pi * len(job.validation_seeds) + seed)
             img = render(pipe, prompt, seed, ctx.resolution, job.validation_steps, **kw)
@@ -130,9 +141,9 @@ def validate(job: TrainJob, state: TrainState, out: Path, device: str) -> dict[s
             img.save(path)
             ref.save(vdir / f"p{pi}_seed{seed}_base.png")
             diffs.append(pixel_change(img, ref))
+            grid[-1][1].extend([(f"base, seed {seed}", ref), (f"trained, seed {seed}", img)])
             prompts.append(prompt)
             images.append(img)
-            paths.append(str(path))
     scorer = load_clip_scorer(job.scorer.get("model_name", "embedded"), job.scorer.get("pretrained"),
                               Path(job.scorer["artifact_root"]), device)
     train_imgs = [Image.open(r["decoded_path"]).convert("RGB") for r in job.training_images if r["role"] == "instance"]
@@ -142,8 +153,18 @@ def validate(job: TrainJob, state: TrainState, out: Path, device: str) -> dict[s
         "clip_t": clip_t, "clip_i": clip_i, "scorer_is_random": scorer.is_random,
         "mean_abs_change_vs_base": float(np.mean(diffs)),
         "validation_prompts": sorted(set(prompts)), "validation_seeds": list(job.validation_seeds),
-        "preview_md": grid_markdown(paths, prompts),
+        "preview_md": _validation_grid(grid, out / GRID_FILE),
     }
+
+
+def _validation_grid(rows, path: Path) -> str:
+    """Base and trained renders side by side, a row per prompt, each labeled: saved as ``validation/grid.png``
+    and returned as Markdown for the materialization (JPEG there, to keep the event small)."""
+    from assets_pipeline.imaging import image_markdown, labeled_grid
+
+    sheet = labeled_grid(rows, tile=256)
+    sheet.save(path)
+    return image_markdown(sheet, "validation: base vs trained, per prompt and seed", max_side=1280, jpeg_quality=85)
 
 
 def write_output(job: TrainJob, state: TrainState, device: str) -> dict[str, Any]:
@@ -160,9 +181,11 @@ def write_output(job: TrainJob, state: TrainState, device: str) -> dict[str, Any
         for w in weights:  # the manifest's digest travels inside every weights file
             stamp_safetensors(w, {"lineage_sha256": lineage_digest, "concept": job.concept, "method": job.method})
         # Whole-file digests, final bytes included, in `sha256sum -c` format.
-        (tmp / "SHA256SUMS").write_text("".join(f"{sha256_file(w)}  {w.relative_to(tmp).as_posix()}\n"
+        (tmp / SUMS_FILE).write_text("".join(f"{sha256_file(w)}  {w.relative_to(tmp).as_posix()}\n"
                                                 for w in weights))
         _loss_curve(state.losses, tmp)
+        if (logs := checkpoint_root(job) / TRACKER_RUN).is_dir():  # the tracker's logs, when one was asked for
+            shutil.copytree(logs, tmp / TRACKER_RUN)
         metrics = validate(job, state, tmp, device)
         preview = metrics.pop("preview_md")
         metrics.update(final_loss=state.losses[-1] if state.losses else None, steps=state.steps,
@@ -172,6 +195,7 @@ def write_output(job: TrainJob, state: TrainState, device: str) -> dict[str, Any
         write_json_atomic(tmp / METRICS_FILE, metrics)
         if final.exists():
             shutil.rmtree(final)
+        share_files(tmp)
         tmp.rename(final)
     finally:
         if tmp.exists():
