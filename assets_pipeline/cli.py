@@ -135,12 +135,9 @@ def _tree_size(path: Path) -> str:
         for dirpath, _, filenames in os.walk(path):
             files += len(filenames)
             size += sum(os.lstat(os.path.join(dirpath, f)).st_size for f in filenames)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            break
-        size /= 1024
-    amount = f"{size:.0f} B" if unit == "B" else f"{size:.1f} {unit}"
-    return f"{files} file{'s' * (files != 1)}, {amount}"
+    from assets_pipeline.retention import human_bytes
+
+    return f"{files} file{'s' * (files != 1)}, {human_bytes(size)}"
 
 
 def removal_plan(concept_dir: Path, with_trained_outputs: bool) -> list[tuple[Path, str | None]]:

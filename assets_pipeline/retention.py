@@ -73,9 +73,10 @@ def prune_asset(asset_dir: Path, current: Path | None, keep: int = DEFAULT_KEEP,
     return done
 
 
-def human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+def human_bytes(n: float) -> str:
+    """``n`` bytes as B, KiB, ... TiB (one decimal above bytes)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            break
         n /= 1024
-    return f"{n} B"
+    return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"

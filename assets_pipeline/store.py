@@ -186,8 +186,13 @@ class ItemCache:
     cached: int = field(default=0, init=False)
     discarded: list[str] = field(default_factory=list, init=False)  # "<path>: <why>" of each bad entry found
 
+    @property
+    def folder(self) -> Path:
+        """This kind's folder: ``<root>/cache/<kind>/``, entries sharded below it by their key's first two hex."""
+        return self.root / "cache" / self.kind
+
     def path(self, key: str) -> Path:
-        return self.root / "cache" / self.kind / key[:2] / f"{key}{self.ext}"
+        return self.folder / key[:2] / f"{key}{self.ext}"
 
     def get_or_create(self, key: str, create: Callable[[Path], None]) -> Path:
         """Return the item's path, calling ``create(tmp_path)`` to write it first when it is missing or bad."""

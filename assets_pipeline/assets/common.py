@@ -78,7 +78,7 @@ def clean_stale_temporaries(context: dg.AssetExecutionContext, storage: Pipeline
     out = layout.asset_dir(concept, asset)
     removed = cleanup.remove_stale_temporaries(out.parent, owner=asset) + cleanup.remove_stale_temporaries(out)
     for kind in caches:
-        removed += cleanup.remove_stale_cache_temporaries(layout.root / "cache" / kind)
+        removed += cleanup.remove_stale_cache_temporaries(layout.cache(kind, "").folder)
     for path in removed:
         context.log.info(f"removed stale temporary {path}: a write that never finished (crashed or killed run)")
     return removed
