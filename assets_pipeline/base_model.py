@@ -1,9 +1,13 @@
-"""The base Stable Diffusion model: the embedded tiny default (built offline, deterministically) and the
+"""The base Stable Diffusion model: the embedded tiny defaults (built offline, deterministically) and the
 user-configured alternatives (a local diffusers folder, a single-file checkpoint, or a hub id).
 
-The embedded model has random weights: it exercises every code path (tokenizer, text encoder, U-Net, VAE,
-scheduler) at a size that trains in seconds on a CPU. Its tokenizer is Stable Diffusion's own: the CLIP BPE
+The embedded models have random weights: they exercise every code path (tokenizers, text encoders, U-Net, VAE,
+scheduler) at a size that trains in seconds on a CPU. ``embedded`` is an SD 1.x pipeline, ``embedded-sdxl`` an
+SDXL one (two text encoders, text_time conditioning). Their tokenizers are Stable Diffusion's own: the CLIP BPE
 vocabulary that open_clip's wheel ships, so token ids equal SD's ("a photo of" -> 320 1125 539).
+
+Every resolved model carries its family (``assets_pipeline.families``: sd1, sd2, sdxl) and prediction type,
+read from its configs without loading weights.
 """
 
 from __future__ import annotations
@@ -15,16 +19,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from assets_pipeline.families import (
+    ModelFamily, detect_checkpoint_family, detect_folder_family, get_family, pipeline_class,
+)
 from assets_pipeline.hashing import digest, sha256_file
 from assets_pipeline.store import atomic_dir, write_json_atomic
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+# The deployment's default base model (any value `BaseModelResource.source` takes); explicit config wins.
+BASE_MODEL_ENV = "ASSETS_PIPELINE_BASE_MODEL"
 EMBEDDED = "embedded"
 # Bump when the builder below changes what it writes; it names the cache folder of the built model.
 EMBEDDED_NAME = "embedded-tiny-sd-v1"
 EMBEDDED_RESOLUTION = 64
+EMBEDDED_SDXL = "embedded-sdxl"
+EMBEDDED_SDXL_NAME = "embedded-tiny-sdxl-v1"  # bump, as EMBEDDED_NAME, when build_embedded_sdxl_pipeline changes
+EMBEDDED_SDXL_RESOLUTION = 64
 _SEED = 0
 # Config keys that record library versions or load paths, not model content: left out of fingerprints so the
 # same weights and architecture always have the same fingerprint. (transformers writes how a tokenizer was loaded,
@@ -131,14 +143,118 @@ def build_embedded_pipeline() -> StableDiffusionPipeline:
     )
 
 
-def ensure_embedded_model(base_models_dir: Path) -> Path:
-    """Build the embedded model into ``base_models_dir`` once (atomically) and return its folder."""
-    target = base_models_dir / EMBEDDED_NAME
+def build_embedded_sdxl_pipeline() -> StableDiffusionXLPipeline:
+    """Build the tiny random-weight SDXL pipeline in memory; seeded per component so bytes are reproducible.
+
+    Shapes follow diffusers' tiny SDXL test pipeline (tests/pipelines/stable_diffusion_xl,
+    ``get_dummy_components``) at the embedded SD model's widths: a 2-level U-Net with text_time conditioning and
+    2 transformer layers in its cross-attention level, a 2-level VAE (64 px -> 32x32x4 latents), and two CLIP
+    text encoders with SD's real vocabulary. The encoders differ in width (32 and 64, as CLIP-L's 768 and
+    OpenCLIP-G's 1280 do): diffusers' single-file loader tells them apart by that width.
+    """
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    widths, projection_dim, time_embed_dim = (32, 64), 32, 8
+    torch.manual_seed(_SEED)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=EMBEDDED_SDXL_RESOLUTION // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        transformer_layers_per_block=(1, 2),
+        # The pooled text embedding plus six add_time_ids, each embedded in time_embed_dim (SDXL: 6*256 + 1280).
+        projection_class_embeddings_input_dim=6 * time_embed_dim + projection_dim,
+        cross_attention_dim=sum(widths),  # both encoders' hidden states, concatenated
+    )
+    torch.manual_seed(_SEED + 1)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=EMBEDDED_SDXL_RESOLUTION,
+        scaling_factor=0.13025,  # SDXL's VAE (vae/config.json of stable-diffusion-xl-base-1.0)
+        force_upcast=True,
+    )
+    encoders = []
+    for i, (cls, width, act, pad_id) in enumerate([
+        (CLIPTextModel, widths[0], "quick_gelu", 49407),  # CLIP ViT-L/14's text tower; pads with <|endoftext|>
+        (CLIPTextModelWithProjection, widths[1], "gelu", 0),  # OpenCLIP ViT-bigG's; pads with "!" (id 0)
+    ]):
+        torch.manual_seed(_SEED + 2 + i)
+        encoders.append(cls(CLIPTextConfig(
+            vocab_size=49408, hidden_size=width, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=77, projection_dim=projection_dim, hidden_act=act,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=pad_id,
+        )))
+    with tempfile.TemporaryDirectory() as tok_dir:
+        write_clip_tokenizer_files(Path(tok_dir))
+        files = (f"{tok_dir}/vocab.json", f"{tok_dir}/merges.txt")
+        tokenizer = CLIPTokenizer(*files, pad_token="<|endoftext|>", model_max_length=77)
+        tokenizer_2 = CLIPTokenizer(*files, pad_token="!", model_max_length=77)  # as SDXL's tokenizer_2
+    # SDXL base's scheduler/scheduler_config.json (the EulerDiscreteScheduler arguments among its keys).
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type="epsilon",
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=encoders[0],
+        text_encoder_2=encoders[1],
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,  # SDXL base's model_index.json
+        add_watermarker=False,
+    )
+
+
+# source -> (folder name, builder, default resolution) of each embedded model.
+_EMBEDDED_MODELS = {
+    EMBEDDED: (EMBEDDED_NAME, build_embedded_pipeline, EMBEDDED_RESOLUTION),
+    EMBEDDED_SDXL: (EMBEDDED_SDXL_NAME, build_embedded_sdxl_pipeline, EMBEDDED_SDXL_RESOLUTION),
+}
+
+
+def _ensure_built(base_models_dir: Path, source: str) -> Path:
+    name, build, _ = _EMBEDDED_MODELS[source]
+    target = base_models_dir / name
     if (target / "model_index.json").is_file():
         return target
     with atomic_dir(target) as tmp:
-        build_embedded_pipeline().save_pretrained(tmp, safe_serialization=True)
+        build().save_pretrained(tmp, safe_serialization=True)
     return target
+
+
+def ensure_embedded_model(base_models_dir: Path) -> Path:
+    """Build the embedded model into ``base_models_dir`` once (atomically) and return its folder."""
+    return _ensure_built(base_models_dir, EMBEDDED)
+
+
+def ensure_embedded_sdxl_model(base_models_dir: Path) -> Path:
+    """Build the embedded SDXL model into ``base_models_dir`` once (atomically) and return its folder."""
+    return _ensure_built(base_models_dir, EMBEDDED_SDXL)
 
 
 def _normalized_json(path: Path) -> Any:
@@ -185,16 +301,28 @@ def cached_fingerprint(path: Path, memo_dir: Path) -> str:
 class BaseModelRef:
     """A resolved base model: how to load it and the fingerprint every downstream cache key includes."""
 
-    source: str  # "embedded", a folder, a single file, or a hub id
+    source: str  # "embedded", "embedded-sdxl", a folder, a single file, or a hub id
     kind: str  # "embedded" | "folder" | "single_file" | "hub"
     location: str  # folder or file path, or hub id
     fingerprint: str
     resolution: int
+    family: str  # a key of assets_pipeline.families.FAMILIES: "sd1" | "sd2" | "sdxl"
+    prediction_type: str  # the scheduler's: "epsilon" | "v_prediction" | "sample"
     single_file_config: str | None = None
 
     @property
     def is_random(self) -> bool:
         return self.kind == "embedded"
+
+    @property
+    def model_family(self) -> ModelFamily:
+        return get_family(self.family)
+
+    def describe(self) -> dict[str, Any]:
+        """What metadata and lineage record about the base model (the fingerprint covers its configs too)."""
+        return {"source": self.source, "kind": self.kind, "family": self.family,
+                "prediction_type": self.prediction_type, "resolution": self.resolution,
+                "fingerprint": self.fingerprint}
 
 
 def resolve_base_model(
@@ -204,32 +332,51 @@ def resolve_base_model(
     single_file_config: str | None = None,
     hub_cache_dir: str | None = None,
 ) -> BaseModelRef:
-    """Turn the user's ``source`` setting into a :class:`BaseModelRef` (building the embedded model if needed)."""
+    """Turn the user's ``source`` setting into a :class:`BaseModelRef` (building an embedded model if needed).
+
+    The family and prediction type come from the model's configs; the resolution, when not given, is the
+    embedded model's own or the family's default (SD 2.x: 768 px for v-prediction models, else 512).
+    """
     memo_dir = artifact_root / "base_models" / ".fingerprints"
-    if source == EMBEDDED:
-        folder = ensure_embedded_model(artifact_root / "base_models")
-        return BaseModelRef(source, "embedded", str(folder), cached_fingerprint(folder, memo_dir),
-                            resolution or EMBEDDED_RESOLUTION)
+
+    def from_folder(kind: str, folder: Path, default_resolution: int | None = None) -> BaseModelRef:
+        family, prediction_type = detect_folder_family(folder)
+        res = resolution or default_resolution or family.resolution_for(prediction_type)
+        return BaseModelRef(source, kind, str(folder), cached_fingerprint(folder, memo_dir), res, family.name,
+                            prediction_type)
+
+    if source in _EMBEDDED_MODELS:
+        return from_folder("embedded", _ensure_built(artifact_root / "base_models", source),
+                           _EMBEDDED_MODELS[source][2])
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path} is a folder but not a diffusers pipeline (no model_index.json)")
-        return BaseModelRef(source, "folder", str(path), cached_fingerprint(path, memo_dir), resolution or 512)
+        return from_folder("folder", path)
     if path.suffix in _WEIGHT_SUFFIXES:
         if not path.is_file():
             raise FileNotFoundError(f"single-file checkpoint {path} does not exist")
+        family = detect_checkpoint_family(path)
+        prediction_type = family.default_prediction_type
+        if single_file_config:
+            config_family, prediction_type = detect_folder_family(Path(single_file_config))
+            if config_family != family:
+                raise ValueError(f"single-file checkpoint {path} is an {family.name} model but its config folder "
+                                 f"{single_file_config} is {config_family.name}: single_file_config must hold "
+                                 f"the same family's configs")
         return BaseModelRef(source, "single_file", str(path), cached_fingerprint(path, memo_dir),
-                            resolution or 512, single_file_config)
+                            resolution or family.resolution_for(prediction_type), family.name, prediction_type,
+                            single_file_config)
     if source.count("/") == 1 and not path.exists():
         from huggingface_hub import snapshot_download
 
         # Resolved at the user's site: with HF_HUB_OFFLINE=1 this reads the local hub cache only.
         folder = Path(snapshot_download(source, cache_dir=hub_cache_dir,
                                         local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1"))
-        return BaseModelRef(source, "hub", str(folder), cached_fingerprint(folder, memo_dir), resolution or 512)
+        return from_folder("hub", folder)
     raise FileNotFoundError(
-        f"base model {source!r} is neither 'embedded', a diffusers folder, a checkpoint file "
-        f"({', '.join(_WEIGHT_SUFFIXES)}) nor a hub id 'org/name'"
+        f"base model {source!r} is neither one of {sorted(_EMBEDDED_MODELS)}, a diffusers folder, a checkpoint "
+        f"file ({', '.join(_WEIGHT_SUFFIXES)}) nor a hub id 'org/name'"
     )
 
 
@@ -242,16 +389,16 @@ def quiet_progress_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def load_pipeline(ref: BaseModelRef, torch_dtype: Any = None) -> StableDiffusionPipeline:
-    from diffusers import StableDiffusionPipeline
-
+def load_pipeline(ref: BaseModelRef, torch_dtype: Any = None) -> DiffusionPipeline:
+    """The base model as its family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, ...)."""
+    cls = pipeline_class(ref.model_family)
     quiet_progress_bars()
     kwargs: dict[str, Any] = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
     if ref.kind == "single_file":
         if ref.single_file_config:
             kwargs["config"] = ref.single_file_config
-        return StableDiffusionPipeline.from_single_file(ref.location, local_files_only=True, **kwargs)
-    return StableDiffusionPipeline.from_pretrained(ref.location, local_files_only=True, **kwargs)
+        return cls.from_single_file(ref.location, local_files_only=True, **kwargs)
+    return cls.from_pretrained(ref.location, local_files_only=True, **kwargs)
 
 
 def component_fingerprint(ref: BaseModelRef, component: str, artifact_root: Path) -> str:
@@ -273,17 +420,27 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_tokenizer(ref: BaseModelRef):
-    """The base model's own tokenizer (``model_max_length`` is how many tokens its text encoder reads), from its
-    ``tokenizer/`` folder without loading any weights. A single-file checkpoint has none: its config folder's
-    when one is set, else its whole pipeline is loaded for it (as diffusers infers the tokenizer)."""
+def load_tokenizers(ref: BaseModelRef) -> tuple[Any, ...]:
+    """The base model's own tokenizers, one per text encoder in its family's order (``model_max_length`` is how
+    many tokens each encoder reads), from their folders without loading any weights. A single-file checkpoint
+    has none: its config folder's when one is set, else its whole pipeline is loaded for them (as diffusers
+    infers tokenizers)."""
     from transformers import CLIPTokenizer
 
+    names = ref.model_family.tokenizers
+    folder = ref.location if ref.kind != "single_file" else ref.single_file_config
+    if folder and all((Path(folder) / name).is_dir() for name in names):
+        return tuple(CLIPTokenizer.from_pretrained(folder, subfolder=name, local_files_only=True) for name in names)
     if ref.kind != "single_file":
-        return CLIPTokenizer.from_pretrained(ref.location, subfolder="tokenizer", local_files_only=True)
-    if ref.single_file_config and (Path(ref.single_file_config) / "tokenizer").is_dir():
-        return CLIPTokenizer.from_pretrained(ref.single_file_config, subfolder="tokenizer", local_files_only=True)
-    return load_pipeline(ref).tokenizer
+        missing = [name for name in names if not (Path(folder) / name).is_dir()]
+        raise FileNotFoundError(f"{folder}: no {missing} folder; a {ref.family} model has tokenizers {list(names)}")
+    pipe = load_pipeline(ref)
+    return tuple(getattr(pipe, name) for name in names)
+
+
+def load_tokenizer(ref: BaseModelRef):
+    """The base model's first (for SD 1.x/2.x its only) tokenizer: see :func:`load_tokenizers`."""
+    return load_tokenizers(ref)[0]
 
 
 def load_encoders(ref: BaseModelRef, artifact_root: Path, device: str = "cpu"):

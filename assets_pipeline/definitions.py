@@ -1,5 +1,7 @@
 """The code location: merges assets, checks, jobs, sensors, schedules and resources. Imports nothing heavy."""
 
+import os
+
 import dagster as dg
 
 from assets_pipeline.assets.dataset import (
@@ -23,6 +25,33 @@ ASSETS = [raw_images, captioned_images, filtered_images, clip_scored_images, con
 CHECKS = [*DATASET_CHECKS, *MODEL_CHECKS]
 
 
+# How runs launched from the UI, the CLI, sensors and schedules execute their steps ($ASSETS_PIPELINE_EXECUTOR):
+# - "forkserver" (default): one process per step (a crash, or the memory a GPU step held, ends with its process),
+#   each forked from a server that imported the heavy libraries once per run (assets_pipeline/preload.py), not a
+#   fresh interpreter importing them again per step (Dagster's default, "spawn").
+#   `dagster._utils.test` is what a step process imports to rebuild the job from its code pointer (Dagster's
+#   storage layer, SQLAlchemy: ~1 s per step otherwise); a private path, so it is its own entry: multiprocessing
+#   skips a preload module that fails to import, and a Dagster that moved it only loses that second.
+# - "in_process": every step in the run worker, one after another: no process per step and each library imported
+#   once, at first use (fastest for small builds); a step's GPU memory is returned to the driver when it ends
+#   (assets/common.release_gpu_memory), but a crash in any step ends the whole run.
+# `dagster.materialize` and `execute_in_process` (the demo, tests) always run in-process.
+EXECUTOR_ENV = "ASSETS_PIPELINE_EXECUTOR"
+EXECUTORS = {
+    "forkserver": dg.multiprocess_executor.configured(
+        {"start_method": {"forkserver": {"preload_modules": ["assets_pipeline.preload", "dagster._utils.test"]}}},
+        name="forkserver_executor"),
+    "in_process": dg.in_process_executor,
+}
+
+
+def step_executor() -> dg.ExecutorDefinition:
+    name = os.environ.get(EXECUTOR_ENV, "forkserver")
+    if name not in EXECUTORS:
+        raise ValueError(f"${EXECUTOR_ENV} = {name!r}; expected one of {sorted(EXECUTORS)}")
+    return EXECUTORS[name]
+
+
 def default_resources() -> dict:
     return {
         "storage": PipelineStorage(),
@@ -41,4 +70,5 @@ defs = dg.Definitions(
     sensors=[concept_folder_sensor, dataset_automation_sensor],
     schedules=[retrain_schedule],
     resources=default_resources(),
+    executor=step_executor(),
 )

@@ -72,6 +72,10 @@ def _exif_rotated(img) -> bytes:
     return _jpeg(img.transpose(Image.Transpose.ROTATE_90), exif=exif.tobytes())
 
 
+# The photos every filter keeps (the rest of demo_files() is there to be rejected or dropped).
+GOOD_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle.webp", "grace_hopper.jpg")
+
+
 def demo_files() -> dict[str, bytes]:
     """File name -> bytes for the demo concept folder."""
     from PIL import Image, ImageFilter

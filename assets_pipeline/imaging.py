@@ -1,24 +1,10 @@
-"""Image helpers shared by stages: the training crop, and preview grids for asset metadata."""
+"""Image helpers shared by stages: preview grids for asset metadata (the training crop is stages/buckets.py)."""
 
 from __future__ import annotations
 
 import base64
 import io
 from pathlib import Path
-
-
-def training_crop(img, resolution: int, center_crop: bool = True):
-    """Resize the shorter side to ``resolution`` and crop to a square (center, or top-left when not centered),
-    as diffusers' training scripts do with ``transforms.Resize`` + ``CenterCrop``/``RandomCrop``. Latents and
-    control images use the same crop, so they stay pixel-aligned."""
-    from PIL import Image
-
-    img = img.convert("RGB")
-    scale = resolution / min(img.size)
-    w, h = max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))
-    img = img.resize((w, h), Image.Resampling.BICUBIC)
-    left, top = ((w - resolution) // 2, (h - resolution) // 2) if center_crop else (0, 0)
-    return img.crop((left, top, left + resolution, top + resolution))
 
 
 def grid_markdown(paths: list[str], captions: list[str] | None = None, thumb: int = 96, columns: int = 6,

@@ -15,6 +15,8 @@ ingest_concept_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("raw_images"),
     partitions_def=concepts_partitions,
     description="Ingest one concept folder (partition = concept folder name).",
+    # One cheap step (no model, no GPU): run it in the run worker itself rather than in a step process.
+    executor_def=dg.in_process_executor,
 )
 
 # What the retraining schedule runs: trained outputs only (each run selects the stale ones).

@@ -55,6 +55,7 @@ def synthetic_job(method: str, shapes: str, batch: int, steps: int, variant: str
 
     from assets_pipeline.base_model import resolve_base_model
     from assets_pipeline.model_shapes import RESOLUTION, write_model_folder
+    from assets_pipeline.store import record_digest
     from assets_pipeline.training.job import TrainJob
     from assets_pipeline.training.methods import get_method
 
@@ -75,12 +76,14 @@ def synthetic_job(method: str, shapes: str, batch: int, steps: int, variant: str
         bundle.mkdir(parents=True, exist_ok=True)
         g = torch.Generator().manual_seed(0)
         n = len(rows)
-        save_file({"latent_mean": torch.randn(n, 4, side, side, generator=g),
-                   "latent_std": torch.rand(n, 4, side, side, generator=g) * 0.1,
+        square = f"{res}x{res}"  # every row in the square bucket (stages/latents.py's bundle layout)
+        save_file({f"latent_mean@{square}": torch.randn(n, 4, side, side, generator=g),
+                   f"latent_std@{square}": torch.rand(n, 4, side, side, generator=g) * 0.1,
                    "prompt_embeds": torch.randn(n, 77, te_cfg["hidden_size"], generator=g)},
                   str(bundle / "latents.safetensors"),
                   metadata={"image_sha256": json.dumps([r["image_sha256"] for r in rows]),
-                            "role": json.dumps([r["role"] for r in rows])})
+                            "role": json.dumps([r["role"] for r in rows]), "bucket": json.dumps([square] * n)})
+        record_digest(bundle / "latents.safetensors")  # trainers refuse a bundle without its digest
         for i in range(ROWS):
             Image.effect_noise((res, res), 64).convert("RGB").save(bundle / f"control-{i}.png")
     m = get_method(method)

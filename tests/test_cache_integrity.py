@@ -111,8 +111,9 @@ def test_a_truncated_latents_bundle_stops_training_with_its_path_and_a_rerun_reb
     # Unchanged rows would normally keep (link) the current bundle: a damaged one is restacked instead.
     _, mats = world.materialize(dg.AssetSelection.assets("vae_latents"))
     assert mats["vae_latents"]["bundle_reused"] is False
-    tensors, shas, _, _ = load_latent_bundle(bundle)
-    assert len(shas) == mats["vae_latents"]["dagster/row_count"] and tensors["latent_mean"].shape[0] == len(shas)
+    restacked = load_latent_bundle(bundle)
+    assert len(restacked.image_sha256) == mats["vae_latents"]["dagster/row_count"]
+    assert sum(len(restacked.latents("latent_mean", b)) for b in restacked.sizes) == len(restacked.image_sha256)
     _, mats = world.materialize(dg.AssetSelection.assets("vae_latents"))
     assert mats["vae_latents"]["bundle_reused"] is True  # intact again: linked forward
 

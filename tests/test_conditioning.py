@@ -1,4 +1,5 @@
-"""stages/conditioning.py: one Canny control image per photo, at the training crop, pixel-aligned with latents."""
+"""stages/conditioning.py: one Canny control image per photo, at its bucket's training crop, pixel-aligned with
+its latent."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from assets_pipeline.stages.buckets import bucket_set, crop_geometry
 from assets_pipeline.stages.conditioning import ControlConfig, make_control_images
 from assets_pipeline.store import ItemCache
 from helpers import photo
@@ -26,13 +28,26 @@ def subset(tmp_path, images: dict[str, Image.Image]) -> pd.DataFrame:
 def test_control_image_is_square_at_resolution(tmp_path, resolution):
     items = subset(tmp_path, {"wide": photo("coffee", (150, 100)), "tall": photo("rocket", (60, 90)),
                               "tiny": photo("chelsea", (40, 30))})
-    df = make_control_images(items, ControlConfig(), resolution, True, ItemCache(tmp_path, "control", ".png"))
+    df = make_control_images(items, ControlConfig(), [(resolution, resolution)], True,
+                             ItemCache(tmp_path, "control", ".png"))
     for path in df["control_path"]:
         img = Image.open(path)
         assert img.size == (resolution, resolution)
         assert img.mode == "RGB"
     assert list(df["image_sha256"]) == list(items["image_sha256"])
     assert (df["annotator"] == "canny").all()
+    assert (df["bucket_width"] == resolution).all() and (df["bucket_height"] == resolution).all()
+
+
+def test_control_image_has_its_photos_bucket(tmp_path):
+    items = subset(tmp_path, {"wide": photo("coffee", (150, 90)), "tall": photo("rocket", (60, 100)),
+                              "square": photo("chelsea", (70, 70))})
+    df = make_control_images(items, ControlConfig(), bucket_set(64, 3.0), True,
+                             ItemCache(tmp_path, "control", ".png"))
+    buckets = [(80, 48), (48, 80), (64, 64)]
+    assert list(zip(df["bucket_width"], df["bucket_height"])) == buckets
+    for path, bucket in zip(df["control_path"], buckets):
+        assert Image.open(path).size == bucket
 
 
 def edge_box(path: str) -> tuple[int, int, int, int]:
@@ -41,35 +56,38 @@ def edge_box(path: str) -> tuple[int, int, int, int]:
     return xs.min(), ys.min(), xs.max(), ys.max()
 
 
-@pytest.mark.parametrize(("center_crop", "res"), [(True, 64), (False, 64), (True, 96)])
-def test_control_image_is_aligned_with_the_training_crop(tmp_path, center_crop, res):
-    # A white box on black in a 200x100 photo. The training crop scales the short side to `res` and cuts a
-    # square: from the middle (center crop; at 64 px: 128 px wide -> left edge at 32) or from the left.
+@pytest.mark.parametrize(("center_crop", "bucket"), [(True, (64, 64)), (False, (64, 64)), (True, (96, 96)),
+                                                     (True, (96, 40)), (False, (96, 40)), (True, (48, 80))])
+def test_control_image_is_aligned_with_the_training_crop(tmp_path, center_crop, bucket):
+    # A white box on black in a 200x100 photo. The crop scales it to cover the bucket and cuts the bucket out:
+    # from the middle (center crop; in 64x64: 128 px wide -> left edge at 32) or from the top-left corner.
     w, h = 200, 100
     box = (90, 30, 120, 70)  # x0, y0, x1, y1 in the photo
     px = np.zeros((h, w, 3), np.uint8)
     px[box[1]:box[3], box[0]:box[2]] = 255
     items = subset(tmp_path, {"box": Image.fromarray(px)})
-    df = make_control_images(items, ControlConfig(), res, center_crop, ItemCache(tmp_path, "control", ".png"))
+    df = make_control_images(items, ControlConfig(), [bucket], center_crop, ItemCache(tmp_path, "control", ".png"))
 
-    scale = res / min(w, h)
-    left = (w * scale - res) / 2 if center_crop else 0
-    expected = np.clip([box[0] * scale - left, box[1] * scale, box[2] * scale - left, box[3] * scale], 0, res - 1)
+    rw, rh, top, left = crop_geometry((w, h), bucket, center_crop)
+    sx, sy = rw / w, rh / h
+    limit = [bucket[0] - 1, bucket[1] - 1] * 2
+    expected = np.clip([box[0] * sx - left, box[1] * sy - top, box[2] * sx - left, box[3] * sy - top], 0, limit)
     got = edge_box(df["control_path"][0])
     assert np.abs(np.array(got) - np.array(expected)).max() <= 2.5, (got, expected)
 
 
-def test_cache_key_covers_resolution_crop_and_thresholds(tmp_path):
+def test_cache_key_covers_bucket_crop_and_thresholds(tmp_path):
     items = subset(tmp_path, {"a": photo("coffee", (150, 100))})
     seen = set()
-    for cfg, res, crop in [(ControlConfig(), 64, True), (ControlConfig(), 64, True), (ControlConfig(), 96, True),
-                           (ControlConfig(), 64, False), (ControlConfig(low_threshold=50), 64, True)]:
+    for cfg, bucket, crop in [(ControlConfig(), (64, 64), True), (ControlConfig(), (64, 64), True),
+                              (ControlConfig(), (96, 96), True), (ControlConfig(), (64, 64), False),
+                              (ControlConfig(low_threshold=50), (64, 64), True), (ControlConfig(), (80, 48), True)]:
         cache = ItemCache(tmp_path / "art", "control", ".png")
-        path = make_control_images(items, cfg, res, crop, cache)["control_path"][0]
+        path = make_control_images(items, cfg, [bucket], crop, cache)["control_path"][0]
         assert cache.counts() == ({"items_computed": 0, "items_cached": 1} if path in seen
                                   else {"items_computed": 1, "items_cached": 0})
         seen.add(path)
-    assert len(seen) == 4
+    assert len(seen) == 5
 
 
 @pytest.mark.parametrize("kwargs", [{"annotator": "depth"}, {"low_threshold": 200, "high_threshold": 100}])

@@ -167,11 +167,13 @@ def test_latent_bundle_covers_the_quality_subset(demo):
     from assets_pipeline.stages.latents import load_latent_bundle
 
     scores = read_table(demo.asset_dir("clip_scored_images") / "scores.parquet")
-    tensors, shas, roles, meta = load_latent_bundle(demo.asset_dir("vae_latents") / "latents.safetensors")
-    instance = [s for s, r in zip(shas, roles) if r == "instance"]
+    bundle = load_latent_bundle(demo.asset_dir("vae_latents") / "latents.safetensors")
+    instance = [s for s, r in zip(bundle.image_sha256, bundle.roles) if r == "instance"]
     assert sorted(instance) == sorted(scores.loc[scores["in_subset"], "image_sha256"])
-    assert tensors["latent_mean"].shape[0] == len(shas) == tensors["prompt_embeds"].shape[0]
-    assert meta["resolution"] == demo.runs[-1].metadata["vae_latents"]["resolution"]
+    latents = sum(len(bundle.latents("latent_mean", b)) for b in bundle.sizes)  # one tensor per bucket
+    assert latents == len(bundle.image_sha256) == bundle.tensors["prompt_embeds"].shape[0]
+    assert len(bundle.sizes) == demo.runs[-1].metadata["vae_latents"]["bucket_count"] > 1  # the demo's shapes vary
+    assert bundle.meta["resolution"] == demo.runs[-1].metadata["vae_latents"]["resolution"]
 
 
 def test_imagefolders_load_with_hf_datasets(demo, tmp_path):
@@ -200,11 +202,11 @@ def test_imagefolders_load_with_hf_datasets(demo, tmp_path):
     def pixels(img) -> bytes:
         return np.asarray(img.convert("RGB")).tobytes()
 
-    control_of = {pixels(Image.open(d)): c for d, c in zip(control["decoded_path"], control["control_path"])}
-    resolution = demo.runs[-1].metadata["control_images"]["resolution"]
+    control_of = {pixels(Image.open(r.decoded_path)): r for r in control.itertuples()}
     for row in ds:
-        assert row["conditioning_image"].size == (resolution, resolution)
-        assert pixels(row["conditioning_image"]) == pixels(Image.open(control_of[pixels(row["image"])]))
+        photo_row = control_of[pixels(row["image"])]
+        assert row["conditioning_image"].size == (photo_row.bucket_width, photo_row.bucket_height)  # its bucket
+        assert pixels(row["conditioning_image"]) == pixels(Image.open(photo_row.control_path))
 
 
 def test_data_versions_do_not_depend_on_where_artifacts_live(tmp_path, built_models):

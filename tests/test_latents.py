@@ -1,4 +1,4 @@
-"""stages/latents.py: cached VAE latents + text embeddings, bundled and keyed by image sha256."""
+"""stages/latents.py: cached VAE latents + text embeddings, bundled and keyed by image sha256, per bucket."""
 
 from __future__ import annotations
 
@@ -10,14 +10,18 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from assets_pipeline.imaging import training_crop
+from assets_pipeline.hashing import digest
+from assets_pipeline.stages.buckets import bucket_crop
 from assets_pipeline.stages.latents import (
-    LatentConfig, compute_latents, encode_prompts, latent_key, load_latent_bundle, text_key, write_latent_bundle,
+    INDEX_COLUMNS, LatentConfig, compute_latents, encode_prompts, latent_key, load_latent_bundle, text_key,
+    write_latent_bundle,
 )
 from assets_pipeline.store import ItemCache
 from helpers import photo
 
 RES = 64
+SIZES = [(96, 64), (64, 104), (72, 72)]  # landscape, portrait, square
+BUCKETS = [(80, 48), (48, 80), (64, 64)]  # theirs at 64 px (stages/buckets.py)
 
 
 @pytest.fixture
@@ -25,7 +29,7 @@ def items(tmp_path) -> pd.DataFrame:
     rows = []
     for i, name in enumerate(["astronaut", "coffee", "rocket"]):
         path = tmp_path / f"{name}.png"
-        photo(name, (96 + 8 * i, 64)).save(path)
+        photo(name, SIZES[i]).save(path)
         rows.append({"image_sha256": f"{i:02d}" * 32, "decoded_path": str(path),
                      "caption": f"a photo of sks {name}", "role": "instance"})
     return pd.DataFrame(rows)
@@ -35,9 +39,9 @@ def caches(root):
     return ItemCache(root, "latents", ".safetensors"), ItemCache(root, "text_embeds", ".safetensors")
 
 
-def vae_mean(enc, path: str, flip: bool = False) -> torch.Tensor:
-    """The VAE posterior mean of one photo at the training crop, computed here without the stage's batching."""
-    img = training_crop(Image.open(path), RES, True)
+def vae_mean(enc, path: str, bucket: tuple[int, int], flip: bool = False) -> torch.Tensor:
+    """The VAE posterior mean of one photo at its bucket's crop, computed here without the stage's batching."""
+    img, _ = bucket_crop(Image.open(path), bucket, True)
     if flip:
         img = ImageOps.mirror(img)
     x = torch.from_numpy(np.asarray(img, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
@@ -45,28 +49,37 @@ def vae_mean(enc, path: str, flip: bool = False) -> torch.Tensor:
         return enc.vae.encode(x).latent_dist.mean[0]
 
 
-def test_bundle_round_trip_pairs_each_photo_with_its_own_caption(items, encoders, tmp_path):
+@pytest.mark.parametrize("buckets", [True, False])
+def test_bundle_round_trip_pairs_each_photo_with_its_own_caption(items, encoders, tmp_path, buckets):
     lat, txt = caches(tmp_path / "art")
-    index = compute_latents(items, encoders, RES, LatentConfig(batch_size=2), lat, txt)
+    index = compute_latents(items, encoders, RES, LatentConfig(batch_size=2, buckets=buckets), lat, txt)
+    assert list(index.columns) == INDEX_COLUMNS
+    expected = BUCKETS if buckets else [(RES, RES)] * 3
+    assert list(zip(index["bucket_width"], index["bucket_height"])) == expected
+    assert list(zip(index["original_width"], index["original_height"])) == SIZES
     out = tmp_path / "latents.safetensors"
     write_latent_bundle(index, lat, txt, out, {"resolution": RES, "note": "x"})
-    tensors, shas, roles, meta = load_latent_bundle(out)
-    assert sorted(shas) == sorted(items["image_sha256"])
-    assert roles == ["instance"] * 3
-    assert meta == {"resolution": RES, "note": "x"}
-    assert tensors["latent_mean"].shape == (3, 4, RES // 2, RES // 2)  # the tiny VAE downsamples 2x
-    assert tensors["latent_std"].shape == tensors["latent_mean"].shape
-    assert tensors["prompt_embeds"].shape == (3, 77, 32)
-    assert "flip_latent_mean" not in tensors
+    bundle = load_latent_bundle(out)
+    assert bundle.image_sha256 == list(items["image_sha256"]) and bundle.buckets == expected
+    assert bundle.roles == ["instance"] * 3
+    assert bundle.meta == {"resolution": RES, "note": "x"}
+    assert bundle.tensors["prompt_embeds"].shape == (3, 77, 32)
+    assert sorted(k for k in bundle.tensors if k.startswith("latent_mean@")) == sorted(
+        f"latent_mean@{w}x{h}" for w, h in set(expected))
+    assert not bundle.has("flip_latent_mean")
 
     by_sha = items.set_index("image_sha256")
-    for row, sha in enumerate(shas):
+    positions = bundle.positions()
+    for row, sha in enumerate(bundle.image_sha256):
+        bucket = bundle.buckets[row]
+        mean = bundle.latents("latent_mean", bucket)[positions[row]]
+        assert mean.shape == (4, bucket[1] // 2, bucket[0] // 2)  # the tiny VAE downsamples 2x
+        assert bundle.latents("latent_std", bucket)[positions[row]].shape == mean.shape
         expected_text = encode_prompts([by_sha.loc[sha, "caption"]], encoders)[0]
-        assert torch.allclose(tensors["prompt_embeds"][row], expected_text, atol=1e-5)
-        assert torch.allclose(tensors["latent_mean"][row], vae_mean(encoders, by_sha.loc[sha, "decoded_path"]),
-                              atol=1e-4)
+        assert torch.allclose(bundle.tensors["prompt_embeds"][row], expected_text, atol=1e-5)
+        assert torch.allclose(mean, vae_mean(encoders, by_sha.loc[sha, "decoded_path"], bucket), atol=1e-4)
     # The captions differ, so a mix-up would have been visible above.
-    assert not torch.allclose(tensors["prompt_embeds"][0], tensors["prompt_embeds"][1])
+    assert not torch.allclose(bundle.tensors["prompt_embeds"][0], bundle.tensors["prompt_embeds"][1])
 
 
 def test_items_are_computed_once_and_reused(items, encoders, tmp_path):
@@ -83,10 +96,17 @@ def test_items_are_computed_once_and_reused(items, encoders, tmp_path):
     assert (lat3.computed, lat3.cached) == (3, 3)  # only the flipped ones are new
     out = tmp_path / "flip.safetensors"
     write_latent_bundle(index, lat3, txt3, out, {})
-    tensors, shas, _, _ = load_latent_bundle(out)
-    path = items.set_index("image_sha256").loc[shas[0], "decoded_path"]
-    assert torch.allclose(tensors["flip_latent_mean"][0], vae_mean(encoders, path, flip=True), atol=1e-4)
-    assert not torch.allclose(tensors["flip_latent_mean"][0], tensors["latent_mean"][0])
+    bundle = load_latent_bundle(out)
+    bucket = bundle.buckets[1]  # the portrait
+    path = items.set_index("image_sha256").loc[bundle.image_sha256[1], "decoded_path"]
+    flipped = bundle.latents("flip_latent_mean", bucket)[0]
+    assert torch.allclose(flipped, vae_mean(encoders, path, bucket, flip=True), atol=1e-4)
+    assert not torch.allclose(flipped, bundle.latents("latent_mean", bucket)[0])
+
+    # The square photo's latent is the square crop's, shared with buckets = false; the others are new.
+    lat4, txt4 = caches(tmp_path / "art")
+    compute_latents(items, encoders, RES, LatentConfig(buckets=False), lat4, txt4)
+    assert (lat4.computed, lat4.cached) == (2, 1)
 
 
 def test_stored_dtype(items, encoders, tmp_path):
@@ -94,8 +114,7 @@ def test_stored_dtype(items, encoders, tmp_path):
     index = compute_latents(items, encoders, RES, LatentConfig(dtype="float16"), lat, txt)
     out = tmp_path / "half.safetensors"
     write_latent_bundle(index, lat, txt, out, {})
-    tensors, *_ = load_latent_bundle(out)
-    assert {t.dtype for t in tensors.values()} == {torch.float16}
+    assert {t.dtype for t in load_latent_bundle(out).tensors.values()} == {torch.float16}
 
 
 def test_cache_keys_change_with_every_input(encoders):
@@ -114,6 +133,12 @@ def test_cache_keys_change_with_every_input(encoders):
     assert len({base, *variants}) == len(variants) + 1
     # Settings that do not change a latent must not split the cache.
     assert latent_key(sha, encoders, 64, LatentConfig(batch_size=1), False) == base
+    # The square crop is keyed as before buckets existed (caches made then stay valid), whatever `buckets` says.
+    assert base == digest("vae-latent", 1, sha, encoders.vae_fingerprint, 64, True, False, "float32")
+    assert latent_key(sha, encoders, (64, 64), LatentConfig(buckets=False), False) == base
+    # Each bucket is its own crop.
+    buckets = {latent_key(sha, encoders, b, LatentConfig(), False) for b in [(80, 48), (48, 80), (80, 56)]}
+    assert len(buckets | {base}) == 4
     assert latent_key(sha, dataclasses.replace(encoders, text_fingerprint="x"), 64, LatentConfig(), False) == base
 
     t = text_key("a photo of sks dog", encoders, LatentConfig())
@@ -145,6 +170,19 @@ def test_empty_subset_fails_with_a_message_not_a_torch_error(encoders, tmp_path)
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_a_bundle_from_before_buckets_names_its_fix(tmp_path):
+    from safetensors.torch import save_file
+
+    from assets_pipeline.store import record_digest
+
+    old = tmp_path / "latents.safetensors"
+    save_file({"latent_mean": torch.zeros(1, 4, 2, 2)}, str(old),
+              metadata={"image_sha256": '["a"]', "role": '["instance"]'})
+    record_digest(old)
+    with pytest.raises(ValueError, match="before aspect-ratio buckets.*rematerialize vae_latents"):
+        load_latent_bundle(old)
+
+
 @pytest.mark.gpu
 def test_gpu_latents_match_cpu_so_the_cache_can_be_shared(items, encoders, tmp_path):
     """The device is not part of a latent's cache key, so a GPU-computed item must equal the CPU one (within
@@ -163,7 +201,8 @@ def test_gpu_latents_match_cpu_so_the_cache_can_be_shared(items, encoders, tmp_p
         index = compute_latents(items, enc, RES, LatentConfig(), lat, txt)
         write_latent_bundle(index, lat, txt, tmp_path / f"{name}.safetensors", {})
         bundles.append(load_latent_bundle(tmp_path / f"{name}.safetensors"))
-    (cpu_t, cpu_shas, *_), (gpu_t, gpu_shas, *_) = bundles
-    assert cpu_shas == gpu_shas
-    for name in ("latent_mean", "prompt_embeds"):
-        assert torch.allclose(cpu_t[name], gpu_t[name], atol=1e-2, rtol=1e-2), name
+    cpu, gpu = bundles
+    assert cpu.image_sha256 == gpu.image_sha256 and cpu.buckets == gpu.buckets
+    assert cpu.tensors.keys() == gpu.tensors.keys()
+    for name in cpu.tensors:
+        assert torch.allclose(cpu.tensors[name], gpu.tensors[name], atol=1e-2, rtol=1e-2), name

@@ -349,7 +349,13 @@ def test_identical_job_reuses_the_current_output_and_the_tag_forces_training(dem
     assert mat.metadata["final_loss"].value == first.metadata["final_loss"].value
     assert mat.tags["dagster/data_version"] == first.tags["dagster/data_version"]  # downstream sees no change
     assert _versions(demo_build, "lora_adapter") == before  # no new version folder
-    assert all(c.passed for c in res.get_asset_check_evaluations())  # the checks run on the reused output
+    checks = {c.check_name: c for c in res.get_asset_check_evaluations()}
+    assert all(c.passed for c in checks.values())  # the checks run on the reused output
+    # ... and the rendering one reads its measurement of these same weights instead of rendering again.
+    change, first_change = (c.metadata for c in (checks["changes_base_output"],
+                                                  demo_build.checks[("lora_adapter", "changes_base_output")]))
+    assert change["measured_before"].value is True and first_change["measured_before"].value is False
+    assert change["mean_abs_change"].value == first_change["mean_abs_change"].value
 
     forced = dg.materialize([*ASSETS, *CHECKS], selection=dg.AssetSelection.assets("lora_adapter"),
                             partition_key=demo_build.concept, instance=demo_build.instance,
@@ -358,6 +364,9 @@ def test_identical_job_reuses_the_current_output_and_the_tag_forces_training(dem
     mat = forced.get_asset_materialization_events()[0].materialization
     assert mat.metadata["reused"].value is False
     assert len(_versions(demo_build, "lora_adapter")) == len(before) + 1
+    # The base model's validation images for the same prompts and seeds came from the cache, not rendered again.
+    metrics = json.loads((Path(mat.metadata["path"].value) / "metrics.json").read_text())
+    assert metrics["base_renders_cached"] == len(metrics["validation_prompts"]) * len(metrics["validation_seeds"])
 
 
 def test_an_output_is_reusable_only_when_intact_and_from_the_same_job_and_code(demo_build, tmp_path):

@@ -79,13 +79,11 @@ def test_textual_inversion_caption_uses_the_placeholder():
 def test_dreambooth_loss_adds_weighted_prior_half():
     import torch
 
-    from assets_pipeline.training.methods.base import Batch
-
     m = get_method("dreambooth")
-    pred = torch.zeros(2, 4, 2, 2)
-    target = torch.stack([torch.ones(4, 2, 2), 2 * torch.ones(4, 2, 2)])  # instance mse 1, class mse 4
-    batch = Batch(latents=None, prompt_embeds=None, is_class=torch.tensor([False, True]))  # instance, class
-    assert m.loss(pred, target, batch, m.config_cls(prior_loss_weight=0.5), None).item() == pytest.approx(3.0)
+    losses = torch.tensor([1.0, 4.0, 3.0])  # per-row MSE: instance 1, class 4, instance 3
+    is_class = torch.tensor([False, True, False])
+    assert m.loss(losses, is_class, m.config_cls(prior_loss_weight=0.5)).item() == pytest.approx(2.0 + 0.5 * 4.0)
+    assert m.loss(losses, is_class, m.config_cls(with_prior_preservation=False)).item() == pytest.approx(8 / 3)
 
 
 def test_trainer_launch_command_uses_accelerate_for_several_gpus(tmp_path):

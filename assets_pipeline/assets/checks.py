@@ -11,6 +11,9 @@ from assets_pipeline.resources import AcceleratorResource, BaseModelResource, Pi
 from assets_pipeline.training.methods import get_method, method_names
 
 
+CHANGE_CHECK_VERSION = 1  # bump when changes_base_output measures differently
+
+
 def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
     method = get_method(method_name)
     asset = dg.AssetKey(method.asset_name)
@@ -41,21 +44,39 @@ def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
         from dataclasses import asdict
 
         from assets_pipeline.assets.common import spec_from_snapshot
+        from assets_pipeline.hashing import digest, sha256_file
         from assets_pipeline.training.methods.base import TrainContext
+        from assets_pipeline.training.output import BaseRenders
+        from assets_pipeline.training.reuse import SUMS_FILE
         from assets_pipeline.training.verify import change_versus_base
 
         concept = context.partition_key
         out = _output(storage, concept)
         spec = spec_from_snapshot(storage, concept)
-        ref = base_model.resolve(storage.layout().root)
+        layout = storage.layout()
+        ref = base_model.resolve(layout.root)
         manifest = json.loads((out / "lineage.json").read_text())
         controls = [r["control_path"] for r in training_rows(storage, concept, ("instance",), True)] \
             if method.name == "controlnet" else []
         ctx = TrainContext(concept=concept, token=spec.token, class_noun=spec.class_noun,
                            resolution=manifest["base_model"]["resolution"], num_instance_images=0,
                            extra={"control_paths": controls})
-        change = change_versus_base(method, asdict(ref), out, ctx, device=accelerator.torch_device())
-        return dg.AssetCheckResult(passed=change > 0, metadata={"mean_abs_change": change})
+        device = accelerator.torch_device()
+        # The measurement is a function of the output's weight bytes, the base model, the prompt, the
+        # conditioning images and the device: measured once per such combination (a reused output, rechecked by
+        # every later build, is not re-rendered).
+        results = layout.cache("check_results", ".json")
+        key = digest("changes_base_output", CHANGE_CHECK_VERSION, (out / SUMS_FILE).read_text(), ref.fingerprint,
+                     method.name, {k: v for k, v in asdict(ctx).items() if k != "extra"},
+                     [sha256_file(p) for p in controls],
+                     "cuda" if device.startswith("cuda") else device)
+        renders = BaseRenders(asdict(ref), device, BaseRenders.cache_for(layout.root))
+        path = results.get_or_create(key, lambda tmp: tmp.write_text(json.dumps({
+            "mean_abs_change": change_versus_base(method, asdict(ref), out, ctx, device=device,
+                                                  base_renders=renders)})))
+        change = json.loads(path.read_text())["mean_abs_change"]
+        return dg.AssetCheckResult(passed=change > 0, metadata={
+            "mean_abs_change": change, "measured_before": results.cached > 0})
 
     @dg.asset_check(asset=asset, name="manifest_lists_training_images", blocking=True,
                     partitions_def=concepts_partitions)

@@ -184,14 +184,16 @@ def clip_scored_images(
     })
 
 
-@dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="2", deps=[clip_scored_images],
+@dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="3", deps=[clip_scored_images],
           kinds={"python"}, automation_condition=rebuild_on_change())
 def control_images(
     context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource
 ) -> dg.MaterializeResult:
-    """ControlNet conditioning image (Canny, offline) per photo of the quality subset, at the training crop."""
+    """ControlNet conditioning image (Canny, offline) per photo of the quality subset, at the training crop of its
+    aspect-ratio bucket (the same bucket and crop as its latent in vae_latents)."""
     from assets_pipeline.stages.conditioning import ControlConfig, make_control_images
-    from assets_pipeline.stages.latents import LatentConfig
+    from assets_pipeline.stages.curation import QualityConfig
+    from assets_pipeline.stages.latents import LatentConfig, concept_buckets
 
     concept = context.partition_key
     spec = spec_from_snapshot(storage, concept)
@@ -203,7 +205,9 @@ def control_images(
     cache = layout.cache("control_images", ".png")
     clean_stale_temporaries(context, storage, concept, "control_images", caches=(cache.kind,))
     restored = restore_images(context, storage, concept, scores[scores["in_subset"]])
-    df = make_control_images(scores[scores["in_subset"]], cfg, resolution, latent_cfg.center_crop, cache)
+    max_aspect = concept_config(spec, "quality", QualityConfig()).max_aspect_ratio  # as vae_latents: same buckets
+    buckets = concept_buckets(latent_cfg, resolution, max_aspect)
+    df = make_control_images(scores[scores["in_subset"]], cfg, buckets, latent_cfg.center_crop, cache)
     out = layout.asset_dir(concept, "control_images")
     with atomic_dir(out) as tmp:
         save_table(storage, df, tmp / "control.parquet")
@@ -214,5 +218,6 @@ def control_images(
         **cache.counts(), **restored,
         "annotator": cfg.annotator,
         "resolution": resolution,
+        "bucket_count": int(df.groupby(["bucket_width", "bucket_height"]).ngroups),
         "preview": _preview(layout, df["control_path"]),
     })

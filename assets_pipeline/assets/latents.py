@@ -19,18 +19,20 @@ def _records(df) -> list[dict]:
     return df.astype(object).where(df.notna(), None).to_dict("records")
 
 
-@dg.asset(partitions_def=concepts_partitions, group_name="latents", code_version="1", deps=[clip_scored_images, class_images],
+@dg.asset(partitions_def=concepts_partitions, group_name="latents", code_version="2", deps=[clip_scored_images, class_images],
           pool="gpu", kinds={"pytorch"}, automation_condition=rebuild_on_change())
 def vae_latents(
     context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource,
     accelerator: AcceleratorResource,
 ) -> dg.MaterializeResult:
     """VAE latent distributions and CLIP text embeddings of the quality subset and the class images, keyed by
-    image sha256 (latents.safetensors + index.parquet); class images share the photos' latent cache."""
+    image sha256 (latents.safetensors + index.parquet), each image at its aspect-ratio bucket; class images share
+    the photos' latent cache."""
     import pandas as pd
 
     from assets_pipeline.base_model import load_encoders
-    from assets_pipeline.stages.latents import LatentConfig, compute_latents, write_latent_bundle
+    from assets_pipeline.stages.curation import QualityConfig
+    from assets_pipeline.stages.latents import LatentConfig, bucket_counts, compute_latents, write_latent_bundle
 
     concept = context.partition_key
     spec = spec_from_snapshot(storage, concept)
@@ -46,7 +48,9 @@ def vae_latents(
     enc = load_encoders(ref, layout.root, accelerator.device)  # loaded, on the resolved device, only on a miss
     latent_cache, text_cache = layout.cache("latents", ".safetensors"), layout.cache("text_embeds", ".safetensors")
     clean_stale_temporaries(context, storage, concept, "vae_latents", caches=(latent_cache.kind, text_cache.kind))
-    index = compute_latents(items, enc, resolution, cfg, latent_cache, text_cache)
+    # The buckets reach the quality filter's aspect limit, so every photo it keeps has a bucket near its shape.
+    max_aspect = concept_config(spec, "quality", QualityConfig()).max_aspect_ratio
+    index = compute_latents(items, enc, resolution, cfg, latent_cache, text_cache, max_aspect)
     out = layout.asset_dir(concept, "vae_latents")
     # Same rows as the current bundle (its keys cover every input): keep it rather than restack every tensor,
     # if it is still intact.
@@ -66,6 +70,7 @@ def vae_latents(
                 "base_model_fingerprint": ref.fingerprint, "vae_fingerprint": enc.vae_fingerprint,
                 "text_fingerprint": enc.text_fingerprint,
             })
+    buckets = bucket_counts(index)
     return result(out, table_version(index, ["image_sha256", "role", "latent_key", "text_key"]), len(index), {
         "latents_computed": latent_cache.computed, "latents_cached": latent_cache.cached,
         "text_embeds_computed": text_cache.computed, "text_embeds_cached": text_cache.cached,
@@ -74,5 +79,8 @@ def vae_latents(
         "items_discarded_corrupt": len(latent_cache.discarded) + len(text_cache.discarded), **restored,
         "bundle_reused": unchanged,
         "resolution": resolution,
+        "buckets": dg.MetadataValue.md(buckets.to_markdown(index=False)),
+        "bucket_count": len(buckets),
         "base_model_fingerprint": ref.fingerprint,
+        "base_model_family": ref.family,
     })

@@ -71,7 +71,9 @@ def training_rows(storage: PipelineStorage, concept: str, roles: tuple[str, ...]
         ctrl = dict(zip(table["image_sha256"], table["control_path"]))
     rows = []
     for r in index[index["role"].isin(roles)].itertuples():
-        row = {"image_sha256": r.image_sha256, "role": r.role, "caption": r.caption, **source[r.image_sha256]}
+        # latent_key and text_key: the exact cached tensors (crop, bucket, VAE, text encoder), part of the job identity.
+        row = {"image_sha256": r.image_sha256, "role": r.role, "caption": r.caption, "latent_key": r.latent_key,
+               "text_key": r.text_key, **source[r.image_sha256]}
         if control and r.role == "instance":
             row["control_path"] = ctrl.get(r.image_sha256)
         rows.append(row)
@@ -171,7 +173,8 @@ def build_model_asset(method_name: str) -> dg.AssetsDefinition:
         method.check_inputs(train_context(job), cfg)  # refuse here, with the reason, before launching a process
         asset_dir = Path(job.output_dir).parent
         asset_dir.mkdir(parents=True, exist_ok=True)
-        clean_stale_temporaries(context, storage, concept, method.asset_name)
+        # The trainer's base renders and the checks' results are cache kinds its training and checks write.
+        clean_stale_temporaries(context, storage, concept, method.asset_name, caches=("base_renders", "check_results"))
         job_path = asset_dir / f".job-{context.run_id}.json"
         job.save(job_path)
         yield from trainer.launch(context, job_path).get_results()

@@ -53,5 +53,6 @@ def class_images(
         **cache.counts(),
         "prompt": prompt,
         "base_model_fingerprint": ref.fingerprint,
+        "base_model_family": ref.family,
         "preview": image_preview(layout, df["decoded_path"]),
     })

@@ -6,7 +6,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from assets_pipeline.base_model import EMBEDDED, BaseModelRef, resolve_base_model
+from assets_pipeline.base_model import BASE_MODEL_ENV, EMBEDDED, BaseModelRef, resolve_base_model
 from assets_pipeline.resources.k8s import K8sTrainerConfig
 
 
@@ -14,18 +14,29 @@ class BaseModelResource(dg.ConfigurableResource):
     """The Stable Diffusion model everything derives from. Its fingerprint enters every downstream cache key."""
 
     source: str = Field(
-        default=EMBEDDED,
-        description="'embedded' (tiny random SD, built offline), a diffusers folder, a single-file checkpoint "
-        "(.safetensors/.ckpt), or a hub id 'org/name' resolved from the local hub cache.",
+        default="",
+        description="'embedded' (tiny random SD 1.x, built offline), 'embedded-sdxl' (tiny random SDXL), a "
+        "diffusers folder, a single-file checkpoint (.safetensors/.ckpt), or a hub id 'org/name' resolved from the "
+        f"local hub cache. Empty = ${BASE_MODEL_ENV} (the deployment's default, same values), else 'embedded'.",
     )
-    resolution: int | None = Field(default=None, description="Training resolution; default: 64 embedded, else 512.")
+    resolution: int | None = Field(
+        default=None, description="Training resolution; default: 64 for the embedded models, else the model "
+        "family's (SD 1.x 512, SD 2.x 768 for v-prediction models else 512, SDXL 1024).",
+    )
     single_file_config: str | None = Field(
         default=None, description="For single-file checkpoints: a local diffusers folder holding the configs."
     )
     hub_cache_dir: str | None = Field(default=None, description="Hub cache for hub ids; None = HF's default.")
 
+    def source_setting(self) -> str:
+        """The source in effect: the configured one, else the environment's, else the embedded SD model. Read
+        when resolved, so a deployment's variable applies to every run without editing definitions."""
+        import os
+
+        return self.source or os.environ.get(BASE_MODEL_ENV) or EMBEDDED
+
     def resolve(self, artifact_root: Path) -> BaseModelRef:
-        return resolve_base_model(self.source, artifact_root, self.resolution, self.single_file_config,
+        return resolve_base_model(self.source_setting(), artifact_root, self.resolution, self.single_file_config,
                                   self.hub_cache_dir)
 
 
@@ -34,6 +45,22 @@ class AcceleratorResource(dg.ConfigurableResource):
 
     device: str = Field(default="auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     mixed_precision: str = Field(default="auto", description="'auto', 'no', 'fp16' or 'bf16'.")
+
+    def teardown_after_execution(self, context) -> None:
+        """After every step that used a model: the GPU memory its models held goes back to the driver. torch's
+        caching allocator would otherwise keep the freed blocks for this process, which matters when the next
+        step runs in the same process (the in-process executor) and launches a trainer that needs them."""
+        import sys
+
+        if "torch" not in sys.modules:  # nothing was loaded: do not import torch just to find that out
+            return
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def torch_device(self) -> str:
         from assets_pipeline.base_model import resolve_device

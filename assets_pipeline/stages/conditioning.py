@@ -1,8 +1,9 @@
 """ControlNet conditioning images: one per photo of the quality subset, from a controlnet_aux annotator.
 
-Canny runs offline (no weights). The image is first given the training crop, so each conditioning image is
-pixel-aligned with the latents it will be paired with. Cached by (image sha256, annotator, its parameters,
-resolution, crop).
+Canny runs offline (no weights). The image is first given the training crop of its aspect-ratio bucket (the
+same bucket and offsets as its latent, stages/latents.py), so each conditioning image is pixel-aligned with
+the latent it will be paired with. Cached by (image sha256, annotator, its parameters, bucket size, crop); a
+square bucket keeps the key the square training crop always had.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 import pandas as pd
 
 from assets_pipeline.hashing import digest
-from assets_pipeline.imaging import training_crop
+from assets_pipeline.stages.buckets import assign_bucket, bucket_crop
+from assets_pipeline.stages.latents import image_size
 from assets_pipeline.store import ItemCache
 
 CONDITIONING_VERSION = 2
@@ -44,36 +46,50 @@ def make_annotator(cfg: ControlConfig):
 
     detector = CannyDetector()
 
-    def annotate(img, resolution: int):
-        # controlnet_aux resizes to 512 unless told the resolution: pass ours for both detection and output.
+    def annotate(img):
+        # controlnet_aux resizes the shorter side to 512 unless told the resolution: pass ours (the crop's
+        # shorter side) for both detection and output.
+        side = min(img.size)
         out = detector(img, low_threshold=cfg.low_threshold, high_threshold=cfg.high_threshold,
-                       detect_resolution=resolution, image_resolution=resolution, output_type="pil")
+                       detect_resolution=side, image_resolution=side, output_type="pil")
         # It also rounds both sides to a multiple of 64 (controlnet_aux.util.resize_image), so e.g. 96 px comes
-        # back as 128 px; the crop is the same square, so scaling back keeps it aligned with the latents.
-        if out.size != (resolution, resolution):
-            out = out.resize((resolution, resolution), Image.Resampling.BILINEAR)
+        # back as 128 px; it is the whole crop, rescaled, so scaling back keeps it aligned with the latents.
+        if out.size != img.size:
+            out = out.resize(img.size, Image.Resampling.BILINEAR)
         return out
 
     return annotate
 
 
+def control_key(sha: str, cfg: ControlConfig, bucket: tuple[int, int], center_crop: bool) -> str:
+    w, h = bucket
+    if w == h:  # the square training crop, keyed as before buckets (as latents.latent_key)
+        return digest("control-image", sha, CONDITIONING_VERSION, asdict(cfg), w, center_crop)
+    return digest("control-image", sha, CONDITIONING_VERSION, asdict(cfg), "bucket-crop", w, h, center_crop)
+
+
 def make_control_images(
-    subset: pd.DataFrame, cfg: ControlConfig, resolution: int, center_crop: bool, cache: ItemCache
+    subset: pd.DataFrame, cfg: ControlConfig, buckets: list[tuple[int, int]], center_crop: bool, cache: ItemCache
 ) -> pd.DataFrame:
+    """A conditioning image per photo of ``subset``, at the crop of its bucket among ``buckets``
+    (latents.concept_buckets: the photo's latent has the same bucket and crop)."""
     from PIL import Image
 
     annotator = functools.cache(lambda: make_annotator(cfg))  # made on the first miss: the import takes seconds
 
-    paths = []
+    paths, sizes = [], []
     for sha, src in zip(subset["image_sha256"], subset["decoded_path"]):
-        key = digest("control-image", sha, CONDITIONING_VERSION, asdict(cfg), resolution, center_crop)
+        bucket = assign_bucket(*image_size(src), buckets)
 
-        def create(tmp, src=src):
-            img = training_crop(Image.open(src), resolution, center_crop)
-            annotator()(img, resolution).convert("RGB").save(tmp, format="PNG")
+        def create(tmp, src=src, bucket=bucket):
+            img, _ = bucket_crop(Image.open(src), bucket, center_crop)
+            annotator()(img).convert("RGB").save(tmp, format="PNG")
 
-        paths.append(str(cache.get_or_create(key, create)))
+        paths.append(str(cache.get_or_create(control_key(sha, cfg, bucket, center_crop), create)))
+        sizes.append(bucket)
     out = subset[["image_sha256", "source_path", "decoded_path", "caption"]].copy()
     out["control_path"] = paths
     out["annotator"] = cfg.annotator
+    out["bucket_width"] = [w for w, _ in sizes]
+    out["bucket_height"] = [h for _, h in sizes]
     return out

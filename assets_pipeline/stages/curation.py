@@ -6,7 +6,8 @@ Every dropped photo keeps its reasons and measurements. Defaults and their sourc
   2000; the threshold popularized by pyimagesearch's "Blur detection with OpenCV").
 - near-duplicates: 64-bit perceptual hash (DCT of a 32x32 grayscale copy, as imagehash.phash), Hamming
   distance <= 10, imagededup's default ``max_distance_threshold``.
-- aspect ratio <= 3: DataComp's basic filter (Gadre et al. 2023).
+- aspect ratio <= 3: DataComp's basic filter (Gadre et al. 2023). The same limit bounds the aspect-ratio
+  buckets photos train in (stages/latents.py ``concept_buckets``), so every photo kept has a bucket near its shape.
 
 Which library computes what (issue 12: a maintained library over hand-written code): Pillow decodes, converts to
 grayscale (ITU-R 601 luma, as cv2 and imagehash do) and resizes; ``skimage.filters.laplace`` is the Laplacian
@@ -40,7 +41,8 @@ FILTER_COLUMNS = [
 @dataclass(frozen=True)
 class QualityConfig:
     min_side: int | None = field(default=None, metadata={"help": "Shorter side in px; None = model resolution."})
-    max_aspect_ratio: float = field(default=3.0, metadata={"help": "Longer side / shorter side (DataComp: 3)."})
+    max_aspect_ratio: float = field(default=3.0, metadata={
+        "help": "Longer side / shorter side (DataComp: 3); also the most elongated training bucket."})
     min_blur_variance: float = field(default=100.0, metadata={"help": "Variance of the Laplacian; lower is blurry."})
     blur_side: int = field(default=512, metadata={"help": "Longer side the blur measure downscales to first."})
     max_hash_distance: int = field(default=10, metadata={"help": "pHash Hamming distance counted as duplicate."})

@@ -1,14 +1,18 @@
 """Precomputed VAE latents and text embeddings: what every trainer reads instead of pixels and prompts.
 
 Per item, content-addressed:
-- latent: (image sha256, VAE fingerprint, resolution, crop, flip, dtype) -> the VAE's latent distribution
+- latent: (image sha256, VAE fingerprint, bucket size, crop, flip, dtype) -> the VAE's latent distribution
   (mean and std, unscaled), so a trainer can still sample ``mean + std * eps`` each step as diffusers'
-  scripts do with ``latent_dist.sample()``;
+  scripts do with ``latent_dist.sample()``. Each photo is encoded at its aspect-ratio bucket (stages/buckets.py)
+  or, with ``buckets = false``, at the square training crop; a square bucket's key is the square crop's key, so
+  the two settings share those items;
 - text embedding: (caption, text-encoder + tokenizer fingerprint, dtype) -> ``last_hidden_state`` [77, dim].
 
-The asset output is one ``latents.safetensors`` (stacked tensors, rows in ``index.parquet`` order, keyed by
-image sha256) plus the index, so a trainer loads a whole concept with one read and can never pair a latent
-with the wrong caption.
+The asset output is one ``latents.safetensors`` plus ``index.parquet``, so a trainer loads a whole concept with
+one read and can never pair a latent with the wrong caption. Bundle layout: ``prompt_embeds`` stacks every row
+in index order; latents of different buckets have different shapes, so each bucket has its own stacked tensors,
+``latent_mean@<w>x<h>`` and ``latent_std@<w>x<h>`` (+ ``flip_latent_*@<w>x<h>``), holding that bucket's rows in
+index order; the header lists each row's image sha256, role and bucket (:class:`LatentBundle` reads it back).
 """
 
 from __future__ import annotations
@@ -21,11 +25,16 @@ from typing import Any
 import pandas as pd
 
 from assets_pipeline.hashing import digest
-from assets_pipeline.imaging import training_crop
+from assets_pipeline.stages.buckets import (
+    assign_bucket, bucket_crop, bucket_label, bucket_set, crop_geometry, parse_bucket_label,
+)
 from assets_pipeline.store import CorruptFile, ItemCache, atomic_path, check_file, digest_path, record_digest
 
 LATENT_VERSION = 1
-INDEX_COLUMNS = ["image_sha256", "role", "caption", "latent_key", "text_key", "flip_latent_key"]
+# The bucket (training size, px), where its crop starts in the resized photo (SDXL's crop_coords_top_left) and
+# the photo's own size (SDXL's original_size): square values at the resolution when buckets are off.
+BUCKET_COLUMNS = ["bucket_width", "bucket_height", "crop_top", "crop_left", "original_width", "original_height"]
+INDEX_COLUMNS = ["image_sha256", "role", "caption", "latent_key", "text_key", "flip_latent_key", *BUCKET_COLUMNS]
 _DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -36,6 +45,10 @@ class LatentConfig:
     random_flip: bool = field(default=False, metadata={"help": "Also cache horizontally flipped latents."})
     dtype: str = field(default="float32", metadata={"help": f"Stored dtype, one of {_DTYPES}."})
     batch_size: int = field(default=8, metadata={"help": "Images per VAE / text-encoder forward pass."})
+    buckets: bool = field(default=True, metadata={"help": (
+        "Aspect-ratio buckets (stages/buckets.py): each photo trains at the shape nearest its own, at the "
+        "resolution's pixel budget; false = square crops. On by default (issue 8): a square crop cuts the head "
+        "or feet off a portrait; NovelAI's and kohya-ss's aspect-ratio bucketing, SDXL's training.")})
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -81,22 +94,42 @@ class Encoders:
         return self.scaling_factor_hint if self.scaling_factor_hint is not None else self.vae.config.scaling_factor
 
 
-def latent_key(sha: str, enc: Encoders, resolution: int, cfg: LatentConfig, flip: bool) -> str:
-    return digest("vae-latent", LATENT_VERSION, sha, enc.vae_fingerprint, resolution, cfg.center_crop, flip, cfg.dtype)
+def concept_buckets(cfg: LatentConfig, resolution: int, max_aspect: float | None = None) -> list[tuple[int, int]]:
+    """The sizes a concept's photos train at: the bucket set for ``resolution`` up to the quality filter's aspect
+    limit (``max_aspect``, None = QualityConfig's default), or the square alone when buckets are off. Every
+    asset that crops for training (vae_latents, control_images) asks here, so their crops agree."""
+    if not cfg.buckets:
+        return [(resolution, resolution)]
+    if max_aspect is None:
+        from assets_pipeline.stages.curation import QualityConfig
+
+        max_aspect = QualityConfig().max_aspect_ratio
+    return bucket_set(resolution, max_aspect)
+
+
+def latent_key(sha: str, enc: Encoders, bucket: int | tuple[int, int], cfg: LatentConfig, flip: bool) -> str:
+    """``bucket``: (width, height), or the side of the square crop. A square bucket's crop is the square
+    training crop of ``buckets = false`` (the same function), keyed as it always was: caches made with
+    ``buckets = false`` stay valid, and a square photo's latent is shared by both settings."""
+    w, h = (bucket, bucket) if isinstance(bucket, int) else bucket
+    if w == h:
+        return digest("vae-latent", LATENT_VERSION, sha, enc.vae_fingerprint, w, cfg.center_crop, flip, cfg.dtype)
+    return digest("vae-latent", LATENT_VERSION, sha, enc.vae_fingerprint, "bucket-crop", w, h, cfg.center_crop,
+                  flip, cfg.dtype)
 
 
 def text_key(caption: str, enc: Encoders, cfg: LatentConfig) -> str:
     return digest("text-embedding", LATENT_VERSION, caption, enc.text_fingerprint, cfg.dtype)
 
 
-def _encode_images(paths: list[str], flips: list[bool], enc: Encoders, resolution: int, center_crop: bool):
+def _encode_images(paths: list[str], flips: list[bool], enc: Encoders, bucket: tuple[int, int], center_crop: bool):
     import numpy as np
     import torch
     from PIL import Image, ImageOps
 
     pixels = []
     for p, flip in zip(paths, flips):
-        img = training_crop(Image.open(p), resolution, center_crop)
+        img, _ = bucket_crop(Image.open(p), bucket, center_crop)
         if flip:
             img = ImageOps.mirror(img)
         pixels.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
@@ -115,26 +148,49 @@ def encode_prompts(captions: list[str], enc: Encoders):
         return enc.text_encoder(ids)[0].float().cpu()
 
 
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) from the image's header (no decoding). A file the project made that can no longer be read
+    names its fix, as a damaged file found while encoding does."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, ValueError) as e:
+        if digest_path(Path(path)).exists() and (why := check_file(Path(path))) is not None:
+            raise CorruptFile(Path(path), f"{why}; rematerialize the asset that made it (class_images for a "
+                              "class image, raw_images for a photo)") from e
+        raise
+
+
 def compute_latents(
     items: pd.DataFrame, enc: Encoders, resolution: int, cfg: LatentConfig,
-    latent_cache: ItemCache, text_cache: ItemCache,
+    latent_cache: ItemCache, text_cache: ItemCache, max_aspect: float | None = None,
 ) -> pd.DataFrame:
     """Fill both caches for ``items`` (columns image_sha256, decoded_path, caption, role); return the index.
+
+    Each image goes to its bucket (:func:`concept_buckets`; ``max_aspect`` is the quality filter's limit).
     torch is imported only when something is missing: a fully cached run needs no model library at all."""
-    jobs = []  # (key, path, flip)
+    buckets = concept_buckets(cfg, resolution, max_aspect)
+    jobs = []  # (key, path, flip, bucket)
     index = []
     for r in items.itertuples():
-        lk = latent_key(r.image_sha256, enc, resolution, cfg, False)
-        fk = latent_key(r.image_sha256, enc, resolution, cfg, True) if cfg.random_flip else None
+        size = image_size(r.decoded_path)
+        bucket = assign_bucket(*size, buckets)
+        _, _, top, left = crop_geometry(size, bucket, cfg.center_crop)
+        lk = latent_key(r.image_sha256, enc, bucket, cfg, False)
+        fk = latent_key(r.image_sha256, enc, bucket, cfg, True) if cfg.random_flip else None
         tk = text_key(r.caption, enc, cfg)
-        jobs.append((lk, r.decoded_path, False))
+        jobs.append((lk, r.decoded_path, False, bucket))
         if fk:
-            jobs.append((fk, r.decoded_path, True))
+            jobs.append((fk, r.decoded_path, True, bucket))
         index.append({"image_sha256": r.image_sha256, "role": r.role, "caption": r.caption,
-                      "latent_key": lk, "text_key": tk, "flip_latent_key": fk})
+                      "latent_key": lk, "text_key": tk, "flip_latent_key": fk,
+                      "bucket_width": bucket[0], "bucket_height": bucket[1], "crop_top": top, "crop_left": left,
+                      "original_width": size[0], "original_height": size[1]})
 
     table = pd.DataFrame(index, columns=INDEX_COLUMNS)
-    missing = set(latent_cache.split([k for k, _, _ in jobs]))
+    missing = set(latent_cache.split([k for k, *_ in jobs]))
     captions = {row["text_key"]: row["caption"] for row in index}
     missing_text = text_cache.split(list(captions))
     if not missing and not missing_text:
@@ -143,19 +199,24 @@ def compute_latents(
     from safetensors.torch import save_file
 
     dtype = getattr(torch, cfg.dtype)
-    todo = list({k: (k, p, f) for k, p, f in jobs if k in missing}.values())  # one encode per key
-    for path in dict.fromkeys(Path(p) for _, p, _ in todo):
+    todo = list({k: (k, p, f, b) for k, p, f, b in jobs if k in missing}.values())  # one encode per key
+    for path in dict.fromkeys(Path(p) for _, p, _, _ in todo):
         # Images from the project's caches carry a digest: the asset restores damaged photos before this, and
         # anything still damaged names its fix instead of being encoded.
         if digest_path(path).exists() and (why := check_file(path)) is not None:
             raise CorruptFile(path, f"{why}; rematerialize the asset that made it (class_images for a "
                               "class image, raw_images for a photo)")
-    for s in range(0, len(todo), cfg.batch_size):
-        batch = todo[s : s + cfg.batch_size]
-        mean, std = _encode_images([p for _, p, _ in batch], [f for *_, f in batch], enc, resolution, cfg.center_crop)
-        for (key, _, _), m, sd in zip(batch, mean, std):
-            latent_cache.put(key, lambda tmp, m=m, sd=sd: save_file(
-                {"mean": m.to(dtype).contiguous(), "std": sd.to(dtype).contiguous()}, str(tmp)))
+    by_bucket: dict[tuple[int, int], list] = {}  # a VAE forward takes one shape
+    for job in todo:
+        by_bucket.setdefault(job[3], []).append(job)
+    for bucket, bucket_jobs in sorted(by_bucket.items()):
+        for s in range(0, len(bucket_jobs), cfg.batch_size):
+            batch = bucket_jobs[s : s + cfg.batch_size]
+            mean, std = _encode_images([p for _, p, _, _ in batch], [f for _, _, f, _ in batch], enc, bucket,
+                                       cfg.center_crop)
+            for (key, *_), m, sd in zip(batch, mean, std):
+                latent_cache.put(key, lambda tmp, m=m, sd=sd: save_file(
+                    {"mean": m.to(dtype).contiguous(), "std": sd.to(dtype).contiguous()}, str(tmp)))
 
     for s in range(0, len(missing_text), cfg.batch_size):
         keys = missing_text[s : s + cfg.batch_size]
@@ -165,9 +226,26 @@ def compute_latents(
     return table
 
 
+def bucket_counts(index: pd.DataFrame) -> pd.DataFrame:
+    """Rows per bucket and role (columns bucket, width, height, aspect, instance, class), tallest bucket first:
+    what the vae_latents materialization reports."""
+    rows = []
+    for (w, h), group in index.groupby(["bucket_width", "bucket_height"]):
+        roles = group["role"].value_counts()
+        rows.append({"bucket": bucket_label((w, h)), "width": int(w), "height": int(h), "aspect": round(w / h, 3),
+                     "instance": int(roles.get("instance", 0)), "class": int(roles.get("class", 0))})
+    columns = ["bucket", "width", "height", "aspect", "instance", "class"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["aspect", "width"], ignore_index=True)
+
+
+def _tensor_name(name: str, bucket: tuple[int, int]) -> str:
+    return f"{name}@{bucket_label(bucket)}"
+
+
 def write_latent_bundle(index: pd.DataFrame, latent_cache: ItemCache, text_cache: ItemCache, out: Path,
                         meta: dict[str, Any]) -> None:
-    """Stack the cached items of ``index`` into one safetensors file (row i = index row i)."""
+    """Stack the cached items of ``index`` into one safetensors file: ``prompt_embeds`` row i = index row i;
+    per bucket, ``latent_mean@<w>x<h>`` etc. hold that bucket's rows in index order."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -178,23 +256,59 @@ def write_latent_bundle(index: pd.DataFrame, latent_cache: ItemCache, text_cache
     def stack(keys, cache, name):
         return torch.stack([load_file(str(cache.path(k)))[name] for k in keys]).contiguous()
 
-    tensors = {
-        "latent_mean": stack(index["latent_key"], latent_cache, "mean"),
-        "latent_std": stack(index["latent_key"], latent_cache, "std"),
-        "prompt_embeds": stack(index["text_key"], text_cache, "prompt_embeds"),
-    }
-    if index["flip_latent_key"].notna().all():
-        tensors["flip_latent_mean"] = stack(index["flip_latent_key"], latent_cache, "mean")
-        tensors["flip_latent_std"] = stack(index["flip_latent_key"], latent_cache, "std")
+    buckets = list(zip(index["bucket_width"].astype(int), index["bucket_height"].astype(int)))
+    tensors = {"prompt_embeds": stack(index["text_key"], text_cache, "prompt_embeds")}
+    flip = index["flip_latent_key"].notna().all()
+    for bucket in sorted(set(buckets)):
+        rows = index[[b == bucket for b in buckets]]
+        tensors[_tensor_name("latent_mean", bucket)] = stack(rows["latent_key"], latent_cache, "mean")
+        tensors[_tensor_name("latent_std", bucket)] = stack(rows["latent_key"], latent_cache, "std")
+        if flip:
+            tensors[_tensor_name("flip_latent_mean", bucket)] = stack(rows["flip_latent_key"], latent_cache, "mean")
+            tensors[_tensor_name("flip_latent_std", bucket)] = stack(rows["flip_latent_key"], latent_cache, "std")
     header = {"image_sha256": json.dumps(list(index["image_sha256"])), "role": json.dumps(list(index["role"])),
+              "bucket": json.dumps([bucket_label(b) for b in buckets]),
               **{k: json.dumps(v) for k, v in meta.items()}}
     with atomic_path(out) as tmp:
         save_file(tensors, str(tmp), metadata=header)
     record_digest(out)  # a rerun links this bundle forward only while it still matches
 
 
-def load_latent_bundle(path: Path):
-    """Read a bundle back: (tensors, image_sha256 list, roles, metadata). What trainers call.
+@dataclass
+class LatentBundle:
+    """A vae_latents bundle read back: per-row lists (index order) and the tensors (see the module docstring)."""
+
+    tensors: dict[str, Any]
+    image_sha256: list[str]
+    roles: list[str]
+    buckets: list[tuple[int, int]]  # each row's bucket (width, height) in px
+    meta: dict[str, Any]  # what the asset stored besides the rows: resolution, scaling factor, fingerprints
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        """The buckets present, in the order their tensors were written."""
+        return sorted(set(self.buckets))
+
+    def positions(self) -> list[int]:
+        """Each row's position in its bucket's tensors (its bucket's rows are stored in index order)."""
+        seen: dict[tuple[int, int], int] = {}
+        out = []
+        for b in self.buckets:
+            out.append(seen.get(b, 0))
+            seen[b] = out[-1] + 1
+        return out
+
+    def latents(self, name: str, bucket: tuple[int, int]):
+        """``name`` ("latent_mean", "latent_std", "flip_latent_mean", "flip_latent_std") of one bucket's rows;
+        KeyError when the bundle has no such tensor (flips are stored only with random_flip)."""
+        return self.tensors[_tensor_name(name, bucket)]
+
+    def has(self, name: str) -> bool:
+        return all(_tensor_name(name, b) in self.tensors for b in self.sizes)
+
+
+def load_latent_bundle(path: Path) -> LatentBundle:
+    """Read a bundle back. What trainers call.
 
     The bundle must match its recorded digest (:class:`CorruptFile` names it otherwise), so a damaged file
     stops training with its path and the fix, not with a safetensors header error."""
@@ -208,4 +322,8 @@ def load_latent_bundle(path: Path):
         header = f.metadata()
     tensors = load_file(str(path))
     meta = {k: json.loads(v) for k, v in header.items()}
-    return tensors, meta.pop("image_sha256"), meta.pop("role"), meta
+    if "bucket" not in meta:
+        raise ValueError(f"{path}: a bundle from before aspect-ratio buckets (no per-row bucket); rematerialize "
+                         "vae_latents for this concept to rebuild it")
+    return LatentBundle(tensors, meta.pop("image_sha256"), meta.pop("role"),
+                        [parse_bucket_label(b) for b in meta.pop("bucket")], meta)

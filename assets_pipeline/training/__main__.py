@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                     **{k: result[k] for k in ("clip_t", "clip_i", "mean_abs_change_vs_base", "final_loss", "steps",
                                               "lineage_sha256", "scorer_is_random")},
                     "resumed_from_step": state.resumed_from,
+                    "base_model_family": job.base_model.get("family"),
                     "reused": False,
                     # Speed of this training (None where not measured, e.g. a run of one step).
                     **{k: v for k, v in state.stats.items() if k in SPEED_KEYS and v is not None},

@@ -1,14 +1,27 @@
 """Training data from the vae_latents bundle: latent distributions, cached text embeddings, captions and
-(for ControlNet) conditioning images, all keyed by image sha256.
+(for ControlNet) conditioning images, all keyed by image sha256 and grouped by aspect-ratio bucket.
 
 Everything is moved to the training device once (``to``); a batch is then gathered on the device with an
 index tensor, and all its randomness (flips, latent sampling, diffusion noise, timesteps) comes from one seeded
 generator on that device. Which rows a batch holds is a pure function of (seed, sample index), and the
 generator's seed too, so a resumed run sees exactly the batches and noise an uninterrupted run would.
+
+Buckets (stages/buckets.py): latents of different buckets have different shapes, so a batch must come from one
+bucket. Each role's rows are drawn in *groups* of ``group`` samples (the effective batch of an optimizer step,
+which the micro-batches of that step split): per epoch the role's rows get a seeded permutation (the one they
+had before buckets), each bucket's rows in that order are cut into groups, a bucket's last group is filled up
+with the bucket's first rows again (kohya-ss fills nothing and lets the last batch be smaller; equal sizes keep
+every micro-batch one shape per bucket, one compiled graph per bucket, and the row index one rectangular
+tensor), and the groups are taken in the order of their first row in the permutation, so each bucket's batches
+spread over the epoch in proportion to its size. A role whose rows share one bucket (every role when
+``buckets = false``, class images always) needs no groups and draws exactly as before buckets. DreamBooth's
+instance and class parts are separate roles: when their buckets differ, ``draw`` returns one part per bucket and
+the loop runs one forward per part.
 """
 
 from __future__ import annotations
 
+from itertools import groupby
 from pathlib import Path
 
 from assets_pipeline.hashing import digest
@@ -22,58 +35,96 @@ def seeded_generator(*parts, device="cpu"):
 
 
 class TrainingData:
-    """Rows of cached tensors with their roles and captions; ``indices`` picks rows, ``draw`` gathers them."""
+    """Rows of cached tensors with their roles, captions and buckets; ``indices`` picks rows, ``draw`` gathers them.
 
-    def __init__(self, mean, std, embeds, roles: list[str], captions: list[str], control=None,
-                 flip_mean=None, flip_std=None):
+    ``sizes[b]`` is bucket b's (width, height) in px; ``mean[b]``/``std[b]`` (and the flips, and ``control[b]``)
+    hold the rows whose ``row_bucket`` is b, in row order. ``embeds`` and the per-row lists are in row order."""
+
+    def __init__(self, sizes: list[tuple[int, int]], mean: list, std: list, row_bucket: list[int], embeds,
+                 roles: list[str], captions: list[str], control: list | None = None,
+                 flip_mean: list | None = None, flip_std: list | None = None):
         import torch
 
+        self.sizes, self.row_bucket = sizes, row_bucket
         self.mean, self.std, self.embeds = mean, std, embeds
         self.flip_mean, self.flip_std = flip_mean, flip_std
         self.roles, self.captions = roles, captions
         # Conditioning images as uint8 ([0, 255]): a quarter of the memory on the device, exact.
-        self.control = None if control is None else (control * 255).round().to(torch.uint8)
+        self.control = None if control is None else [(c * 255).round().to(torch.uint8) for c in control]
         self.is_class = torch.tensor([r == "class" for r in roles])
+        # Each row's place in its bucket's tensors, so a batch gathers on the device from the row index alone.
+        seen: dict[int, int] = {}
+        positions = []
+        for b in row_bucket:
+            positions.append(seen.get(b, 0))
+            seen[b] = positions[-1] + 1
+        self.position = torch.tensor(positions, dtype=torch.long)
         self.input_ids = None
         self.by_role = {role: [i for i, r in enumerate(roles) if r == role] for role in set(roles)}
-        self._perms: dict = {}
+        self.role_buckets = {role: sorted({row_bucket[i] for i in rows}) for role, rows in self.by_role.items()}
+        self._orders: dict = {}
+        self._lengths: dict = {}
 
     @classmethod
-    def from_bundle(cls, latents_dir: Path, rows: list[dict], caption_fn, control: bool, resolution: int):
+    def from_bundle(cls, latents_dir: Path, rows: list[dict], caption_fn, control: bool):
         """The job's rows (in order) from the vae_latents bundle, matched by (image sha256, role)."""
         import numpy as np
         import torch
         from PIL import Image
 
+        from assets_pipeline.stages.buckets import bucket_label
         from assets_pipeline.stages.latents import load_latent_bundle
 
-        tensors, shas, roles, _ = load_latent_bundle(latents_dir / "latents.safetensors")
-        position = {(s, r): i for i, (s, r) in enumerate(zip(shas, roles))}
-        idx = [position[(r["image_sha256"], r["role"])] for r in rows]  # KeyError = bundle/job mismatch
+        bundle = load_latent_bundle(latents_dir / "latents.safetensors")
+        where = {(s, r): i for i, (s, r) in enumerate(zip(bundle.image_sha256, bundle.roles))}
+        idx = [where[(r["image_sha256"], r["role"])] for r in rows]  # KeyError = bundle/job mismatch
+        positions = bundle.positions()
+        sizes = sorted({bundle.buckets[i] for i in idx})
+        row_bucket = [sizes.index(bundle.buckets[i]) for i in idx]
+
+        def gather(name: str) -> list:
+            return [bundle.latents(name, size)[[positions[i] for i, b in zip(idx, row_bucket) if b == k]]
+                    for k, size in enumerate(sizes)]
+
+        def control_image(row: dict, size: tuple[int, int]):
+            if row["role"] != "instance":
+                return torch.zeros(3, size[1], size[0])
+            with Image.open(row["control_path"]) as img:
+                if img.size != size:
+                    raise ValueError(
+                        f"control image {row['control_path']} is {bucket_label(img.size)} px, but its photo's latent "
+                        f"is in bucket {bucket_label(size)}: the two were made with other [latents] settings; "
+                        "rematerialize control_images (and vae_latents) for this concept")
+                arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+            return torch.from_numpy(arr).permute(2, 0, 1)  # [0, 1], as train_controlnet.py
+
         images = None
         if control:
-            imgs = []
-            for r in rows:
-                if r["role"] != "instance":
-                    imgs.append(torch.zeros(3, resolution, resolution))
-                    continue
-                arr = np.asarray(Image.open(r["control_path"]).convert("RGB"), dtype=np.float32) / 255.0
-                imgs.append(torch.from_numpy(arr).permute(2, 0, 1))  # [0, 1], as train_controlnet.py
-            images = torch.stack(imgs)
-        flip = "flip_latent_mean" in tensors
+            images = [torch.stack([control_image(r, size) for r, b in zip(rows, row_bucket) if b == k])
+                      for k, size in enumerate(sizes)]
+        flip = bundle.has("flip_latent_mean")
         return cls(
-            tensors["latent_mean"][idx], tensors["latent_std"][idx], tensors["prompt_embeds"][idx],
+            sizes, gather("latent_mean"), gather("latent_std"), row_bucket, bundle.tensors["prompt_embeds"][idx],
             [r["role"] for r in rows], [caption_fn(r["caption"]) for r in rows], images,
-            tensors["flip_latent_mean"][idx] if flip else None, tensors["flip_latent_std"][idx] if flip else None,
+            gather("flip_latent_mean") if flip else None, gather("flip_latent_std") if flip else None,
         )
 
     @property
     def device(self):
-        return self.mean.device
+        return self.embeds.device
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Every bucket's latent shape [C, h, w]: what compiled graphs and the micro-batch probe depend on."""
+        return tuple(tuple(m.shape[1:]) for m in self.mean)
 
     def to(self, device) -> TrainingData:
         """Move every tensor to ``device`` once: no step copies data from the host afterwards."""
-        for name in ("mean", "std", "embeds", "flip_mean", "flip_std", "control", "is_class", "input_ids"):
+        for name in ("mean", "std", "flip_mean", "flip_std", "control"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, [t.to(device) for t in value])
+        for name in ("embeds", "is_class", "input_ids", "position"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
@@ -87,48 +138,94 @@ class TrainingData:
     def count(self, role: str) -> int:
         return len(self.by_role.get(role, []))
 
-    def _pick(self, role: str, position: int, seed: int) -> int:
+    def _epoch_order(self, role: str, epoch: int, seed: int, group: int) -> list[int]:
+        """The role's rows in sample order for one epoch (see the module docstring)."""
         import torch
 
         rows = self.by_role[role]
-        epoch, i = divmod(position, len(rows))
-        key = (role, epoch)
-        if key not in self._perms:
-            self._perms = {k: v for k, v in self._perms.items() if k[1] >= epoch - 1}
-            self._perms[key] = torch.randperm(len(rows), generator=seeded_generator("order", seed, role, epoch))
-        return rows[int(self._perms[key][i])]
+        perm = torch.randperm(len(rows), generator=seeded_generator("order", seed, role, epoch))
+        order = [rows[int(i)] for i in perm]
+        if len(self.role_buckets[role]) == 1:
+            return order
+        groups = []  # (where the group's first row is in `order`, its rows)
+        for b in self.role_buckets[role]:
+            seq = [(k, r) for k, r in enumerate(order) if self.row_bucket[r] == b]
+            for s in range(0, len(seq), group):
+                part = [r for _, r in seq[s : s + group]]
+                groups.append((seq[s][0], part + [seq[j % len(seq)][1] for j in range(group - len(part))]))
+        return [r for _, part in sorted(groups) for r in part]
 
-    def indices(self, roles: tuple[str, ...], batch_size: int, sample_index: int, seed: int) -> list[int]:
-        """Rows for samples ``sample_index .. + batch_size`` of each role (each role's rows in a seeded order
-        per epoch)."""
-        return [self._pick(role, sample_index + j, seed) for role in roles for j in range(batch_size)]
+    def _epoch_length(self, role: str, group: int) -> int:
+        """Samples per epoch: the role's rows, plus the fill of each bucket's last group."""
+        if (role, group) not in self._lengths:
+            rows = self.by_role[role]
+            counts = [sum(self.row_bucket[r] == b for r in rows) for b in self.role_buckets[role]]
+            self._lengths[role, group] = len(rows) if len(counts) == 1 else sum(-(-n // group) * group for n in counts)
+        return self._lengths[role, group]
 
-    def draw(self, rows: list[int], generator, scaling_factor: float, random_flip: bool, index=None) -> Batch:
+    def _pick(self, role: str, position: int, seed: int, group: int) -> int:
+        epoch, i = divmod(position, self._epoch_length(role, group))
+        key = (role, group, epoch)
+        if key not in self._orders:
+            self._orders = {k: v for k, v in self._orders.items() if k[2] >= epoch - 1}
+            self._orders[key] = self._epoch_order(role, epoch, seed, group)
+        return self._orders[key][i]
+
+    def indices(self, roles: tuple[str, ...], batch_size: int, sample_index: int, seed: int, group: int) -> list[int]:
+        """Rows for samples ``sample_index .. + batch_size`` of each role: each role's part from one bucket.
+
+        ``group`` is the number of consecutive samples drawn from one bucket (the effective batch of an
+        optimizer step); a micro-batch must lie inside one group."""
+        if group % batch_size or sample_index % batch_size:
+            raise ValueError(f"a micro-batch of {batch_size} from sample {sample_index} would cross a bucket group "
+                             f"of {group} samples: the group must be a multiple of the micro-batch, and the "
+                             "micro-batch start a multiple of its size")
+        return [self._pick(role, sample_index + j, seed, group) for role in roles for j in range(batch_size)]
+
+    def largest_indices(self, roles: tuple[str, ...], batch_size: int) -> list[int]:
+        """Rows for the most memory-hungry micro-batch: each role's rows from its largest-area bucket (repeated
+        if it has fewer), for the micro-batch probe."""
+        out = []
+        for role in roles:
+            b = max(self.role_buckets[role], key=lambda k: (self.sizes[k][0] * self.sizes[k][1], k))
+            rows = [r for r in self.by_role[role] if self.row_bucket[r] == b]
+            out += [rows[j % len(rows)] for j in range(batch_size)]
+        return out
+
+    def draw(self, rows: list[int], generator, scaling_factor: float, random_flip: bool, index=None) -> list[Batch]:
         """Gather ``rows`` on the device (``index``: the same rows as a device tensor, when the caller made it
-        already); latents are sampled from their cached distribution (``latent_dist.sample()`` in diffusers'
-        scripts) and scaled for the U-Net."""
+        already), one :class:`Batch` per run of rows in the same bucket (one shape, one forward); latents are
+        sampled from their cached distribution (``latent_dist.sample()`` in diffusers' scripts) and scaled for
+        the U-Net."""
         import torch
 
         idx = torch.tensor(rows, device=self.device) if index is None else index
-        mean, std = self.mean[idx], self.std[idx]
-        if random_flip and self.flip_mean is not None:
-            flip = torch.rand(len(idx), generator=generator, device=self.device) < 0.5
-            mean = torch.where(flip[:, None, None, None], self.flip_mean[idx], mean)
-            std = torch.where(flip[:, None, None, None], self.flip_std[idx], std)
-        else:
-            flip = None
-        eps = torch.randn(mean.shape, generator=generator, device=self.device, dtype=mean.dtype)
-        latents = (mean + std * eps) * scaling_factor
-        control = None
-        if self.control is not None:  # a flipped latent needs its conditioning image flipped with it
-            control = self.control[idx]
-            if flip is not None:
-                control = torch.where(flip[:, None, None, None], control.flip(-1), control)
-            control = control.float() / 255.0
-        return Batch(
-            latents=latents,
-            prompt_embeds=self.embeds[idx],
-            control=control,
-            is_class=self.is_class[idx],
-            input_ids=None if self.input_ids is None else self.input_ids[idx],
-        )
+        parts, start = [], 0
+        for b, run in groupby(self.row_bucket[r] for r in rows):
+            n = len(list(run))
+            sel = idx[start : start + n]
+            start += n
+            pos = self.position[sel]
+            mean, std = self.mean[b][pos], self.std[b][pos]
+            if random_flip and self.flip_mean is not None:
+                flip = torch.rand(n, generator=generator, device=self.device) < 0.5
+                mean = torch.where(flip[:, None, None, None], self.flip_mean[b][pos], mean)
+                std = torch.where(flip[:, None, None, None], self.flip_std[b][pos], std)
+            else:
+                flip = None
+            eps = torch.randn(mean.shape, generator=generator, device=self.device, dtype=mean.dtype)
+            latents = (mean + std * eps) * scaling_factor
+            control = None
+            if self.control is not None:  # a flipped latent needs its conditioning image flipped with it
+                control = self.control[b][pos]
+                if flip is not None:
+                    control = torch.where(flip[:, None, None, None], control.flip(-1), control)
+                control = control.float() / 255.0
+            parts.append(Batch(
+                latents=latents,
+                prompt_embeds=self.embeds[sel],
+                control=control,
+                is_class=self.is_class[sel],
+                input_ids=None if self.input_ids is None else self.input_ids[sel],
+            ))
+        return parts

@@ -37,10 +37,11 @@ class TrainJob:
 
     def identity(self) -> str:
         """What determines the trained weights: checkpoints from a job with another identity are never resumed."""
-        # control images are content-addressed: their file name is their cache key (annotator settings included)
+        # Control images and latents are content-addressed: a control image's file name is its cache key (annotator
+        # settings included), a latent's key covers its crop, bucket and VAE, a text embedding's its encoder.
         return digest(self.method, self.config, self.base_model["fingerprint"],
-                      [(r["image_sha256"], r["role"], r["caption"], Path(r.get("control_path") or "").name)
-                       for r in self.training_images])
+                      [(r["image_sha256"], r["role"], r["caption"], Path(r.get("control_path") or "").name,
+                        r.get("latent_key"), r.get("text_key")) for r in self.training_images])
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))

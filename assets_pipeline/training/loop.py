@@ -20,7 +20,7 @@ from assets_pipeline.hashing import digest
 from assets_pipeline.training.data import TrainingData, seeded_generator
 from assets_pipeline.training.job import TrainJob
 from assets_pipeline.training.methods import get_method
-from assets_pipeline.training.methods.base import Method, Models, TrainContext, snr_weights
+from assets_pipeline.training.methods.base import Method, Models, TrainContext, per_sample_mse, snr_weights
 from assets_pipeline.training.models import load_training_models
 
 log = logging.getLogger(__name__)
@@ -138,27 +138,35 @@ def per_process_batch(train_batch_size: int, accumulation: int, num_processes: i
     return micro, effective // num_processes // micro
 
 
-def compute_loss(method: Method, models: Models, batch, cfg, generator, weight_dtype, channels_last=False):
+def compute_loss(method: Method, models: Models, parts: list, cfg, generator, weight_dtype, channels_last=False):
     """The step every method shares: noise, timesteps, add_noise, predict, loss (DDPM's objective, Ho et al.
     2020, as in diffusers' training scripts). Methods change only what they override (encode/predict/loss).
-    The batch is on the device and the noise is drawn there from ``generator``: no host round trip."""
+    ``parts``: the micro-batch, one :class:`Batch` per latent shape (aspect-ratio bucket; usually one), each a
+    forward of its own; their per-row losses are concatenated for ``method.loss``. The batch is on the device and
+    the noise is drawn there from ``generator``: no host round trip."""
     import torch
 
     scheduler = models.noise_scheduler
-    latents = batch.latents.to(weight_dtype)
-    if channels_last:
-        latents = latents.contiguous(memory_format=torch.channels_last)
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
-                              device=latents.device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
     v_pred = scheduler.config.prediction_type == "v_prediction"
-    target = scheduler.get_velocity(latents, noise, timesteps) if v_pred else noise
-    batch.prompt_embeds = batch.prompt_embeds.to(weight_dtype)
-    embeds = method.encode(models, batch).to(weight_dtype)
-    pred = method.predict(models, noisy, timesteps, embeds, batch)
-    weights = snr_weights(scheduler, timesteps, cfg.snr_gamma) if cfg.snr_gamma else None
-    return method.loss(pred, target, batch, cfg, weights)
+    losses, is_class = [], []
+    for batch in parts:
+        latents = batch.latents.to(weight_dtype)
+        if channels_last:
+            latents = latents.contiguous(memory_format=torch.channels_last)
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+                                  device=latents.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        target = scheduler.get_velocity(latents, noise, timesteps) if v_pred else noise
+        batch.prompt_embeds = batch.prompt_embeds.to(weight_dtype)
+        embeds = method.encode(models, batch).to(weight_dtype)
+        pred = method.predict(models, noisy, timesteps, embeds, batch)
+        row_losses = per_sample_mse(pred, target)
+        if cfg.snr_gamma:
+            row_losses = row_losses * snr_weights(scheduler, timesteps, cfg.snr_gamma)
+        losses.append(row_losses)
+        is_class.append(batch.is_class)
+    return method.loss(torch.cat(losses), torch.cat(is_class), cfg)
 
 
 def _place(models: Models, trainable: list[str], device, weight_dtype, cfg, channels_last: bool) -> None:
@@ -225,7 +233,7 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
     set_seed(cfg.seed)  # adapter/ControlNet initialization; batches and noise have their own seeded generators
     models = load_training_models(job.base_model, method.needs_text_encoder(cfg))
     data = TrainingData.from_bundle(Path(job.latents_dir), job.training_images, lambda c: method.training_caption(c, ctx),
-                        control=job.method == "controlnet", resolution=ctx.resolution).to(device)
+                                    control=job.method == "controlnet").to(device)
     trainable = method.prepare(models, cfg, ctx)
     if method.needs_text_encoder(cfg):
         data.tokenize(models.tokenizer)  # after prepare: textual inversion adds its token there
@@ -254,7 +262,7 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
         # What the compiled graphs depend on: the network's structure, the batch, precision and the device.
         return perf_mod.CompileCache(job.cache_dir or None, digest(
             "compiled-train-step", sig, network, job.method, precision, micro, len(roles),
-            tuple(data.mean.shape[1:]), mode, plan.channels_last, cfg.gradient_checkpointing))
+            data.shapes, mode, plan.channels_last, cfg.gradient_checkpointing))
 
     plan = perf_mod.resolve(perf, cuda, steps, accum, compile_cache_warm=compile_cache("regional").warm)
     cache = compile_cache(plan.compile)
@@ -290,8 +298,12 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
     # Every remaining micro-batch's rows, decided up front on the host and moved to the device once. A step
     # covers samples step x effective .. +effective of each role; process `rank` takes every n_procs-th
     # micro-batch of them, so with the accumulation split the processes together run one process's micro-batches.
+    # A step's samples of a role come from one aspect-ratio bucket (the group is the configured effective batch,
+    # whatever the micro-batch, the probe or the number of processes). Each bucket is its own shape: compiled
+    # modules (dynamic=False) compile once per bucket, on its first step.
     samples = [((step * accum + m) * n_procs + rank) * micro for step in range(start, steps) for m in range(accum)]
-    rows = [data.indices(roles, micro, s, cfg.seed) for s in samples]
+    group = cfg.train_batch_size * cfg.gradient_accumulation_steps
+    rows = [data.indices(roles, micro, s, cfg.seed, group) for s in samples]
     index = torch.tensor(rows, device=device) if rows else None
     pending: list = []  # per-step losses still on the device; read every log_every steps (one sync)
     if job.log_with:
@@ -306,9 +318,9 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
         for m in range(accum):
             k = (step - start) * accum + m
             g = seeded_generator("step", cfg.seed, samples[k], device=device)
-            batch = data.draw(rows[k], g, models.scaling_factor, cfg.random_flip, index=index[k])
+            parts = data.draw(rows[k], g, models.scaling_factor, cfg.random_flip, index=index[k])
             with accelerator.accumulate(*prepared), accelerator.autocast():
-                loss = compute_loss(method, models, batch, cfg, g, weight_dtype, plan.channels_last)
+                loss = compute_loss(method, models, parts, cfg, g, weight_dtype, plan.channels_last)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -342,6 +354,10 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
         if done % cfg.checkpointing_steps == 0 and done < steps:
             _save_checkpoint(accelerator, ckpt_root, done, losses, cfg.checkpoints_total_limit)
     train_s = time.perf_counter() - t0
+    if cache_state == "cold" and len(data.shapes) > 1:
+        # The other buckets' shapes compiled after the first step's save: save again, so the next run is warm for all.
+        saved = cache.save()
+        progress(f"saved {saved / 2**20:.1f} MiB of kernels for {len(data.shapes)} bucket shapes to {cache.path}")
     steady = time.perf_counter() - t_steady if t_steady else 0.0
     images_per_step = micro * len(roles) * accum * n_procs
     stats = {
@@ -382,7 +398,7 @@ def _choose_micro_batch(job: TrainJob, method: Method, models: Models, data: Tra
     from assets_pipeline.training.performance import divisors_descending, probe_micro_batch
 
     key = digest("micro-batch", model_key, job.method, str(weight_dtype), cfg.gradient_checkpointing, len(roles),
-                 tuple(data.mean.shape[1:]), effective, fraction, channels_last)
+                 data.shapes, effective, fraction, channels_last)
     path = Path(job.cache_dir) / "micro_batch" / f"{key}.json" if job.cache_dir else None
     if path is not None and path.is_file():
         answer = json.loads(path.read_text())
@@ -391,10 +407,11 @@ def _choose_micro_batch(job: TrainJob, method: Method, models: Models, data: Tra
 
     def try_batch(b: int) -> None:
         g = seeded_generator("micro-batch-probe", device=data.device)
-        batch = data.draw(data.indices(roles, b, 0, cfg.seed), g, models.scaling_factor, cfg.random_flip)
+        # The largest bucket of each role: every other bucket's micro-batch needs less memory.
+        parts = data.draw(data.largest_indices(roles, b), g, models.scaling_factor, cfg.random_flip)
         try:
             with torch.autocast(data.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-                loss = compute_loss(method, models, batch, cfg, g, weight_dtype, channels_last)
+                loss = compute_loss(method, models, parts, cfg, g, weight_dtype, channels_last)
             loss.backward()
         finally:
             for p in params:

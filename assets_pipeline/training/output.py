@@ -12,13 +12,14 @@ from typing import Any
 
 from assets_pipeline.hashing import digest, sha256_file
 from assets_pipeline.lineage import LINEAGE_FILE
-from assets_pipeline.store import share_files, write_json_atomic
+from assets_pipeline.store import ItemCache, share_files, write_json_atomic
 from assets_pipeline.training.job import TrainJob
 from assets_pipeline.training.loop import TRACKER_RUN, TrainState, checkpoint_root
 from assets_pipeline.training.models import base_pipeline_loader
 from assets_pipeline.training.reuse import GRID_FILE, LOSS_PLOT, METRICS_FILE, SUMS_FILE
 
 VALIDATION_SUFFIXES = ("", ", at the beach")  # fixed prompts: the validation prompt, and one new context
+BASE_RENDER_VERSION = 1  # bump when render_batch() changes what an image of a (prompt, seed) batch is
 
 
 def stamp_safetensors(path: Path, extra: dict[str, str]) -> None:
@@ -58,7 +59,8 @@ def lineage_manifest(job: TrainJob, state: TrainState, weights: list[Path], root
         "steps": state.steps,
         "resumed_from_step": state.resumed_from,
         "num_processes": state.num_processes,  # data-parallel processes (GPUs); the effective batch is the config's
-        "base_model": {k: job.base_model[k] for k in ("source", "kind", "fingerprint", "resolution")},
+        "base_model": {k: job.base_model.get(k) for k in ("source", "kind", "family", "prediction_type", "fingerprint",
+                                                          "resolution")},
         "job_identity": job.identity(),
         "training_images": [
             {k: r[k] for k in ("image_sha256", "role", "caption", "source_path", "clip_score", "blur_variance")
@@ -107,43 +109,98 @@ def pixel_change(image, reference) -> float:
 
 def render(pipe, prompt: str, seed: int, resolution: int, steps: int, **kwargs):
     """One image for a fixed prompt and seed (CPU generator, so the same seed gives the same noise anywhere)."""
+    return render_batch(pipe, [(prompt, seed)], resolution, steps, **kwargs)[0]
+
+
+def render_batch(pipe, pairs: list[tuple[str, int]], resolution: int, steps: int, **kwargs) -> list:
+    """Images for (prompt, seed) pairs in one pipeline call: one U-Net batch per denoising step instead of a
+    call per image. Each image's starting noise comes from its own CPU generator seeded with its seed, exactly
+    the noise a single render with that seed starts from. ``kwargs`` values that differ per image are lists."""
     import torch
 
     pipe.set_progress_bar_config(disable=True)
-    return pipe(prompt, num_inference_steps=steps, height=resolution, width=resolution,
-                generator=torch.Generator().manual_seed(seed), **kwargs).images[0]
+    return pipe([p for p, _ in pairs], num_inference_steps=steps, height=resolution, width=resolution,
+                generator=[torch.Generator().manual_seed(s) for _, s in pairs], **kwargs).images
+
+
+class BaseRenders:
+    """The base model's images for fixed (prompt, seed) pairs, size and steps: what every validation and the
+    ``changes_base_output`` check compare a trained output with. They depend on nothing trained, so they are
+    content-addressed in the artifact root's cache (``cache/base_renders/``: base-model fingerprint, the batch's
+    prompts and seeds, size, steps, device kind, torch version) and rendered once per base model; the base
+    pipeline is loaded only on a miss. ``cache=None`` renders every time."""
+
+    def __init__(self, base_model: dict[str, Any], device: str, cache: ItemCache | None):
+        self.base_model, self.device, self.cache = base_model, device, cache
+        self._pipe = None
+
+    @staticmethod
+    def cache_for(artifact_root: str | Path) -> ItemCache:
+        return ItemCache(Path(artifact_root), "base_renders", ".png")
+
+    def pipe(self):
+        if self._pipe is None:
+            self._pipe = base_pipeline_loader(self.base_model)().to(self.device)
+        return self._pipe
+
+    def key(self, pairs: list[tuple[str, int]], index: int, resolution: int, steps: int) -> str:
+        """Image ``index`` of the batch ``pairs`` (the whole batch is in the key: a batched forward may round
+        differently from another batch's)."""
+        import torch
+
+        return digest("base-render", BASE_RENDER_VERSION, self.base_model["fingerprint"], [list(p) for p in pairs],
+                      index, resolution, steps, "cuda" if str(self.device).startswith("cuda") else str(self.device),
+                      torch.__version__)
+
+    def __call__(self, pairs: list[tuple[str, int]], resolution: int, steps: int) -> list:
+        from PIL import Image
+
+        if self.cache is None:
+            return render_batch(self.pipe(), pairs, resolution, steps)
+        keys = [self.key(pairs, i, resolution, steps) for i in range(len(pairs))]
+        if missing := set(self.cache.split(keys)):
+            for key, img in zip(keys, render_batch(self.pipe(), pairs, resolution, steps)):
+                if key in missing:  # PNG: lossless, the rendered pixels exactly
+                    self.cache.put(key, lambda tmp, img=img: img.save(tmp, format="PNG"))
+        out = []
+        for key in keys:
+            with Image.open(self.cache.path(key)) as img:
+                out.append(img.convert("RGB"))
+        return out
 
 
 def validate(job: TrainJob, state: TrainState, out: Path, device: str) -> dict[str, Any]:
     """Validation images for fixed prompts and seeds, compared with the base model's images for the same
     prompts and seeds, and scored: CLIP-T (image-prompt cosine) and CLIP-I (mean pairwise cosine between
-    generated and training images), the DreamBooth paper's metrics (Ruiz et al. 2022, section 4.1)."""
+    generated and training images), the DreamBooth paper's metrics (Ruiz et al. 2022, section 4.1). Every image
+    is rendered in one batch (the base model's come from the cache after the first training on it)."""
     import numpy as np
     from PIL import Image
 
     from assets_pipeline.stages.scoring import load_clip_scorer
 
     method, ctx = state.method, state.ctx
-    load_base = base_pipeline_loader(job.base_model)
-    pipe = method.load_pipeline(load_base, out, ctx).to(device)
-    base = load_base().to(device)
+    pipe = method.load_pipeline(base_pipeline_loader(job.base_model), out, ctx).to(device)
+    base = BaseRenders(job.base_model, device,
+                       BaseRenders.cache_for(Path(job.cache_dir).parent) if job.cache_dir else None)
     vdir = out / "validation"
     vdir.mkdir()
-    prompts, images, diffs, grid = [], [], [], []
+    pairs, kwargs, names = [], [], []
     for pi, suffix in enumerate(VALIDATION_SUFFIXES):
-        prompt = method.validation_prompt(ctx) + suffix
-        grid.append((prompt, []))
         for seed in job.validation_seeds:
-            kw = method.validation_kwargs(out, ctx, pi * len(job.validation_seeds) + seed)
-            img = render(pipe, prompt, seed, ctx.resolution, job.validation_steps, **kw)
-            ref = render(base, prompt, seed, ctx.resolution, job.validation_steps)
-            path = vdir / f"p{pi}_seed{seed}.png"
-            img.save(path)
-            ref.save(vdir / f"p{pi}_seed{seed}_base.png")
-            diffs.append(pixel_change(img, ref))
-            grid[-1][1].extend([(f"base, seed {seed}", ref), (f"trained, seed {seed}", img)])
-            prompts.append(prompt)
-            images.append(img)
+            pairs.append((method.validation_prompt(ctx) + suffix, seed))
+            kwargs.append(method.validation_kwargs(out, ctx, pi * len(job.validation_seeds) + seed))
+            names.append(f"p{pi}_seed{seed}")
+    per_image = {k: [kw[k] for kw in kwargs] for k in kwargs[0]}  # e.g. ControlNet's conditioning image per render
+    images = render_batch(pipe, pairs, ctx.resolution, job.validation_steps, **per_image)
+    refs = base(pairs, ctx.resolution, job.validation_steps)
+    grid: dict[str, list] = {}
+    for (prompt, seed), name, img, ref in zip(pairs, names, images, refs):
+        img.save(vdir / f"{name}.png")
+        ref.save(vdir / f"{name}_base.png")
+        grid.setdefault(prompt, []).extend([(f"base, seed {seed}", ref), (f"trained, seed {seed}", img)])
+    diffs = [pixel_change(img, ref) for img, ref in zip(images, refs)]
+    prompts = [p for p, _ in pairs]
     scorer = load_clip_scorer(job.scorer.get("model_name", "embedded"), job.scorer.get("pretrained"),
                               Path(job.scorer["artifact_root"]), device)
     train_imgs = [Image.open(r["decoded_path"]).convert("RGB") for r in job.training_images if r["role"] == "instance"]
@@ -151,9 +208,10 @@ def validate(job: TrainJob, state: TrainState, out: Path, device: str) -> dict[s
     clip_i = float((scorer.embed_images(images) @ scorer.embed_images(train_imgs).T).mean())
     return {
         "clip_t": clip_t, "clip_i": clip_i, "scorer_is_random": scorer.is_random,
+        "base_renders_cached": base.cache.cached if base.cache else 0,
         "mean_abs_change_vs_base": float(np.mean(diffs)),
         "validation_prompts": sorted(set(prompts)), "validation_seeds": list(job.validation_seeds),
-        "preview_md": _validation_grid(grid, out / GRID_FILE),
+        "preview_md": _validation_grid(list(grid.items()), out / GRID_FILE),
     }
 
 

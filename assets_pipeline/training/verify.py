@@ -30,17 +30,18 @@ def manifest_difference(out_dir: Path, expected_rows: list[dict]) -> tuple[set, 
 
 
 def change_versus_base(method, base_model: dict, out_dir: Path, ctx, seed: int = 0, steps: int = 5,
-                       device: str = "cpu") -> float:
+                       device: str = "cpu", base_renders=None) -> float:
     """Mean absolute pixel difference (0..1) between the base model's image and the output's, loaded through
     stock diffusers, for the same prompt and seed (CPU-seeded noise, so any device renders the same start).
-    0 means the output changes nothing."""
+    0 means the output changes nothing. ``base_renders``: a :class:`~assets_pipeline.training.output.BaseRenders`
+    (the base image from its cache); None renders it."""
 
     from assets_pipeline.training.models import base_pipeline_loader
-    from assets_pipeline.training.output import pixel_change, render
+    from assets_pipeline.training.output import BaseRenders, pixel_change, render
 
     load_base = base_pipeline_loader(base_model)
     prompt = method.validation_prompt(ctx)
     tuned = render(method.load_pipeline(load_base, out_dir, ctx).to(device), prompt, seed, ctx.resolution, steps,
                    **method.validation_kwargs(out_dir, ctx, 0))
-    base = render(load_base().to(device), prompt, seed, ctx.resolution, steps)
+    base = (base_renders or BaseRenders(base_model, device, None))([(prompt, seed)], ctx.resolution, steps)[0]
     return pixel_change(tuned, base)

@@ -2,8 +2,8 @@
 
 The loop (``training/loop.py``) owns devices, precision, noise, timesteps, accumulation, checkpoints and
 logging. A method says which weights train (``prepare``), how conditioning is built (``encode``,
-``predict``), how the loss is split (``loss``), what to restore after a step (``after_step``), how the result
-is saved (``save``) and how stock diffusers loads it back (``load_pipeline``).
+``predict``), how the per-row losses are combined (``loss``), what to restore after a step (``after_step``),
+how the result is saved (``save``) and how stock diffusers loads it back (``load_pipeline``).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class Models:
 
 @dataclass
 class Batch:
-    """One micro-batch, on the training device."""
+    """One micro-batch on the training device, or the part of it in one aspect-ratio bucket (one latent shape)."""
 
     latents: Any  # [B, 4, h, w], already scaled by the VAE scaling factor
     prompt_embeds: Any  # [B, 77, dim] cached embeddings (None where a method re-encodes)
@@ -127,9 +127,11 @@ class Method:
     def predict(self, models: Models, noisy_latents, timesteps, prompt_embeds, batch: Batch):
         return models.unet(noisy_latents, timesteps, encoder_hidden_states=prompt_embeds).sample
 
-    def loss(self, pred, target, batch: Batch, cfg: TrainConfig, weights):
-        losses = per_sample_mse(pred, target)
-        return (losses * weights).mean() if weights is not None else losses.mean()
+    def loss(self, losses, is_class, cfg: TrainConfig):
+        """The step's loss from ``losses`` [B]: each row's MSE (Min-SNR-weighted when snr_gamma is set), in row
+        order over every part of the batch (rows of different aspect-ratio buckets run separate forwards, so the
+        loop concatenates per-row losses rather than predictions); ``is_class`` [B] marks prior rows."""
+        return losses.mean()
 
     def after_step(self, models: Models) -> None:
         pass

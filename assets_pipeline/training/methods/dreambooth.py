@@ -12,7 +12,7 @@ from pathlib import Path
 
 from assets_pipeline.training.config import TrainConfig
 from assets_pipeline.training.methods import register
-from assets_pipeline.training.methods.base import Method, Models, TrainContext, TrainingInputError, per_sample_mse
+from assets_pipeline.training.methods.base import Method, Models, TrainContext, TrainingInputError
 
 
 @dataclass(frozen=True)
@@ -56,15 +56,12 @@ class DreamBoothMethod(Method):
         models.unet.requires_grad_(True)
         return ["unet"]
 
-    def loss(self, pred, target, batch, cfg: DreamBoothConfig, weights):
-        losses = per_sample_mse(pred, target)
-        if weights is not None:
-            losses = losses * weights
+    def loss(self, losses, is_class, cfg: DreamBoothConfig):
         if not cfg.with_prior_preservation:
             return losses.mean()
         # Prior preservation (train_dreambooth.py): instance loss + weight x class loss, each a mean over its
         # half. Masks rather than boolean indexing: indexing by a mask waits for the GPU to count it.
-        is_class = batch.is_class.to(losses.dtype)
+        is_class = is_class.to(losses.dtype)
         instance_loss = (losses * (1 - is_class)).sum() / (1 - is_class).sum()
         class_loss = (losses * is_class).sum() / is_class.sum().clamp(min=1)
         return instance_loss + cfg.prior_loss_weight * class_loss
