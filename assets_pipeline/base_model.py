@@ -444,30 +444,42 @@ def load_tokenizer(ref: BaseModelRef):
 
 
 def load_encoders(ref: BaseModelRef, artifact_root: Path, device: str = "cpu"):
-    """The frozen VAE, text encoder and tokenizer (loaded on first use), with their fingerprints."""
+    """The frozen VAE, text encoders and tokenizers (loaded on first use), with their fingerprints: (vae,
+    text_encoder, tokenizer) and, for SDXL, (text_encoder_2, tokenizer_2) after them."""
     from assets_pipeline.stages.latents import Encoders
+
+    family = ref.model_family
 
     def load():
         quiet_progress_bars()
         dev = resolve_device(device)
         if ref.kind == "single_file":
             pipe = load_pipeline(ref)
-            vae, text_encoder, tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
+            vae = pipe.vae
+            encoders = [getattr(pipe, name) for name in family.text_encoders]
+            tokenizers = [getattr(pipe, name) for name in family.tokenizers]
         else:
             from diffusers import AutoencoderKL
-            from transformers import CLIPTextModel
+            from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
             vae = AutoencoderKL.from_pretrained(ref.location, subfolder="vae", local_files_only=True)
-            text_encoder = CLIPTextModel.from_pretrained(ref.location, subfolder="text_encoder",
-                                                         local_files_only=True)
-            tokenizer = load_tokenizer(ref)
-        return vae.to(dev).eval(), text_encoder.to(dev).eval(), tokenizer
+            # SDXL's last encoder is the projected one: its pooled embedding conditions the U-Net.
+            classes = [CLIPTextModel] * (family.num_text_encoders - 1) + [
+                CLIPTextModelWithProjection if family.text_time_conditioning else CLIPTextModel]
+            encoders = [cls.from_pretrained(ref.location, subfolder=name, local_files_only=True)
+                        for cls, name in zip(classes, family.text_encoders)]
+            tokenizers = list(load_tokenizers(ref))
+        loaded = [vae.to(dev).eval()]
+        for encoder, tokenizer in zip(encoders, tokenizers):
+            loaded += [encoder.to(dev).eval(), tokenizer]
+        return tuple(loaded)
 
     scaling_factor = None
     if ref.kind != "single_file":  # read from the config alone, without loading weights
         vae_config = json.loads((Path(ref.location) / "vae" / "config.json").read_text())
         scaling_factor = vae_config.get("scaling_factor", 0.18215)  # diffusers' AutoencoderKL default
-    text_fp = digest(component_fingerprint(ref, "text_encoder", artifact_root),
-                     component_fingerprint(ref, "tokenizer", artifact_root))
+    text_fp = digest(*(component_fingerprint(ref, name, artifact_root)
+                       for pair in zip(family.text_encoders, family.tokenizers) for name in pair))
     return Encoders(load, vae_fingerprint=component_fingerprint(ref, "vae", artifact_root),
-                    text_fingerprint=text_fp, scaling_factor_hint=scaling_factor, device=device)
+                    text_fingerprint=text_fp, scaling_factor_hint=scaling_factor, device=device,
+                    text_time=family.text_time_conditioning)

@@ -60,6 +60,7 @@ def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
             if method.name == "controlnet" else []
         ctx = TrainContext(concept=concept, token=spec.token, class_noun=spec.class_noun,
                            resolution=manifest["base_model"]["resolution"], num_instance_images=0,
+                           family=manifest["base_model"].get("family", "sd1"),
                            extra={"control_paths": controls})
         device = accelerator.torch_device()
         # The measurement is a function of the output's weight bytes, the base model, the prompt, the
@@ -67,7 +68,7 @@ def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
         # every later build, is not re-rendered).
         results = layout.cache("check_results", ".json")
         key = digest("changes_base_output", CHANGE_CHECK_VERSION, (out / SUMS_FILE).read_text(), ref.fingerprint,
-                     method.name, {k: v for k, v in asdict(ctx).items() if k != "extra"},
+                     method.name, {k: v for k, v in asdict(ctx).items() if k not in ("extra", "family")},
                      [sha256_file(p) for p in controls],
                      "cuda" if device.startswith("cuda") else device)
         renders = BaseRenders(asdict(ref), device, BaseRenders.cache_for(layout.root))

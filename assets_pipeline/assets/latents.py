@@ -69,7 +69,7 @@ def vae_latents(
                 "resolution": resolution, "scaling_factor": enc.scaling_factor,
                 "base_model_fingerprint": ref.fingerprint, "vae_fingerprint": enc.vae_fingerprint,
                 "text_fingerprint": enc.text_fingerprint,
-            })
+            }, text_time=enc.text_time, center_crop=cfg.center_crop)
     buckets = bucket_counts(index)
     return result(out, table_version(index, ["image_sha256", "role", "latent_key", "text_key"]), len(index), {
         "latents_computed": latent_cache.computed, "latents_cached": latent_cache.cached,

@@ -6,13 +6,18 @@ Per item, content-addressed:
   scripts do with ``latent_dist.sample()``. Each photo is encoded at its aspect-ratio bucket (stages/buckets.py)
   or, with ``buckets = false``, at the square training crop; a square bucket's key is the square crop's key, so
   the two settings share those items;
-- text embedding: (caption, text-encoder + tokenizer fingerprint, dtype) -> ``last_hidden_state`` [77, dim].
+- text embedding: (caption, text-encoder + tokenizer fingerprint, dtype) -> ``last_hidden_state`` [77, dim];
+  for a family with SDXL's text_time conditioning (two encoders), ``prompt_embeds`` = both encoders' penultimate
+  hidden states concatenated [77, dim1 + dim2] plus ``pooled_prompt_embeds`` [dim] (``families.encode_sdxl_prompt``,
+  what ``StableDiffusionXLPipeline.encode_prompt`` gives), keyed by all encoders' and tokenizers' fingerprints.
 
 The asset output is one ``latents.safetensors`` plus ``index.parquet``, so a trainer loads a whole concept with
 one read and can never pair a latent with the wrong caption. Bundle layout: ``prompt_embeds`` stacks every row
 in index order; latents of different buckets have different shapes, so each bucket has its own stacked tensors,
 ``latent_mean@<w>x<h>`` and ``latent_std@<w>x<h>`` (+ ``flip_latent_*@<w>x<h>``), holding that bucket's rows in
 index order; the header lists each row's image sha256, role and bucket (:class:`LatentBundle` reads it back).
+An SDXL bundle also holds ``pooled_prompt_embeds`` and ``add_time_ids`` [N, 6] in row order (:func:`add_time_ids`),
+and ``flip_add_time_ids`` with ``random_flip``.
 """
 
 from __future__ import annotations
@@ -61,8 +66,9 @@ class LatentConfig:
 class Encoders:
     """The frozen models latents come from, with the fingerprints that enter every cache key.
 
-    ``load()`` returns (vae, text_encoder, tokenizer); it runs on first use, so a run whose items are all
-    cached loads no model.
+    ``load()`` returns (vae, text_encoder, tokenizer) and, for a family with several text encoders, each further
+    (text_encoder, tokenizer) pair after them; it runs on first use, so a run whose items are all cached loads
+    no model. ``text_time``: the family's U-Net takes SDXL's pooled embedding and size conditioning.
     """
 
     load: Any
@@ -70,6 +76,7 @@ class Encoders:
     text_fingerprint: str
     scaling_factor_hint: float | None = None  # from the VAE's config.json, when it can be read without loading
     device: str = "cpu"
+    text_time: bool = False
     loaded: tuple | None = field(default=None, repr=False)
 
     def _get(self) -> tuple:
@@ -88,6 +95,14 @@ class Encoders:
     @property
     def tokenizer(self):
         return self._get()[2]
+
+    @property
+    def text_encoders(self) -> tuple:
+        return (self._get()[1], *self._get()[3::2])
+
+    @property
+    def tokenizers(self) -> tuple:
+        return (self._get()[2], *self._get()[4::2])
 
     @property
     def scaling_factor(self) -> float:
@@ -133,6 +148,8 @@ def _encode_images(paths: list[str], flips: list[bool], enc: Encoders, bucket: t
         if flip:
             img = ImageOps.mirror(img)
         pixels.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
+    # load_encoders loads the VAE in float32, which SDXL's VAE needs (its config's force_upcast: it overflows in
+    # float16; the SDXL pipeline and training scripts upcast it too).
     x = torch.stack(pixels).to(enc.vae.device, dtype=enc.vae.dtype)
     with torch.inference_mode():
         dist = enc.vae.encode(x).latent_dist
@@ -140,12 +157,49 @@ def _encode_images(paths: list[str], flips: list[bool], enc: Encoders, bucket: t
 
 
 def encode_prompts(captions: list[str], enc: Encoders):
+    """``prompt_embeds`` [N, 77, dim] of SD 1.x/2.x's one text encoder (``last_hidden_state``)."""
     import torch
 
     ids = enc.tokenizer(captions, padding="max_length", max_length=enc.tokenizer.model_max_length,
                         truncation=True, return_tensors="pt").input_ids.to(enc.text_encoder.device)
     with torch.inference_mode():
         return enc.text_encoder(ids)[0].float().cpu()
+
+
+def encode_text_entries(captions: list[str], enc: Encoders) -> list[dict]:
+    """Each caption's text-cache entry: {"prompt_embeds"} or, for SDXL, {"prompt_embeds", "pooled_prompt_embeds"}."""
+    import torch
+
+    from assets_pipeline.families import encode_sdxl_prompt, tokenize
+
+    if not enc.text_time:
+        return [{"prompt_embeds": e} for e in encode_prompts(captions, enc)]
+    with torch.inference_mode():
+        embeds, pooled = encode_sdxl_prompt(enc.text_encoders, tokenize(enc.tokenizers, captions))
+    return [{"prompt_embeds": e, "pooled_prompt_embeds": p} for e, p in zip(embeds.float().cpu(), pooled.float().cpu())]
+
+
+def add_time_ids(index: pd.DataFrame, center_crop: bool, flipped: bool = False):
+    """SDXL's add_time_ids [N, 6] of the index's rows (int64): original size (h, w), crop top-left (top, left),
+    target size (h, w) = the bucket (``families.sdxl_add_time_ids``, train_text_to_image_sdxl.py's order).
+
+    ``flipped``: for the horizontally mirrored crop. diffusers' SDXL scripts flip the resized photo and then
+    crop it, so the crop offset is measured in the mirrored photo: our mirrored crop is the crop of the mirrored
+    photo at left' = resized width - bucket width - left."""
+    import torch
+
+    from assets_pipeline.families import sdxl_add_time_ids
+    from assets_pipeline.stages.buckets import crop_geometry
+
+    rows = []
+    for r in index.itertuples():
+        left = int(r.crop_left)
+        if flipped:
+            size, bucket = (int(r.original_width), int(r.original_height)), (int(r.bucket_width), int(r.bucket_height))
+            left = crop_geometry(size, bucket, center_crop)[0] - bucket[0] - left
+        rows.append(sdxl_add_time_ids((r.original_height, r.original_width), (r.crop_top, left),
+                                      (r.bucket_height, r.bucket_width)))
+    return torch.cat(rows)
 
 
 def image_size(path: str) -> tuple[int, int]:
@@ -220,9 +274,10 @@ def compute_latents(
 
     for s in range(0, len(missing_text), cfg.batch_size):
         keys = missing_text[s : s + cfg.batch_size]
-        embeds = encode_prompts([captions[k] for k in keys], enc)
-        for key, e in zip(keys, embeds):
-            text_cache.put(key, lambda tmp, e=e: save_file({"prompt_embeds": e.to(dtype).contiguous()}, str(tmp)))
+        entries = encode_text_entries([captions[k] for k in keys], enc)
+        for key, e in zip(keys, entries):
+            text_cache.put(key, lambda tmp, e=e: save_file({k: v.to(dtype).contiguous() for k, v in e.items()},
+                                                           str(tmp)))
     return table
 
 
@@ -243,9 +298,11 @@ def _tensor_name(name: str, bucket: tuple[int, int]) -> str:
 
 
 def write_latent_bundle(index: pd.DataFrame, latent_cache: ItemCache, text_cache: ItemCache, out: Path,
-                        meta: dict[str, Any]) -> None:
+                        meta: dict[str, Any], text_time: bool = False, center_crop: bool = True) -> None:
     """Stack the cached items of ``index`` into one safetensors file: ``prompt_embeds`` row i = index row i;
-    per bucket, ``latent_mean@<w>x<h>`` etc. hold that bucket's rows in index order."""
+    per bucket, ``latent_mean@<w>x<h>`` etc. hold that bucket's rows in index order. ``text_time`` (SDXL): also
+    ``pooled_prompt_embeds`` and ``add_time_ids`` (+ ``flip_add_time_ids``) in row order; ``center_crop`` is
+    the crop the latents were made with (a flipped crop's offset depends on it)."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -259,6 +316,11 @@ def write_latent_bundle(index: pd.DataFrame, latent_cache: ItemCache, text_cache
     buckets = list(zip(index["bucket_width"].astype(int), index["bucket_height"].astype(int)))
     tensors = {"prompt_embeds": stack(index["text_key"], text_cache, "prompt_embeds")}
     flip = index["flip_latent_key"].notna().all()
+    if text_time:
+        tensors["pooled_prompt_embeds"] = stack(index["text_key"], text_cache, "pooled_prompt_embeds")
+        tensors["add_time_ids"] = add_time_ids(index, center_crop).contiguous()
+        if flip:
+            tensors["flip_add_time_ids"] = add_time_ids(index, center_crop, flipped=True).contiguous()
     for bucket in sorted(set(buckets)):
         rows = index[[b == bucket for b in buckets]]
         tensors[_tensor_name("latent_mean", bucket)] = stack(rows["latent_key"], latent_cache, "mean")

@@ -38,16 +38,19 @@ class TrainingData:
     """Rows of cached tensors with their roles, captions and buckets; ``indices`` picks rows, ``draw`` gathers them.
 
     ``sizes[b]`` is bucket b's (width, height) in px; ``mean[b]``/``std[b]`` (and the flips, and ``control[b]``)
-    hold the rows whose ``row_bucket`` is b, in row order. ``embeds`` and the per-row lists are in row order."""
+    hold the rows whose ``row_bucket`` is b, in row order. ``embeds`` and the per-row lists are in row order, and
+    so are SDXL's ``pooled`` embeddings and ``time_ids`` (``flip_time_ids``: those of the mirrored crops)."""
 
     def __init__(self, sizes: list[tuple[int, int]], mean: list, std: list, row_bucket: list[int], embeds,
                  roles: list[str], captions: list[str], control: list | None = None,
-                 flip_mean: list | None = None, flip_std: list | None = None):
+                 flip_mean: list | None = None, flip_std: list | None = None, pooled=None, time_ids=None,
+                 flip_time_ids=None):
         import torch
 
         self.sizes, self.row_bucket = sizes, row_bucket
         self.mean, self.std, self.embeds = mean, std, embeds
         self.flip_mean, self.flip_std = flip_mean, flip_std
+        self.pooled, self.time_ids, self.flip_time_ids = pooled, time_ids, flip_time_ids
         self.roles, self.captions = roles, captions
         # Conditioning images as uint8 ([0, 255]): a quarter of the memory on the device, exact.
         self.control = None if control is None else [(c * 255).round().to(torch.uint8) for c in control]
@@ -103,10 +106,15 @@ class TrainingData:
             images = [torch.stack([control_image(r, size) for r, b in zip(rows, row_bucket) if b == k])
                       for k, size in enumerate(sizes)]
         flip = bundle.has("flip_latent_mean")
+
+        def rows_of(name: str):  # an SDXL bundle's per-row tensors
+            return bundle.tensors[name][idx] if name in bundle.tensors else None
+
         return cls(
             sizes, gather("latent_mean"), gather("latent_std"), row_bucket, bundle.tensors["prompt_embeds"][idx],
             [r["role"] for r in rows], [caption_fn(r["caption"]) for r in rows], images,
             gather("flip_latent_mean") if flip else None, gather("flip_latent_std") if flip else None,
+            rows_of("pooled_prompt_embeds"), rows_of("add_time_ids"), rows_of("flip_add_time_ids"),
         )
 
     @property
@@ -124,7 +132,7 @@ class TrainingData:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, [t.to(device) for t in value])
-        for name in ("embeds", "is_class", "input_ids", "position"):
+        for name in ("embeds", "is_class", "input_ids", "position", "pooled", "time_ids", "flip_time_ids"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
@@ -213,6 +221,9 @@ class TrainingData:
                 std = torch.where(flip[:, None, None, None], self.flip_std[b][pos], std)
             else:
                 flip = None
+            time_ids = None if self.time_ids is None else self.time_ids[sel]
+            if flip is not None and self.flip_time_ids is not None:  # a mirrored crop's own crop offset
+                time_ids = torch.where(flip[:, None], self.flip_time_ids[sel], time_ids)
             eps = torch.randn(mean.shape, generator=generator, device=self.device, dtype=mean.dtype)
             latents = (mean + std * eps) * scaling_factor
             control = None
@@ -227,5 +238,7 @@ class TrainingData:
                 control=control,
                 is_class=self.is_class[sel],
                 input_ids=None if self.input_ids is None else self.input_ids[sel],
+                pooled_embeds=None if self.pooled is None else self.pooled[sel],
+                time_ids=time_ids,
             ))
         return parts

@@ -44,7 +44,7 @@ def train_context(job: TrainJob) -> TrainContext:
     rows = job.training_images
     return TrainContext(
         concept=job.concept, token=job.token, class_noun=job.class_noun,
-        resolution=job.base_model["resolution"],
+        resolution=job.base_model["resolution"], family=job.base_model.get("family", "sd1"),
         num_instance_images=sum(r["role"] == "instance" for r in rows),
         num_class_images=sum(r["role"] == "class" for r in rows),
         num_control_images=sum(bool(r.get("control_path")) for r in rows if r["role"] == "instance"),

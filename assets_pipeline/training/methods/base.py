@@ -30,6 +30,15 @@ class Models:
     controlnet: Any = None
     scaling_factor: float = 0.18215
     vae_scale_factor: int = 8
+    # SDXL's second text encoder and tokenizer (None for SD 1.x/2.x, and while no method runs the encoders).
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    family: Any = None  # the base model's families.ModelFamily (None = SD 1.x)
+
+    @property
+    def text_time(self) -> bool:
+        """The U-Net takes SDXL's ``added_cond_kwargs`` (pooled text embedding + add_time_ids)."""
+        return bool(self.family and self.family.text_time_conditioning)
 
 
 @dataclass
@@ -41,6 +50,8 @@ class Batch:
     control: Any = None  # [B, 3, H, W] in [0, 1] for ControlNet
     is_class: Any = None  # [B] bool: prior-preservation rows (a tensor, so no step needs a host sync)
     input_ids: Any = None  # [B, 77] token ids for methods that run the text encoder
+    pooled_embeds: Any = None  # [B, dim] SDXL's pooled text embedding (cached), else None
+    time_ids: Any = None  # [B, 6] SDXL's add_time_ids: original (h, w), crop (top, left), bucket (h, w)
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,7 @@ class TrainContext:
     num_instance_images: int
     num_class_images: int = 0
     num_control_images: int = 0
+    family: str = "sd1"  # the base model's family (assets_pipeline.families)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -68,6 +80,27 @@ class TrainContext:
 def encode_text(models: Models, batch: Batch):
     """The text encoder on the batch's token ids (tokenized once, on the device), for methods that train it."""
     return models.text_encoder(batch.input_ids)[0]
+
+
+def unet_kwargs(models: Models, batch: Batch, dtype) -> dict:
+    """The U-Net's extra conditioning: SDXL's ``added_cond_kwargs`` (pooled text embedding and add_time_ids, in
+    the embeddings' dtype as train_dreambooth_lora_sdxl.py casts them), nothing for SD 1.x/2.x."""
+    if not models.text_time:
+        return {}
+    if batch.pooled_embeds is None or batch.time_ids is None:
+        raise ValueError("an SDXL U-Net needs the batch's pooled text embeddings and add_time_ids: the latents "
+                         "bundle has none (made before SDXL support?); rematerialize vae_latents")
+    return {"added_cond_kwargs": {"text_embeds": batch.pooled_embeds.to(dtype), "time_ids": batch.time_ids.to(dtype)}}
+
+
+def reject_text_time_family(method: str, ctx: TrainContext) -> None:
+    """Methods not yet ported to SDXL's conditioning refuse an SDXL base model, before any work."""
+    from assets_pipeline.families import get_family
+
+    if get_family(ctx.family).text_time_conditioning:
+        raise TrainingInputError(
+            f"{method} is not yet supported for SDXL base models (family {ctx.family}): use lora or dreambooth, "
+            "or an SD 1.x/2.x base model")
 
 
 def per_sample_mse(pred, target):
@@ -125,7 +158,8 @@ class Method:
         return batch.prompt_embeds
 
     def predict(self, models: Models, noisy_latents, timesteps, prompt_embeds, batch: Batch):
-        return models.unet(noisy_latents, timesteps, encoder_hidden_states=prompt_embeds).sample
+        return models.unet(noisy_latents, timesteps, encoder_hidden_states=prompt_embeds,
+                           **unet_kwargs(models, batch, prompt_embeds.dtype)).sample
 
     def loss(self, losses, is_class, cfg: TrainConfig):
         """The step's loss from ``losses`` [B]: each row's MSE (Min-SNR-weighted when snr_gamma is set), in row

@@ -13,7 +13,9 @@ from pathlib import Path
 
 from assets_pipeline.training.config import TrainConfig
 from assets_pipeline.training.methods import register
-from assets_pipeline.training.methods.base import Method, Models, TrainContext, TrainingInputError
+from assets_pipeline.training.methods.base import (
+    Method, Models, TrainContext, TrainingInputError, reject_text_time_family,
+)
 from assets_pipeline.training.config import MIN_IMAGES
 
 # SD's conditioning embedding (16, 32, 96, 256) downsamples 8x with 3 stride-2 convs, matching SD's VAE;
@@ -41,6 +43,7 @@ class ControlNetMethod(Method):
     config_cls = ControlNetConfig
 
     def check_inputs(self, ctx: TrainContext, cfg) -> None:
+        reject_text_time_family(self.name, ctx)  # SDXL's ControlNet takes added_cond_kwargs too: not ported yet
         super().check_inputs(ctx, cfg)
         if ctx.num_control_images < MIN_IMAGES:
             raise TrainingInputError(

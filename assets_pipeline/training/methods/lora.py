@@ -2,7 +2,9 @@
 
 Defaults from diffusers' examples/dreambooth/train_dreambooth_lora.py: lr 1e-4, rank 4. Saved with diffusers'
 LoRA saver (``pytorch_lora_weights.safetensors``, loads with ``pipe.load_lora_weights(dir)``) and in kohya
-format (``kohya_lora.safetensors``: A1111, ComfyUI, and ``load_lora_weights`` too).
+format (``kohya_lora.safetensors``: A1111, ComfyUI, and ``load_lora_weights`` too). On an SDXL base model the
+same U-Net LoRA is saved with ``StableDiffusionXLPipeline.save_lora_weights`` (train_dreambooth_lora_sdxl.py);
+text-encoder LoRA is SD 1.x/2.x only for now.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 from assets_pipeline.training.config import TrainConfig
 from assets_pipeline.training.methods import register
-from assets_pipeline.training.methods.base import Method, Models, TrainContext, encode_text
+from assets_pipeline.training.methods.base import Method, Models, TrainContext, TrainingInputError, encode_text
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -42,6 +44,16 @@ class LoraMethod(Method):
     def needs_text_encoder(self, cfg: LoraConfig) -> bool:
         return cfg.train_text_encoder
 
+    def check_inputs(self, ctx: TrainContext, cfg: LoraConfig) -> None:
+        from assets_pipeline.families import get_family
+
+        # SDXL's text-encoder LoRA trains both encoders and re-encodes pooled embeddings each step: not ported.
+        if cfg.train_text_encoder and get_family(ctx.family).num_text_encoders > 1:
+            raise TrainingInputError(
+                f"lora for concept {ctx.concept!r}: train_text_encoder = true is not yet supported for SDXL base "
+                f"models (family {ctx.family}); set train_text_encoder = false under [lora] (the U-Net LoRA trains)")
+        super().check_inputs(ctx, cfg)
+
     def _peft_config(self, cfg: LoraConfig, targets):
         from peft import LoraConfig as PeftLoraConfig
 
@@ -63,14 +75,16 @@ class LoraMethod(Method):
         return encode_text(models, batch) if batch.input_ids is not None else batch.prompt_embeds
 
     def save(self, models: Models, load_base, out_dir: Path, cfg: LoraConfig, ctx: TrainContext):
-        from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
         from peft.utils import get_peft_model_state_dict
         from safetensors.torch import save_file
 
+        from assets_pipeline.families import get_family, pipeline_class
+
         unet_sd = get_peft_model_state_dict(models.unet)
         te_sd = get_peft_model_state_dict(models.text_encoder) if cfg.train_text_encoder else None
-        StableDiffusionPipeline.save_lora_weights(
+        # The family's pipeline class saves the file its own load_lora_weights reads (SDXL's has text_encoder_2).
+        pipeline_class(models.family or get_family(ctx.family)).save_lora_weights(
             out_dir,
             unet_lora_layers=convert_state_dict_to_diffusers(unet_sd),
             text_encoder_lora_layers=convert_state_dict_to_diffusers(te_sd) if te_sd else None,

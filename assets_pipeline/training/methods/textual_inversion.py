@@ -15,7 +15,9 @@ from pathlib import Path
 
 from assets_pipeline.training.config import TrainConfig
 from assets_pipeline.training.methods import register
-from assets_pipeline.training.methods.base import Method, Models, TrainContext, encode_text
+from assets_pipeline.training.methods.base import (
+    Method, Models, TrainContext, encode_text, reject_text_time_family,
+)
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"
 
@@ -37,6 +39,11 @@ class TextualInversionMethod(Method):
 
     def needs_text_encoder(self, cfg) -> bool:
         return True
+
+    def check_inputs(self, ctx: TrainContext, cfg) -> None:
+        # SDXL needs the token in both tokenizers and both encoders (train_textual_inversion_sdxl.py): not ported.
+        reject_text_time_family("textual inversion", ctx)
+        super().check_inputs(ctx, cfg)
 
     def training_caption(self, caption: str, ctx: TrainContext) -> str:
         pattern = rf"(?<!\S){re.escape(ctx.token)}(?!\S)"
