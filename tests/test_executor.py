@@ -42,7 +42,7 @@ def test_steps_are_forked_from_a_preloaded_server(tmp_path):
 
 
 def test_jobs_use_the_forkserver_executor_and_ingest_runs_in_process():
-    assert defs.get_job_def("train_concept").executor_def.name == "forkserver_executor"
-    assert defs.get_job_def("build_concept").executor_def.name == "forkserver_executor"
-    assert defs.get_job_def("ingest_concept").executor_def is dg.in_process_executor
+    assert defs.resolve_job_def("train_concept").executor_def.name == "forkserver_executor"
+    assert defs.resolve_job_def("build_concept").executor_def.name == "forkserver_executor"
+    assert defs.resolve_job_def("ingest_concept").executor_def is dg.in_process_executor
     assert defs.resolve_implicit_global_asset_job_def().executor_def.name == "forkserver_executor"
