@@ -1,6 +1,7 @@
 """SDXL end to end on the embedded tiny SDXL (CPU): latents and the two-encoder text cache, LoRA and DreamBooth
 (with prior preservation) trained through the Dagster assets, their checks, and each output loaded back by stock
-diffusers in a process that imports nothing from this project. Textual inversion and ControlNet refuse SDXL."""
+diffusers in a process that imports nothing from this project. Textual inversion and ControlNet on SDXL:
+test_sdxl_ti_controlnet.py."""
 
 from __future__ import annotations
 
@@ -172,29 +173,25 @@ def test_sdxl_outputs_load_in_stock_diffusers_and_change_the_image(sdxl_build, t
     assert got["kohya_vs_diffusers"] < 1e-3  # the kohya file holds the same LoRA
 
 
-@pytest.mark.parametrize("method", ["textual_inversion", "controlnet"])
-def test_textual_inversion_and_controlnet_refuse_sdxl_with_the_reason(sdxl_build, method):
+def test_textual_inversion_and_controlnet_accept_sdxl_jobs(sdxl_build):
     from assets_pipeline.assets.common import spec_from_snapshot
     from assets_pipeline.assets.models import build_train_job
     from assets_pipeline.resources import ClipScorerResource, TrainerLauncher
     from assets_pipeline.training.loop import train_context
     from assets_pipeline.training.methods import get_method
-    from assets_pipeline.training.methods.base import TrainContext, TrainingInputError
 
-    m = get_method(method)
-    # The job the model asset would launch for this concept: refused by the check the asset runs first.
-    job = build_train_job(sdxl_build.storage, sdxl_build.ref, spec_from_snapshot(sdxl_build.storage, "xl"), method,
-                          run_id="refused", input_versions={}, trainer=TrainerLauncher(device="cpu"),
-                          clip_scorer=ClipScorerResource())
-    ctx = train_context(job)
-    assert ctx.family == "sdxl"
-    name = "textual inversion" if method == "textual_inversion" else "controlnet"
-    with pytest.raises(TrainingInputError, match=rf"{name} is not yet supported for SDXL base models \(family "
-                                                 r"sdxl\): use lora or dreambooth, or an SD 1.x/2.x base model"):
+    # The jobs the model assets would launch for this concept pass the check the asset runs first: an SDXL base
+    # model is no reason to refuse (both train in test_sdxl_ti_controlnet.py).
+    for method in ("textual_inversion", "controlnet"):
+        m = get_method(method)
+        job = build_train_job(sdxl_build.storage, sdxl_build.ref, spec_from_snapshot(sdxl_build.storage, "xl"),
+                              method, run_id="sdxl", input_versions={}, trainer=TrainerLauncher(device="cpu"),
+                              clip_scorer=ClipScorerResource())
+        ctx = train_context(job)
+        assert ctx.family == "sdxl" and ctx.num_instance_images >= 3
+        if method == "controlnet":
+            assert ctx.num_control_images == ctx.num_instance_images
         m.check_inputs(ctx, m.config_cls(**job.config))
-    sd1 = TrainContext(concept="xl", token="sks", class_noun="scene", resolution=64, num_instance_images=5,
-                       num_control_images=5, family="sd1")
-    m.check_inputs(sd1, m.config_cls())  # SD 1.x still trains
 
 
 def test_sdxl_lora_refuses_text_encoder_training_naming_the_setting():

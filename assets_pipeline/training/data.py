@@ -62,7 +62,7 @@ class TrainingData:
             positions.append(seen.get(b, 0))
             seen[b] = positions[-1] + 1
         self.position = torch.tensor(positions, dtype=torch.long)
-        self.input_ids = None
+        self.input_ids = self.input_ids_2 = None
         self.by_role = {role: [i for i, r in enumerate(roles) if r == role] for role in set(roles)}
         self.role_buckets = {role: sorted({row_bucket[i] for i in rows}) for role, rows in self.by_role.items()}
         self._orders: dict = {}
@@ -132,16 +132,21 @@ class TrainingData:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, [t.to(device) for t in value])
-        for name in ("embeds", "is_class", "input_ids", "position", "pooled", "time_ids", "flip_time_ids"):
+        for name in ("embeds", "is_class", "input_ids", "input_ids_2", "position", "pooled", "time_ids",
+                     "flip_time_ids"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
         return self
 
-    def tokenize(self, tokenizer) -> None:
-        """Token ids of every caption, once (for methods that run the text encoder each step)."""
-        self.input_ids = tokenizer(self.captions, padding="max_length", max_length=tokenizer.model_max_length,
-                                   truncation=True, return_tensors="pt").input_ids.to(self.device)
+    def tokenize(self, tokenizer, tokenizer_2=None) -> None:
+        """Token ids of every caption, once (for methods that run the text encoder each step); SDXL's second
+        tokenizer's in ``input_ids_2``."""
+        from assets_pipeline.families import tokenize
+
+        ids = tokenize([t for t in (tokenizer, tokenizer_2) if t is not None], self.captions)
+        self.input_ids = ids[0].to(self.device)
+        self.input_ids_2 = ids[1].to(self.device) if len(ids) > 1 else None
 
     def count(self, role: str) -> int:
         return len(self.by_role.get(role, []))
@@ -238,6 +243,7 @@ class TrainingData:
                 control=control,
                 is_class=self.is_class[sel],
                 input_ids=None if self.input_ids is None else self.input_ids[sel],
+                input_ids_2=None if self.input_ids_2 is None else self.input_ids_2[sel],
                 pooled_embeds=None if self.pooled is None else self.pooled[sel],
                 time_ids=time_ids,
             ))

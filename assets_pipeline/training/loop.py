@@ -175,7 +175,7 @@ def _place(models: Models, trainable: list[str], device, weight_dtype, cfg, chan
     import torch
     from diffusers.training_utils import cast_training_params
 
-    for name in ("unet", "text_encoder", "controlnet"):
+    for name in ("unet", "text_encoder", "text_encoder_2", "controlnet"):
         module = getattr(models, name)
         if module is None:
             continue
@@ -236,7 +236,7 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
                                     control=job.method == "controlnet").to(device)
     trainable = method.prepare(models, cfg, ctx)
     if method.needs_text_encoder(cfg):
-        data.tokenize(models.tokenizer)  # after prepare: textual inversion adds its token there
+        data.tokenize(models.tokenizer, models.tokenizer_2)  # after prepare: textual inversion adds its token there
     steps = cfg.total_steps(ctx.num_instance_images)
     roles = method.batch_roles(cfg)
     trained = {n: getattr(models, n) for n in trainable}
@@ -246,7 +246,8 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
     params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
     # The networks every step runs forward and backward through, trained or frozen (textual inversion's
     # gradients flow through the frozen U-Net): these are compiled, and their structure keys the kernels.
-    running = {n: getattr(models, n) for n in ("unet", "controlnet", "text_encoder") if getattr(models, n) is not None}
+    running = {n: getattr(models, n) for n in ("unet", "controlnet", "text_encoder", "text_encoder_2")
+               if getattr(models, n) is not None}
     network = perf_mod.shape_fingerprint(running)
     probe = None
     if plan.probe_micro_batch:

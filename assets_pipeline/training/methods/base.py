@@ -50,7 +50,8 @@ class Batch:
     control: Any = None  # [B, 3, H, W] in [0, 1] for ControlNet
     is_class: Any = None  # [B] bool: prior-preservation rows (a tensor, so no step needs a host sync)
     input_ids: Any = None  # [B, 77] token ids for methods that run the text encoder
-    pooled_embeds: Any = None  # [B, dim] SDXL's pooled text embedding (cached), else None
+    input_ids_2: Any = None  # [B, 77] SDXL's second tokenizer's ids, for methods that run both encoders
+    pooled_embeds: Any = None  # [B, dim] SDXL's pooled text embedding (cached; encode_text replaces it), else None
     time_ids: Any = None  # [B, 6] SDXL's add_time_ids: original (h, w), crop (top, left), bucket (h, w)
 
 
@@ -78,8 +79,18 @@ class TrainContext:
 
 
 def encode_text(models: Models, batch: Batch):
-    """The text encoder on the batch's token ids (tokenized once, on the device), for methods that train it."""
-    return models.text_encoder(batch.input_ids)[0]
+    """The text encoder on the batch's token ids (tokenized once, on the device), for methods that train it.
+
+    SDXL: both encoders, as the latents cache encodes (``families.encode_sdxl_prompt``); the pooled embedding they
+    give replaces the batch's cached one, which ``unet_kwargs`` passes to the U-Net (textual_inversion_sdxl.py
+    likewise conditions on the pooled output of the encoder being trained)."""
+    if not models.text_time:
+        return models.text_encoder(batch.input_ids)[0]
+    from assets_pipeline.families import encode_sdxl_prompt
+
+    embeds, batch.pooled_embeds = encode_sdxl_prompt([models.text_encoder, models.text_encoder_2],
+                                                     [batch.input_ids, batch.input_ids_2])
+    return embeds
 
 
 def unet_kwargs(models: Models, batch: Batch, dtype) -> dict:
@@ -91,16 +102,6 @@ def unet_kwargs(models: Models, batch: Batch, dtype) -> dict:
         raise ValueError("an SDXL U-Net needs the batch's pooled text embeddings and add_time_ids: the latents "
                          "bundle has none (made before SDXL support?); rematerialize vae_latents")
     return {"added_cond_kwargs": {"text_embeds": batch.pooled_embeds.to(dtype), "time_ids": batch.time_ids.to(dtype)}}
-
-
-def reject_text_time_family(method: str, ctx: TrainContext) -> None:
-    """Methods not yet ported to SDXL's conditioning refuse an SDXL base model, before any work."""
-    from assets_pipeline.families import get_family
-
-    if get_family(ctx.family).text_time_conditioning:
-        raise TrainingInputError(
-            f"{method} is not yet supported for SDXL base models (family {ctx.family}): use lora or dreambooth, "
-            "or an SD 1.x/2.x base model")
 
 
 def per_sample_mse(pred, target):

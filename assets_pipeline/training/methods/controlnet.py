@@ -2,7 +2,9 @@
 (``ControlNetModel.from_unet``), trained on (conditioning image, caption, latent) triples; the U-Net is frozen.
 
 Default lr 1e-5 from diffusers' examples/controlnet/train_controlnet.py. Saved with ``save_pretrained``;
-loads with ``ControlNetModel.from_pretrained(dir)`` into ``StableDiffusionControlNetPipeline``.
+loads with ``ControlNetModel.from_pretrained(dir)`` into ``StableDiffusionControlNetPipeline``
+(``StableDiffusionXLControlNetPipeline`` for SDXL: ``from_unet`` copies the U-Net's text_time conditioning, and
+the ControlNet gets the same ``added_cond_kwargs`` as the U-Net, as in train_controlnet_sdxl.py).
 """
 
 from __future__ import annotations
@@ -13,9 +15,7 @@ from pathlib import Path
 
 from assets_pipeline.training.config import TrainConfig
 from assets_pipeline.training.methods import register
-from assets_pipeline.training.methods.base import (
-    Method, Models, TrainContext, TrainingInputError, reject_text_time_family,
-)
+from assets_pipeline.training.methods.base import Method, Models, TrainContext, TrainingInputError, unet_kwargs
 from assets_pipeline.training.config import MIN_IMAGES
 
 # SD's conditioning embedding (16, 32, 96, 256) downsamples 8x with 3 stride-2 convs, matching SD's VAE;
@@ -43,7 +43,6 @@ class ControlNetMethod(Method):
     config_cls = ControlNetConfig
 
     def check_inputs(self, ctx: TrainContext, cfg) -> None:
-        reject_text_time_family(self.name, ctx)  # SDXL's ControlNet takes added_cond_kwargs too: not ported yet
         super().check_inputs(ctx, cfg)
         if ctx.num_control_images < MIN_IMAGES:
             raise TrainingInputError(
@@ -58,22 +57,28 @@ class ControlNetMethod(Method):
         return ["controlnet"]
 
     def predict(self, models: Models, noisy_latents, timesteps, prompt_embeds, batch):
+        added = unet_kwargs(models, batch, prompt_embeds.dtype)  # SDXL's: both networks take them
         down, mid = models.controlnet(noisy_latents, timesteps, encoder_hidden_states=prompt_embeds,
-                                      controlnet_cond=batch.control.to(noisy_latents.dtype), return_dict=False)
+                                      controlnet_cond=batch.control.to(noisy_latents.dtype), return_dict=False,
+                                      **added)
         return models.unet(noisy_latents, timesteps, encoder_hidden_states=prompt_embeds,
                            down_block_additional_residuals=[d.to(noisy_latents.dtype) for d in down],
-                           mid_block_additional_residual=mid.to(noisy_latents.dtype)).sample
+                           mid_block_additional_residual=mid.to(noisy_latents.dtype), **added).sample
 
     def save(self, models: Models, load_base, out_dir: Path, cfg, ctx: TrainContext):
         models.controlnet.save_pretrained(out_dir, safe_serialization=True)
         return sorted(out_dir.glob("*.safetensors"))
 
     def load_pipeline(self, load_base, out_dir: Path, ctx: TrainContext):
-        from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+        from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+
+        from assets_pipeline.families import get_family
 
         controlnet = ControlNetModel.from_pretrained(str(out_dir), local_files_only=True)
         base = load_base()
-        return StableDiffusionControlNetPipeline(**base.components, controlnet=controlnet)
+        xl = get_family(ctx.family).text_time_conditioning
+        pipeline = StableDiffusionXLControlNetPipeline if xl else StableDiffusionControlNetPipeline
+        return pipeline(**base.components, controlnet=controlnet)
 
     def validation_kwargs(self, out_dir: Path, ctx: TrainContext, index: int) -> dict:
         from PIL import Image

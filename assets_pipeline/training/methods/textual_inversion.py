@@ -5,6 +5,14 @@ the only row of the embedding matrix that changes (all others are restored after
 examples/textual_inversion/textual_inversion.py, whose lr 5e-4 is the default here). Saved as
 ``learned_embeds.safetensors`` ({placeholder: [1, dim]}, diffusers' format, ``pipe.load_textual_inversion``)
 and ``<concept>.safetensors`` ({"emb_params": [1, dim]}, A1111's embeddings folder).
+
+SDXL (diffusers' examples/textual_inversion/textual_inversion_sdxl.py): the token is added to both tokenizers and
+a row is learned in both text encoders; prompts are re-encoded every step as the latents cache encodes them
+(``base.encode_text``), pooled embedding included. Saved as ``learned_embeds.safetensors`` and
+``learned_embeds_2.safetensors`` (that script's files, one per encoder) and ``<concept>.safetensors`` with the rows
+under ``clip_l`` and ``clip_g`` (the SDXL embedding format A1111 and ComfyUI read; diffusers loads each row with
+``load_textual_inversion(state_dict["clip_l"], token=..., text_encoder=pipe.text_encoder,
+tokenizer=pipe.tokenizer)`` and ``clip_g`` likewise into ``text_encoder_2``/``tokenizer_2``).
 """
 
 from __future__ import annotations
@@ -15,11 +23,12 @@ from pathlib import Path
 
 from assets_pipeline.training.config import TrainConfig
 from assets_pipeline.training.methods import register
-from assets_pipeline.training.methods.base import (
-    Method, Models, TrainContext, encode_text, reject_text_time_family,
-)
+from assets_pipeline.training.methods.base import Method, Models, TrainContext, encode_text
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"
+# Per text encoder (SDXL has two): its Models attributes, its diffusers file and its key in the A1111/ComfyUI file.
+ENCODERS = (("text_encoder", "tokenizer", DIFFUSERS_FILE, "clip_l"),
+            ("text_encoder_2", "tokenizer_2", "learned_embeds_2.safetensors", "clip_g"))
 
 
 @dataclass(frozen=True)
@@ -40,11 +49,6 @@ class TextualInversionMethod(Method):
     def needs_text_encoder(self, cfg) -> bool:
         return True
 
-    def check_inputs(self, ctx: TrainContext, cfg) -> None:
-        # SDXL needs the token in both tokenizers and both encoders (train_textual_inversion_sdxl.py): not ported.
-        reject_text_time_family("textual inversion", ctx)
-        super().check_inputs(ctx, cfg)
-
     def training_caption(self, caption: str, ctx: TrainContext) -> str:
         pattern = rf"(?<!\S){re.escape(ctx.token)}(?!\S)"
         if re.search(pattern, caption):
@@ -54,22 +58,28 @@ class TextualInversionMethod(Method):
     def prepare(self, models: Models, cfg: TextualInversionConfig, ctx: TrainContext) -> list[str]:
         import torch
 
-        tok, te = models.tokenizer, models.text_encoder
-        if tok.add_tokens(placeholder(ctx)) != 1:
-            raise ValueError(f"the tokenizer already has {placeholder(ctx)!r}; choose another token")
-        init_word = cfg.initializer_token or ctx.class_noun or "photo"
-        init_ids = tok.encode(init_word, add_special_tokens=False)
-        te.resize_token_embeddings(len(tok), mean_resizing=False)  # the new row is set just below
-        self.placeholder_id = tok.convert_tokens_to_ids(placeholder(ctx))
-        emb = te.get_input_embeddings().weight
-        with torch.no_grad():
-            emb[self.placeholder_id] = emb[init_ids].mean(dim=0)  # a multi-token word starts from its mean
-        te.requires_grad_(False)
-        te.get_input_embeddings().requires_grad_(True)
-        self.original = emb.detach().clone()
-        self.keep = torch.ones(emb.shape[0], 1, dtype=torch.bool)  # every row but the placeholder's is restored
-        self.keep[self.placeholder_id] = False
-        return ["text_encoder"]
+        # Every loaded encoder (SDXL's two) gets the token and its own row; rows are kept per encoder.
+        self.encoders = [e for e in ENCODERS if getattr(models, e[0]) is not None]
+        self.placeholder_ids, self.original, self.keep = {}, {}, {}
+        for te_name, tok_name, _, _ in self.encoders:
+            tok, te = getattr(models, tok_name), getattr(models, te_name)
+            if tok.add_tokens(placeholder(ctx)) != 1:
+                raise ValueError(f"the {tok_name} already has {placeholder(ctx)!r}; choose another token")
+            init_word = cfg.initializer_token or ctx.class_noun or "photo"
+            init_ids = tok.encode(init_word, add_special_tokens=False)
+            te.resize_token_embeddings(len(tok), mean_resizing=False)  # the new row is set just below
+            placeholder_id = tok.convert_tokens_to_ids(placeholder(ctx))
+            emb = te.get_input_embeddings().weight
+            with torch.no_grad():
+                emb[placeholder_id] = emb[init_ids].mean(dim=0)  # a multi-token word starts from its mean
+            te.requires_grad_(False)
+            te.get_input_embeddings().requires_grad_(True)
+            self.placeholder_ids[te_name] = placeholder_id
+            self.original[te_name] = emb.detach().clone()
+            keep = torch.ones(emb.shape[0], 1, dtype=torch.bool)  # every row but the placeholder's is restored
+            keep[placeholder_id] = False
+            self.keep[te_name] = keep
+        return [te_name for te_name, *_ in self.encoders]
 
     def encode(self, models: Models, batch):
         return encode_text(models, batch)
@@ -77,25 +87,44 @@ class TextualInversionMethod(Method):
     def after_step(self, models: Models) -> None:
         import torch
 
-        emb = models.text_encoder.get_input_embeddings().weight
-        if self.original.device != emb.device or self.original.dtype != emb.dtype:  # once, not every step
-            self.original = self.original.to(emb.device, emb.dtype)
-            self.keep = self.keep.to(emb.device)
-        with torch.no_grad():  # a where, not boolean indexing: no host sync
-            emb.copy_(torch.where(self.keep, self.original, emb))
+        for te_name, *_ in self.encoders:
+            emb = getattr(models, te_name).get_input_embeddings().weight
+            original = self.original[te_name]
+            if original.device != emb.device or original.dtype != emb.dtype:  # once, not every step
+                self.original[te_name] = original = original.to(emb.device, emb.dtype)
+                self.keep[te_name] = self.keep[te_name].to(emb.device)
+            with torch.no_grad():  # a where, not boolean indexing: no host sync
+                emb.copy_(torch.where(self.keep[te_name], original, emb))
+
+    def _learned(self, models: Models, te_name: str):
+        weight = getattr(models, te_name).get_input_embeddings().weight
+        return weight[self.placeholder_ids[te_name]].detach().float().cpu()[None].contiguous()
 
     def save(self, models: Models, load_base, out_dir: Path, cfg, ctx: TrainContext):
         from safetensors.torch import save_file
 
-        learned = models.text_encoder.get_input_embeddings().weight[self.placeholder_id].detach().float().cpu()[None]
-        save_file({placeholder(ctx): learned.contiguous()}, str(out_dir / DIFFUSERS_FILE))
+        files, combined = [], {}
+        for te_name, _, file_name, key in self.encoders:
+            learned = self._learned(models, te_name)
+            save_file({placeholder(ctx): learned}, str(out_dir / file_name))
+            files.append(out_dir / file_name)
+            combined[key] = learned
         a1111 = out_dir / f"{ctx.concept}.safetensors"
-        save_file({"emb_params": learned.contiguous()}, str(a1111))
-        return [out_dir / DIFFUSERS_FILE, a1111]
+        # One encoder: A1111's SD 1.x/2.x key; two: SDXL's clip_l/clip_g file.
+        save_file({"emb_params": combined["clip_l"]} if len(combined) == 1 else combined, str(a1111))
+        return [*files, a1111]
 
     def load_pipeline(self, load_base, out_dir: Path, ctx: TrainContext):
         pipe = load_base()
-        pipe.load_textual_inversion(str(out_dir / DIFFUSERS_FILE), token=placeholder(ctx))
+        if not getattr(pipe, "text_encoder_2", None):
+            pipe.load_textual_inversion(str(out_dir / DIFFUSERS_FILE), token=placeholder(ctx))
+            return pipe
+        from safetensors.torch import load_file
+
+        rows = load_file(str(out_dir / f"{ctx.concept}.safetensors"))
+        for te_name, tok_name, _, key in ENCODERS:
+            pipe.load_textual_inversion(rows[key], token=placeholder(ctx), text_encoder=getattr(pipe, te_name),
+                                        tokenizer=getattr(pipe, tok_name))
         return pipe
 
     def validation_prompt(self, ctx: TrainContext) -> str:
