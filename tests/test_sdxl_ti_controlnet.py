@@ -9,14 +9,11 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from helpers import encode
-from tests.test_buckets import shaped
-from tests.test_sdxl_training import PHOTOS
+from tests.test_sdxl_training import build_sdxl_concept
 
 SPEC = 'token = "sks"\nclass_noun = "scene"\nmethods = ["textual_inversion", "controlnet"]\n' \
        '[latents]\nrandom_flip = true\n[textual_inversion]\nmax_train_steps = 3\n[controlnet]\nmax_train_steps = 3\n'
@@ -28,26 +25,10 @@ def sdxl_ti_cn(tmp_path_factory, built_models):
     """A mixed-aspect concept built on embedded-sdxl through every asset, with TI and ControlNet outputs."""
     import dagster as dg
 
-    from assets_pipeline.definitions import ASSETS as ALL_ASSETS, CHECKS, default_resources
-    from assets_pipeline.resources import BaseModelResource, PipelineStorage
-    from helpers import write_concept
-    from tests.conftest import link_models
-
-    root = tmp_path_factory.mktemp("sdxl_ti_cn")
-    files = {f"{name}.png": encode(shaped(name, size), "PNG") for name, size in PHOTOS.items()}
-    write_concept(root / "data", "xl", files, SPEC)
-    storage = PipelineStorage(data_root=str(root / "data"), artifact_root=str(link_models(built_models, root / "art")))
-    resources = {**default_resources(), "storage": storage, "base_model": BaseModelResource(source="embedded-sdxl")}
     with dg.DagsterInstance.ephemeral() as instance:
-        instance.add_dynamic_partitions("concepts", ["xl"])
-        res = dg.materialize([*ALL_ASSETS, *CHECKS], partition_key="xl", instance=instance, resources=resources)
-    assert res.success
-    mats = {e.materialization.asset_key.to_user_string(): e.materialization.metadata
-            for e in res.get_asset_materialization_events()}
-    checks = {(c.asset_key.to_user_string(), c.check_name): c.passed for c in res.get_asset_check_evaluations()}
-    ref = BaseModelResource(source="embedded-sdxl").resolve(storage.artifact_path())
-    out = {m: Path(mats[a]["path"].value) for m, a in ASSETS.items() if a in mats}
-    return SimpleNamespace(storage=storage, mats=mats, checks=checks, ref=ref, out=out)
+        build = build_sdxl_concept(tmp_path_factory.mktemp("sdxl_ti_cn"), built_models, SPEC, instance)
+    build.out = {m: Path(build.mats[a]["path"].value) for m, a in ASSETS.items() if a in build.mats}
+    return build
 
 
 def test_sdxl_textual_inversion_and_controlnet_pass_their_checks(sdxl_ti_cn):

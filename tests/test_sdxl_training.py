@@ -25,9 +25,9 @@ SPEC = 'token = "sks"\nclass_noun = "scene"\nmethods = ["lora", "dreambooth"]\n[
        '[lora]\nmax_train_steps = 3\n[dreambooth]\nmax_train_steps = 3\nnum_class_images = 4\n'
 
 
-@pytest.fixture(scope="module")
-def sdxl_build(tmp_path_factory, built_models):
-    """A mixed-aspect concept built on embedded-sdxl through every asset, with LoRA and DreamBooth outputs."""
+def build_sdxl_concept(root: Path, built_models: Path, spec: str, instance) -> SimpleNamespace:
+    """The mixed-aspect concept ``PHOTOS`` with ``spec``, built on embedded-sdxl through every asset and check in
+    one materialization on ``instance`` (also for test_sdxl_ti_controlnet.py)."""
     import dagster as dg
 
     from assets_pipeline.definitions import ASSETS, CHECKS, default_resources
@@ -35,12 +35,10 @@ def sdxl_build(tmp_path_factory, built_models):
     from helpers import write_concept
     from tests.conftest import link_models
 
-    root = tmp_path_factory.mktemp("sdxl")
     files = {f"{name}.png": encode(shaped(name, size), "PNG") for name, size in PHOTOS.items()}
-    write_concept(root / "data", "xl", files, SPEC)
+    write_concept(root / "data", "xl", files, spec)
     storage = PipelineStorage(data_root=str(root / "data"), artifact_root=str(link_models(built_models, root / "art")))
     resources = {**default_resources(), "storage": storage, "base_model": BaseModelResource(source="embedded-sdxl")}
-    instance = dg.DagsterInstance.ephemeral()  # not entered: the reuse test materializes on it again
     instance.add_dynamic_partitions("concepts", ["xl"])
     res = dg.materialize([*ASSETS, *CHECKS], partition_key="xl", instance=instance, resources=resources)
     assert res.success
@@ -50,6 +48,15 @@ def sdxl_build(tmp_path_factory, built_models):
     ref = BaseModelResource(source="embedded-sdxl").resolve(storage.artifact_path())
     return SimpleNamespace(storage=storage, mats=mats, checks=checks, ref=ref, instance=instance,
                            resources=resources, run_id=res.run_id)
+
+
+@pytest.fixture(scope="module")
+def sdxl_build(tmp_path_factory, built_models):
+    """A mixed-aspect concept built on embedded-sdxl through every asset, with LoRA and DreamBooth outputs."""
+    import dagster as dg
+
+    # Not entered: the reuse test materializes on it again.
+    return build_sdxl_concept(tmp_path_factory.mktemp("sdxl"), built_models, SPEC, dg.DagsterInstance.ephemeral())
 
 
 def _bundle(build):
