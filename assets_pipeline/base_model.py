@@ -15,7 +15,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -323,6 +323,25 @@ class BaseModelRef:
         return {"source": self.source, "kind": self.kind, "family": self.family,
                 "prediction_type": self.prediction_type, "resolution": self.resolution,
                 "fingerprint": self.fingerprint}
+
+
+@dataclass(frozen=True)
+class ConceptBaseModelConfig:
+    """concept.toml's ``[base_model]``: a concept trained on another model than the deployment's. It wins over
+    the ``base_model`` resource and ``$ASSETS_PIPELINE_BASE_MODEL`` for this concept only, so a team keeps SD 1.5
+    and SDXL concepts in one deployment; editing it is a change to the concept, so its outputs rebuild."""
+
+    source: str = field(default="", metadata={
+        "help": "Same values as the base_model resource's source ('embedded', 'embedded-sdxl', a diffusers folder, "
+        "a single-file checkpoint, a hub id); empty = the deployment's base model."})
+    single_file_config: str | None = field(default=None, metadata={
+        "help": "For a single-file source: a local diffusers folder holding its configs."})
+
+    def __post_init__(self) -> None:
+        if self.source != self.source.strip():
+            raise ValueError(f"source {self.source!r} has leading or trailing spaces")
+        if self.single_file_config and not self.source:
+            raise ValueError("single_file_config is set but source is empty: it applies to a single-file source")
 
 
 def resolve_base_model(

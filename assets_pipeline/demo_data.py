@@ -26,6 +26,18 @@ token = "sks"
 class_noun = "scene"
 methods = ["lora", "dreambooth", "textual_inversion", "controlnet"]
 """
+# The demo's SDXL concept: the same good photos (square, landscape and portrait, so it trains in several
+# aspect-ratio buckets) on the embedded tiny SDXL, chosen in concept.toml for this concept only.
+DEMO_SDXL_CONCEPT = "sample_sdxl"
+DEMO_SDXL_SPEC = """\
+# The demo's SDXL concept: the demo photos on the embedded tiny SDXL (see assets_pipeline/demo_data.py).
+token = "sks"
+class_noun = "scene"
+methods = ["lora", "dreambooth", "textual_inversion", "controlnet"]
+
+[base_model]
+source = "embedded-sdxl"
+"""
 
 
 def _skimage(name: str):
@@ -114,11 +126,19 @@ def _webp(img) -> bytes:
     return buf.getvalue()
 
 
-def write_demo_concept(data_root: Path, name: str = DEMO_CONCEPT) -> Path:
-    """Write (or rewrite, identically) the demo concept folder; files already equal are left untouched."""
+def demo_sdxl_files() -> dict[str, bytes]:
+    """The SDXL demo concept: the demo's good photos and their captions, no deliberately bad files."""
+    files = demo_files()
+    keep = {*GOOD_PHOTOS, "astronaut.txt"}
+    return {"concept.toml": DEMO_SDXL_SPEC.encode(), **{k: v for k, v in files.items() if k in keep}}
+
+
+def write_demo_concept(data_root: Path, name: str = DEMO_CONCEPT, files: dict[str, bytes] | None = None) -> Path:
+    """Write (or rewrite, identically) the demo concept folder (``files``, default :func:`demo_files`); files
+    already equal are left untouched."""
     folder = data_root / name
     folder.mkdir(parents=True, exist_ok=True)
-    for file_name, content in demo_files().items():
+    for file_name, content in (demo_files() if files is None else files).items():
         path = folder / file_name
         if not path.is_file() or path.read_bytes() != content:
             path.write_bytes(content)

@@ -50,7 +50,7 @@ def plan_retraining(storage: PipelineStorage, base_model: BaseModelResource, cli
             continue
         spec = spec_from_snapshot(storage, concept)
         ready = readiness(read_upstream(storage, concept, "clip_scored_images", "scores.parquet"))
-        ref = base_model.resolve(layout.root)
+        ref = base_model.resolve(layout.root, spec)
         for name in spec.methods:
             method = get_method(name)
             if not ready.ready:

@@ -128,6 +128,50 @@ def test_env_var_sets_the_default_source(root, monkeypatch):
     assert BASE_MODEL_ENV in BaseModelResource.model_fields["source"].description
 
 
+def test_a_concepts_base_model_section_wins_for_that_concept_only(root, monkeypatch):
+    from assets_pipeline.partitions.concept_spec import ConceptSpecError, parse_concept_toml
+    from assets_pipeline.resources import BaseModelResource
+
+    monkeypatch.setenv(BASE_MODEL_ENV, "embedded")
+    xl = parse_concept_toml("xl", 'token = "sks"\n[base_model]\nsource = "embedded-sdxl"\n')
+    plain = parse_concept_toml("plain", 'token = "sks"\n')
+    deployment = BaseModelResource(source="embedded", resolution=48)
+    ref = deployment.resolve(root, xl)
+    # The concept's model at its family's (here: the embedded model's) resolution, not the deployment's 48 px.
+    assert (ref.source, ref.family, ref.resolution) == ("embedded-sdxl", "sdxl", 64)
+    assert (deployment.resolve(root, plain).family, deployment.resolve(root, plain).resolution) == ("sd1", 48)
+    assert deployment.resolve(root).family == "sd1"
+    for text, message in [
+        ('[base_model]\nsource = 5', r"xl/concept.toml \[base_model\].*source = 5 is int, expected a string"),
+        ('[base_model]\nmodel = "x"', r"\[base_model\].*unknown.*'model'"),
+        ('[base_model]\nsingle_file_config = "/cfg"', "single_file_config is set but source is empty"),
+    ]:
+        with pytest.raises(ConceptSpecError, match=message):
+            parse_concept_toml("xl", 'token = "sks"\n' + text)
+    missing = parse_concept_toml("xl", 'token = "sks"\n[base_model]\nsource = "/no/such/model.safetensors"\n')
+    with pytest.raises(FileNotFoundError, match="/no/such/model.safetensors"):
+        deployment.resolve(root, missing)
+
+
+def test_the_demo_sdxl_concept_is_on_the_embedded_sdxl_in_several_buckets(root, tmp_path):
+    from PIL import Image, ImageOps
+
+    from assets_pipeline.demo_data import DEMO_SDXL_CONCEPT, GOOD_PHOTOS, demo_sdxl_files, write_demo_concept
+    from assets_pipeline.partitions.concept_spec import load_concept_spec
+    from assets_pipeline.resources import BaseModelResource
+    from assets_pipeline.stages.buckets import assign_bucket, bucket_set
+    from assets_pipeline.stages.curation import QualityConfig
+
+    folder = write_demo_concept(tmp_path / "data", DEMO_SDXL_CONCEPT, demo_sdxl_files())
+    spec = load_concept_spec(folder)
+    ref = BaseModelResource(source="embedded").resolve(root, spec)
+    assert (ref.family, ref.resolution) == ("sdxl", 64)
+    assert set(spec.methods) == {"lora", "dreambooth", "textual_inversion", "controlnet"}
+    buckets = bucket_set(ref.resolution, QualityConfig().max_aspect_ratio)
+    sizes = [ImageOps.exif_transpose(Image.open(folder / name)).size for name in GOOD_PHOTOS]
+    assert len({assign_bucket(w, h, buckets) for w, h in sizes}) >= 3  # square, landscape and portrait photos
+
+
 def test_embedded_sdxl_build_is_byte_identical_across_builds(sdxl_ref, tmp_path):
     first, second = Path(sdxl_ref.location), ensure_embedded_sdxl_model(tmp_path / "base_models")
     files = {p.relative_to(first).as_posix(): p.read_bytes() for p in sorted(first.rglob("*")) if p.is_file()}

@@ -54,7 +54,7 @@ def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
         out = _output(storage, concept)
         spec = spec_from_snapshot(storage, concept)
         layout = storage.layout()
-        ref = base_model.resolve(layout.root)
+        ref = base_model.resolve(layout.root, spec)
         manifest = json.loads((out / "lineage.json").read_text())
         controls = [r["control_path"] for r in training_rows(storage, concept, ("instance",), True)] \
             if method.name == "controlnet" else []

@@ -95,7 +95,7 @@ def captioned_images(
     if len(missing_token):
         context.log.warning(f"{len(missing_token)} captions lack the token {spec.token!r}: "
                             f"{list(missing_token['source_path'])}")
-    tokenizer = load_tokenizer(base_model.resolve(layout.root))
+    tokenizer = load_tokenizer(base_model.resolve(layout.root, spec))
     limit = tokenizer.model_max_length
     overlong = overlong_captions(df, tokenizer)
     for r in overlong.itertuples():
@@ -124,7 +124,7 @@ def filtered_images(
     spec = spec_from_snapshot(storage, concept)
     layout = storage.layout()
     cfg = concept_config(spec, "quality", QualityConfig())
-    resolution = base_model.resolve(layout.root).resolution
+    resolution = base_model.resolve(layout.root, spec).resolution
     cache = layout.cache("quality_metrics", ".json")
     clean_stale_temporaries(context, storage, concept, "filtered_images", caches=(cache.kind,))
     captions = read_upstream(storage, concept, "captioned_images", "captions.parquet")
@@ -200,7 +200,7 @@ def control_images(
     layout = storage.layout()
     cfg = concept_config(spec, "control", ControlConfig())
     latent_cfg = concept_config(spec, "latents", LatentConfig())
-    resolution = latent_cfg.resolution or base_model.resolve(layout.root).resolution
+    resolution = latent_cfg.resolution or base_model.resolve(layout.root, spec).resolution
     scores = read_upstream(storage, concept, "clip_scored_images", "scores.parquet")
     cache = layout.cache("control_images", ".png")
     clean_stale_temporaries(context, storage, concept, "control_images", caches=(cache.kind,))

@@ -38,7 +38,7 @@ def vae_latents(
     spec = spec_from_snapshot(storage, concept)
     layout = storage.layout()
     cfg = concept_config(spec, "latents", LatentConfig())
-    ref = base_model.resolve(layout.root)
+    ref = base_model.resolve(layout.root, spec)
     resolution = cfg.resolution or ref.resolution
     scores = read_upstream(storage, concept, "clip_scored_images", "scores.parquet")
     priors = read_upstream(storage, concept, "class_images", "class_images.parquet")

@@ -29,7 +29,7 @@ def class_images(
     concept = context.partition_key
     spec = spec_from_snapshot(storage, concept)
     layout = storage.layout()
-    ref = base_model.resolve(layout.root)
+    ref = base_model.resolve(layout.root, spec)
     cache = layout.cache("class_images", ".png")
     clean_stale_temporaries(context, storage, concept, "class_images", caches=(cache.kind,))
     cfg = concept_config(spec, "class_images", ClassImageConfig())

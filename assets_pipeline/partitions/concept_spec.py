@@ -14,6 +14,9 @@ Example::
 
     [lora]               # per-method overrides, read by the trainers
     rank = 8
+
+    [base_model]         # this concept's base model, instead of the deployment's (base_model.ConceptBaseModelConfig)
+    source = "embedded-sdxl"
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any
 CONCEPT_KEY = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 METHODS = ("lora", "dreambooth", "textual_inversion", "controlnet")
 SPEC_FILE = "concept.toml"
-_SECTIONS = ("quality", "scoring", "captions", "latents", "control", "class_images", *METHODS)
+_SECTIONS = ("base_model", "quality", "scoring", "captions", "latents", "control", "class_images", *METHODS)
 
 
 class ConceptSpecError(ValueError):
@@ -110,6 +113,7 @@ def load_concept_spec(concept_dir: Path) -> ConceptSpec:
 
 # Each section's config dataclass, imported only when a concept is read ("module:Class"; methods by name).
 _SECTION_CONFIGS = {
+    "base_model": "assets_pipeline.base_model:ConceptBaseModelConfig",
     "quality": "assets_pipeline.stages.curation:QualityConfig",
     "scoring": "assets_pipeline.stages.scoring:ScoringConfig",
     "captions": "assets_pipeline.stages.captions:CaptionConfig",

@@ -35,7 +35,12 @@ class BaseModelResource(dg.ConfigurableResource):
 
         return self.source or os.environ.get(BASE_MODEL_ENV) or EMBEDDED
 
-    def resolve(self, artifact_root: Path) -> BaseModelRef:
+    def resolve(self, artifact_root: Path, spec: Any = None) -> BaseModelRef:
+        """The base model of ``spec``'s concept: its concept.toml ``[base_model]`` source when it names one (the
+        family's resolution then, unless ``[latents] resolution`` says otherwise), else this deployment's."""
+        if spec is not None and (section := spec.section("base_model")).get("source"):
+            return resolve_base_model(section["source"], artifact_root, None, section.get("single_file_config"),
+                                      self.hub_cache_dir)
         return resolve_base_model(self.source_setting(), artifact_root, self.resolution, self.single_file_config,
                                   self.hub_cache_dir)
 
