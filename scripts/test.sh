@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
 # README command 2: the test suite (offline, CPU). Extra arguments go to pytest.
+# One pytest-xdist worker per core, at most 4 (PYTEST_WORKERS overrides; 0 = no workers, in this process); each module runs
+# whole on one worker (--dist loadfile), so a module's fixtures are built once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-exec .venv/bin/python -m pytest "$@"
+cores=$(nproc)
+workers=${PYTEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}  # at most 4: each worker holds its own models (~2 GiB)
+exec .venv/bin/python -m pytest -n "$workers" --dist loadfile "$@"

@@ -15,6 +15,15 @@ import pytest
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ.setdefault(_var, "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # scripts/test.sh runs one worker per core (pytest-xdist): one torch thread each, and in the processes they
+    # start (trainers, Dagster step processes inherit it), or the workers' OpenMP threads spin against each other.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The modules that take minutes (each builds concepts through every asset), started first so that no worker is
+# left with one of them at the end while the others idle (the order of the rest is pytest's).
+_LONG_FIRST = ("test_training", "test_sdxl", "test_training_speed",
+               "test_retraining", "test_multiprocess_training", "test_gpu_e2e_script", "test_postgres",
+               "test_relocation")
 
 
 @pytest.fixture(scope="session")
@@ -108,15 +117,22 @@ def image_cache(tmp_path):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` need CUDA: skipped, with the reason, on machines without one."""
-    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
-    if not gpu_items:
-        return
-    import torch
+    """Under pytest-xdist (scripts/test.sh: ``--dist loadfile``, a module's tests on one worker, so its
+    module-scoped fixtures are built once) the long modules start first. Tests marked ``gpu`` need CUDA: skipped,
+    with the reason, on machines without one."""
+    def module(item) -> str:
+        return item.module.__name__.rsplit(".", 1)[-1]
 
-    if not torch.cuda.is_available():
-        for item in gpu_items:
-            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: _LONG_FIRST.index(module(item)) if module(item) in _LONG_FIRST
+                   else len(_LONG_FIRST))  # stable: the order within a module is kept
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu_items:
+        import torch
+
+        if not torch.cuda.is_available():
+            for item in gpu_items:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
 @pytest.fixture(autouse=True)

@@ -81,7 +81,7 @@ def _job(ctx, method: str, name: str, num_processes: int, **overrides):
                           overrides=overrides or None)
     # One denoising step per validation render: these tests look at the weights, not the pictures.
     job = dataclasses.replace(job, output_dir=str(ctx.root / name / "out"),
-                              checkpoint_dir=str(ctx.root / name / "ckpt"), validation_steps=1)
+                              checkpoint_dir=str(ctx.root / name / "ckpt"), validation_inference_steps=1)
     path = ctx.root / f"{name}.json"
     job.save(path)
     return job, trainer.command(path)

@@ -25,10 +25,13 @@ from assets_pipeline.training.methods import get_method, method_names
 from assets_pipeline.training.reuse import (
     FORCE_RETRAIN_TAG, find_reusable, force_requested, output_views, reuse_metadata,
 )
+from assets_pipeline.training.validation import step_views
 
 CODE_VERSION = "1"
 CURRENT = "current.json"  # {"path": <version folder name>}: the asset's current output among kept versions
 INPUT_ASSETS = (raw_images, clip_scored_images, class_images, control_images, vae_latents)
+VIEW_KINDS = {"md": dg.MetadataValue.md, "path": dg.MetadataValue.path, "int": dg.MetadataValue.int,
+              "float": dg.MetadataValue.float}  # the kinds of step_views' (kind, value) pairs
 
 
 def git_commit() -> str | None:
@@ -115,7 +118,7 @@ def build_train_job(storage: PipelineStorage, ref, spec, method_name: str, run_i
         performance=trainer.performance_settings(), cache_dir=str(layout.root / "cache"),
         log_with=trainer.tracker(),
         # The embedded random model's images mean nothing: fewer, cheaper validation renders.
-        validation_steps=4 if ref.is_random else 30, validation_seeds=(0,) if ref.is_random else (0, 1),
+        validation_inference_steps=4 if ref.is_random else 30, validation_seeds=(0,) if ref.is_random else (0, 1),
     )
 
 
@@ -153,8 +156,10 @@ def build_model_asset(method_name: str) -> dg.AssetsDefinition:
             context.log.info(f"{method.name} is not requested by concept {concept!r} (methods = {list(spec.methods)})")
             return
         job = build_train_job(
-            storage, base_model.resolve(storage.layout().root), spec, method.name, run_id=context.run_id,
+            storage, base_model.resolve(storage.layout().root, spec), spec, method.name, run_id=context.run_id,
             input_versions=_input_versions(context, concept), trainer=trainer, clip_scorer=clip_scorer)
+        # The resolved config (e.g. LoRA's variant and ranks) beside the trainer's numbers, trained or reused.
+        context.add_asset_metadata({"method_config": dg.MetadataValue.json(job.config)})
         previous = current_output(storage, concept, method.asset_name)
         reuse, why = find_reusable(previous, job, CODE_VERSION)
         if force_requested(context.run_tags):
@@ -163,6 +168,8 @@ def build_model_asset(method_name: str) -> dg.AssetsDefinition:
             context.log.info(f"reusing {reuse.path}: {why}; no training (tag {FORCE_RETRAIN_TAG}=true forces one)")
             views = {k: dg.MetadataValue.md(v) if t == "md" else dg.MetadataValue.path(v)
                      for k, (t, v) in output_views(reuse.path).items()}
+            # validation_steps: the same strips per step and chosen step the training reported
+            views.update({k: VIEW_KINDS[t](v) for k, (t, v) in step_views(reuse.path).items()})
             yield dg.MaterializeResult(data_version=dg.DataVersion(reuse.data_version),
                                        metadata={**views, **reuse_metadata(reuse)})
             return

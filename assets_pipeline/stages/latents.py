@@ -17,7 +17,10 @@ in index order; latents of different buckets have different shapes, so each buck
 ``latent_mean@<w>x<h>`` and ``latent_std@<w>x<h>`` (+ ``flip_latent_*@<w>x<h>``), holding that bucket's rows in
 index order; the header lists each row's image sha256, role and bucket (:class:`LatentBundle` reads it back).
 An SDXL bundle also holds ``pooled_prompt_embeds`` and ``add_time_ids`` [N, 6] in row order (:func:`add_time_ids`),
-and ``flip_add_time_ids`` with ``random_flip``.
+and ``flip_add_time_ids`` with ``random_flip``. ``empty_prompt_embeds`` [1, 77, dim] (SDXL: and
+``empty_pooled_prompt_embeds`` [1, dim]) is the empty caption's embedding, what a trainer with ``caption_dropout``
+trains the dropped rows on without loading a text encoder; it is a text item like any caption's (the index's
+``empty_text_key``). Bundles from before it have none.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ LATENT_VERSION = 1
 # The bucket (training size, px), where its crop starts in the resized photo (SDXL's crop_coords_top_left) and
 # the photo's own size (SDXL's original_size): square values at the resolution when buckets are off.
 BUCKET_COLUMNS = ["bucket_width", "bucket_height", "crop_top", "crop_left", "original_width", "original_height"]
-INDEX_COLUMNS = ["image_sha256", "role", "caption", "latent_key", "text_key", "flip_latent_key", *BUCKET_COLUMNS]
+INDEX_COLUMNS = ["image_sha256", "role", "caption", "latent_key", "text_key", "flip_latent_key", "empty_text_key",
+                 *BUCKET_COLUMNS]
 _DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -228,6 +232,9 @@ def compute_latents(
     buckets = concept_buckets(cfg, resolution, max_aspect)
     jobs = []  # (key, path, flip, bucket)
     index = []
+    # The empty caption's embedding, for training with caption_dropout (TrainConfig): the same key in every row,
+    # so a bundle without it (an older index) differs from the new index and is restacked, not reused.
+    empty_key = text_key("", enc, cfg)
     for r in items.itertuples():
         size = image_size(r.decoded_path)
         bucket = assign_bucket(*size, buckets)
@@ -239,13 +246,13 @@ def compute_latents(
         if fk:
             jobs.append((fk, r.decoded_path, True, bucket))
         index.append({"image_sha256": r.image_sha256, "role": r.role, "caption": r.caption,
-                      "latent_key": lk, "text_key": tk, "flip_latent_key": fk,
+                      "latent_key": lk, "text_key": tk, "flip_latent_key": fk, "empty_text_key": empty_key,
                       "bucket_width": bucket[0], "bucket_height": bucket[1], "crop_top": top, "crop_left": left,
                       "original_width": size[0], "original_height": size[1]})
 
     table = pd.DataFrame(index, columns=INDEX_COLUMNS)
     missing = set(latent_cache.split([k for k, *_ in jobs]))
-    captions = {row["text_key"]: row["caption"] for row in index}
+    captions = {**{row["text_key"]: row["caption"] for row in index}, **({empty_key: ""} if index else {})}
     missing_text = text_cache.split(list(captions))
     if not missing and not missing_text:
         return table
@@ -300,9 +307,10 @@ def _tensor_name(name: str, bucket: tuple[int, int]) -> str:
 def write_latent_bundle(index: pd.DataFrame, latent_cache: ItemCache, text_cache: ItemCache, out: Path,
                         meta: dict[str, Any], text_time: bool = False, center_crop: bool = True) -> None:
     """Stack the cached items of ``index`` into one safetensors file: ``prompt_embeds`` row i = index row i;
-    per bucket, ``latent_mean@<w>x<h>`` etc. hold that bucket's rows in index order. ``text_time`` (SDXL): also
-    ``pooled_prompt_embeds`` and ``add_time_ids`` (+ ``flip_add_time_ids``) in row order; ``center_crop`` is
-    the crop the latents were made with (a flipped crop's offset depends on it)."""
+    per bucket, ``latent_mean@<w>x<h>`` etc. hold that bucket's rows in index order; ``empty_prompt_embeds``
+    [1, 77, dim] when the index has an ``empty_text_key``. ``text_time`` (SDXL): also ``pooled_prompt_embeds``
+    (+ ``empty_pooled_prompt_embeds``) and ``add_time_ids`` (+ ``flip_add_time_ids``) in row order; ``center_crop``
+    is the crop the latents were made with (a flipped crop's offset depends on it)."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -316,8 +324,14 @@ def write_latent_bundle(index: pd.DataFrame, latent_cache: ItemCache, text_cache
     buckets = list(zip(index["bucket_width"].astype(int), index["bucket_height"].astype(int)))
     tensors = {"prompt_embeds": stack(index["text_key"], text_cache, "prompt_embeds")}
     flip = index["flip_latent_key"].notna().all()
+    empty = index["empty_text_key"].iloc[:1] if "empty_text_key" in index and index["empty_text_key"].notna().all() \
+        else None
+    if empty is not None:
+        tensors["empty_prompt_embeds"] = stack(empty, text_cache, "prompt_embeds")
     if text_time:
         tensors["pooled_prompt_embeds"] = stack(index["text_key"], text_cache, "pooled_prompt_embeds")
+        if empty is not None:
+            tensors["empty_pooled_prompt_embeds"] = stack(empty, text_cache, "pooled_prompt_embeds")
         tensors["add_time_ids"] = add_time_ids(index, center_crop).contiguous()
         if flip:
             tensors["flip_add_time_ids"] = add_time_ids(index, center_crop, flipped=True).contiguous()

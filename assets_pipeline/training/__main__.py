@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from assets_pipeline.training.loop import checkpoint_root, job_lock, train
     from assets_pipeline.training.output import write_output
     from assets_pipeline.training.reuse import output_views
+    from assets_pipeline.training.validation import step_views
 
     parser = argparse.ArgumentParser(prog="python -m assets_pipeline.training", description=__doc__)
     parser.add_argument("--job", required=True, type=Path, help="job JSON written by a model asset")
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                 metadata={
                     **{k: {"raw_value": v, "type": t}
                        for k, (t, v) in output_views(Path(job.output_dir), result["preview_md"]).items()},
+                    # validation_steps: the strips per step and the chosen step's numbers (none without it)
+                    **{k: {"raw_value": v, "type": t} for k, (t, v) in step_views(Path(job.output_dir)).items()},
                     "training_images": {"raw_value": _images_table(job), "type": "md"},
                     **{k: result[k] for k in ("clip_t", "clip_i", "mean_abs_change_vs_base", "final_loss", "steps",
                                               "lineage_sha256", "scorer_is_random")},

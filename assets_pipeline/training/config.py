@@ -2,7 +2,9 @@
 
 Method modules subclass :class:`TrainConfig` only to change defaults or add their own fields; the defaults
 cite diffusers' example scripts (examples/dreambooth, examples/text_to_image, examples/textual_inversion,
-examples/controlnet).
+examples/controlnet). The training recipes (noise offset, input perturbation, caption dropout and shuffling, EMA,
+the optimizer) are fields here, so every method's ``concept.toml`` section takes them; each is off by default,
+which trains exactly as without it.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ import math
 from dataclasses import dataclass, field
 
 MIN_IMAGES = 3
+OPTIMIZERS = ("adamw", "adamw_8bit", "prodigy")
+SELECT_BEST = ("none", "clip_i", "clip_t")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate."})
+    learning_rate: float = field(default=1e-4, metadata={"help": (
+        "The optimizer's learning rate; with optimizer = 'prodigy' a multiplier of its own estimate (use 1.0).")})
     train_batch_size: int = field(default=1, metadata={"help": "Images per micro-batch (per process)."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     max_train_steps: int | None = field(
@@ -36,6 +41,70 @@ class TrainConfig:
     checkpoints_total_limit: int = field(default=2, metadata={"help": "Keep at most this many checkpoints."})
     seed: int = field(default=0, metadata={"help": "Seeds data order, noise and timesteps."})
     random_flip: bool = field(default=False, metadata={"help": "Use cached flipped latents half of the time."})
+    validation_steps: int = field(default=0, metadata={"help": (
+        "Every N optimizer steps (and at the last step) render the final validation's fixed prompts and seeds with "
+        "the weights being trained, as diffusers' train_dreambooth.py and train_controlnet.py --validation_steps "
+        "do; the images and one labeled strip per step land in the output's validation_steps/ folder, listed in "
+        "validation_steps.json/.csv. Costs one save, one pipeline load and one batch of renders per validation. "
+        "0 = off.")})
+    select_best: str = field(default="none", metadata={"help": (
+        f"One of {SELECT_BEST}. With validation_steps, the output's weights are those of the validated step with "
+        "the highest mean CLIP-I (likeness to the training photos) or CLIP-T (agreement with the prompt), the "
+        "DreamBooth paper's metrics (Ruiz et al. 2022, section 4.1), instead of the last step's: an early stop "
+        "chosen after the fact. The chosen step is recorded in metrics.json and lineage.json. 'none' = the last "
+        "step.")})
+    # -- recipes ---------------------------------------------------------------------------------------------
+    noise_offset: float = field(default=0.0, metadata={"help": (
+        "Adds noise_offset x a per-channel constant (one N(0, 1) draw per sample and channel) to the noise, so the "
+        "model learns to change an image's mean brightness (Guttenberg, crosslabs.org 'Diffusion with offset "
+        "noise'); diffusers' train_text_to_image.py --noise_offset (default 0; 0.05-0.1 is usual). 0 = off.")})
+    input_perturbation: float = field(default=0.0, metadata={"help": (
+        "Noisy latents are made from noise + input_perturbation x N(0, 1) while the target stays the noise (Ning "
+        "et al. 2023, 'Input Perturbation Reduces Exposure Bias in Diffusion Models'); diffusers' "
+        "train_text_to_image.py --input_perturbation ('Recommended 0.1'). 0 = off.")})
+    caption_dropout: float = field(default=0.0, metadata={"help": (
+        "Share of samples trained with the empty caption, so the model also learns the unconditional prediction "
+        "that classifier-free guidance subtracts (kohya-ss sd-scripts' caption_dropout_rate, SimpleTuner's "
+        "caption_dropout_probability). With cached embeddings the latents bundle's empty-prompt embedding is "
+        "used (rematerialize vae_latents if the bundle predates it). 0 = off.")})
+    shuffle_caption: bool = field(default=False, metadata={"help": (
+        "For tag-style captions ('a, b, c'): split on ',' and shuffle the tags after the first keep_tokens, per "
+        "sample and step (kohya-ss sd-scripts' --shuffle_caption). The shuffled captions are encoded every step, "
+        "so the frozen text encoder(s) are loaded and cost one text-encoder forward per step.")})
+    keep_tokens: int = field(default=0, metadata={"help": (
+        "With shuffle_caption: how many leading tags stay in place, e.g. 1 keeps the trigger word first "
+        "(kohya-ss sd-scripts' --keep_tokens, counted in ','-separated tags as there).")})
+    use_ema: bool = field(default=False, metadata={"help": (
+        "Keep an exponential moving average of the trained weights (diffusers.training_utils.EMAModel, as "
+        "train_text_to_image.py --use_ema), updated after each optimizer step and saved in checkpoints; the "
+        "output holds the EMA weights. Costs one more copy of the trained weights in memory.")})
+    ema_decay: float = field(default=0.9999, metadata={"help": (
+        "EMAModel's decay (its default and train_text_to_image.py's); EMAModel ramps it up as (1 + n) / (10 + n) "
+        "over the first optimizer steps n, so short runs average over fewer steps.")})
+    optimizer: str = field(default="adamw", metadata={"help": (
+        f"One of {OPTIMIZERS}. 'adamw': torch.optim.AdamW (fused on CUDA when the speed settings allow). "
+        "'adamw_8bit': bitsandbytes' AdamW8bit (diffusers' scripts' --use_8bit_adam; CUDA only, needs "
+        "bitsandbytes): 8-bit optimizer states, a quarter of AdamW's memory. 'prodigy': prodigyopt.Prodigy, "
+        "which estimates the step size itself; set learning_rate = 1.0 (diffusers' "
+        "advanced_diffusion_training scripts, --optimizer prodigy).")})
+    adam_beta1: float = field(default=0.9, metadata={"help": (
+        "beta1 of AdamW, AdamW8bit and Prodigy (torch's default and diffusers' scripts').")})
+    adam_beta2: float = field(default=0.999, metadata={"help": (
+        "beta2 of AdamW, AdamW8bit and Prodigy (torch's default and diffusers' scripts').")})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": (
+        "eps of AdamW, AdamW8bit and Prodigy (torch's default and diffusers' scripts').")})
+    prodigy_beta3: float | None = field(default=None, metadata={"help": (
+        "Prodigy's step-size running-average coefficient; None = sqrt(adam_beta2) (prodigyopt's default, and "
+        "train_dreambooth_lora_sd15_advanced.py's). Ignored unless optimizer = 'prodigy'.")})
+    prodigy_decouple: bool = field(default=True, metadata={"help": (
+        "Prodigy: AdamW-style decoupled weight decay (train_dreambooth_lora_sd15_advanced.py's default). Ignored "
+        "unless optimizer = 'prodigy'.")})
+    prodigy_use_bias_correction: bool = field(default=True, metadata={"help": (
+        "Prodigy: Adam's bias correction (train_dreambooth_lora_sd15_advanced.py's default). Ignored unless "
+        "optimizer = 'prodigy'.")})
+    prodigy_safeguard_warmup: bool = field(default=True, metadata={"help": (
+        "Prodigy: leave the LR out of the D estimate's denominator during warm-up "
+        "(train_dreambooth_lora_sd15_advanced.py's default). Ignored unless optimizer = 'prodigy'.")})
 
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
@@ -47,6 +116,30 @@ class TrainConfig:
             raise ValueError(f"max_train_steps must be >= 1, got {self.max_train_steps}")
         if self.min_train_steps > self.max_scaled_steps:
             raise ValueError("min_train_steps must not exceed max_scaled_steps")
+        for name in ("noise_offset", "input_perturbation"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)!r} is outside [0, 1): it scales extra noise "
+                                 "(0 = off; diffusers' scripts suggest about 0.1)")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout = {self.caption_dropout!r} is outside [0, 1): it is the share of "
+                             "samples trained with the empty caption (0 = off; 0.05-0.1 is usual)")
+        if self.keep_tokens < 0:
+            raise ValueError(f"keep_tokens = {self.keep_tokens!r} must be >= 0 (leading tags kept in place)")
+        if not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay = {self.ema_decay!r} is outside (0, 1) (EMAModel's default is 0.9999)")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer = {self.optimizer!r} is not one of {OPTIMIZERS}")
+        if self.validation_steps < 0:
+            raise ValueError(f"validation_steps = {self.validation_steps!r} must be >= 0 (validate every N optimizer "
+                             "steps; 0 = off)")
+        if self.select_best not in SELECT_BEST:
+            raise ValueError(f"select_best = {self.select_best!r} is not one of {SELECT_BEST}")
+        if self.select_best != "none" and not self.validation_steps:
+            raise ValueError(f"select_best = {self.select_best!r} chooses among the steps validated during training: "
+                             "set validation_steps > 0 too (e.g. validation_steps = 100)")
+        for name in ("adam_beta1", "adam_beta2") + (("prodigy_beta3",) if self.prodigy_beta3 is not None else ()):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} = {getattr(self, name)!r} is outside [0, 1)")
 
     def total_steps(self, num_images: int) -> int:
         """The step count: explicit, else scaled with the number of training images.

@@ -17,6 +17,12 @@ spread over the epoch in proportion to its size. A role whose rows share one buc
 ``buckets = false``, class images always) needs no groups and draws exactly as before buckets. DreamBooth's
 instance and class parts are separate roles: when their buckets differ, ``draw`` returns one part per bucket and
 the loop runs one forward per part.
+
+Caption recipes (TrainConfig): ``caption_dropout`` replaces a seeded share of a batch's rows' conditioning with the
+empty caption's, drawn on the device from the step's generator (the bundle's ``empty_prompt_embeds`` with cached
+embeddings; the token ids of "" when the text encoder runs); ``shuffle_caption`` permutes each caption's tags
+(:func:`shuffle_tags`) on the host, where captions are strings, with a generator seeded by (seed, sample) like the
+step's: no device-to-host sync, and a resumed run shuffles as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from itertools import groupby
 from pathlib import Path
 
 from assets_pipeline.hashing import digest
-from assets_pipeline.training.methods.base import Batch
+from assets_pipeline.training.methods.base import Batch, TrainingInputError
 
 
 def seeded_generator(*parts, device="cpu"):
@@ -34,23 +40,35 @@ def seeded_generator(*parts, device="cpu"):
     return torch.Generator(device=device).manual_seed(int(digest(*parts)[:15], 16))
 
 
+def shuffle_tags(caption: str, keep_tokens: int, generator) -> str:
+    """kohya-ss sd-scripts' --shuffle_caption/--keep_tokens: split on ",", keep the first ``keep_tokens`` tags in
+    place, shuffle the rest (a permutation from ``generator``), join with ", "."""
+    import torch
+
+    tags = [t.strip() for t in caption.strip().split(",")]
+    head, tail = tags[:keep_tokens], tags[keep_tokens:]
+    return ", ".join(head + [tail[int(i)] for i in torch.randperm(len(tail), generator=generator)])
+
+
 class TrainingData:
     """Rows of cached tensors with their roles, captions and buckets; ``indices`` picks rows, ``draw`` gathers them.
 
     ``sizes[b]`` is bucket b's (width, height) in px; ``mean[b]``/``std[b]`` (and the flips, and ``control[b]``)
     hold the rows whose ``row_bucket`` is b, in row order. ``embeds`` and the per-row lists are in row order, and
-    so are SDXL's ``pooled`` embeddings and ``time_ids`` (``flip_time_ids``: those of the mirrored crops)."""
+    so are SDXL's ``pooled`` embeddings and ``time_ids`` (``flip_time_ids``: those of the mirrored crops).
+    ``empty_embeds`` [1, 77, dim] (``empty_pooled`` [1, dim]): the empty caption's, for caption dropout."""
 
     def __init__(self, sizes: list[tuple[int, int]], mean: list, std: list, row_bucket: list[int], embeds,
                  roles: list[str], captions: list[str], control: list | None = None,
                  flip_mean: list | None = None, flip_std: list | None = None, pooled=None, time_ids=None,
-                 flip_time_ids=None):
+                 flip_time_ids=None, empty_embeds=None, empty_pooled=None):
         import torch
 
         self.sizes, self.row_bucket = sizes, row_bucket
         self.mean, self.std, self.embeds = mean, std, embeds
         self.flip_mean, self.flip_std = flip_mean, flip_std
         self.pooled, self.time_ids, self.flip_time_ids = pooled, time_ids, flip_time_ids
+        self.empty_embeds, self.empty_pooled = empty_embeds, empty_pooled
         self.roles, self.captions = roles, captions
         # Conditioning images as uint8 ([0, 255]): a quarter of the memory on the device, exact.
         self.control = None if control is None else [(c * 255).round().to(torch.uint8) for c in control]
@@ -63,6 +81,8 @@ class TrainingData:
             seen[b] = positions[-1] + 1
         self.position = torch.tensor(positions, dtype=torch.long)
         self.input_ids = self.input_ids_2 = None
+        self.empty_ids = self.empty_ids_2 = None  # the token ids of "" (caption dropout when the encoder runs)
+        self.tokenizers: list = []
         self.by_role = {role: [i for i, r in enumerate(roles) if r == role] for role in set(roles)}
         self.role_buckets = {role: sorted({row_bucket[i] for i in rows}) for role, rows in self.by_role.items()}
         self._orders: dict = {}
@@ -115,6 +135,7 @@ class TrainingData:
             [r["role"] for r in rows], [caption_fn(r["caption"]) for r in rows], images,
             gather("flip_latent_mean") if flip else None, gather("flip_latent_std") if flip else None,
             rows_of("pooled_prompt_embeds"), rows_of("add_time_ids"), rows_of("flip_add_time_ids"),
+            bundle.tensors.get("empty_prompt_embeds"), bundle.tensors.get("empty_pooled_prompt_embeds"),
         )
 
     @property
@@ -133,20 +154,39 @@ class TrainingData:
             if value is not None:
                 setattr(self, name, [t.to(device) for t in value])
         for name in ("embeds", "is_class", "input_ids", "input_ids_2", "position", "pooled", "time_ids",
-                     "flip_time_ids"):
+                     "flip_time_ids", "empty_embeds", "empty_pooled", "empty_ids", "empty_ids_2"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
         return self
 
     def tokenize(self, tokenizer, tokenizer_2=None) -> None:
-        """Token ids of every caption, once (for methods that run the text encoder each step); SDXL's second
-        tokenizer's in ``input_ids_2``."""
+        """Token ids of every caption and of "" (caption dropout), once, for runs that encode text each step;
+        SDXL's second tokenizer's in ``*_2``. The tokenizers are kept for :meth:`shuffled_ids`."""
         from assets_pipeline.families import tokenize
 
-        ids = tokenize([t for t in (tokenizer, tokenizer_2) if t is not None], self.captions)
-        self.input_ids = ids[0].to(self.device)
-        self.input_ids_2 = ids[1].to(self.device) if len(ids) > 1 else None
+        self.tokenizers = [t for t in (tokenizer, tokenizer_2) if t is not None]
+        ids = tokenize(self.tokenizers, [*self.captions, ""])
+        self.input_ids, self.empty_ids = ids[0][:-1].to(self.device), ids[0][-1:].to(self.device)
+        if len(ids) > 1:
+            self.input_ids_2, self.empty_ids_2 = ids[1][:-1].to(self.device), ids[1][-1:].to(self.device)
+
+    def shuffled_ids(self, rows: list[int], keep_tokens: int, generator) -> list:
+        """Token ids [len(rows), 77] (per tokenizer) of ``rows``' captions with their tags shuffled
+        (:func:`shuffle_tags`, one permutation per row from the host ``generator``), on the device: what
+        ``draw`` takes as ``token_ids``. Needs :meth:`tokenize` first."""
+        from assets_pipeline.families import tokenize
+
+        captions = [shuffle_tags(self.captions[r], keep_tokens, generator) for r in rows]
+        return [ids.to(self.device, non_blocking=True) for ids in tokenize(self.tokenizers, captions)]
+
+    def check_caption_dropout(self, caption_dropout: float) -> None:
+        """Caption dropout needs the empty caption: its token ids (:meth:`tokenize`) or the bundle's embedding."""
+        if caption_dropout and self.input_ids is None and self.empty_embeds is None:
+            raise TrainingInputError(
+                f"caption_dropout = {caption_dropout} needs the empty caption's embedding, and this concept's latents "
+                "bundle has none (made before it was added): rematerialize vae_latents for this concept, or set "
+                "caption_dropout = 0")
 
     def count(self, role: str) -> int:
         return len(self.by_role.get(role, []))
@@ -205,13 +245,17 @@ class TrainingData:
             out += [rows[j % len(rows)] for j in range(batch_size)]
         return out
 
-    def draw(self, rows: list[int], generator, scaling_factor: float, random_flip: bool, index=None) -> list[Batch]:
+    def draw(self, rows: list[int], generator, scaling_factor: float, random_flip: bool, index=None,
+             caption_dropout: float = 0.0, token_ids: list | None = None) -> list[Batch]:
         """Gather ``rows`` on the device (``index``: the same rows as a device tensor, when the caller made it
         already), one :class:`Batch` per run of rows in the same bucket (one shape, one forward); latents are
         sampled from their cached distribution (``latent_dist.sample()`` in diffusers' scripts) and scaled for
-        the U-Net."""
+        the U-Net. ``token_ids``: the rows' token ids to use instead of the tokenized captions (shuffled ones,
+        :meth:`shuffled_ids`). ``caption_dropout``: each row's chance of the empty caption's conditioning (a
+        draw from ``generator`` after the latents' only when > 0, so the draws are unchanged without it)."""
         import torch
 
+        self.check_caption_dropout(caption_dropout)
         idx = torch.tensor(rows, device=self.device) if index is None else index
         parts, start = [], 0
         for b, run in groupby(self.row_bucket[r] for r in rows):
@@ -237,14 +281,29 @@ class TrainingData:
                 if flip is not None:
                     control = torch.where(flip[:, None, None, None], control.flip(-1), control)
                 control = control.float() / 255.0
+            if token_ids is None:
+                ids = [None if t is None else t[sel] for t in (self.input_ids, self.input_ids_2)]
+            else:  # given per row of ``rows``: this part's are the same slice as ``sel``
+                ids = [t[start - n : start] for t in token_ids] + [None] * (2 - len(token_ids))
+            embeds = self.embeds[sel]
+            pooled = None if self.pooled is None else self.pooled[sel]
+            if caption_dropout:
+                drop = torch.rand(n, generator=generator, device=self.device) < caption_dropout
+                if ids[0] is not None:  # the text encoder runs: it encodes "" for the dropped rows
+                    ids = [None if t is None else torch.where(drop[:, None], empty, t)
+                           for t, empty in zip(ids, (self.empty_ids, self.empty_ids_2))]
+                else:
+                    embeds = torch.where(drop[:, None, None], self.empty_embeds.to(embeds.dtype), embeds)
+                    if pooled is not None:
+                        pooled = torch.where(drop[:, None], self.empty_pooled.to(pooled.dtype), pooled)
             parts.append(Batch(
                 latents=latents,
-                prompt_embeds=self.embeds[sel],
+                prompt_embeds=embeds,
                 control=control,
                 is_class=self.is_class[sel],
-                input_ids=None if self.input_ids is None else self.input_ids[sel],
-                input_ids_2=None if self.input_ids_2 is None else self.input_ids_2[sel],
-                pooled_embeds=None if self.pooled is None else self.pooled[sel],
+                input_ids=ids[0],
+                input_ids_2=ids[1],
+                pooled_embeds=pooled,
                 time_ids=time_ids,
             ))
         return parts

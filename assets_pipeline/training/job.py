@@ -27,7 +27,7 @@ class TrainJob:
     scorer: dict[str, Any] = field(default_factory=dict)  # ClipScorerResource settings for CLIP-T / CLIP-I
     device: str = "auto"
     mixed_precision: str = "auto"
-    validation_steps: int = 30
+    validation_inference_steps: int = 30  # denoising steps of each validation render
     validation_seeds: tuple[int, ...] = (0, 1)
     # How to run, not what to learn (not in the identity): speed settings and where compiled kernels and
     # micro-batch probes are cached.

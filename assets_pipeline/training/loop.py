@@ -22,6 +22,8 @@ from assets_pipeline.training.job import TrainJob
 from assets_pipeline.training.methods import get_method
 from assets_pipeline.training.methods.base import Method, Models, TrainContext, per_sample_mse, snr_weights
 from assets_pipeline.training.models import load_training_models
+from assets_pipeline.training.optimizers import check_optimizer, make_optimizer, state_bytes
+from assets_pipeline.training.validation import StepValidation
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,8 @@ class TrainState:
     is_main_process: bool = True
     num_processes: int = 1  # data-parallel processes that trained (recorded in lineage.json)
     stats: dict = field(default_factory=dict)  # images/s, warm-up, peak memory and the speed settings used
+    # validation_steps: where the validations during training are and the step select_best chose (main process)
+    validation: dict | None = None
 
 
 def train_context(job: TrainJob) -> TrainContext:
@@ -143,7 +147,9 @@ def compute_loss(method: Method, models: Models, parts: list, cfg, generator, we
     2020, as in diffusers' training scripts). Methods change only what they override (encode/predict/loss).
     ``parts``: the micro-batch, one :class:`Batch` per latent shape (aspect-ratio bucket; usually one), each a
     forward of its own; their per-row losses are concatenated for ``method.loss``. The batch is on the device and
-    the noise is drawn there from ``generator``: no host round trip."""
+    the noise is drawn there from ``generator``: no host round trip. ``cfg.noise_offset`` and
+    ``cfg.input_perturbation`` are diffusers' train_text_to_image.py recipes, drawn in that script's order and
+    only when set, so without them the draws are exactly those of the plain step."""
     import torch
 
     scheduler = models.noise_scheduler
@@ -154,9 +160,16 @@ def compute_loss(method: Method, models: Models, parts: list, cfg, generator, we
         if channels_last:
             latents = latents.contiguous(memory_format=torch.channels_last)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        if cfg.noise_offset:  # a per-(sample, channel) constant: lets the model shift an image's mean brightness
+            noise = noise + cfg.noise_offset * torch.randn(
+                (*latents.shape[:2], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
+        noise_in = noise  # what the latents are noised with; the target stays ``noise``
+        if cfg.input_perturbation:
+            noise_in = noise + cfg.input_perturbation * torch.randn(
+                noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
                                   device=latents.device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
+        noisy = scheduler.add_noise(latents, noise_in, timesteps)
         target = scheduler.get_velocity(latents, noise, timesteps) if v_pred else noise
         batch.prompt_embeds = batch.prompt_embeds.to(weight_dtype)
         embeds = method.encode(models, batch).to(weight_dtype)
@@ -207,6 +220,7 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
     ctx = train_context(job)
     method.check_inputs(ctx, cfg)
     cpu = job.device == "cpu" or (job.device == "auto" and not torch.cuda.is_available())
+    check_optimizer(cfg, cuda=not cpu, section=job.method)  # before any model is loaded
     precision = job.mixed_precision
     if precision == "auto":
         precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
@@ -231,12 +245,14 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
     set_seed(cfg.seed)  # adapter/ControlNet initialization; batches and noise have their own seeded generators
-    models = load_training_models(job.base_model, method.needs_text_encoder(cfg))
+    text = method.runs_text_encoder(cfg)
+    models = load_training_models(job.base_model, text)
     data = TrainingData.from_bundle(Path(job.latents_dir), job.training_images, lambda c: method.training_caption(c, ctx),
                                     control=job.method == "controlnet").to(device)
     trainable = method.prepare(models, cfg, ctx)
-    if method.needs_text_encoder(cfg):
+    if text:
         data.tokenize(models.tokenizer, models.tokenizer_2)  # after prepare: textual inversion adds its token there
+    data.check_caption_dropout(cfg.caption_dropout)
     steps = cfg.total_steps(ctx.num_instance_images)
     roles = method.batch_roles(cfg)
     trained = {n: getattr(models, n) for n in trainable}
@@ -273,29 +289,41 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
         for module in running.values():
             perf_mod.compile_module(module, plan.compile, plan.backend)
 
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay,
-                                  **({"fused": True} if plan.fused_optimizer else {}))
+    fused = plan.fused_optimizer and cfg.optimizer == "adamw"
+    optimizer = make_optimizer(cfg, params, fused)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=steps)
     *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained.values(), optimizer, lr_scheduler)
     unwrapped = replace(models)  # for the methods' after_step hooks: a DDP wrapper hides the module's methods
     for name, module in zip(trainable, prepared):
         setattr(models, name, module)
+    ema = None
+    if cfg.use_ema:  # saved and restored with every checkpoint (accelerate's custom objects), so resume is exact
+        from diffusers.training_utils import EMAModel
 
-    start, losses = 0, []
+        ema = EMAModel(params, decay=cfg.ema_decay)
+        accelerator.register_for_checkpointing(ema)
+
+    start, losses, path = 0, [], None
     # Every process reads the same checkpoint (rank 0 removed half-written ones under the job lock, before the
     # collectives in prepare() that the other ranks waited on); each restores its own RNG state file.
     if latest := _latest_checkpoint(ckpt_root):
         start, path = latest
         accelerator.load_state(str(path))
+        if ema is not None:
+            ema.to(device)  # accelerate loads custom objects onto the CPU
         losses = json.loads((path / "losses.json").read_text())
         progress(f"resumed from checkpoint at step {start} ({path})")
+    validation = None
+    if cfg.validation_steps and accelerator.is_main_process:  # the other processes wait at each validation
+        validation = StepValidation(job, method, cfg, ctx, ckpt_root, device, progress)
+        validation.restore(path)  # the strips (and best step) of the steps before the checkpoint
 
     attention = perf_mod.flash_attention_status({"unet": models.unet}, weight_dtype)
     progress(f"training {method.name} for {ctx.concept!r}: {steps} steps, {ctx.num_instance_images} images, "
              f"batch {micro}x{accum}x{n_procs}, precision {precision}, device {device}, compile {plan.compile} "
-             f"(cache {cache_state}), channels_last {plan.channels_last}, fused AdamW {plan.fused_optimizer}, "
-             f"attention: {attention}")
+             f"(cache {cache_state}), channels_last {plan.channels_last}, optimizer {cfg.optimizer} (fused {fused}), "
+             f"EMA {cfg.use_ema}, attention: {attention}")
     # Every remaining micro-batch's rows, decided up front on the host and moved to the device once. A step
     # covers samples step x effective .. +effective of each role; process `rank` takes every n_procs-th
     # micro-batch of them, so with the accumulation split the processes together run one process's micro-batches.
@@ -313,22 +341,29 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    warmup_s, t_steady = None, None
+    warmup_s, t_steady, validation_s = None, None, 0.0
     for step in range(start, steps):
         step_loss = torch.zeros((), device=device)
         for m in range(accum):
             k = (step - start) * accum + m
             g = seeded_generator("step", cfg.seed, samples[k], device=device)
-            parts = data.draw(rows[k], g, models.scaling_factor, cfg.random_flip, index=index[k])
+            # Shuffled captions are strings: shuffled on the host, with the step's seed (data.shuffle_tags).
+            ids = data.shuffled_ids(rows[k], cfg.keep_tokens, seeded_generator("shuffle", cfg.seed, samples[k])) \
+                if cfg.shuffle_caption else None
+            parts = data.draw(rows[k], g, models.scaling_factor, cfg.random_flip, index=index[k],
+                              caption_dropout=cfg.caption_dropout, token_ids=ids)
             with accelerator.accumulate(*prepared), accelerator.autocast():
                 loss = compute_loss(method, models, parts, cfg, g, weight_dtype, plan.channels_last)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients:
+                synced = accelerator.sync_gradients  # this micro-batch ends an optimizer step
+                if synced:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             method.after_step(unwrapped)
+            if ema is not None and synced:  # after after_step: the average sees the weights the method keeps
+                ema.step(params)
             step_loss += loss.detach() / accum
         pending.append(step_loss)
         done = step + 1
@@ -352,32 +387,45 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
                 for i, value in enumerate(new):
                     accelerator.log({"train/loss": value}, step=done - len(new) + i + 1)
                 accelerator.log({"train/lr": lr}, step=done)
+        if cfg.validation_steps and (done % cfg.validation_steps == 0 or done == steps):
+            # Before the step's checkpoint, which keeps the validations up to it. Timed apart from training.
+            t_validation = time.perf_counter()
+            if validation is not None:
+                validation(unwrapped, done, ema, params)
+            accelerator.wait_for_everyone()
+            validation_s += time.perf_counter() - t_validation
         if done % cfg.checkpointing_steps == 0 and done < steps:
-            _save_checkpoint(accelerator, ckpt_root, done, losses, cfg.checkpoints_total_limit)
+            _save_checkpoint(accelerator, ckpt_root, done, losses, cfg.checkpoints_total_limit, validation)
     train_s = time.perf_counter() - t0
     if cache_state == "cold" and len(data.shapes) > 1:
         # The other buckets' shapes compiled after the first step's save: save again, so the next run is warm for all.
         saved = cache.save()
         progress(f"saved {saved / 2**20:.1f} MiB of kernels for {len(data.shapes)} bucket shapes to {cache.path}")
-    steady = time.perf_counter() - t_steady if t_steady else 0.0
+    steady = time.perf_counter() - t_steady - validation_s if t_steady else 0.0
     images_per_step = micro * len(roles) * accum * n_procs
     stats = {
         "images_per_s": round(images_per_step * (steps - start - 1) / steady, 2) if steps - start > 1 and steady else None,
         "warmup_s": round(warmup_s, 2) if warmup_s is not None else None, "train_s": round(train_s, 2),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "micro_batch": micro, "gradient_accumulation": accum, "compile": plan.compile, "compile_cache": cache_state,
-        "channels_last": plan.channels_last, "fused_optimizer": plan.fused_optimizer, "attention": attention,
+        "channels_last": plan.channels_last, "fused_optimizer": fused, "optimizer": cfg.optimizer,
+        "attention": attention,
         "precision": precision, "device": sig.get("gpu", "cpu"), "num_processes": n_procs,
     }
     if probe is not None:
         stats["micro_batch_probe"] = probe
+    if cfg.validation_steps:
+        stats["validation_s"] = round(validation_s, 2)
 
     if job.log_with:
         accelerator.end_training()
     accelerator.wait_for_everyone()
     for name in trainable:
         setattr(models, name, accelerator.unwrap_model(getattr(models, name)))
-    return TrainState(method, cfg, ctx, models, losses, steps, start, accelerator.is_main_process, n_procs, stats)
+    if ema is not None:  # the output is the average: copied into the trained weights the method then saves
+        ema.copy_to(params)
+    return TrainState(method, cfg, ctx, models, losses, steps, start, accelerator.is_main_process, n_procs, stats,
+                      validation.summary() if validation is not None else None)
 
 
 def _eta(done: int, start: int, steps: int, t_steady: float | None, now: float) -> str:
@@ -399,7 +447,7 @@ def _choose_micro_batch(job: TrainJob, method: Method, models: Models, data: Tra
     from assets_pipeline.training.performance import divisors_descending, probe_micro_batch
 
     key = digest("micro-batch", model_key, job.method, str(weight_dtype), cfg.gradient_checkpointing, len(roles),
-                 data.shapes, effective, fraction, channels_last)
+                 data.shapes, effective, fraction, channels_last, cfg.optimizer, cfg.use_ema)
     path = Path(job.cache_dir) / "micro_batch" / f"{key}.json" if job.cache_dir else None
     if path is not None and path.is_file():
         answer = json.loads(path.read_text())
@@ -418,8 +466,9 @@ def _choose_micro_batch(job: TrainJob, method: Method, models: Models, data: Tra
             for p in params:
                 p.grad = None
 
-    # AdamW's two fp32 moments per trained parameter are allocated at the first optimizer step, after the probe.
-    optimizer_bytes = sum(2 * 4 * p.numel() for p in params)
+    # The optimizer's states are allocated at its first step, after the probe (and EMA's copy of the trained
+    # weights after it too, when enabled).
+    optimizer_bytes = state_bytes(cfg, params) + (sum(4 * p.numel() for p in params) if cfg.use_ema else 0)
     micro, info = probe_micro_batch(try_batch, divisors_descending(effective), optimizer_bytes, fraction)
     answer = {"micro_batch": micro, "effective_batch": effective, **info}
     if path is not None:
@@ -428,14 +477,18 @@ def _choose_micro_batch(job: TrainJob, method: Method, models: Models, data: Tra
     return micro, answer
 
 
-def _save_checkpoint(accelerator, root: Path, step: int, losses: list[float], keep: int) -> None:
-    """An accelerate state (models, optimizer, LR schedule, RNG) plus the loss history, renamed into place."""
+def _save_checkpoint(accelerator, root: Path, step: int, losses: list[float], keep: int,
+                     validation: StepValidation | None = None) -> None:
+    """An accelerate state (models, optimizer, LR schedule, RNG, and the EMA with use_ema) plus the loss history
+    and, with validation_steps, the validations so far, renamed into place."""
     final = root / f"step-{step}"
     tmp = root / f".step-{step}.tmp"
     accelerator.save_state(str(tmp))  # the main process writes the weights, every process its RNG state
     accelerator.wait_for_everyone()  # so all of them are in tmp before it is renamed: a step-N folder is whole
     if accelerator.is_main_process:
         (tmp / "losses.json").write_text(json.dumps(losses))
+        if validation is not None:
+            validation.save_into(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

@@ -17,8 +17,10 @@ from assets_pipeline.training.job import TrainJob
 from assets_pipeline.training.loop import TRACKER_RUN, TrainState, checkpoint_root
 from assets_pipeline.training.models import base_pipeline_loader
 from assets_pipeline.training.reuse import GRID_FILE, LOSS_PLOT, METRICS_FILE, SUMS_FILE
+from assets_pipeline.training.validation import (
+    BEST_DIR, job_scorer, training_photos, validation_pairs, write_step_validations,
+)
 
-VALIDATION_SUFFIXES = ("", ", at the beach")  # fixed prompts: the validation prompt, and one new context
 BASE_RENDER_VERSION = 1  # bump when render_batch() changes what an image of a (prompt, seed) batch is
 
 
@@ -68,6 +70,10 @@ def lineage_manifest(job: TrainJob, state: TrainState, weights: list[Path], root
             for r in job.training_images
         ],
         "weights": {p.relative_to(root).as_posix(): {"tensors_sha256": tensors_digest(p)} for p in weights},
+        # Only with validation_steps, so an output trained without it has exactly the manifest it had before.
+        **({"validation_during_training": {
+            "every": state.validation["every"], "select_best": state.validation["select_best"],
+            "selected_step": (state.validation["best"] or {}).get("step")}} if state.validation else {}),
     }
 
 
@@ -175,9 +181,6 @@ def validate(job: TrainJob, state: TrainState, out: Path, device: str) -> dict[s
     generated and training images), the DreamBooth paper's metrics (Ruiz et al. 2022, section 4.1). Every image
     is rendered in one batch (the base model's come from the cache after the first training on it)."""
     import numpy as np
-    from PIL import Image
-
-    from assets_pipeline.stages.scoring import load_clip_scorer
 
     method, ctx = state.method, state.ctx
     pipe = method.load_pipeline(base_pipeline_loader(job.base_model), out, ctx).to(device)
@@ -185,15 +188,11 @@ def validate(job: TrainJob, state: TrainState, out: Path, device: str) -> dict[s
                        BaseRenders.cache_for(Path(job.cache_dir).parent) if job.cache_dir else None)
     vdir = out / "validation"
     vdir.mkdir()
-    pairs, kwargs, names = [], [], []
-    for pi, suffix in enumerate(VALIDATION_SUFFIXES):
-        for seed in job.validation_seeds:
-            pairs.append((method.validation_prompt(ctx) + suffix, seed))
-            kwargs.append(method.validation_kwargs(out, ctx, pi * len(job.validation_seeds) + seed))
-            names.append(f"p{pi}_seed{seed}")
-    per_image = {k: [kw[k] for kw in kwargs] for k in kwargs[0]}  # e.g. ControlNet's conditioning image per render
-    images = render_batch(pipe, pairs, ctx.resolution, job.validation_steps, **per_image)
-    refs = base(pairs, ctx.resolution, job.validation_steps)
+    # per_image: e.g. ControlNet's conditioning image per render
+    pairs, per_image = validation_pairs(method, ctx, job.validation_seeds, out)
+    names = [f"p{i // len(job.validation_seeds)}_seed{seed}" for i, (_, seed) in enumerate(pairs)]
+    images = render_batch(pipe, pairs, ctx.resolution, job.validation_inference_steps, **per_image)
+    refs = base(pairs, ctx.resolution, job.validation_inference_steps)
     grid: dict[str, list] = {}
     for (prompt, seed), name, img, ref in zip(pairs, names, images, refs):
         img.save(vdir / f"{name}.png")
@@ -201,9 +200,8 @@ def validate(job: TrainJob, state: TrainState, out: Path, device: str) -> dict[s
         grid.setdefault(prompt, []).extend([(f"base, seed {seed}", ref), (f"trained, seed {seed}", img)])
     diffs = [pixel_change(img, ref) for img, ref in zip(images, refs)]
     prompts = [p for p, _ in pairs]
-    scorer = load_clip_scorer(job.scorer.get("model_name", "embedded"), job.scorer.get("pretrained"),
-                              Path(job.scorer["artifact_root"]), device)
-    train_imgs = [Image.open(r["decoded_path"]).convert("RGB") for r in job.training_images if r["role"] == "instance"]
+    scorer = job_scorer(job, device)
+    train_imgs = training_photos(job)
     clip_t = float(scorer.score(images, prompts).mean())
     clip_i = float((scorer.embed_images(images) @ scorer.embed_images(train_imgs).T).mean())
     return {
@@ -232,7 +230,12 @@ def write_output(job: TrainJob, state: TrainState, device: str) -> dict[str, Any
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        weights = state.method.save(state.models, base_pipeline_loader(job.base_model), tmp, state.cfg, state.ctx)
+        if best := (state.validation or {}).get("best"):  # select_best: the chosen step's saved output
+            shutil.copytree(Path(state.validation["folder"]) / BEST_DIR, tmp, dirs_exist_ok=True)
+            weights = [tmp / w for w in best["weights"]]
+        else:
+            weights = state.method.save(state.models, base_pipeline_loader(job.base_model), tmp, state.cfg,
+                                        state.ctx)
         manifest = lineage_manifest(job, state, weights, tmp)
         write_json_atomic(tmp / LINEAGE_FILE, manifest)
         lineage_digest = sha256_file(tmp / LINEAGE_FILE)
@@ -246,6 +249,8 @@ def write_output(job: TrainJob, state: TrainState, device: str) -> dict[str, Any
             shutil.copytree(logs, tmp / TRACKER_RUN)
         metrics = validate(job, state, tmp, device)
         preview = metrics.pop("preview_md")
+        if state.validation:
+            metrics.update(write_step_validations(state.validation, tmp))
         metrics.update(final_loss=state.losses[-1] if state.losses else None, steps=state.steps,
                        training_speed=state.stats,
                        lineage_sha256=lineage_digest,

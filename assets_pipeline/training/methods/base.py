@@ -79,7 +79,8 @@ class TrainContext:
 
 
 def encode_text(models: Models, batch: Batch):
-    """The text encoder on the batch's token ids (tokenized once, on the device), for methods that train it.
+    """The text encoder on the batch's token ids (tokenized once, on the device; per step for shuffled captions),
+    for methods that train it and for ``shuffle_caption``, whose captions differ every step.
 
     SDXL: both encoders, as the latents cache encodes (``families.encode_sdxl_prompt``); the pooled embedding they
     give replaces the batch's cached one, which ``unet_kwargs`` passes to the U-Net (textual_inversion_sdxl.py
@@ -145,7 +146,14 @@ class Method:
             )
 
     def needs_text_encoder(self, cfg: TrainConfig) -> bool:
+        """The method itself runs the text encoder(s) (trains them, or a token in them)."""
         return False
+
+    def runs_text_encoder(self, cfg: TrainConfig) -> bool:
+        """Whether the loop loads the text encoder(s) and encodes the batch's token ids every step: the method
+        needs them, or ``shuffle_caption`` makes each step's captions new (frozen encoders then: only methods
+        that train them mark them trainable in ``prepare``)."""
+        return self.needs_text_encoder(cfg) or cfg.shuffle_caption
 
     def training_caption(self, caption: str, ctx: TrainContext) -> str:
         return caption
@@ -156,7 +164,8 @@ class Method:
         raise NotImplementedError
 
     def encode(self, models: Models, batch: Batch):
-        return batch.prompt_embeds
+        # Token ids are there only when the loop runs the text encoder (runs_text_encoder): encode them then.
+        return encode_text(models, batch) if batch.input_ids is not None else batch.prompt_embeds
 
     def predict(self, models: Models, noisy_latents, timesteps, prompt_embeds, batch: Batch):
         return models.unet(noisy_latents, timesteps, encoder_hidden_states=prompt_embeds,
@@ -177,7 +186,8 @@ class Method:
 
     def load_pipeline(self, load_base, out_dir: Path, ctx: TrainContext):
         """The trained output in a stock diffusers pipeline: ``load_base()`` gives the base pipeline, and the
-        output is applied with diffusers' own loaders only (what a user without this project would do)."""
+        output is applied with diffusers' own loaders (what a user without this project would do), or with PEFT
+        where diffusers has no loader for the format (LoRA's loha/lokr variants)."""
         raise NotImplementedError
 
     def validation_prompt(self, ctx: TrainContext) -> str:

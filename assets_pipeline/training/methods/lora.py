@@ -1,39 +1,108 @@
-"""LoRA (Hu et al. 2021) on the U-Net attention projections through PEFT; optional text-encoder LoRA.
+"""LoRA (Hu et al. 2021) and its PEFT variants on the U-Net attention projections; optional text-encoder adapters.
 
-Defaults from diffusers' examples/dreambooth/train_dreambooth_lora.py: lr 1e-4, rank 4. Saved with diffusers'
-LoRA saver (``pytorch_lora_weights.safetensors``, loads with ``pipe.load_lora_weights(dir)``) and in kohya
-format (``kohya_lora.safetensors``: A1111, ComfyUI, and ``load_lora_weights`` too). On an SDXL base model the
-same U-Net LoRA is saved with ``StableDiffusionXLPipeline.save_lora_weights`` (train_dreambooth_lora_sdxl.py);
-text-encoder LoRA is SD 1.x/2.x only for now.
+Defaults from diffusers' examples/dreambooth/train_dreambooth_lora.py: lr 1e-4, rank 4. ``variant`` picks the
+adapter PEFT trains: ``lora``; ``dora`` (Liu et al. 2024, PEFT's ``use_dora``); ``loha`` (Hadamard product of two
+low-rank products, Hyeon-Woo et al. 2022) or ``lokr`` (Kronecker product), PEFT's ports of LyCORIS' modules.
+``conv_rank`` > 0 adds the U-Net ResNets' convolutions at that rank, kohya's LoCon (``conv_dim``/``conv_alpha``).
+
+Saved: ``lora``/``dora`` with diffusers' LoRA saver (``pytorch_lora_weights.safetensors``, loads with
+``pipe.load_lora_weights(dir)``); ``lora`` also in kohya format (``kohya_lora.safetensors``: A1111, ComfyUI, and
+``load_lora_weights`` too; ``dora`` not: see ``_save_lora``). On an SDXL base model the same U-Net LoRA is saved with
+``StableDiffusionXLPipeline.save_lora_weights`` (train_dreambooth_lora_sdxl.py); with ``train_text_encoder`` both of
+SDXL's text encoders get a LoRA (that script's ``--train_text_encoder``), the prompts are re-encoded every step
+with the pooled embedding (``base.encode_text``), and the file holds ``text_encoder.*`` and ``text_encoder_2.*``
+(kohya: ``lora_te1_*`` and ``lora_te2_*``). ``loha``/``lokr``: diffusers has no loader for them, so only the
+kohya/LyCORIS file (``training/lycoris.py``; A1111 and ComfyUI read it) plus ``peft_config.json``, the PEFT
+configs that :meth:`LoraMethod.load_pipeline` injects before loading the file back.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from assets_pipeline.training.config import TrainConfig
 from assets_pipeline.training.methods import register
-from assets_pipeline.training.methods.base import Method, Models, TrainContext, TrainingInputError, encode_text
+from assets_pipeline.training.methods.base import Method, Models, TrainContext
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+CONV_TARGETS = ("conv1", "conv2", "conv_shortcut")  # the U-Net ResNets' convolutions (LoCon)
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+VARIANTS = ("lora", "dora", "loha", "lokr")
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "kohya_lora.safetensors"
+PEFT_CONFIG_FILE = "peft_config.json"  # loha/lokr: {network: PEFT config dict}, what load_pipeline injects
 
 
 @dataclass(frozen=True)
 class LoraConfig(TrainConfig):
     learning_rate: float = field(default=1e-4, metadata={"help": "diffusers' LoRA example default."})
-    rank: int = field(default=4, metadata={"help": "LoRA rank r (diffusers' default 4)."})
+    rank: int = field(default=4, metadata={"help": "LoRA rank r (diffusers' default 4); LoHa/LoKr: their r."})
     alpha: float | None = field(default=None, metadata={"help": "LoRA alpha; None = rank (scale 1)."})
-    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
-    train_text_encoder: bool = field(default=False, metadata={"help": "Also train LoRA on the text encoder."})
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (lora/dora only)."})
+    train_text_encoder: bool = field(default=False, metadata={
+        "help": "Also train LoRA on the text encoder (SDXL: on both), as the scripts' --train_text_encoder."})
+    variant: str = field(default="lora", metadata={
+        "help": "The adapter, all through PEFT: lora (diffusers' default), dora (PEFT use_dora), loha or lokr "
+                "(PEFT's ports of LyCORIS; saved in the LyCORIS format A1111/ComfyUI read, not by diffusers)."})
+    conv_rank: int = field(default=0, metadata={
+        "help": "Rank on the U-Net ResNets' conv1/conv2/conv_shortcut (LoCon, kohya's conv_dim); 0 = none."})
+    conv_alpha: float | None = field(default=None, metadata={
+        "help": "Alpha of the conv adapters (kohya's conv_alpha); None = conv_rank (scale 1)."})
+    decompose_factor: int = field(default=-1, metadata={
+        "help": "lokr: PEFT's/LyCORIS' Kronecker factor (-1 = the most balanced factorization, their default)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {', '.join(map(repr, VARIANTS))}, got {self.variant!r}")
+        if self.conv_rank < 0:
+            raise ValueError(f"conv_rank must be >= 0 (0 = no conv adapters), got {self.conv_rank}")
+        if self.dropout and self.variant in ("loha", "lokr"):
+            raise ValueError(f"dropout = {self.dropout} applies to variant 'lora'/'dora' only: PEFT's LoHa/LoKr "
+                             f"have no input dropout; set dropout = 0 for variant {self.variant!r}")
+        if self.decompose_factor != -1 and self.decompose_factor < 1:
+            raise ValueError(f"decompose_factor must be -1 or >= 1, got {self.decompose_factor}")
+
+
+def peft_config(cfg: LoraConfig, targets, conv: bool = False):
+    """The PEFT config of ``cfg.variant`` on modules named ``targets`` (plus the ResNet convs at ``conv_rank``
+    when ``conv``). ``lora`` without convs is exactly the config this method always trained."""
+    import peft
+
+    targets = list(targets)
+    patterns = {}
+    if conv and cfg.conv_rank:
+        targets += CONV_TARGETS
+        patterns = {"rank_pattern": {t: cfg.conv_rank for t in CONV_TARGETS},
+                    "alpha_pattern": {t: cfg.conv_alpha or cfg.conv_rank for t in CONV_TARGETS}}
+    alpha = cfg.alpha or cfg.rank
+    if cfg.variant in ("lora", "dora"):
+        dora = {"use_dora": True} if cfg.variant == "dora" else {}
+        return peft.LoraConfig(r=cfg.rank, lora_alpha=alpha, lora_dropout=cfg.dropout, init_lora_weights="gaussian",
+                               target_modules=targets, **dora, **patterns)
+    if cfg.variant == "loha":
+        return peft.LoHaConfig(r=cfg.rank, alpha=alpha, target_modules=targets, **patterns)
+    return peft.LoKrConfig(r=cfg.rank, alpha=alpha, target_modules=targets, decompose_factor=cfg.decompose_factor,
+                           **patterns)
+
+
+def module_scales(model) -> dict[str, tuple[float, int]]:
+    """Each LoHa/LoKr module's ``(alpha, r)`` (rank_pattern/alpha_pattern resolved), by module name."""
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    return {name: (float(m.alpha["default"]), int(m.r["default"])) for name, m in model.named_modules()
+            if isinstance(m, LycorisLayer)}
+
+
+def kohya_prefixes(networks) -> dict[str, str]:
+    from assets_pipeline.training.lycoris import PREFIXES_SD, PREFIXES_SDXL
+
+    return PREFIXES_SDXL if "text_encoder_2" in networks else PREFIXES_SD
 
 
 class LoraMethod(Method):
@@ -44,70 +113,123 @@ class LoraMethod(Method):
     def needs_text_encoder(self, cfg: LoraConfig) -> bool:
         return cfg.train_text_encoder
 
-    def check_inputs(self, ctx: TrainContext, cfg: LoraConfig) -> None:
-        from assets_pipeline.families import get_family
-
-        # SDXL's text-encoder LoRA trains both encoders and re-encodes pooled embeddings each step: not ported.
-        if cfg.train_text_encoder and get_family(ctx.family).num_text_encoders > 1:
-            raise TrainingInputError(
-                f"lora for concept {ctx.concept!r}: train_text_encoder = true is not yet supported for SDXL base "
-                f"models (family {ctx.family}); set train_text_encoder = false under [lora] (the U-Net LoRA trains)")
-        super().check_inputs(ctx, cfg)
-
-    def _peft_config(self, cfg: LoraConfig, targets):
-        from peft import LoraConfig as PeftLoraConfig
-
-        return PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, lora_dropout=cfg.dropout,
-                              init_lora_weights="gaussian", target_modules=list(targets))
-
     def prepare(self, models: Models, cfg: LoraConfig, ctx: TrainContext) -> list[str]:
         models.unet.requires_grad_(False)
-        models.unet.add_adapter(self._peft_config(cfg, UNET_TARGETS))
+        models.unet.add_adapter(peft_config(cfg, UNET_TARGETS, conv=True))
         trainable = ["unet"]
         if cfg.train_text_encoder:
-            models.text_encoder.requires_grad_(False)
-            models.text_encoder.add_adapter(self._peft_config(cfg, TEXT_TARGETS))
-            trainable.append("text_encoder")
+            for name in TEXT_ENCODERS:  # SDXL: both (the second is None for SD 1.x/2.x)
+                if (encoder := getattr(models, name)) is not None:
+                    encoder.requires_grad_(False)
+                    encoder.add_adapter(peft_config(cfg, TEXT_TARGETS))
+                    trainable.append(name)
         return trainable
 
-    def encode(self, models: Models, batch):
-        # The loop tokenizes captions only when the text encoder trains (needs_text_encoder).
-        return encode_text(models, batch) if batch.input_ids is not None else batch.prompt_embeds
-
     def save(self, models: Models, load_base, out_dir: Path, cfg: LoraConfig, ctx: TrainContext):
-        from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
         from peft.utils import get_peft_model_state_dict
+
+        networks = ["unet"] + [n for n in TEXT_ENCODERS if cfg.train_text_encoder and getattr(models, n) is not None]
+        sds = {n: get_peft_model_state_dict(getattr(models, n)) for n in networks}
+        if cfg.variant in ("loha", "lokr"):
+            return self._save_lycoris(models, out_dir, sds)
+        return self._save_lora(models, out_dir, cfg, ctx, sds)
+
+    def _save_lora(self, models: Models, out_dir: Path, cfg: LoraConfig, ctx: TrainContext, sds: dict):
+        from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
         from safetensors.torch import save_file
 
         from assets_pipeline.families import get_family, pipeline_class
 
-        unet_sd = get_peft_model_state_dict(models.unet)
-        te_sd = get_peft_model_state_dict(models.text_encoder) if cfg.train_text_encoder else None
+        te_kwargs = {}
+        for name in [n for n in sds if n != "unet"]:  # text_encoder[_2]_lora_layers and its adapter metadata
+            layers = convert_state_dict_to_diffusers(sds[name])
+            # A text encoder's DoRA magnitude under its parameter's own name: diffusers 0.42 hands the text
+            # encoders' dict to transformers' load_adapter, which (v5) drops ``...lora_magnitude_vector`` silently.
+            te_kwargs[f"{name}_lora_layers"] = {f"{k}.weight" if k.endswith("lora_magnitude_vector") else k: v
+                                                for k, v in layers.items()}
+            te_kwargs[f"{name}_lora_adapter_metadata"] = getattr(models, name).peft_config["default"].to_dict()
         # The family's pipeline class saves the file its own load_lora_weights reads (SDXL's has text_encoder_2).
         pipeline_class(models.family or get_family(ctx.family)).save_lora_weights(
             out_dir,
-            unet_lora_layers=convert_state_dict_to_diffusers(unet_sd),
-            text_encoder_lora_layers=convert_state_dict_to_diffusers(te_sd) if te_sd else None,
+            unet_lora_layers=convert_state_dict_to_diffusers(sds["unet"]),
             unet_lora_adapter_metadata=models.unet.peft_config["default"].to_dict(),
-            text_encoder_lora_adapter_metadata=(
-                models.text_encoder.peft_config["default"].to_dict() if te_sd else None),
             safe_serialization=True,
+            **te_kwargs,
         )
-        peft_sd = {f"unet.{k}": v for k, v in unet_sd.items()}
-        if te_sd:
-            peft_sd.update({f"text_encoder.{k}": v for k, v in te_sd.items()})
-        kohya = convert_state_dict_to_kohya(peft_sd)
-        alpha = float(cfg.alpha or cfg.rank)
+        if cfg.variant == "dora":
+            # No kohya file: A1111's and ComfyUI's ``dora_scale`` normalizes the weight per input channel
+            # (LyCORIS' convention, comfy/weight_adapter/base.py weight_decompose), PEFT's magnitude per output
+            # channel; no file of theirs holds this DoRA, and diffusers drops kohya ``dora_scale`` keys anyway.
+            return [out_dir / DIFFUSERS_FILE]
+        peft_sd = {f"{name}.{k}": v for name, sd in sds.items() for k, v in sd.items()}
+        kohya = {_kohya_te_key(k, kohya_prefixes(sds)): v  # maps text_encoder_2. to lora_te2_
+                 for k, v in convert_state_dict_to_kohya(peft_sd).items()}
         for k in kohya:
-            if k.endswith(".alpha"):  # the converter writes alpha = rank; ours may differ
+            if k.endswith(".alpha"):  # the converter writes alpha = rank; ours may differ (convs: conv_alpha)
+                alpha = float((cfg.conv_alpha or cfg.conv_rank) if _is_conv(k) else (cfg.alpha or cfg.rank))
                 kohya[k] = kohya[k].new_tensor(alpha, dtype=kohya[k].dtype if kohya[k].is_floating_point() else None)
         save_file({k: v.contiguous() for k, v in kohya.items()}, str(out_dir / KOHYA_FILE))
         return [out_dir / DIFFUSERS_FILE, out_dir / KOHYA_FILE]
 
+    def _save_lycoris(self, models: Models, out_dir: Path, sds: dict):
+        from safetensors.torch import save_file
+
+        from assets_pipeline.training.lycoris import peft_to_kohya
+
+        scales = {n: module_scales(getattr(models, n)) for n in sds}
+        configs = {n: getattr(models, n).peft_config["default"].to_dict() for n in sds}
+        kohya = peft_to_kohya(sds, kohya_prefixes(sds), scales)
+        save_file(kohya, str(out_dir / KOHYA_FILE))
+        (out_dir / PEFT_CONFIG_FILE).write_text(json.dumps(configs, indent=2, sort_keys=True, default=list))
+        return [out_dir / KOHYA_FILE]
+
     def load_pipeline(self, load_base, out_dir: Path, ctx: TrainContext):
+        """lora/dora: diffusers' ``load_lora_weights``. loha/lokr: diffusers has no loader for them; PEFT
+        injects the saved configs and loads the LyCORIS file back (what a PEFT user would do)."""
         pipe = load_base()
-        pipe.load_lora_weights(str(out_dir), weight_name=DIFFUSERS_FILE)
+        if not (out_dir / PEFT_CONFIG_FILE).is_file():
+            pipe.load_lora_weights(str(out_dir), weight_name=DIFFUSERS_FILE)
+            return pipe
+        load_lycoris(pipe, out_dir)
         return pipe
+
+
+def load_lycoris(pipe, out_dir: Path) -> None:
+    """The LoHa/LoKr output in ``out_dir`` applied to ``pipe``'s networks with PEFT."""
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+    from peft.config import PeftConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from assets_pipeline.training.lycoris import kohya_to_peft
+
+    configs = json.loads((out_dir / PEFT_CONFIG_FILE).read_text())
+    for name, config in configs.items():
+        inject_adapter_in_model(PeftConfig.from_peft_type(**config), getattr(pipe, name))
+    scales = {name: module_scales(getattr(pipe, name)) for name in configs}
+    sds = kohya_to_peft(load_file(str(out_dir / KOHYA_FILE)), kohya_prefixes(configs), scales)
+    for name, sd in sds.items():
+        if missing := sorted(get_peft_model_state_dict(getattr(pipe, name)).keys() - sd.keys()):
+            raise ValueError(f"{out_dir / KOHYA_FILE} lacks {len(missing)} of {name}'s adapter tensors, e.g. "
+                             f"{missing[:3]}: not the file {PEFT_CONFIG_FILE} describes")
+        result = set_peft_model_state_dict(getattr(pipe, name), sd)
+        if result.unexpected_keys:
+            raise ValueError(f"{out_dir / KOHYA_FILE}: {name} has no place for {result.unexpected_keys[:3]}")
+
+
+def _kohya_te_key(key: str, prefixes: dict[str, str]) -> str:
+    """diffusers' converter names text-encoder modules ``lora_te1_<module>`` (``lora_te2_`` for SDXL's second)
+    with transformers 5's module names; A1111/ComfyUI read kohya's: ``lora_te_`` for SD 1.x/2.x's one encoder and
+    transformers 4's ``text_model_encoder_layers_...`` (``training/lycoris.kohya_module``)."""
+    for network, converted in (("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")):
+        if key.startswith(converted):
+            module = key[len(converted):]
+            return prefixes[network] + ("" if module.startswith("text_model_") else "text_model_") + module
+    return key
+
+
+def _is_conv(kohya_key: str) -> bool:
+    return kohya_key.startswith("lora_unet_") and kohya_key.split(".")[0].endswith(CONV_TARGETS)
 
 
 register(LoraMethod())
