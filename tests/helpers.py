@@ -49,3 +49,22 @@ def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     """Every file under ``folder``: relative path -> (bytes, mtime_ns)."""
     return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write_synthetic_bundle(root: Path, seed: int = 0) -> Path:
+    """A latents bundle of three 64 px instance rows ("a", "b", "c") with random latents and text embeddings
+    for the embedded model (text width 32), in ``root/latents.safetensors`` with its digest recorded: enough for
+    the training loop without a dataset build."""
+    import torch
+    from safetensors.torch import save_file
+
+    from assets_pipeline.store import record_digest
+
+    g = torch.Generator().manual_seed(seed)
+    save_file({"prompt_embeds": torch.randn(3, 77, 32, generator=g),
+               "latent_mean@64x64": torch.randn(3, 4, 32, 32, generator=g),
+               "latent_std@64x64": torch.full((3, 4, 32, 32), 0.1)}, str(root / "latents.safetensors"),
+              metadata={"image_sha256": '["a", "b", "c"]', "role": '["instance", "instance", "instance"]',
+                        "bucket": '["64x64", "64x64", "64x64"]'})
+    record_digest(root / "latents.safetensors")
+    return root / "latents.safetensors"

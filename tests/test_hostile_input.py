@@ -115,6 +115,11 @@ def test_lineage_image_finds_outputs_of_a_paths_earlier_content_and_of_a_removed
     ("[dreambooth]\nrnak = 4", "[dreambooth]: unknown keys ['rnak']"),
     ("[lora]\nrank = 0", "[lora]: rank must be >= 1"),
     ('[class_images]\ndtype = "fp8"', "[class_images]: [class_images] dtype = 'fp8' is invalid"),
+    # LoRA variants (test_lora_variants.py)
+    ('[lora]\nvariant = "lycoris"', "[lora]: variant must be one of 'lora', 'dora', 'loha', 'lokr', got 'lycoris'"),
+    ('[lora]\nvariant = "loha"\ndropout = 0.1', "dropout = 0.1 applies to variant 'lora'/'dora' only"),
+    ("[lora]\nconv_rank = -1", "[lora]: conv_rank must be >= 0"),
+    ("[lora]\nvariant = 3", "[lora]: variant = 3 is int, expected a string"),
 ])
 def test_concept_toml_values_are_type_checked_when_the_concept_is_read(data_root, section, expected):
     """The issue's cases: each used to fail (or pass) only at training time, after the whole dataset half."""

@@ -188,23 +188,6 @@ def test_the_lycoris_conversion_round_trips_and_matches_the_readers_scale():
         kohya_to_peft({"lora_unet_gone.alpha": torch.tensor(1.0)}, PREFIXES_SD, scales)
 
 
-@pytest.mark.parametrize("section, expected", [
-    ('[lora]\nvariant = "lycoris"', "[lora]: variant must be one of 'lora', 'dora', 'loha', 'lokr', got 'lycoris'"),
-    ('[lora]\nvariant = "loha"\ndropout = 0.1', "dropout = 0.1 applies to variant 'lora'/'dora' only"),
-    ("[lora]\nconv_rank = -1", "[lora]: conv_rank must be >= 0"),
-    ("[lora]\nvariant = 3", "[lora]: variant = 3 is int, expected a string"),
-])
-def test_bad_variant_settings_name_the_file_section_and_key(data_root, section, expected):
-    from assets_pipeline.partitions.concept_spec import ConceptSpecError, load_concept_spec
-
-    folder = data_root / "dog"
-    folder.mkdir()
-    (folder / "concept.toml").write_text(f'token = "sks"\nclass_noun = "dog"\n{section}\n')
-    with pytest.raises(ConceptSpecError) as e:
-        load_concept_spec(folder)
-    assert str(e.value).startswith("dog/concept.toml [") and expected in str(e.value)
-
-
 def test_sdxl_loha_adapts_both_text_encoders_under_kohyas_sdxl_prefixes(artifact_root, tmp_path):
     from safetensors.torch import load_file
 

@@ -14,6 +14,7 @@ from assets_pipeline.training.config import TrainConfig
 from assets_pipeline.training.data import TrainingData, seeded_generator, shuffle_tags
 from assets_pipeline.training.methods import get_method
 from assets_pipeline.training.methods.base import Batch, Method, Models, TrainingInputError, per_sample_mse
+from helpers import write_synthetic_bundle
 
 # -- noise offset and input perturbation ------------------------------------------------------------------------
 
@@ -311,20 +312,11 @@ def test_8bit_adamw_on_the_cpu_is_refused_before_any_model_is_loaded(monkeypatch
 @pytest.fixture(scope="module")
 def ema_job(built_models, tmp_path_factory):
     """A DreamBooth job (no prior preservation) on a synthetic 3-photo latents bundle of the embedded model."""
-    from safetensors.torch import save_file
-
     from assets_pipeline.base_model import resolve_base_model
-    from assets_pipeline.store import record_digest
     from assets_pipeline.training.job import TrainJob
 
     root = tmp_path_factory.mktemp("ema")
-    g = torch.Generator().manual_seed(0)
-    save_file({"prompt_embeds": torch.randn(3, 77, 32, generator=g),
-               "latent_mean@64x64": torch.randn(3, 4, 32, 32, generator=g),
-               "latent_std@64x64": torch.full((3, 4, 32, 32), 0.1)}, str(root / "latents.safetensors"),
-              metadata={"image_sha256": '["a", "b", "c"]', "role": '["instance", "instance", "instance"]',
-                        "bucket": '["64x64", "64x64", "64x64"]'})
-    record_digest(root / "latents.safetensors")
+    write_synthetic_bundle(root)
     ref = resolve_base_model("embedded", built_models)
 
     def job(checkpoint_dir: str, **cfg) -> TrainJob:

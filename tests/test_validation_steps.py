@@ -19,6 +19,7 @@ import torch
 from assets_pipeline.resources import TrainerLauncher
 from assets_pipeline.training.config import TrainConfig
 from assets_pipeline.training.methods import get_method
+from helpers import write_synthetic_bundle
 from tests.conftest import link_models
 
 pytestmark = pytest.mark.slow
@@ -33,21 +34,12 @@ def trained(context, trainer: TrainerLauncher, job_path: dg.ResourceParam[str]):
 @pytest.fixture(scope="module")
 def make_job(built_models, tmp_path_factory):
     from PIL import Image
-    from safetensors.torch import save_file
-
     from assets_pipeline.base_model import resolve_base_model
-    from assets_pipeline.store import record_digest
     from assets_pipeline.training.job import TrainJob
 
     root = tmp_path_factory.mktemp("validation_steps")
     artifacts = link_models(built_models, root / "artifacts")
-    g = torch.Generator().manual_seed(0)
-    save_file({"prompt_embeds": torch.randn(3, 77, 32, generator=g),
-               "latent_mean@64x64": torch.randn(3, 4, 32, 32, generator=g),
-               "latent_std@64x64": torch.full((3, 4, 32, 32), 0.1)}, str(root / "latents.safetensors"),
-              metadata={"image_sha256": '["a", "b", "c"]', "role": '["instance", "instance", "instance"]',
-                        "bucket": '["64x64", "64x64", "64x64"]'})
-    record_digest(root / "latents.safetensors")
+    write_synthetic_bundle(root)
     rows = []
     for i, s in enumerate("abc"):  # the photos CLIP-I compares with
         path = root / f"{s}.png"

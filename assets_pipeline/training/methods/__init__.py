@@ -28,5 +28,6 @@ def method_names() -> list[str]:
 
 
 def _load_builtin() -> None:
-    if not _REGISTRY:
-        from assets_pipeline.training.methods import controlnet, dreambooth, lora, textual_inversion  # noqa: F401
+    # Every time, not only while the registry is empty: a method module imported directly (``from ...methods.lora
+    # import LoraConfig``) registers itself alone, and the others must still load. Imports run once per process.
+    from assets_pipeline.training.methods import controlnet, dreambooth, lora, textual_inversion  # noqa: F401
