@@ -21,9 +21,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The modules that take minutes (each builds concepts through every asset), started first so that no worker is
 # left with one of them at the end while the others idle (the order of the rest is pytest's).
-_LONG_FIRST = ("test_training", "test_sdxl", "test_training_speed",
-               "test_retraining", "test_multiprocess_training", "test_gpu_e2e_script", "test_postgres",
-               "test_relocation")
+_LONG_FIRST = ("test_training", "test_sdxl", "test_training_speed", "test_retraining", "test_multiprocess_training",
+               "test_gpu_e2e_script", "test_postgres", "test_relocation", "test_validation_steps", "test_recipes",
+               "test_automation", "test_run_monitoring", "test_lora_variants", "test_k8s_trainer")
 
 
 @pytest.fixture(scope="session")
