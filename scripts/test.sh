@@ -6,4 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cores=$(nproc)
 workers=${PYTEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}  # at most 4: each worker holds its own models (~2 GiB)
-exec .venv/bin/python -m pytest -n "$workers" --dist loadfile "$@"
+# --no-loadscope-reorder: modules start in tests/conftest.py's order (the minute-long ones first), not by test count.
+exec .venv/bin/python -m pytest -n "$workers" --dist loadfile --no-loadscope-reorder "$@"
