@@ -23,7 +23,7 @@ from assets_pipeline.training.methods import get_method
 from assets_pipeline.training.methods.base import Method, Models, TrainContext, per_sample_mse, snr_weights
 from assets_pipeline.training.models import load_training_models
 from assets_pipeline.training.optimizers import check_optimizer, make_optimizer, state_bytes
-from assets_pipeline.training.validation import StepValidation
+from assets_pipeline.training.validation import StepValidation, validation_due
 
 log = logging.getLogger(__name__)
 
@@ -387,7 +387,7 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
                 for i, value in enumerate(new):
                     accelerator.log({"train/loss": value}, step=done - len(new) + i + 1)
                 accelerator.log({"train/lr": lr}, step=done)
-        if cfg.validation_steps and (done % cfg.validation_steps == 0 or done == steps):
+        if validation_due(cfg, done, steps):
             # Before the step's checkpoint, which keeps the validations up to it. Timed apart from training.
             t_validation = time.perf_counter()
             if validation is not None:

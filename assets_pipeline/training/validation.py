@@ -59,6 +59,12 @@ def training_photos(job) -> list:
     return [Image.open(r["decoded_path"]).convert("RGB") for r in job.training_images if r["role"] == "instance"]
 
 
+def validation_due(cfg, done: int, steps: int) -> bool:
+    """Whether optimizer step ``done`` of ``steps`` is validated: every ``validation_steps`` and the last one
+    (every process asks: the others wait while the main process validates)."""
+    return bool(cfg.validation_steps) and (done % cfg.validation_steps == 0 or done == steps)
+
+
 def step_name(step: int) -> str:
     return f"step-{step:06d}"
 
@@ -84,9 +90,6 @@ class StepValidation:
         self.records: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self._scorer = self._train_embeds = None
-
-    def due(self, done: int, steps: int) -> bool:
-        return done % self.cfg.validation_steps == 0 or done == steps
 
     def restore(self, checkpoint: Path | None) -> None:
         """The validations as they were at ``checkpoint`` (None: a fresh start). Anything a run validated after
