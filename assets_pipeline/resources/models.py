@@ -215,5 +215,7 @@ class TrainerLauncher(dg.ConfigurableResource):
             command = [self.k8s.python, *self.command(job_path)[1:]]
             return run_pod(context, self.k8s, command, env, gpus_for(self.k8s, self.num_processes, self.device),
                            job_path)
-        return dg.PipesSubprocessClient(env=env).run(context=context, command=self.command(job_path),
-                                                     cwd=os.getcwd())
+        from assets_pipeline.resources.pipes import WholeLineTempFileMessageReader
+
+        client = dg.PipesSubprocessClient(env=env, message_reader=WholeLineTempFileMessageReader())
+        return client.run(context=context, command=self.command(job_path), cwd=os.getcwd())
