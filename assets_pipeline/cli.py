@@ -101,8 +101,10 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         except FileNotFoundError as e:
             print(f"assets-pipeline lineage: {e}", file=sys.stderr)
             return 2
-        cols = [c for c in ("source_path", "image_sha256", "role", "status", "clip_score", "blur_variance",
-                            "caption") if c in table]
+        # The concept of each photo, where the output was trained on several (LoRA's datasets).
+        several = "concept" in table and table["concept"].nunique() > 1
+        cols = [c for c in ("concept", "source_path", "image_sha256", "role", "status", "clip_score", "blur_variance",
+                            "caption") if c in table and (c != "concept" or several)]
         print(table[cols].to_string(index=False) if args.format == "table" else table.to_json(orient="records"))
         changed = table[table["status"].isin(["missing", "changed"])]
         if len(changed):

@@ -23,8 +23,8 @@ def describe(annotation: Any) -> str:
         return " or ".join(repr(a) for a in typing.get_args(annotation))
     if origin in (tuple, list):
         args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
-        return f"a list of {describe(args[0])}" if args else "a list"
-    if origin is dict:
+        return f"a list, each {describe(args[0])}" if args else "a list"
+    if origin is dict or annotation is dict:
         return "a table"
     return {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}.get(
         annotation, getattr(annotation, "__name__", str(annotation)))

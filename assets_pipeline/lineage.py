@@ -44,12 +44,12 @@ def audit_output(output: Path, data_root: Path) -> pd.DataFrame:
     """One row per training image of ``output`` (a folder or any weights file in it)."""
     folder = _output_dir(output)
     manifest = json.loads((folder / LINEAGE_FILE).read_text())
-    concept_dir = data_root / manifest["concept"]
     rows = []
     for img in manifest["training_images"]:
-        row = dict(img)
+        # An output trained on several concepts (LoRA's datasets) names each row's concept; else it is the output's.
+        row = {**img, "concept": img.get("concept", manifest["concept"])}
         if img["role"] == "instance":
-            source = concept_dir / img["source_path"]
+            source = data_root / row["concept"] / img["source_path"]
             if not source.is_file():
                 row["status"] = "missing"
             else:
@@ -82,16 +82,17 @@ def outputs_trained_on(artifact_root: Path, sha: str | None, source: tuple[str, 
         for r in m["training_images"]:
             if sha is not None and r["image_sha256"] == sha:
                 match = "content"
-            elif source and r["role"] == "instance" and (m["concept"], r.get("source_path")) == source:
+            elif source and r["role"] == "instance" and (r.get("concept", m["concept"]), r.get("source_path")) == source:
                 match = "path: content changed since" if sha else "path: the file no longer exists"
             else:
                 continue
             current = folder.parent / "current.json"
             is_current = current.is_file() and folder.parent / json.loads(current.read_text())["path"] == folder
-            rows.append({"output": str(folder), "concept": m["concept"], "method": m["method"],
+            rows.append({"output": str(folder), "concept": m["concept"], "source_concept": r.get("concept", m["concept"]),
+                         "method": m["method"],
                          "created_at": m.get("created_at"), "run_id": m.get("run_id"), "current": is_current,
                          "weights_pruned": (folder / PRUNED_FILE).is_file(),
                          "source_path": r.get("source_path"), "image_sha256": r["image_sha256"], "match": match})
             break
-    return pd.DataFrame(rows, columns=["output", "concept", "method", "created_at", "run_id", "current",
+    return pd.DataFrame(rows, columns=["output", "concept", "source_concept", "method", "created_at", "run_id", "current",
                                        "weights_pruned", "source_path", "image_sha256", "match"])

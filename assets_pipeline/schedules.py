@@ -57,9 +57,9 @@ def plan_retraining(storage: PipelineStorage, base_model: BaseModelResource, cli
                 decisions.append(RetrainDecision(concept, name, method.asset_name, False,
                                                  "dataset checks fail: " + "; ".join(ready.problems())))
                 continue
-            job = build_train_job(storage, ref, spec, name, run_id="schedule", input_versions={}, trainer=trainer,
-                                  clip_scorer=clip_scorer)
-            try:
+            try:  # a concept it trains in (LoRA's datasets) not built, or from another base model: skipped, with why
+                job = build_train_job(storage, ref, spec, name, run_id="schedule", input_versions={},
+                                      trainer=trainer, clip_scorer=clip_scorer)
                 method.check_inputs(train_context(job), method.config_cls(**job.config))
             except TrainingInputError as e:
                 decisions.append(RetrainDecision(concept, name, method.asset_name, False, str(e)))

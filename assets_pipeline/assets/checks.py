@@ -83,15 +83,20 @@ def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
                     partitions_def=concepts_partitions)
     def manifest_lists_training_images(context: dg.AssetCheckExecutionContext,
                                        storage: PipelineStorage) -> dg.AssetCheckResult:
-        """The output's lineage.json lists exactly the images (sha256, role, caption) its training rows have
-        now: none missing, none extra, so the audit from this output back to its photos is exact. Blocking."""
+        """The output's lineage.json lists exactly the images (concept, sha256, role, caption) its training rows
+        have now (with datasets: those of each concept trained in): none missing, none extra, so the audit from
+        this output back to its photos is exact. Blocking."""
         from assets_pipeline.training.verify import manifest_difference
 
         concept = context.partition_key
         out = _output(storage, concept)
         manifest = json.loads((out / "lineage.json").read_text())
         cfg = method.config_cls(**manifest["method_config"])
-        expected = training_rows(storage, concept, method.batch_roles(cfg), control=False)
+        expected = [{**r, "concept": concept}
+                    for r in training_rows(storage, concept, method.batch_roles(cfg), control=False)]
+        for d in getattr(cfg, "datasets", ()):  # the other concepts trained in (LoRA's datasets): their photos now
+            expected += [{**r, "concept": d["concept"]}
+                         for r in training_rows(storage, d["concept"], ("instance",), control=False)]
         extra, missing = manifest_difference(out, expected)
         return dg.AssetCheckResult(passed=not extra and not missing, metadata={
             "images_listed": len(manifest["training_images"]), "unexpected": len(extra), "missing": len(missing)})

@@ -5,6 +5,7 @@ asset is skipped (not materialized, not failed)."""
 
 import json
 import subprocess
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from assets_pipeline.training.validation import step_views
 CODE_VERSION = "1"
 CURRENT = "current.json"  # {"path": <version folder name>}: the asset's current output among kept versions
 INPUT_ASSETS = (raw_images, clip_scored_images, class_images, control_images, vae_latents)
+DATASET_INPUTS = (raw_images, clip_scored_images, vae_latents)  # what a concept trained in as a dataset gives
 VIEW_KINDS = {"md": dg.MetadataValue.md, "path": dg.MetadataValue.path, "int": dg.MetadataValue.int,
               "float": dg.MetadataValue.float}  # the kinds of step_views' (kind, value) pairs
 
@@ -48,12 +50,16 @@ def current_output(storage: PipelineStorage, concept: str, asset_name: str) -> P
     return pointer.parent / json.loads(pointer.read_text())["path"] if pointer.is_file() else None
 
 
-def _input_versions(context: dg.AssetExecutionContext, concept: str) -> dict:
+def _input_versions(context: dg.AssetExecutionContext, concept: str, datasets: tuple[str, ...] = ()) -> dict:
+    """The data versions of the inputs: this concept's, and the dataset assets of each concept it trains in
+    (``<asset>[<concept>]``)."""
     versions = {}
-    for a in INPUT_ASSETS:
-        rec = context.instance.get_latest_data_version_record(a.key, partition_key=concept)
-        mat = rec.asset_materialization if rec else None
-        versions[a.key.to_user_string()] = mat.tags.get("dagster/data_version") if mat and mat.tags else None
+    for c in (concept, *datasets):
+        for a in INPUT_ASSETS if c == concept else DATASET_INPUTS:
+            rec = context.instance.get_latest_data_version_record(a.key, partition_key=c)
+            mat = rec.asset_materialization if rec else None
+            key = a.key.to_user_string() + ("" if c == concept else f"[{c}]")
+            versions[key] = mat.tags.get("dagster/data_version") if mat and mat.tags else None
     return versions
 
 
@@ -83,6 +89,39 @@ def training_rows(storage: PipelineStorage, concept: str, roles: tuple[str, ...]
     return rows
 
 
+def dataset_source(storage: PipelineStorage, ref, concept: str, entry: dict, method_name: str) -> dict:
+    """One ``[[<method>.datasets]]`` entry of ``concept``: the listed concept's token, class noun, latents folder
+    and instance rows (with their concept and repeats), or :class:`TrainingInputError` saying why it cannot be
+    trained in: not registered or built, or latents from another base model."""
+    from assets_pipeline.assets.common import spec_from_snapshot
+    from assets_pipeline.stages.latents import bundle_meta
+    from assets_pipeline.training.methods.base import TrainingInputError
+
+    other, repeats = entry["concept"], entry["repeats"]
+    where = f"{concept}/concept.toml [[{method_name}.datasets]] concept = {other!r}"
+    if other == concept:
+        raise TrainingInputError(f"{where}: a concept cannot list itself (its own photos are always in; set "
+                                 f"[{method_name}] repeats to weight them)")
+    layout = storage.layout()
+    latents = layout.asset_dir(other, "vae_latents")
+    if not (layout.asset_dir(other, "raw_images") / "concept.json").is_file() \
+            or not (latents / "index.parquet").is_file():
+        raise TrainingInputError(
+            f"{where}: that concept's dataset is not built (no vae_latents output in {latents}); add its folder "
+            f"under the data root ({storage.data_path() / other}) and materialize its dataset assets first")
+    made_with = bundle_meta(latents / "latents.safetensors").get("base_model_fingerprint")
+    if made_with != ref.fingerprint:
+        raise TrainingInputError(
+            f"{where}: its latents were made with another base model (fingerprint {str(made_with)[:12]}, this "
+            f"{method_name} trains on {ref.source!r}, fingerprint {ref.fingerprint[:12]}): give both concepts the "
+            "same base model ([base_model] source in each concept.toml) and rematerialize its vae_latents")
+    spec = spec_from_snapshot(storage, other)
+    rows = [{**r, "concept": other, "repeats": repeats}
+            for r in training_rows(storage, other, ("instance",), control=False)]
+    return {"concept": other, "token": spec.token, "class_noun": spec.class_noun, "repeats": repeats,
+            "latents_dir": str(latents), "rows": rows}
+
+
 def build_train_job(storage: PipelineStorage, ref, spec, method_name: str, run_id: str, input_versions: dict,
                     trainer: TrainerLauncher, clip_scorer: ClipScorerResource, overrides: dict | None = None):
     """The trainer's job for one concept and method: resolved config (method defaults for this dataset size and
@@ -96,12 +135,17 @@ def build_train_job(storage: PipelineStorage, ref, spec, method_name: str, run_i
     concept = spec.name
     layout = storage.layout()
     index = read_upstream(storage, concept, "vae_latents", "index.parquet")
-    n_images = int((index["role"] == "instance").sum())
+    listed = concept_config(spec, method.name, method.config_cls())  # the datasets it lists, before sizing steps
+    datasets = [dataset_source(storage, ref, concept, d, method.name) for d in getattr(listed, "datasets", ())]
+    n_images = int((index["role"] == "instance").sum()) + sum(len(d["rows"]) for d in datasets)
     default = method.config_cls(**method.default_config(n_images, quick=ref.is_random))
     cfg = concept_config(spec, method.name, default)
     if overrides:
         cfg = method.config_cls(**{**asdict(cfg), **overrides})
     rows = training_rows(storage, concept, method.batch_roles(cfg), control=method.name == "controlnet")
+    if datasets or getattr(cfg, "repeats", 1) != 1:  # each row names its concept and repeats (lineage, sampling)
+        rows = [{**r, "concept": concept, "repeats": cfg.repeats} for r in rows]
+        rows += [r for d in datasets for r in d.pop("rows")]
     asset_dir = layout.asset_dir(concept, method.asset_name)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return TrainJob(
@@ -116,10 +160,24 @@ def build_train_job(storage: PipelineStorage, ref, spec, method_name: str, run_i
                 "artifact_root": str(layout.root)},
         device=trainer.device, mixed_precision=trainer.mixed_precision,
         performance=trainer.performance_settings(), cache_dir=str(layout.root / "cache"),
-        log_with=trainer.tracker(),
+        log_with=trainer.tracker(), datasets=datasets,
         # The embedded random model's images mean nothing: fewer, cheaper validation renders.
         validation_inference_steps=4 if ref.is_random else 30, validation_seeds=(0,) if ref.is_random else (0, 1),
     )
+
+
+def datasets_table(job) -> str:
+    """The concepts a job trains on, as markdown: token, class noun, photos and repeats of each."""
+    photos = {}
+    for r in job.training_images:
+        if r["role"] == "instance":
+            photos[job.row_source(r)] = photos.get(job.row_source(r), 0) + 1
+    lines = ["| concept | token | class noun | photos | repeats |", "|---|---|---|---|---|"]
+    for d in [{"concept": job.concept, "token": job.token, "class_noun": job.class_noun,
+               "repeats": next((k[1] for k in photos if k[0] == job.concept), 1)}, *job.datasets]:
+        lines.append(f"| {d['concept']} | {d['token']} | {d['class_noun']} | "
+                     f"{photos.get((d['concept'], d['repeats']), 0)} | {d['repeats']} |")
+    return "\n".join(lines)
 
 
 def check_training_inputs(context: dg.AssetExecutionContext, storage: PipelineStorage, job) -> None:
@@ -129,14 +187,17 @@ def check_training_inputs(context: dg.AssetExecutionContext, storage: PipelineSt
 
     from assets_pipeline.store import CorruptFile, check_file
 
-    photos = pd.DataFrame([r for r in job.training_images if r["role"] == "instance"],
-                          columns=["image_sha256", "source_path", "decoded_path"])
-    restore_images(context, storage, job.concept, photos)
-    needed = [(Path(job.latents_dir) / "latents.safetensors", "vae_latents")]
+    for concept in job.latents_dirs():  # this concept's photos, and those of the concepts it trains in
+        photos = pd.DataFrame([r for r in job.training_images
+                               if r["role"] == "instance" and job.row_source(r)[0] == concept],
+                              columns=["image_sha256", "source_path", "decoded_path"])
+        restore_images(context, storage, concept, photos)
+    needed = [(Path(d) / "latents.safetensors", "vae_latents") for d in job.latents_dirs().values()]
     needed += [(Path(r["control_path"]), "control_images") for r in job.training_images if r.get("control_path")]
     for path, asset in needed:
         if (why := check_file(path)) is not None:
-            raise CorruptFile(path, f"{why}; rematerialize {asset} for concept {job.concept!r} to rebuild it")
+            owner = path.parent.parent.name if asset == "vae_latents" else job.concept
+            raise CorruptFile(path, f"{why}; rematerialize {asset} for concept {owner!r} to rebuild it")
 
 
 def build_model_asset(method_name: str) -> dg.AssetsDefinition:
@@ -157,9 +218,13 @@ def build_model_asset(method_name: str) -> dg.AssetsDefinition:
             return
         job = build_train_job(
             storage, base_model.resolve(storage.layout().root, spec), spec, method.name, run_id=context.run_id,
-            input_versions=_input_versions(context, concept), trainer=trainer, clip_scorer=clip_scorer)
+            input_versions={}, trainer=trainer, clip_scorer=clip_scorer)
+        job = replace(job, lineage={**job.lineage, "input_data_versions": _input_versions(
+            context, concept, tuple(d["concept"] for d in job.datasets))})
         # The resolved config (e.g. LoRA's variant and ranks) beside the trainer's numbers, trained or reused.
         context.add_asset_metadata({"method_config": dg.MetadataValue.json(job.config)})
+        if job.datasets:
+            context.add_asset_metadata({"datasets": dg.MetadataValue.md(datasets_table(job))})
         previous = current_output(storage, concept, method.asset_name)
         reuse, why = find_reusable(previous, job, CODE_VERSION)
         if force_requested(context.run_tags):

@@ -15,6 +15,10 @@ Example::
     [lora]               # per-method overrides, read by the trainers
     rank = 8
 
+    [[lora.datasets]]    # other concepts trained into this LoRA, each with its repeats (methods/lora.py)
+    concept = "tabby"
+    repeats = 2
+
     [base_model]         # this concept's base model, instead of the deployment's (base_model.ConceptBaseModelConfig)
     source = "embedded-sdxl"
 """

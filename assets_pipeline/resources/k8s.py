@@ -152,6 +152,7 @@ def unmounted_paths(job: dict[str, Any], job_path: Path, mount_paths: list[str])
     """The absolute paths a trainer job reads or writes that no pod volume holds (each would fail on the pod,
     some only after hours of training)."""
     paths = [str(job_path), job["latents_dir"], job["output_dir"], job["checkpoint_dir"], job.get("cache_dir")]
+    paths += [d.get("latents_dir") for d in job.get("datasets", [])]  # the other concepts trained in (LoRA)
     base = job.get("base_model", {})
     paths += [base.get("location"), base.get("single_file_config")]  # a hub model's location is its snapshot
     paths.append(job.get("scorer", {}).get("pretrained"))

@@ -383,6 +383,16 @@ class LatentBundle:
         return all(_tensor_name(name, b) in self.tensors for b in self.sizes)
 
 
+def bundle_meta(path: Path) -> dict[str, Any]:
+    """What a bundle's asset stored besides the rows (resolution, scaling factor, fingerprints), from its header
+    alone: no tensor is read."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+    return {k: json.loads(v) for k, v in header.items() if k not in ("image_sha256", "role", "bucket")}
+
+
 def load_latent_bundle(path: Path) -> LatentBundle:
     """Read a bundle back. What trainers call.
 

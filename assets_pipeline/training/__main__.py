@@ -32,8 +32,8 @@ SPEED_KEYS = ("images_per_s", "warmup_s", "train_s", "peak_mem_gib", "micro_batc
 
 def _images_table(job) -> str:
     """The training images as a Markdown table for the UI (the full list is in lineage.json)."""
-    rows = [f"| {r['role']} | {r['source_path']} | {r['image_sha256'][:12]} | {r['caption']} |"
-            for r in job.training_images[:50]]
+    rows = [f"| {r['role']} | {job.row_source(r)[0] + '/' if job.datasets else ''}{r['source_path']} | "
+            f"{r['image_sha256'][:12]} | {r['caption']} |" for r in job.training_images[:50]]
     more = len(job.training_images) - len(rows)
     return "\n".join(["| role | source | sha256 | caption |", "|---|---|---|---|", *rows]) + (
         f"\n\n_and {more} more_" if more > 0 else "")

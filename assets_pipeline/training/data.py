@@ -56,12 +56,13 @@ class TrainingData:
     ``sizes[b]`` is bucket b's (width, height) in px; ``mean[b]``/``std[b]`` (and the flips, and ``control[b]``)
     hold the rows whose ``row_bucket`` is b, in row order. ``embeds`` and the per-row lists are in row order, and
     so are SDXL's ``pooled`` embeddings and ``time_ids`` (``flip_time_ids``: those of the mirrored crops).
+    ``repeats[i]``: how often row i is drawn per epoch (default once).
     ``empty_embeds`` [1, 77, dim] (``empty_pooled`` [1, dim]): the empty caption's, for caption dropout."""
 
     def __init__(self, sizes: list[tuple[int, int]], mean: list, std: list, row_bucket: list[int], embeds,
                  roles: list[str], captions: list[str], control: list | None = None,
                  flip_mean: list | None = None, flip_std: list | None = None, pooled=None, time_ids=None,
-                 flip_time_ids=None, empty_embeds=None, empty_pooled=None):
+                 flip_time_ids=None, empty_embeds=None, empty_pooled=None, repeats: list[int] | None = None):
         import torch
 
         self.sizes, self.row_bucket = sizes, row_bucket
@@ -83,33 +84,54 @@ class TrainingData:
         self.input_ids = self.input_ids_2 = None
         self.empty_ids = self.empty_ids_2 = None  # the token ids of "" (caption dropout when the encoder runs)
         self.tokenizers: list = []
-        self.by_role = {role: [i for i, r in enumerate(roles) if r == role] for role in set(roles)}
+        # Each row as often as its repeats (kohya-ss' per-folder repeats): an epoch draws every entry once.
+        repeats = repeats or [1] * len(roles)
+        self.by_role = {role: [i for i, r in enumerate(roles) if r == role for _ in range(repeats[i])]
+                        for role in set(roles)}
         self.role_buckets = {role: sorted({row_bucket[i] for i in rows}) for role, rows in self.by_role.items()}
         self._orders: dict = {}
         self._lengths: dict = {}
 
     @classmethod
-    def from_bundle(cls, latents_dir: Path, rows: list[dict], caption_fn, control: bool):
-        """The job's rows (in order) from the vae_latents bundle, matched by (image sha256, role)."""
-        import numpy as np
+    def from_bundle(cls, latents_dir: Path, rows: list[dict], caption_fn, control: bool,
+                    datasets: dict[str, Path] | None = None):
+        """The job's rows (in order) from the vae_latents bundle, matched by (image sha256, role). ``datasets``:
+        the vae_latents folders of other concepts trained in, by concept; a row whose ``concept`` names one is
+        read from that bundle. A row's ``repeats`` (default 1) is how often it is drawn per epoch. Where a bundle
+        has no flipped latents (made without [latents] random_flip), its rows are never flipped."""
         import torch
         from PIL import Image
 
         from assets_pipeline.stages.buckets import bucket_label
         from assets_pipeline.stages.latents import load_latent_bundle
 
-        bundle = load_latent_bundle(latents_dir / "latents.safetensors")
-        where = {(s, r): i for i, (s, r) in enumerate(zip(bundle.image_sha256, bundle.roles))}
-        idx = [where[(r["image_sha256"], r["role"])] for r in rows]  # KeyError = bundle/job mismatch
-        positions = bundle.positions()
-        sizes = sorted({bundle.buckets[i] for i in idx})
-        row_bucket = [sizes.index(bundle.buckets[i]) for i in idx]
+        datasets = datasets or {}
+        bundles = {None: load_latent_bundle(Path(latents_dir) / "latents.safetensors")}
+        bundles.update({c: load_latent_bundle(Path(d) / "latents.safetensors") for c, d in datasets.items()})
+        where = {c: {(s, r): i for i, (s, r) in enumerate(zip(b.image_sha256, b.roles))} for c, b in bundles.items()}
+        positions = {c: b.positions() for c, b in bundles.items()}
+        src = [r.get("concept") if r.get("concept") in datasets else None for r in rows]
+        idx = [where[c][(r["image_sha256"], r["role"])] for c, r in zip(src, rows)]  # KeyError = bundle/job mismatch
+        buckets = [bundles[c].buckets[i] for c, i in zip(src, idx)]
+        sizes = sorted(set(buckets))
+        row_bucket = [sizes.index(b) for b in buckets]
+        flip = any(b.has("flip_latent_mean") for b in bundles.values())
 
         def gather(name: str) -> list:
-            return [bundle.latents(name, size)[[positions[i] for i, b in zip(idx, row_bucket) if b == k]]
-                    for k, size in enumerate(sizes)]
+            out = []
+            for k, size in enumerate(sizes):
+                members = [(c, i) for c, i, b in zip(src, idx, row_bucket) if b == k]
+                if len(bundles) == 1:  # one bundle: one indexing, as before datasets
+                    out.append(bundles[None].latents(name, size)[[positions[None][i] for _, i in members]])
+                    continue
+                out.append(torch.stack([
+                    bundles[c].latents(name if bundles[c].has(name) else name.removeprefix("flip_"), size)
+                    [positions[c][i]] for c, i in members]))
+            return out
 
         def control_image(row: dict, size: tuple[int, int]):
+            import numpy as np
+
             if row["role"] != "instance":
                 return torch.zeros(3, size[1], size[0])
             with Image.open(row["control_path"]) as img:
@@ -125,18 +147,26 @@ class TrainingData:
         if control:
             images = [torch.stack([control_image(r, size) for r, b in zip(rows, row_bucket) if b == k])
                       for k, size in enumerate(sizes)]
-        flip = bundle.has("flip_latent_mean")
 
-        def rows_of(name: str):  # an SDXL bundle's per-row tensors
-            return bundle.tensors[name][idx] if name in bundle.tensors else None
+        def rows_of(name: str, fallback: str | None = None):  # per-row tensors (SDXL's), in row order
+            if len(bundles) == 1:
+                main = bundles[None].tensors
+                return main[name][idx] if name in main else None
+            if not any(name in b.tensors for b in bundles.values()):
+                return None
+            return torch.stack([bundles[c].tensors[name if name in bundles[c].tensors else fallback][i]
+                                for c, i in zip(src, idx)])
 
-        return cls(
-            sizes, gather("latent_mean"), gather("latent_std"), row_bucket, bundle.tensors["prompt_embeds"][idx],
+        main = bundles[None].tensors
+        data = cls(
+            sizes, gather("latent_mean"), gather("latent_std"), row_bucket, rows_of("prompt_embeds"),
             [r["role"] for r in rows], [caption_fn(r["caption"]) for r in rows], images,
             gather("flip_latent_mean") if flip else None, gather("flip_latent_std") if flip else None,
-            rows_of("pooled_prompt_embeds"), rows_of("add_time_ids"), rows_of("flip_add_time_ids"),
-            bundle.tensors.get("empty_prompt_embeds"), bundle.tensors.get("empty_pooled_prompt_embeds"),
+            rows_of("pooled_prompt_embeds"), rows_of("add_time_ids"), rows_of("flip_add_time_ids", "add_time_ids"),
+            main.get("empty_prompt_embeds"), main.get("empty_pooled_prompt_embeds"),
+            repeats=[int(r.get("repeats", 1)) for r in rows],
         )
+        return data
 
     @property
     def device(self):

@@ -22,7 +22,9 @@ class TrainJob:
     checkpoint_dir: str  # resumable checkpoints of this exact job live here
     token: str
     class_noun: str
-    training_images: list[dict[str, Any]]  # sha256, role, caption, source_path, decoded_path (+ control_path)
+    # sha256, role, caption, source_path, decoded_path (+ control_path); with datasets also the concept each row
+    # comes from and its repeats (rows without them are this job's concept's, seen once per epoch)
+    training_images: list[dict[str, Any]]
     lineage: dict[str, Any]  # data versions, code version, run id, git commit, ...
     scorer: dict[str, Any] = field(default_factory=dict)  # ClipScorerResource settings for CLIP-T / CLIP-I
     device: str = "auto"
@@ -34,14 +36,28 @@ class TrainJob:
     performance: dict[str, Any] = field(default_factory=dict)
     cache_dir: str = ""
     log_with: str = ""  # an accelerate tracker ("tensorboard"), or none
+    # The other concepts trained in (LoRA's [[lora.datasets]]): {concept, token, class_noun, repeats, latents_dir}
+    datasets: list[dict[str, Any]] = field(default_factory=list)
 
     def identity(self) -> str:
         """What determines the trained weights: checkpoints from a job with another identity are never resumed."""
         # Control images and latents are content-addressed: a control image's file name is its cache key (annotator
         # settings included), a latent's key covers its crop, bucket and VAE, a text embedding's its encoder.
+        # A row's concept and repeats enter only where they are not (this concept, 1): the identity of a job
+        # without datasets is the one it always had.
         return digest(self.method, self.config, self.base_model["fingerprint"],
                       [(r["image_sha256"], r["role"], r["caption"], Path(r.get("control_path") or "").name,
-                        r.get("latent_key"), r.get("text_key")) for r in self.training_images])
+                        r.get("latent_key"), r.get("text_key"))
+                       + (() if self.row_source(r) == (self.concept, 1) else self.row_source(r))
+                       for r in self.training_images])
+
+    def row_source(self, row: dict[str, Any]) -> tuple[str, int]:
+        """(the concept a training row comes from, its repeats per epoch)."""
+        return row.get("concept", self.concept), int(row.get("repeats", 1))
+
+    def latents_dirs(self) -> dict[str, str]:
+        """Each concept's vae_latents folder the rows come from: this concept's, then its datasets'."""
+        return {self.concept: self.latents_dir, **{d["concept"]: d["latents_dir"] for d in self.datasets}}
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))

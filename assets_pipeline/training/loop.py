@@ -52,7 +52,9 @@ def train_context(job: TrainJob) -> TrainContext:
         num_instance_images=sum(r["role"] == "instance" for r in rows),
         num_class_images=sum(r["role"] == "class" for r in rows),
         num_control_images=sum(bool(r.get("control_path")) for r in rows if r["role"] == "instance"),
-        extra={"control_paths": [r["control_path"] for r in rows if r.get("control_path")]},
+        extra={"control_paths": [r["control_path"] for r in rows if r.get("control_path")],
+               # the other concepts trained in: their tokens and class nouns give validation prompts of their own
+               "datasets": [{k: d[k] for k in ("concept", "token", "class_noun")} for d in job.datasets]},
     )
 
 
@@ -248,7 +250,8 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
     text = method.runs_text_encoder(cfg)
     models = load_training_models(job.base_model, text)
     data = TrainingData.from_bundle(Path(job.latents_dir), job.training_images, lambda c: method.training_caption(c, ctx),
-                                    control=job.method == "controlnet").to(device)
+                                    control=job.method == "controlnet",
+                                    datasets={d["concept"]: Path(d["latents_dir"]) for d in job.datasets}).to(device)
     trainable = method.prepare(models, cfg, ctx)
     if text:
         data.tokenize(models.tokenizer, models.tokenizer_2)  # after prepare: textual inversion adds its token there

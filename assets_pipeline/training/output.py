@@ -65,10 +65,14 @@ def lineage_manifest(job: TrainJob, state: TrainState, weights: list[Path], root
                                                           "resolution")},
         "job_identity": job.identity(),
         "training_images": [
-            {k: r[k] for k in ("image_sha256", "role", "caption", "source_path", "clip_score", "blur_variance")
+            {k: r[k] for k in ("image_sha256", "role", "caption", "source_path", "clip_score", "blur_variance",
+                               "concept", "repeats")  # concept, repeats: with datasets (LoRA's [[lora.datasets]])
              if k in r}
             for r in job.training_images
         ],
+        # Only with datasets: the other concepts trained in (each row above names the concept it came from).
+        **({"datasets": [{k: d[k] for k in ("concept", "token", "class_noun", "repeats")} for d in job.datasets]}
+           if job.datasets else {}),
         "weights": {p.relative_to(root).as_posix(): {"tensors_sha256": tensors_digest(p)} for p in weights},
         # Only with validation_steps, so an output trained without it has exactly the manifest it had before.
         **({"validation_during_training": {

@@ -33,14 +33,29 @@ VALIDATION_SUFFIXES = ("", ", at the beach")  # fixed prompts: the validation pr
 MAX_SHEET_ROWS = 12  # steps shown in the UI's sheet (first, last, chosen and evenly between); all are in the folder
 
 
+def validation_prompts(method, ctx) -> list[str]:
+    """The method's validation prompt for the concept, then for each other concept trained in (its token and
+    class noun; once per distinct prompt)."""
+    from dataclasses import replace
+
+    prompts = [method.validation_prompt(ctx)]
+    for d in ctx.extra.get("datasets", []):
+        prompt = method.validation_prompt(replace(ctx, concept=d["concept"], token=d["token"],
+                                                  class_noun=d["class_noun"]))
+        if prompt not in prompts:
+            prompts.append(prompt)
+    return prompts
+
+
 def validation_pairs(method, ctx, seeds, out_dir: Path) -> tuple[list[tuple[str, int]], dict[str, list]]:
     """The fixed (prompt, seed) pairs every validation renders, and the per-image pipeline arguments (e.g.
     ControlNet's conditioning image), as lists for :func:`output.render_batch`."""
     pairs, kwargs = [], []
-    for pi, suffix in enumerate(VALIDATION_SUFFIXES):
-        for seed in seeds:
-            pairs.append((method.validation_prompt(ctx) + suffix, seed))
-            kwargs.append(method.validation_kwargs(out_dir, ctx, pi * len(seeds) + seed))
+    for prompt in validation_prompts(method, ctx):
+        for pi, suffix in enumerate(VALIDATION_SUFFIXES):
+            for seed in seeds:
+                pairs.append((prompt + suffix, seed))
+                kwargs.append(method.validation_kwargs(out_dir, ctx, pi * len(seeds) + seed))
     return pairs, {k: [kw[k] for kw in kwargs] for k in kwargs[0]}
 
 

@@ -22,10 +22,15 @@ def nonfinite_tensors(out_dir: Path) -> dict[str, int]:
 
 
 def manifest_difference(out_dir: Path, expected_rows: list[dict]) -> tuple[set, set]:
-    """(trained on but not expected, expected but missing) as (image_sha256, role, caption) triples."""
+    """(trained on but not expected, expected but missing) as (concept, image_sha256, role, caption); a row
+    without a concept is the output's concept's."""
     manifest = json.loads((out_dir / LINEAGE_FILE).read_text())
-    listed = {(r["image_sha256"], r["role"], r["caption"]) for r in manifest["training_images"]}
-    expected = {(r["image_sha256"], r["role"], r["caption"]) for r in expected_rows}
+
+    def key(r: dict) -> tuple:
+        return r.get("concept", manifest["concept"]), r["image_sha256"], r["role"], r["caption"]
+
+    listed = {key(r) for r in manifest["training_images"]}
+    expected = {key(r) for r in expected_rows}
     return listed - expected, expected - listed
 
 

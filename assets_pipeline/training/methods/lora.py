@@ -53,6 +53,16 @@ class LoraConfig(TrainConfig):
         "help": "Alpha of the conv adapters (kohya's conv_alpha); None = conv_rank (scale 1)."})
     decompose_factor: int = field(default=-1, metadata={
         "help": "lokr: PEFT's/LyCORIS' Kronecker factor (-1 = the most balanced factorization, their default)."})
+    # -- several concepts in one LoRA (kohya-ss sd-scripts' multi-folder datasets) --------------------------------
+    repeats: int = field(default=1, metadata={"help": (
+        "How often each of this concept's photos is seen per epoch (kohya-ss sd-scripts' '<repeats>_<name>' folder "
+        "prefix): with datasets, the concepts' shares of the batches are photos x repeats.")})
+    datasets: tuple[dict, ...] = field(default=(), metadata={"help": (
+        "Other concepts trained into this LoRA with this concept's photos, each a table {concept = \"<name>\", "
+        "repeats = N} ([[lora.datasets]] in concept.toml; kohya-ss sd-scripts' multi-folder training, SimpleTuner's "
+        "multidatabackend). Each brings its quality subset with its own captions, so its own token (the one in "
+        "its concept.toml), and is built by its own concept's dataset assets; its latents must come from the same "
+        "base model. Lineage lists every photo with the concept it came from.")})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,6 +77,38 @@ class LoraConfig(TrainConfig):
                              f"have no input dropout; set dropout = 0 for variant {self.variant!r}")
         if self.decompose_factor != -1 and self.decompose_factor < 1:
             raise ValueError(f"decompose_factor must be -1 or >= 1, got {self.decompose_factor}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be >= 1 (how often each photo is seen per epoch), got {self.repeats}")
+        object.__setattr__(self, "datasets", tuple(check_datasets(self.datasets)))
+
+
+DATASET_KEYS = {"concept": str, "repeats": int}
+
+
+def check_datasets(datasets) -> list[dict]:
+    """``[[lora.datasets]]`` entries, checked and completed: each {concept, repeats} (repeats default 1), every
+    concept named once."""
+    from assets_pipeline.partitions.concept_spec import is_valid_concept_key
+
+    out, seen = [], set()
+    for i, entry in enumerate(datasets):
+        where = f"datasets[{i}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} = {entry!r}: expected a table {{concept = \"<name>\", repeats = N}}")
+        unknown = sorted(set(entry) - set(DATASET_KEYS))
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {unknown}; known: {sorted(DATASET_KEYS)} (a listed concept's "
+                             "token and captions are its own, set in its concept.toml)")
+        concept, repeats = entry.get("concept"), entry.get("repeats", 1)
+        if not isinstance(concept, str) or not is_valid_concept_key(concept):
+            raise ValueError(f"{where}: concept = {concept!r} is not a concept name (a folder under the data root)")
+        if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+            raise ValueError(f"{where}: repeats = {repeats!r} must be an integer >= 1")
+        if concept in seen:
+            raise ValueError(f"{where}: concept {concept!r} is listed twice")
+        seen.add(concept)
+        out.append({"concept": concept, "repeats": repeats})
+    return out
 
 
 def peft_config(cfg: LoraConfig, targets, conv: bool = False):
