@@ -97,3 +97,32 @@ def test_trainer_launch_command_uses_accelerate_for_several_gpus(tmp_path):
     assert multi[:5] == [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "4"]
     assert multi[5:7] == ["--config_file", "acc.yaml"]
     assert multi[7:] == ["-m", "assets_pipeline.training", "--job", str(job)]  # accelerate's --module form
+
+
+@pytest.mark.parametrize("images, renders, steps", [
+    (200, 4, 11),   # the overhead benchmark's job: 100 LoRA steps at batch 2, 2 prompts x 2 seeds
+    (1, 4, 10),     # never fewer than 10 steps
+    (600, 4, 25),   # a usual SD 1.5 LoRA (600 steps at batch 1): the full 25 steps of diffusers' scripts
+    (600, 8, 16),   # twice the renders (a LoRA with a second concept's prompt): half the steps each
+])
+def test_validation_costs_in_proportion_to_the_training(images, renders, steps):
+    from assets_pipeline.training.validation import validation_inference_steps
+
+    assert validation_inference_steps(images, renders) == steps
+
+
+def test_validation_renders_with_dpm_solver_built_from_the_models_scheduler():
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+
+    from assets_pipeline.training.output import use_validation_scheduler
+
+    pipe = SimpleNamespace(scheduler=PNDMScheduler(prediction_type="v_prediction", beta_schedule="scaled_linear"))
+    use_validation_scheduler(pipe)
+    assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+    learned = SimpleNamespace(scheduler=DDPMScheduler(variance_type="learned_range"))
+    use_validation_scheduler(learned)  # as train_dreambooth_lora.py: a learned variance is rendered fixed_small
+    assert learned.scheduler.config.variance_type == "fixed_small"

@@ -26,12 +26,13 @@ from assets_pipeline.training.methods import get_method, method_names
 from assets_pipeline.training.reuse import (
     FORCE_RETRAIN_TAG, find_reusable, force_requested, output_views, reuse_metadata,
 )
-from assets_pipeline.training.validation import step_views
+from assets_pipeline.training.validation import VALIDATION_SUFFIXES, step_views, validation_inference_steps
 
 CODE_VERSION = "1"
 CURRENT = "current.json"  # {"path": <version folder name>}: the asset's current output among kept versions
 INPUT_ASSETS = (raw_images, clip_scored_images, class_images, control_images, vae_latents)
 DATASET_INPUTS = (raw_images, clip_scored_images, vae_latents)  # what a concept trained in as a dataset gives
+VALIDATION_SEEDS = (0, 1)  # the seeds of every validation render (a real base model's)
 VIEW_KINDS = {"md": dg.MetadataValue.md, "path": dg.MetadataValue.path, "int": dg.MetadataValue.int,
               "float": dg.MetadataValue.float}  # the kinds of step_views' (kind, value) pairs
 
@@ -161,8 +162,13 @@ def build_train_job(storage: PipelineStorage, ref, spec, method_name: str, run_i
         device=trainer.device, mixed_precision=trainer.mixed_precision,
         performance=trainer.performance_settings(), cache_dir=str(layout.root / "cache"),
         log_with=trainer.tracker(), datasets=datasets,
-        # The embedded random model's images mean nothing: fewer, cheaper validation renders.
-        validation_inference_steps=4 if ref.is_random else 30, validation_seeds=(0,) if ref.is_random else (0, 1),
+        # The embedded random model's images mean nothing: fewer, cheaper validation renders. Any other model's
+        # validation costs in proportion to its training (validation.validation_inference_steps).
+        validation_inference_steps=4 if ref.is_random else validation_inference_steps(
+            cfg.total_steps(n_images) * cfg.train_batch_size * cfg.gradient_accumulation_steps
+            * len(method.batch_roles(cfg)),
+            (1 + len(datasets)) * len(VALIDATION_SUFFIXES) * len(VALIDATION_SEEDS)),
+        validation_seeds=(0,) if ref.is_random else VALIDATION_SEEDS,
     )
 
 

@@ -41,9 +41,9 @@ def class_images(
     else:
         count = 0
         context.log.info(f"concept {concept!r} does not request dreambooth with a class noun: no class images")
-    device = accelerator.torch_device()
+    # accelerator.torch_device() imports torch: only where there are images to make
     df = (generate_class_images(lambda dtype: load_pipeline(ref, torch_dtype=dtype), ref.fingerprint, prompt, count,
-                                ref.resolution, cfg, cache, quick=ref.is_random, device=device,
+                                ref.resolution, cfg, cache, quick=ref.is_random, device=accelerator.torch_device(),
                                 progress=lambda done, total: context.log.info(f"class images: {done}/{total}"))
           if count else pd.DataFrame(columns=CLASS_IMAGE_COLUMNS))
     out = layout.asset_dir(concept, "class_images")

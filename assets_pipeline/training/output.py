@@ -21,7 +21,7 @@ from assets_pipeline.training.validation import (
     BEST_DIR, job_scorer, training_photos, validation_pairs, write_step_validations,
 )
 
-BASE_RENDER_VERSION = 1  # bump when render_batch() changes what an image of a (prompt, seed) batch is
+BASE_RENDER_VERSION = 2  # bump when render_batch() changes what an image of a (prompt, seed) batch is
 
 
 def stamp_safetensors(path: Path, extra: dict[str, str]) -> None:
@@ -117,6 +117,21 @@ def pixel_change(image, reference) -> float:
     return float(np.abs(np.asarray(image, np.float32) - np.asarray(reference, np.float32)).mean() / 255)
 
 
+def use_validation_scheduler(pipe) -> None:
+    """DPM-Solver++ (multistep) built from the model's scheduler config, as diffusers' training scripts validate
+    (train_dreambooth_lora.py's ``log_validation``, 25 steps; a learned variance is rendered as fixed_small): good
+    samples in 15-25 steps where the model's own scheduler (PNDM for SD 1.5) needs 50."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    if isinstance(pipe.scheduler, DPMSolverMultistepScheduler):
+        return
+    args = {}
+    if "variance_type" in pipe.scheduler.config:
+        variance = pipe.scheduler.config.variance_type
+        args["variance_type"] = "fixed_small" if variance in ("learned", "learned_range") else variance
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, **args)
+
+
 def render(pipe, prompt: str, seed: int, resolution: int, steps: int, **kwargs):
     """One image for a fixed prompt and seed (CPU generator, so the same seed gives the same noise anywhere)."""
     return render_batch(pipe, [(prompt, seed)], resolution, steps, **kwargs)[0]
@@ -129,6 +144,7 @@ def render_batch(pipe, pairs: list[tuple[str, int]], resolution: int, steps: int
     import torch
 
     pipe.set_progress_bar_config(disable=True)
+    use_validation_scheduler(pipe)
     return pipe([p for p, _ in pairs], num_inference_steps=steps, height=resolution, width=resolution,
                 generator=[torch.Generator().manual_seed(s) for _, s in pairs], **kwargs).images
 
@@ -152,6 +168,12 @@ class BaseRenders:
         if self._pipe is None:
             self._pipe = base_pipeline_loader(self.base_model)().to(self.device)
         return self._pipe
+
+    def take_pipe(self):
+        """The base pipeline, if it was loaded, as a loader (``load_base``) that hands it over once: whoever takes
+        it may change it (load an adapter into it), so this object forgets it."""
+        pipe, self._pipe = self._pipe, None
+        return None if pipe is None else (lambda: pipe)
 
     def key(self, pairs: list[tuple[str, int]], index: int, resolution: int, steps: int) -> str:
         """Image ``index`` of the batch ``pairs`` (the whole batch is in the key: a batched forward may round
@@ -187,7 +209,6 @@ def validate(job: TrainJob, state: TrainState, out: Path, device: str) -> dict[s
     import numpy as np
 
     method, ctx = state.method, state.ctx
-    pipe = method.load_pipeline(base_pipeline_loader(job.base_model), out, ctx).to(device)
     base = BaseRenders(job.base_model, device,
                        BaseRenders.cache_for(Path(job.cache_dir).parent) if job.cache_dir else None)
     vdir = out / "validation"
@@ -195,8 +216,12 @@ def validate(job: TrainJob, state: TrainState, out: Path, device: str) -> dict[s
     # per_image: e.g. ControlNet's conditioning image per render
     pairs, per_image = validation_pairs(method, ctx, job.validation_seeds, out)
     names = [f"p{i // len(job.validation_seeds)}_seed{seed}" for i, (_, seed) in enumerate(pairs)]
+    refs = base(pairs, ctx.resolution, job.validation_inference_steps)  # first: they need the untouched base
+    # The base pipeline the renders above loaded (on a cache miss) is the one the output is applied to, not a
+    # second load from disk; a method that builds its own pipeline (DreamBooth's folder) never calls it.
+    load_base = base.take_pipe() or base_pipeline_loader(job.base_model)
+    pipe = method.load_pipeline(load_base, out, ctx).to(device)
     images = render_batch(pipe, pairs, ctx.resolution, job.validation_inference_steps, **per_image)
-    refs = base(pairs, ctx.resolution, job.validation_inference_steps)
     grid: dict[str, list] = {}
     for (prompt, seed), name, img, ref in zip(pairs, names, images, refs):
         img.save(vdir / f"{name}.png")
