@@ -229,9 +229,25 @@ def cmd_concept_remove(args: argparse.Namespace) -> int:
             print(f"{verb:<12}  partition {name!r} of {concepts_partitions.name!r} (its run history stays)")
     if (layout.root / "cache").is_dir():
         print(f"{'kept':<12}  {layout.root / 'cache'}: content-addressed caches are shared between concepts")
+    for other in listed_by(layout.root, name):
+        print(f"note: concept {other!r} trains {name!r} into its LoRA ([[lora.datasets]] in {other}/concept.toml): "
+              "its next training is refused until that entry is removed; its current output is kept",
+              file=sys.stderr)
     if args.dry_run:
         print("dry run: nothing was removed")
     return 0
+
+
+def listed_by(artifact_root: Path, name: str) -> list[str]:
+    """The concepts whose concept.toml, as their last ingest read it, lists ``name`` in [[lora.datasets]]."""
+    import json
+
+    out = []
+    for snapshot in sorted((artifact_root / "concepts").glob("*/raw_images/concept.json")):
+        datasets = json.loads(snapshot.read_text()).get("overrides", {}).get("lora", {}).get("datasets", [])
+        if any(isinstance(d, dict) and d.get("concept") == name for d in datasets):
+            out.append(snapshot.parent.parent.name)
+    return out
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

@@ -109,6 +109,22 @@ def test_lineage_lists_each_concepts_photos_and_audits_them_in_their_own_folders
     assert list(found["concept"]) == [MAIN]  # the output belongs to rusty
 
 
+def test_the_lineage_cli_names_each_photos_concept(multi, monkeypatch, capsys):
+    from assets_pipeline.cli import main
+
+    storage, _, _, out = multi
+    monkeypatch.setenv("ASSETS_PIPELINE_ARTIFACTS", str(storage.artifact_path()))
+    monkeypatch.setenv("ASSETS_PIPELINE_DATA", str(storage.data_path()))
+    assert main(["lineage", "output", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["concept", "source_path"]
+    assert sorted((line.split()[0], line.split()[1]) for line in lines[1:]) == sorted(
+        [(MAIN, p) for p in MAIN_PHOTOS] + [(OTHER, p) for p in OTHER_PHOTOS])
+    assert main(["lineage", "image", str(storage.data_path() / OTHER / OTHER_PHOTOS[1]), "--format", "json"]) == 0
+    [row] = json.loads(capsys.readouterr().out)
+    assert (row["concept"], row["source_concept"], row["output"]) == (MAIN, OTHER, str(out))
+
+
 def test_validation_renders_each_concepts_prompt(multi):
     _, _, _, out = multi
     metrics = json.loads((out / "metrics.json").read_text())

@@ -114,6 +114,15 @@ def test_remove_with_trained_outputs_removes_the_whole_concept_folder(home, caps
     assert len(kept) == 1 and f"{home['art'] / 'cache'}: content-addressed caches are shared" in kept[0]
 
 
+def test_removing_a_concept_another_lora_lists_says_so(home, capsys):
+    snapshot = {"name": "other", "token": "zwx", "class_noun": "", "methods": ["lora"],
+                "overrides": {"lora": {"datasets": [{"concept": "rusty", "repeats": 2}]}}}
+    (home["art"] / "concepts" / "other" / "raw_images" / "concept.json").write_text(json.dumps(snapshot))
+    assert remove("rusty", "--dry-run") == 0
+    err = capsys.readouterr().err
+    assert "concept 'other' trains 'rusty' into its LoRA ([[lora.datasets]] in other/concept.toml)" in err
+
+
 def test_dry_run_removes_nothing(home, capsys):
     before = snapshot(home["art"])
     assert remove("rusty", "--with-trained-outputs", "--dry-run") == 0
