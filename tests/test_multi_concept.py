@@ -248,3 +248,49 @@ def test_a_change_in_a_listed_concept_makes_the_lora_stale(multi):
     assert decision.retrain and decision.reason == "training inputs changed", decision
     job = _job(storage, MAIN_SPEC)
     assert "a photo of zwx cat asleep on a sofa" in {r["caption"] for r in job.training_images if r["concept"] == OTHER}
+
+
+def _sdxl_like_bundle(root: Path, seed: int, flips: bool) -> None:
+    """Two 64 px instance rows ("a", "b") with SDXL's per-row tensors (pooled embeddings, time ids) and, with
+    ``flips``, flipped latents and their time ids."""
+    import torch
+    from safetensors.torch import save_file
+
+    from assets_pipeline.store import record_digest
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"prompt_embeds": torch.randn(2, 77, 32, generator=g), "pooled_prompt_embeds": torch.randn(2, 32, generator=g),
+               "add_time_ids": torch.randn(2, 6, generator=g), "latent_mean@64x64": torch.randn(2, 4, 8, 8, generator=g),
+               "latent_std@64x64": torch.full((2, 4, 8, 8), 0.1)}
+    if flips:
+        tensors.update({"flip_latent_mean@64x64": torch.randn(2, 4, 8, 8, generator=g),
+                        "flip_latent_std@64x64": torch.full((2, 4, 8, 8), 0.2),
+                        "flip_add_time_ids": torch.randn(2, 6, generator=g)})
+    root.mkdir()
+    save_file(tensors, str(root / "latents.safetensors"), metadata={
+        "image_sha256": '["a", "b"]', "role": '["instance", "instance"]', "bucket": '["64x64", "64x64"]'})
+    record_digest(root / "latents.safetensors")
+
+
+def test_rows_of_a_bundle_without_flips_are_never_flipped_and_keep_their_sdxl_tensors(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from assets_pipeline.training.data import TrainingData
+
+    _sdxl_like_bundle(tmp_path / "main", 0, flips=True)
+    _sdxl_like_bundle(tmp_path / "other", 1, flips=False)
+    main, other = (load_file(str(tmp_path / n / "latents.safetensors")) for n in ("main", "other"))
+    rows = [{"image_sha256": "a", "role": "instance", "caption": "a", "concept": "main", "repeats": 1},
+            {"image_sha256": "b", "role": "instance", "caption": "b", "concept": "other", "repeats": 1}]
+    data = TrainingData.from_bundle(tmp_path / "main", rows, lambda c: c, control=False,
+                                    datasets={"other": tmp_path / "other"})
+    assert torch.equal(data.pooled[1], other["pooled_prompt_embeds"][1])
+    assert torch.equal(data.time_ids[0], main["add_time_ids"][0]) and torch.equal(data.time_ids[1], other["add_time_ids"][1])
+    # the other bundle has no flipped latents: its "flipped" row is its unflipped one, time ids included
+    assert torch.equal(data.flip_mean[0][1], other["latent_mean@64x64"][1])
+    assert torch.equal(data.flip_time_ids[1], other["add_time_ids"][1])
+    assert torch.equal(data.flip_mean[0][0], main["flip_latent_mean@64x64"][0])
+    g = torch.Generator().manual_seed(0)
+    [batch] = data.draw([0, 1, 0, 1], g, scaling_factor=1.0, random_flip=True)
+    assert batch.latents.shape == (4, 4, 8, 8) and batch.pooled_embeds.shape == (4, 32)
