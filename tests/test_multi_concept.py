@@ -181,6 +181,24 @@ def test_a_listed_concept_that_cannot_be_trained_in_is_refused_with_the_reason(m
     assert "rusty/concept.toml [[lora.datasets]]" in str(e.value)
 
 
+def test_a_listed_concept_with_a_damaged_bundle_names_the_file_and_the_fix(multi):
+    import shutil
+
+    from assets_pipeline.store import CorruptFile
+
+    storage = multi[0]
+    concepts = storage.layout().root / "concepts"
+    shutil.copytree(concepts / OTHER, concepts / "broken")  # a copy of tabby's dataset, its bundle then damaged
+    bundle = concepts / "broken" / "vae_latents" / "latents.safetensors"
+    bundle.write_bytes(bundle.read_bytes()[:-100])
+    try:
+        with pytest.raises(CorruptFile, match="rematerialize vae_latents for concept 'broken'") as e:
+            _job(storage, MAIN_SPEC.replace('concept = "tabby"', 'concept = "broken"'))
+        assert str(bundle) in str(e.value)
+    finally:
+        shutil.rmtree(concepts / "broken")
+
+
 def test_a_listed_concept_from_another_base_model_is_refused(multi):
     from assets_pipeline.resources import BaseModelResource
     from assets_pipeline.training.methods.base import TrainingInputError

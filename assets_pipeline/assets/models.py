@@ -96,6 +96,7 @@ def dataset_source(storage: PipelineStorage, ref, concept: str, entry: dict, met
     trained in: not registered or built, or latents from another base model."""
     from assets_pipeline.assets.common import spec_from_snapshot
     from assets_pipeline.stages.latents import bundle_meta
+    from assets_pipeline.store import CorruptFile, check_file
     from assets_pipeline.training.methods.base import TrainingInputError
 
     other, repeats = entry["concept"], entry["repeats"]
@@ -110,7 +111,10 @@ def dataset_source(storage: PipelineStorage, ref, concept: str, entry: dict, met
         raise TrainingInputError(
             f"{where}: that concept's dataset is not built (no vae_latents output in {latents}); add its folder "
             f"under the data root ({storage.data_path() / other}) and materialize its dataset assets first")
-    made_with = bundle_meta(latents / "latents.safetensors").get("base_model_fingerprint")
+    bundle = latents / "latents.safetensors"
+    if (why := check_file(bundle)) is not None:
+        raise CorruptFile(bundle, f"{why}; rematerialize vae_latents for concept {other!r} to rebuild it")
+    made_with = bundle_meta(bundle).get("base_model_fingerprint")
     if made_with != ref.fingerprint:
         raise TrainingInputError(
             f"{where}: its latents were made with another base model (fingerprint {str(made_with)[:12]}, this "
