@@ -11,7 +11,7 @@ from assets_pipeline.resources import AcceleratorResource, BaseModelResource, Pi
 from assets_pipeline.training.methods import get_method, method_names
 
 
-CHANGE_CHECK_VERSION = 1  # bump when changes_base_output measures differently
+CHANGE_CHECK_VERSION = 2  # bump when changes_base_output measures differently (2: DPM-Solver++ renders)
 
 
 def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
