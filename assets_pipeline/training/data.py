@@ -117,17 +117,11 @@ class TrainingData:
         row_bucket = [sizes.index(b) for b in buckets]
         flip = any(b.has("flip_latent_mean") for b in bundles.values())
 
-        def gather(name: str) -> list:
-            out = []
-            for k, size in enumerate(sizes):
-                members = [(c, i) for c, i, b in zip(src, idx, row_bucket) if b == k]
-                if len(bundles) == 1:  # one bundle: one indexing, as before datasets
-                    out.append(bundles[None].latents(name, size)[[positions[None][i] for _, i in members]])
-                    continue
-                out.append(torch.stack([
-                    bundles[c].latents(name if bundles[c].has(name) else name.removeprefix("flip_"), size)
-                    [positions[c][i]] for c, i in members]))
-            return out
+        def gather(name: str) -> list:  # per bucket, its rows' tensors from each row's own bundle
+            return [torch.stack([bundles[c].latents(name if bundles[c].has(name) else name.removeprefix("flip_"),
+                                                    size)[positions[c][i]]
+                                 for c, i, b in zip(src, idx, row_bucket) if b == k])
+                    for k, size in enumerate(sizes)]
 
         def control_image(row: dict, size: tuple[int, int]):
             import numpy as np
@@ -149,16 +143,13 @@ class TrainingData:
                       for k, size in enumerate(sizes)]
 
         def rows_of(name: str, fallback: str | None = None):  # per-row tensors (SDXL's), in row order
-            if len(bundles) == 1:
-                main = bundles[None].tensors
-                return main[name][idx] if name in main else None
             if not any(name in b.tensors for b in bundles.values()):
                 return None
             return torch.stack([bundles[c].tensors[name if name in bundles[c].tensors else fallback][i]
                                 for c, i in zip(src, idx)])
 
         main = bundles[None].tensors
-        data = cls(
+        return cls(
             sizes, gather("latent_mean"), gather("latent_std"), row_bucket, rows_of("prompt_embeds"),
             [r["role"] for r in rows], [caption_fn(r["caption"]) for r in rows], images,
             gather("flip_latent_mean") if flip else None, gather("flip_latent_std") if flip else None,
@@ -166,7 +157,6 @@ class TrainingData:
             main.get("empty_prompt_embeds"), main.get("empty_pooled_prompt_embeds"),
             repeats=[int(r.get("repeats", 1)) for r in rows],
         )
-        return data
 
     @property
     def device(self):

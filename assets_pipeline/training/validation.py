@@ -33,8 +33,8 @@ VALIDATION_SUFFIXES = ("", ", at the beach")  # fixed prompts: the validation pr
 MAX_SHEET_ROWS = 12  # steps shown in the UI's sheet (first, last, chosen and evenly between); all are in the folder
 
 
-# The cost of the final validation, in proportion to the training's: its renders of the trained weights take at
-# most this share of the U-Net passes the training took, within [MIN, MAX] denoising steps per render.
+# The cost of the final validation, in proportion to the training's: its renders of the trained weights take
+# about this share of the U-Net passes the training took, clamped to [MIN, MAX] denoising steps per render.
 VALIDATION_SHARE = 0.15
 MIN_VALIDATION_STEPS = 10
 MAX_VALIDATION_STEPS = 25  # diffusers' training scripts validate with 25 steps of DPM-Solver++ (log_validation)
@@ -43,8 +43,8 @@ MAX_VALIDATION_STEPS = 25  # diffusers' training scripts validate with 25 steps 
 def validation_inference_steps(images_trained: int, renders: int) -> int:
     """Denoising steps of each validation render, so that validating costs about ``VALIDATION_SHARE`` of the
     training: a trained image costs about 3 U-Net passes (forward and backward), a render 2 per step
-    (classifier-free guidance). A 100-step LoRA at batch 2 on 4 renders gets 11 steps; 400 or more images
-    trained (e.g. 400 steps at batch 1) get the full 25 steps."""
+    (classifier-free guidance). On 4 renders: a 100-step LoRA at batch 2 gets 11 steps; 445 or more images
+    trained (e.g. a usual SD 1.5 LoRA, 600 steps at batch 1) get the full 25 steps."""
     if images_trained < 1 or renders < 1:
         raise ValueError(f"images_trained = {images_trained} and renders = {renders} must both be >= 1")
     steps = int(VALIDATION_SHARE * 3 * images_trained / (2 * renders))
