@@ -15,7 +15,8 @@ Variants (each run in its own process, so peak memory is that run's alone):
   trainer (``assets_pipeline.training.loop.train``) on a job over a synthetic latents bundle.
 
 DreamBooth runs with prior preservation (batch b = b instance + b class rows). Both sides time ``--steps``
-steps after one warm-up step (compilation and cuDNN autotuning happen there; ``warmup_s`` is its time);
+steps after one warm-up step (compilation and cuDNN autotuning happen there; ``warmup_s`` is its time, plus,
+for the project's compiled runs, reading the persisted kernels (warm) or writing them (cold): ``compile_cache_io_s``);
 ``images_per_s`` counts the rows the U-Net sees. Prints one JSON line per run, then the ratio table.
 """
 
@@ -103,7 +104,7 @@ def run_project(method, shapes, batch, steps, variant, work: Path, device: str) 
     state = train(synthetic_job(method, shapes, batch, steps, variant, work, device), progress=lambda msg: None)
     s = state.stats
     return {"images_per_s": s["images_per_s"], "warmup_s": s["warmup_s"], "peak_mem_gib": s["peak_mem_gib"],
-            "compile_cache": s["compile_cache"], "attention": s["attention"], "precision": s["precision"],
+            "compile_cache": s["compile_cache"], "compile_cache_io_s": s["compile_cache_io_s"], "attention": s["attention"], "precision": s["precision"],
             "device": s["device"]}
 
 
@@ -243,8 +244,15 @@ def main() -> int:
                     help="model folders and latents are made here once and reused")
     ap.add_argument("--run-timeout", type=float, default=1800, help="seconds one run may take")
     ap.add_argument("--json-out", help="also write every run's JSON line to this file")
+    ap.add_argument("--table-from", metavar="JSONL",
+                    help="print the ratio table of the runs recorded in this --json-out file (several invocations) "
+                         "and exit")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: "method,variant,batch" in this process
     args = ap.parse_args()
+    if args.table_from:
+        rows = [json.loads(line) for line in Path(args.table_from).read_text().splitlines() if line.strip()]
+        print(table(rows))
+        return 0
     if args.one:
         print(json.dumps(run_one(args)), flush=True)
         return 0

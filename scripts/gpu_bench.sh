@@ -6,6 +6,7 @@
 #
 #   bash scripts/gpu_bench.sh                      # every part, ~10 minutes on one H100
 #   bash scripts/gpu_bench.sh lora_b16 class_images   # some parts
+#   BENCH_DEADLINE_S=540 bash scripts/gpu_bench.sh ...  # no part runs past 540 s from the start (device leases)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -18,28 +19,44 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 "diffusers", diffusers.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'; } \
   2>&1 | tee "$OUT/environment.txt"
 
+DEADLINE=${BENCH_DEADLINE_S:-0}  # 0: none
 part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log
   local name=$1 limit=$2; shift 2
+  if [ "$DEADLINE" -gt 0 ]; then  # the part's own limit, or what is left before the deadline if less
+    local left=$((DEADLINE - SECONDS - 5))
+    if [ "$left" -lt 30 ]; then echo "== $name: skipped, ${left}s left before the ${DEADLINE}s deadline"; return; fi
+    if [ "$left" -lt "$limit" ]; then limit=$left; fi
+  fi
   echo "== $name (limit ${limit}s): $*"
   local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
   echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s"
 }
 
-B="$PY benchmarks/bench_training.py --shapes sd15 --steps 10 --workdir $WORK --json-out $OUT/training.jsonl"
+SHAPES=${BENCH_SHAPES:-sd15}  # tiny: the same parts on the embedded test model (a CPU check of this script)
+B="$PY benchmarks/bench_training.py --shapes $SHAPES --steps 10 --workdir $WORK --json-out $OUT/training.jsonl"
 run_part() {
   case $1 in
     lora_b16) part lora_b16 360 $B --methods lora --batch-sizes 16 --run-timeout 170 \
                 --variants reference project-eager project-compiled project-compiled-warm ;;
     methods_b16) part methods_b16 240 $B --methods dreambooth textual_inversion controlnet --batch-sizes 16 \
                    --variants reference project-eager ;;
-    class_images) part class_images 100 $PY benchmarks/bench_class_images.py --shapes sd15 --count 16 ;;
-    encoders) part encoders 80 $PY benchmarks/bench_encoders.py --shapes sd15 ;;
+    class_images) part class_images 100 $PY benchmarks/bench_class_images.py --shapes $SHAPES --count 16 ;;
+    encoders) part encoders 80 $PY benchmarks/bench_encoders.py --shapes $SHAPES ;;
+    db_compiled) part db_compiled 200 $B --methods dreambooth --batch-sizes 16 --run-timeout 190 \
+                   --variants project-compiled ;;
+    lora_full) part lora_full 200 $B --methods lora --batch-sizes 16 --run-timeout 190 \
+                 --variants project-compiled-full ;;
     b4) part b4 150 $B --methods lora dreambooth --batch-sizes 4 --variants reference project-eager ;;
-    *) echo "unknown part $1 (lora_b16 methods_b16 class_images encoders b4)"; return 2 ;;
+    *) echo "unknown part $1 (lora_b16 methods_b16 db_compiled lora_full class_images encoders b4)"; return 2 ;;
   esac
 }
 # Parts in order of importance; name some to run only those (e.g. when device time is short).
-for p in "${@:-lora_b16 methods_b16 class_images encoders b4}"; do
+for p in "${@:-lora_b16 methods_b16 db_compiled class_images encoders b4 lora_full}"; do
   for q in $p; do run_part "$q"; done
 done
+# Every training run of this invocation (the parts' runs are separate invocations) in one ratio table.
+if [ -s "$OUT/training.jsonl" ]; then
+  echo "== all training runs"
+  $PY benchmarks/bench_training.py --table-from "$OUT/training.jsonl" | tee "$OUT/training_table.txt"
+fi

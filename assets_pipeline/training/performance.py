@@ -35,14 +35,16 @@ class Performance:
     compile: str = field(default="auto", metadata={"help": (
         "torch.compile of the networks every step runs (U-Net, ControlNet, a trained text encoder): 'regional' "
         "(each repeated transformer/ResNet/CLIP layer: a fraction of the warm-up of 'full'), 'full' (each whole "
-        "network), 'none'. 'auto' = regional on CUDA when the run has at least compile_min_steps steps or a warm "
-        "compile cache exists for it; none on CPU.")})
-    compile_min_steps: int = field(default=300, metadata={"help": (
-        "'auto' compiles a cold run (no persisted kernels for its shape) only from this many steps. A cold compile "
-        "costs minutes once (113 s for SD 1.5's whole U-Net on an H200, measured when issue 7 was filed) and "
-        "saves about a third of each step; it persists its kernels, so every later run of the same shape (the "
-        "nightly retrain, another concept on the same base model) compiles warm. Shorter cold runs stay eager. "
-        "Not yet re-tuned on a GPU: see docs/benchmarks.md.")})
+        "network), 'none'. 'auto' = regional on CUDA when the run has at least compile_min_steps steps, or "
+        "compile_min_steps_warm steps and a warm compile cache for it; none on CPU.")})
+    compile_min_steps: int = field(default=2000, metadata={"help": (
+        "'auto' compiles a cold run (no persisted kernels for its shape) only from this many steps. Measured on "
+        "an H200 (SD 1.5 LoRA, batch 16, docs/benchmarks.md): a cold regional compile costs ~93 s more than "
+        "an eager first step and saves 47 ms of each 182 ms step, so it pays for itself within the run from "
+        "~2,000 steps. It persists its kernels: later runs of the same shape start warm.")})
+    compile_min_steps_warm: int = field(default=200, metadata={"help": (
+        "'auto' compiles a run whose kernels are persisted (warm cache) from this many steps: loading them cost "
+        "~8 s more than an eager first step in the same measurement, repaid after ~180 steps.")})
     compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend ('aot_eager' tests)."})
     channels_last: str = field(default="auto", metadata={"help": "NHWC convolutions: 'auto' = on CUDA only."})
     fused_optimizer: str = field(default="auto", metadata={"help": "Fused AdamW kernel: 'auto' = on CUDA only."})
@@ -66,8 +68,8 @@ class Performance:
             raise ValueError(f"performance.micro_batch must be 'auto' or 'configured', got {self.micro_batch!r}")
         if not 0.1 <= self.memory_fraction <= 1.0:
             raise ValueError(f"performance.memory_fraction must be in [0.1, 1], got {self.memory_fraction}")
-        if self.log_every < 1 or self.compile_min_steps < 0:
-            raise ValueError("performance.log_every must be >= 1 and compile_min_steps >= 0")
+        if self.log_every < 1 or self.compile_min_steps < 0 or self.compile_min_steps_warm < 0:
+            raise ValueError("performance.log_every must be >= 1, compile_min_steps and compile_min_steps_warm >= 0")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> Performance:
@@ -100,7 +102,8 @@ def resolve(perf: Performance, cuda: bool, steps: int, accumulation: int, compil
 
     mode = perf.compile
     if mode == "auto":
-        mode = "regional" if cuda and (steps >= perf.compile_min_steps or compile_cache_warm) else "none"
+        worth = steps >= perf.compile_min_steps or (compile_cache_warm and steps >= perf.compile_min_steps_warm)
+        mode = "regional" if cuda and worth else "none"
     return Plan(cuda=cuda, compile=mode, backend=perf.compile_backend, channels_last=on(perf.channels_last),
                 fused_optimizer=on(perf.fused_optimizer),
                 probe_micro_batch=cuda and perf.micro_batch == "auto" and accumulation > 1, log_every=perf.log_every)
