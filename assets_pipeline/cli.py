@@ -229,7 +229,7 @@ def cmd_concept_remove(args: argparse.Namespace) -> int:
             print(f"{verb:<12}  partition {name!r} of {concepts_partitions.name!r} (its run history stays)")
     if (layout.root / "cache").is_dir():
         print(f"{'kept':<12}  {layout.root / 'cache'}: content-addressed caches are shared between concepts")
-    for other in listed_by(layout.root, name):
+    for other in listed_by(storage, name):
         print(f"note: concept {other!r} trains {name!r} into its LoRA ([[lora.datasets]] in {other}/concept.toml): "
               "its next training is refused until that entry is removed; its current output is kept",
               file=sys.stderr)
@@ -238,15 +238,16 @@ def cmd_concept_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-def listed_by(artifact_root: Path, name: str) -> list[str]:
+def listed_by(storage, name: str) -> list[str]:
     """The concepts whose concept.toml, as their last ingest read it, lists ``name`` in [[lora.datasets]]."""
-    import json
+    from assets_pipeline.assets.common import SPEC_SNAPSHOT, spec_from_snapshot
 
     out = []
-    for snapshot in sorted((artifact_root / "concepts").glob("*/raw_images/concept.json")):
-        datasets = json.loads(snapshot.read_text()).get("overrides", {}).get("lora", {}).get("datasets", [])
+    for snapshot in sorted((storage.artifact_path() / "concepts").glob(f"*/raw_images/{SPEC_SNAPSHOT}")):
+        other = snapshot.parent.parent.name
+        datasets = spec_from_snapshot(storage, other).section("lora").get("datasets", [])
         if any(isinstance(d, dict) and d.get("concept") == name for d in datasets):
-            out.append(snapshot.parent.parent.name)
+            out.append(other)
     return out
 
 

@@ -22,6 +22,12 @@ LINEAGE_FILE = "lineage.json"
 PRUNED_FILE = "PRUNED.json"  # beside the manifest of a version whose weights retention.py deleted
 
 
+def row_concept(row: dict, manifest: dict) -> str:
+    """The concept a training-image row of ``manifest`` comes from: an output trained on several concepts (a LoRA's
+    datasets) names each row's; a row without one is the output's own concept's."""
+    return row.get("concept", manifest["concept"])
+
+
 def iter_manifests(artifact_root: Path) -> Iterator[tuple[Path, dict]]:
     """(output folder, manifest) for every finished output under the artifact root, oldest first. Folders whose
     name starts with '.' are unfinished (an output being written, a checkpoint) and never listed."""
@@ -46,8 +52,7 @@ def audit_output(output: Path, data_root: Path) -> pd.DataFrame:
     manifest = json.loads((folder / LINEAGE_FILE).read_text())
     rows = []
     for img in manifest["training_images"]:
-        # An output trained on several concepts (LoRA's datasets) names each row's concept; else it is the output's.
-        row = {**img, "concept": img.get("concept", manifest["concept"])}
+        row = {**img, "concept": row_concept(img, manifest)}
         if img["role"] == "instance":
             source = data_root / row["concept"] / img["source_path"]
             if not source.is_file():
@@ -82,13 +87,13 @@ def outputs_trained_on(artifact_root: Path, sha: str | None, source: tuple[str, 
         for r in m["training_images"]:
             if sha is not None and r["image_sha256"] == sha:
                 match = "content"
-            elif source and r["role"] == "instance" and (r.get("concept", m["concept"]), r.get("source_path")) == source:
+            elif source and r["role"] == "instance" and (row_concept(r, m), r.get("source_path")) == source:
                 match = "path: content changed since" if sha else "path: the file no longer exists"
             else:
                 continue
             current = folder.parent / "current.json"
             is_current = current.is_file() and folder.parent / json.loads(current.read_text())["path"] == folder
-            rows.append({"output": str(folder), "concept": m["concept"], "source_concept": r.get("concept", m["concept"]),
+            rows.append({"output": str(folder), "concept": m["concept"], "source_concept": row_concept(r, m),
                          "method": m["method"],
                          "created_at": m.get("created_at"), "run_id": m.get("run_id"), "current": is_current,
                          "weights_pruned": (folder / PRUNED_FILE).is_file(),

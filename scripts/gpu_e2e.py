@@ -142,11 +142,11 @@ def folder_gib(folder: Path) -> float:
 
 
 # -- the concept ----------------------------------------------------------------------------------------------
-def concept_toml(profile: dict, steps: int | None) -> str:
+def concept_toml(profile: dict, steps: int | None, methods=METHODS) -> str:
     """Caps the cost: a few optimizer steps per method, a few class images with few denoising steps."""
-    lines = ['token = "sks"', 'class_noun = "scene"', f"methods = {json.dumps(list(METHODS))}", "",
+    lines = ['token = "sks"', 'class_noun = "scene"', f"methods = {json.dumps(list(methods))}", "",
              "[class_images]", f"num_inference_steps = {profile['class_image_steps']}", ""]
-    for method in METHODS:
+    for method in methods:
         lines += [f"[{method}]", f"max_train_steps = {steps or profile['steps'][method]}"]
         if method == "dreambooth":
             lines.append(f"num_class_images = {profile['num_class_images']}")
@@ -154,14 +154,14 @@ def concept_toml(profile: dict, steps: int | None) -> str:
     return "\n".join(lines)
 
 
-def write_concept(data_root: Path, profile: dict, n_photos: int, steps: int | None) -> Path:
+def write_concept(data_root: Path, profile: dict, n_photos: int, steps: int | None, methods=METHODS) -> Path:
     from PIL import Image
 
     from assets_pipeline import demo_data
 
     folder = data_root / CONCEPT
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "concept.toml").write_text(concept_toml(profile, steps))
+    (folder / "concept.toml").write_text(concept_toml(profile, steps, methods))
     for stem, loader, name in PHOTOS[:n_photos]:
         img = getattr(demo_data, loader)(name)
         scale = profile["short_side"] / min(img.size)
@@ -224,16 +224,21 @@ class GpuMemory:
         return self.torch.cuda.max_memory_allocated() / 2**30 if self.enabled else None
 
 
-def graph_jobs(resources: dict):
-    """Per asset, a job materializing just that asset and a job running just its checks (if it has any)."""
+def graph_jobs(resources: dict, methods=METHODS):
+    """Per asset, a job materializing just that asset and a job running just its checks (if it has any). Model
+    assets of methods not in ``methods`` are left out (the concept does not request them)."""
     import dagster as dg
 
     from assets_pipeline.definitions import ASSETS, CHECKS
+    from assets_pipeline.training.methods import get_method
 
     jobs = []
     checked = {k.asset_key for c in CHECKS for k in c.check_keys}
+    left_out = {get_method(m).asset_name for m in METHODS if m not in methods}
     for asset in toposorted(ASSETS):
         name = asset.key.to_user_string()
+        if name in left_out:
+            continue
         jobs.append((asset, dg.define_asset_job(f"e2e_{name}", dg.AssetSelection.assets(asset.key).without_checks()),
                      dg.define_asset_job(f"e2e_{name}_checks", dg.AssetSelection.checks_for_assets(asset.key))
                      if asset.key in checked else None))
@@ -243,7 +248,7 @@ def graph_jobs(resources: dict):
             for asset, job, checks in jobs]
 
 
-def materialize_all(resources: dict, use_gpu: bool, report) -> tuple[list[dict], list[dict]]:
+def materialize_all(resources: dict, use_gpu: bool, report, methods=METHODS) -> tuple[list[dict], list[dict]]:
     """Each asset in its own run, in topological order; then each asset's checks in a run of their own, so
     per-asset times and memory are the asset's alone, and a run cut short has measured the assets first.
     ``report(rows, checks)`` is called after every run (the JSON is rewritten as the run goes)."""
@@ -255,7 +260,7 @@ def materialize_all(resources: dict, use_gpu: bool, report) -> tuple[list[dict],
     instance.add_dynamic_partitions(concepts_partitions.name, [CONCEPT])
     memory = GpuMemory(use_gpu)
     model_keys = {a.key for a in MODEL_ASSETS}
-    jobs = graph_jobs(resources)
+    jobs = graph_jobs(resources, methods)
     rows, checks = [], []
     for asset, job, _ in jobs:
         name = asset.key.to_user_string()
@@ -379,6 +384,9 @@ def parse_args(argv):
                    help="dtype of the saved sd15 model (fp32: a real checkpoint's size, 4 GiB; fp16: half)")
     p.add_argument("--photos", type=int, default=None, help=f"photos in the concept (3-{len(PHOTOS)})")
     p.add_argument("--steps", type=int, default=None, help="max_train_steps of every method (overrides the profile)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="the training methods the concept requests; their model assets are materialized, the others' "
+                        "left out (default: all four)")
     p.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default="auto")
     p.add_argument("--json-out", type=Path, default=None, help="also write the summary as JSON here")
     args = p.parse_args(argv)
@@ -422,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"base model: {model_dir} ({save_dtype}, {folder_gib(model_dir):.2f} GiB; "
           + (f"built and saved in {build_s:.1f} s)" if build_s else "reused)"))
     n_photos = args.photos or profile["photos"]
-    concept_dir = write_concept(paths["data"], profile, n_photos, args.steps)
+    concept_dir = write_concept(paths["data"], profile, n_photos, args.steps, args.methods)
     print(f"concept: {concept_dir} ({n_photos} photos, shorter side {profile['short_side']} px)\n")
     resources = {
         **default_resources(),
@@ -434,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"complete": False, "success": False, "shapes": args.shapes, "device": device, "gpu": gpu,
                "torch": torch.__version__, "save_dtype": save_dtype, "base_model": str(model_dir),
                "base_model_gib": folder_gib(model_dir), "base_model_build_s": build_s, "photos": n_photos,
-               "resolution": profile["resolution"]}
+               "resolution": profile["resolution"], "methods": args.methods}
 
     def report(rows, checks, **final):
         summary.update(assets=rows, checks=checks, total_s=time.perf_counter() - t_start, **final)
@@ -442,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json_out.parent.mkdir(parents=True, exist_ok=True)
             args.json_out.write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
-    rows, checks = materialize_all(resources, device == "cuda", report)
+    rows, checks = materialize_all(resources, device == "cuda", report, args.methods)
     success = all(r["status"] == "ok" for r in rows) and all(c["passed"] for c in checks)
     report(rows, checks, complete=True, success=success)
     print("\n" + table(rows, checks))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from assets_pipeline.lineage import LINEAGE_FILE
+from assets_pipeline.lineage import LINEAGE_FILE, row_concept
 
 
 def nonfinite_tensors(out_dir: Path) -> dict[str, int]:
@@ -27,7 +27,7 @@ def manifest_difference(out_dir: Path, expected_rows: list[dict]) -> tuple[set, 
     manifest = json.loads((out_dir / LINEAGE_FILE).read_text())
 
     def key(r: dict) -> tuple:
-        return r.get("concept", manifest["concept"]), r["image_sha256"], r["role"], r["caption"]
+        return row_concept(r, manifest), r["image_sha256"], r["role"], r["caption"]
 
     listed = {key(r) for r in manifest["training_images"]}
     expected = {key(r) for r in expected_rows}
