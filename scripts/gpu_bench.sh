@@ -4,7 +4,7 @@
 # lines and logs) go to $OUT, else gpu_results/. Each part has its own time limit, so a slow part costs only
 # itself. Needs torch with CUDA plus this project's dependencies (see docs/gpu.md for carrying wheels).
 #
-#   bash scripts/gpu_bench.sh                      # every part, ~10 minutes on one H100
+#   bash scripts/gpu_bench.sh                      # every part, up to ~20 minutes on one H200 (the parts' limits)
 #   bash scripts/gpu_bench.sh lora_b16 class_images   # some parts
 #   BENCH_DEADLINE_S=540 bash scripts/gpu_bench.sh ...  # no part runs past 540 s from the start (device leases)
 set -uo pipefail
@@ -55,7 +55,7 @@ run_part() {
 for p in "${@:-lora_b16 methods_b16 db_compiled class_images encoders b4 lora_full}"; do
   for q in $p; do run_part "$q"; done
 done
-# Every training run of this invocation (the parts' runs are separate invocations) in one ratio table.
+# Every training run recorded in $OUT/training.jsonl (this invocation's parts, and earlier ones into the same $OUT).
 if [ -s "$OUT/training.jsonl" ]; then
   echo "== all training runs"
   $PY benchmarks/bench_training.py --table-from "$OUT/training.jsonl" | tee "$OUT/training_table.txt"
