@@ -412,7 +412,8 @@ def load_pipeline(ref: BaseModelRef, torch_dtype: Any = None) -> DiffusionPipeli
     """The base model as its family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, ...)."""
     cls = pipeline_class(ref.model_family)
     quiet_progress_bars()
-    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype} if torch_dtype is not None else {}
+    # diffusers 0.42 names it dtype (torch_dtype is deprecated there, to be removed in 1.0)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
     if ref.kind == "single_file":
         if ref.single_file_config:
             kwargs["config"] = ref.single_file_config

@@ -1,6 +1,7 @@
 """The whole asset graph end to end through Dagster, on a GPU at Stable Diffusion 1.5 size.
 
-Writes a random-weight diffusers folder with SD 1.5's shapes (``--shapes sd15``; ``tiny`` builds the project's
+Writes a random-weight diffusers folder with SD 1.5's shapes (``--shapes sd15``; ``sdxl``: SDXL base 1.0's at
+1024 px; ``tiny`` builds the project's
 embedded test model instead, for a quick run on a CPU), points the ``base_model`` resource at it, writes a small
 concept of real photos (from installed wheels: assets_pipeline/demo_data.py) and materializes every asset for it, one asset
 per Dagster run in topological order, then that asset's checks in a run of their own. Prints per asset: the
@@ -39,6 +40,9 @@ DEPENDENCIES = {
 # Photos: the demo sources (``demo_data``), resized to the profile's shorter side (upscaled where smaller).
 PROFILES = {
     "sd15": {"photos": 8, "short_side": 512, "num_class_images": 8, "class_image_steps": 20,
+             "steps": {"lora": 100, "dreambooth": 50, "textual_inversion": 100, "controlnet": 50}},
+    # The same photos at 1024 px all pass the quality filter too (its blur measure works at 512 px).
+    "sdxl": {"photos": 8, "short_side": 1024, "num_class_images": 8, "class_image_steps": 20,
              "steps": {"lora": 100, "dreambooth": 50, "textual_inversion": 100, "controlnet": 50}},
     "tiny": {"photos": 5, "short_side": 96, "num_class_images": 2, "class_image_steps": 2,
              "steps": {"lora": 2, "dreambooth": 2, "textual_inversion": 2, "controlnet": 2}},
@@ -115,7 +119,8 @@ def _version_conflicts(dists: list[str]) -> list[str]:
 # -- the base model -------------------------------------------------------------------------------------------
 def ensure_base_model(workdir: Path, artifact_root: Path, shapes: str, dtype: str, device: str) -> tuple[str, Path, float]:
     """Build (once per workdir) the random base model; return the ``base_model`` source, its folder and the
-    build seconds. ``sd15`` is a diffusers folder like a real checkpoint (validation: 30 steps, 2 seeds).
+    build seconds. ``sd15`` and ``sdxl`` are diffusers folders like a real checkpoint (validation renders at the
+    model's resolution, steps in proportion to the training).
     ``tiny`` is the project's embedded model, built into the artifact root by the project's own builder: its
     kind is 'embedded', so validation renders stay few (4 steps, 1 seed) and the flow fits a CPU test."""
     from assets_pipeline.base_model import EMBEDDED, EMBEDDED_NAME, ensure_embedded_model
@@ -381,7 +386,8 @@ def parse_args(argv):
     p.add_argument("--workdir", type=Path, default=REPO / "gpu_e2e_run",
                    help="data root, artifact root, DAGSTER_HOME and caches (reused: the base model is built once)")
     p.add_argument("--save-dtype", choices=["fp32", "fp16"], default="fp32",
-                   help="dtype of the saved sd15 model (fp32: a real checkpoint's size, 4 GiB; fp16: half)")
+                   help="dtype of the saved sd15/sdxl model (fp32: a real checkpoint's size, 4 GiB for SD 1.5 and "
+                        "13 GiB for SDXL; fp16: half)")
     p.add_argument("--photos", type=int, default=None, help=f"photos in the concept (3-{len(PHOTOS)})")
     p.add_argument("--steps", type=int, default=None, help="max_train_steps of every method (overrides the profile)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
@@ -404,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         # Tiny models: OpenMP thread handoffs cost more than the matmuls, and on a busy 2-core machine spin-waiting
         # threads made every op ~100x slower. Set before torch is imported; the trainer subprocesses inherit it.
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-    problems = check_dependencies(need_cuda=args.shapes == "sd15" and args.device != "cpu")
+    problems = check_dependencies(need_cuda=args.shapes != "tiny" and args.device != "cpu")
     if problems:
         print("gpu_e2e cannot run; missing:\n  " + "\n  ".join(problems) + "\n" + INSTALL_HELP,
               file=sys.stderr)
@@ -425,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     from assets_pipeline.definitions import default_resources
     from assets_pipeline.resources import AcceleratorResource, BaseModelResource, PipelineStorage, TrainerLauncher
 
-    save_dtype = args.save_dtype if args.shapes == "sd15" else "fp32"  # the embedded model is saved in fp32
+    save_dtype = args.save_dtype if args.shapes != "tiny" else "fp32"  # the embedded model is saved in fp32
     source, model_dir, build_s = ensure_base_model(workdir, paths["artifacts"], args.shapes, save_dtype, device)
     print(f"base model: {model_dir} ({save_dtype}, {folder_gib(model_dir):.2f} GiB; "
           + (f"built and saved in {build_s:.1f} s)" if build_s else "reused)"))

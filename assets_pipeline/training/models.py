@@ -7,14 +7,27 @@ from typing import Any
 from assets_pipeline.training.methods.base import Models
 
 
+# Renders (validation, the base model's reference images, the changes_base_output check) load the base pipeline
+# in fp32 whatever dtype its weights were saved in: the trained parts applied to it are fp32, and a checkpoint
+# saved in fp16 would otherwise give a pipeline of mixed dtypes ("mat1 and mat2 must have the same dtype").
+RENDER_DTYPE = "float32"
+
+
 def base_pipeline_loader(base_model: dict[str, Any], torch_dtype=None):
-    """A zero-argument function that loads the base pipeline (what methods apply their outputs to)."""
+    """A zero-argument function that loads the base pipeline (what methods apply their outputs to). ``torch_dtype``:
+    a torch dtype or its name (``RENDER_DTYPE``); None keeps each component's saved dtype (what an output folder
+    built on the base keeps)."""
     from assets_pipeline.base_model import BaseModelRef, load_pipeline
 
     ref = BaseModelRef(**base_model)
 
     def load():
-        return load_pipeline(ref, torch_dtype=torch_dtype)
+        dtype = torch_dtype
+        if isinstance(dtype, str):
+            import torch
+
+            dtype = getattr(torch, dtype)
+        return load_pipeline(ref, torch_dtype=dtype)
 
     return load
 
