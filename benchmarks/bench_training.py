@@ -104,8 +104,8 @@ def run_project(method, shapes, batch, steps, variant, work: Path, device: str) 
     state = train(synthetic_job(method, shapes, batch, steps, variant, work, device), progress=lambda msg: None)
     s = state.stats
     return {"images_per_s": s["images_per_s"], "warmup_s": s["warmup_s"], "peak_mem_gib": s["peak_mem_gib"],
-            "compile_cache": s["compile_cache"], "compile_cache_io_s": s["compile_cache_io_s"], "attention": s["attention"], "precision": s["precision"],
-            "device": s["device"]}
+            "compile_cache": s["compile_cache"], "compile_cache_io_s": s["compile_cache_io_s"],
+            "attention": s["attention"], "precision": s["precision"], "device": s["device"]}
 
 
 def run_reference(method, shapes, batch, steps, work: Path, device: str) -> dict:

@@ -122,7 +122,7 @@ def test_a_checkpoint_saved_in_fp16_renders_with_fp32_trained_parts(tiny_pipe, t
     from assets_pipeline.training.methods import get_method
     from assets_pipeline.training.methods.base import TrainContext
     from assets_pipeline.training.methods.controlnet import controlnet_from_unet
-    from assets_pipeline.training.models import RENDER_DTYPE, base_pipeline_loader
+    from assets_pipeline.training.models import base_pipeline_loader, render_dtype
     from assets_pipeline.training.output import render_batch
 
     folder = tmp_path / "sd-fp16"
@@ -135,7 +135,7 @@ def test_a_checkpoint_saved_in_fp16_renders_with_fp32_trained_parts(tiny_pipe, t
         with safe_open(str(weights), "pt") as f:
             assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16, part
     ctx = TrainContext(concept="dog", token="sks", class_noun="dog", resolution=64, num_instance_images=3)
-    load_base = base_pipeline_loader(dataclasses.asdict(ref), RENDER_DTYPE)
+    load_base = base_pipeline_loader(dataclasses.asdict(ref), render_dtype())
 
     controlnet_dir = tmp_path / "controlnet"
     controlnet_from_unet(tiny_pipe.unet.float(), 2 ** (len(tiny_pipe.vae.config.block_out_channels) - 1)) \

@@ -7,27 +7,26 @@ from typing import Any
 from assets_pipeline.training.methods.base import Models
 
 
-# Renders (validation, the base model's reference images, the changes_base_output check) load the base pipeline
-# in fp32 whatever dtype its weights were saved in: the trained parts applied to it are fp32, and a checkpoint
-# saved in fp16 would otherwise give a pipeline of mixed dtypes ("mat1 and mat2 must have the same dtype").
-RENDER_DTYPE = "float32"
+def render_dtype():
+    """The one dtype renders (validation, the base model's reference images, the changes_base_output check) load
+    pipelines in, whatever dtype the weights were saved in: fp32. The trained parts applied to the base are fp32,
+    and a checkpoint saved in fp16 would otherwise give a pipeline of mixed dtypes ("mat1 and mat2 must have the
+    same dtype": transformers loads the text encoders as saved, diffusers the rest in fp32)."""
+    import torch
+
+    return torch.float32
 
 
 def base_pipeline_loader(base_model: dict[str, Any], torch_dtype=None):
-    """A zero-argument function that loads the base pipeline (what methods apply their outputs to). ``torch_dtype``:
-    a torch dtype or its name (``RENDER_DTYPE``); None keeps each component's saved dtype (what an output folder
-    built on the base keeps)."""
+    """A zero-argument function that loads the base pipeline (what methods apply their outputs to). ``torch_dtype``
+    None keeps each component's saved dtype (what an output folder built on the base keeps); renders pass
+    :func:`render_dtype`."""
     from assets_pipeline.base_model import BaseModelRef, load_pipeline
 
     ref = BaseModelRef(**base_model)
 
     def load():
-        dtype = torch_dtype
-        if isinstance(dtype, str):
-            import torch
-
-            dtype = getattr(torch, dtype)
-        return load_pipeline(ref, torch_dtype=dtype)
+        return load_pipeline(ref, torch_dtype=torch_dtype)
 
     return load
 

@@ -15,14 +15,14 @@ from assets_pipeline.lineage import LINEAGE_FILE
 from assets_pipeline.store import ItemCache, share_files, write_json_atomic
 from assets_pipeline.training.job import TrainJob
 from assets_pipeline.training.loop import TRACKER_RUN, TrainState, checkpoint_root
-from assets_pipeline.training.models import RENDER_DTYPE, base_pipeline_loader
+from assets_pipeline.training.models import base_pipeline_loader, render_dtype
 from assets_pipeline.training.reuse import GRID_FILE, LOSS_PLOT, METRICS_FILE, SUMS_FILE
 from assets_pipeline.training.validation import (
     BEST_DIR, job_scorer, training_photos, validation_pairs, write_step_validations,
 )
 
 BASE_RENDER_VERSION = 3  # bump when render_batch() changes what an image of a (prompt, seed) batch is (3: the
-# base pipeline in RENDER_DTYPE, fp32, also for a checkpoint saved in fp16)
+# base pipeline in render_dtype(), fp32, also for a checkpoint saved in fp16)
 
 
 def stamp_safetensors(path: Path, extra: dict[str, str]) -> None:
@@ -165,16 +165,19 @@ class BaseRenders:
     def cache_for(artifact_root: str | Path) -> ItemCache:
         return ItemCache(Path(artifact_root), "base_renders", ".png")
 
+    def _loader(self):
+        return base_pipeline_loader(self.base_model, render_dtype())
+
     def pipe(self):
         if self._pipe is None:
-            self._pipe = base_pipeline_loader(self.base_model, RENDER_DTYPE)().to(self.device)
+            self._pipe = self._loader()().to(self.device)
         return self._pipe
 
     def take_pipe(self):
-        """The base pipeline, if it was loaded, as a loader (``load_base``) that hands it over once: whoever takes
-        it may change it (load an adapter into it), so this object forgets it."""
+        """A loader (``load_base``) of the base pipeline for renders: the one the renders loaded (on a cache miss),
+        handed over once, since whoever takes it may change it (load an adapter into it); else a fresh load."""
         pipe, self._pipe = self._pipe, None
-        return None if pipe is None else (lambda: pipe)
+        return self._loader() if pipe is None else (lambda: pipe)
 
     def key(self, pairs: list[tuple[str, int]], index: int, resolution: int, steps: int) -> str:
         """Image ``index`` of the batch ``pairs`` (the whole batch is in the key: a batched forward may round
@@ -220,7 +223,7 @@ def validate(job: TrainJob, state: TrainState, out: Path, device: str) -> dict[s
     refs = base(pairs, ctx.resolution, job.validation_inference_steps)  # first: they need the untouched base
     # The base pipeline the renders above loaded (on a cache miss) is the one the output is applied to, not a
     # second load from disk; a method that builds its own pipeline (DreamBooth's folder) never calls it.
-    load_base = base.take_pipe() or base_pipeline_loader(job.base_model, RENDER_DTYPE)
+    load_base = base.take_pipe()
     pipe = method.load_pipeline(load_base, out, ctx).to(device)
     images = render_batch(pipe, pairs, ctx.resolution, job.validation_inference_steps, **per_image)
     grid: dict[str, list] = {}

@@ -148,10 +148,10 @@ class StepValidation:
         import torch
 
         from assets_pipeline.store import write_json_atomic
-        from assets_pipeline.training.models import RENDER_DTYPE, base_pipeline_loader
+        from assets_pipeline.training.models import base_pipeline_loader, render_dtype
         from assets_pipeline.training.output import render_batch
 
-        load_base = base_pipeline_loader(self.job.base_model, RENDER_DTYPE)
+        load_base = base_pipeline_loader(self.job.base_model, render_dtype())
         snapshot = self.root / f".validation-{step_name(step)}.tmp"  # a crashed run's is removed as stale
         if snapshot.exists():
             shutil.rmtree(snapshot)

@@ -41,13 +41,12 @@ def change_versus_base(method, base_model: dict, out_dir: Path, ctx, seed: int =
     0 means the output changes nothing. ``base_renders``: a :class:`~assets_pipeline.training.output.BaseRenders`
     (the base image from its cache); None renders it."""
 
-    from assets_pipeline.training.models import RENDER_DTYPE, base_pipeline_loader
     from assets_pipeline.training.output import BaseRenders, pixel_change, render
 
     prompt = method.validation_prompt(ctx)
     renders = base_renders or BaseRenders(base_model, device, None)
     base = renders([(prompt, seed)], ctx.resolution, steps)[0]  # first: on a cache miss its pipeline is reused
-    load_base = renders.take_pipe() or base_pipeline_loader(base_model, RENDER_DTYPE)
+    load_base = renders.take_pipe()
     tuned = render(method.load_pipeline(load_base, out_dir, ctx).to(device), prompt, seed, ctx.resolution, steps,
                    **method.validation_kwargs(out_dir, ctx, 0))
     return pixel_change(tuned, base)

@@ -75,15 +75,13 @@ class DreamBoothMethod(Method):
         return sorted(out_dir.rglob("*.safetensors"))
 
     def load_pipeline(self, load_base, out_dir: Path, ctx: TrainContext):
-        import torch
-
         from assets_pipeline.families import get_family, pipeline_class
-        from assets_pipeline.training.models import RENDER_DTYPE
+        from assets_pipeline.training.models import render_dtype
 
         # One dtype for every component: the trained U-Net is saved in fp32 beside the base's other components,
         # which keep the dtype they were saved in (fp16 for many checkpoints).
         return pipeline_class(get_family(ctx.family)).from_pretrained(str(out_dir), local_files_only=True,
-                                                                      dtype=getattr(torch, RENDER_DTYPE))
+                                                                      dtype=render_dtype())
 
 
 register(DreamBoothMethod())
