@@ -3,12 +3,18 @@
     python benchmarks/bench_training.py --shapes tiny                                   # CPU, ~1-2 minutes
     python benchmarks/bench_training.py --shapes sd15 --batch-sizes 4 16                # GPU: SD 1.5 shapes
     python benchmarks/bench_training.py --shapes sd15 --methods lora --variants reference project-compiled
+    python benchmarks/bench_training.py --shapes sd15 --methods lora --variants project-eager \
+        --performance adapter_input_casts=on                                       # A/B one speed setting
 
 Variants (each run in its own process, so peak memory is that run's alone):
 - ``reference``: the loop of diffusers' example scripts (train_dreambooth_lora.py, train_dreambooth.py,
   textual_inversion.py, train_controlnet.py): VAE-encodes pixels and runs the text encoder every step, reads
   the loss every step, plain AdamW. Pixels and token ids already sit on the GPU (kinder to it than the scripts'
   data loaders).
+- ``plain-eager``, ``plain-compiled``: the same step written plainly on cached latents and embeddings (the VAE
+  and, except for textual inversion, the text encoder run once before timing), fused AdamW on CUDA, no per-step
+  loss read; ``plain-compiled`` adds channels_last and ``torch.compile`` of the whole trained network. What
+  the project's loop would reach with no overhead of its own: the yardstick for its variants.
 - ``project-eager``, ``project-compiled`` (regional compilation, cold compile cache),
   ``project-compiled-warm`` (the same, a fresh process whose local Inductor/Triton caches are empty, loading
   the kernels the cold run persisted), ``project-compiled-full`` (whole-network compile): the project's real
@@ -43,11 +49,13 @@ PERFORMANCE = {
     "project-compiled-warm": {"compile": "regional"},
     "project-compiled-full": {"compile": "full"},
 }
-VARIANTS = ("reference", *PERFORMANCE)
+PLAIN = ("plain-eager", "plain-compiled")
+VARIANTS = ("reference", *PLAIN, *PERFORMANCE)
 ROWS = 16  # distinct instance (and class) rows in the synthetic bundle
 
 
-def synthetic_job(method: str, shapes: str, batch: int, steps: int, variant: str, work: Path, device: str):
+def synthetic_job(method: str, shapes: str, batch: int, steps: int, variant: str, work: Path, device: str,
+                  performance: dict | None = None):
     """A trainer job over a random latents bundle for the model folder of ``shapes`` (both made once)."""
     import torch
     from dataclasses import asdict
@@ -94,22 +102,33 @@ def synthetic_job(method: str, shapes: str, batch: int, steps: int, variant: str
     return TrainJob(concept="bench", method=method, config=cfg, base_model=asdict(ref), latents_dir=str(bundle),
                     output_dir=str(run / "out"), checkpoint_dir=str(run / "ckpt"), token="sks", class_noun="dog",
                     training_images=rows if method == "dreambooth" else rows[:ROWS], lineage={}, device=device,
-                    performance={**PERFORMANCE[variant], "micro_batch": "configured"},
+                    performance={**PERFORMANCE[variant], "micro_batch": "configured", **(performance or {})},
                     cache_dir=str(work / f"cache-{method}-{batch}"))
 
 
-def run_project(method, shapes, batch, steps, variant, work: Path, device: str) -> dict:
-    from assets_pipeline.training.loop import train
+def run_project(method, shapes, batch, steps, variant, work: Path, device: str, performance: dict | None = None,
+                profile_out: str | None = None) -> dict:
+    from assets_pipeline.training.loop import PROFILE_DIR, checkpoint_root, train
 
-    state = train(synthetic_job(method, shapes, batch, steps, variant, work, device), progress=lambda msg: None)
+    job = synthetic_job(method, shapes, batch, steps, variant, work, device, performance)
+    state = train(job, progress=lambda msg: None)
     s = state.stats
-    return {"images_per_s": s["images_per_s"], "warmup_s": s["warmup_s"], "peak_mem_gib": s["peak_mem_gib"],
-            "compile_cache": s["compile_cache"], "compile_cache_io_s": s["compile_cache_io_s"],
-            "attention": s["attention"], "precision": s["precision"], "device": s["device"]}
+    out = {"images_per_s": s["images_per_s"], "warmup_s": s["warmup_s"], "peak_mem_gib": s["peak_mem_gib"],
+           "compile_cache": s["compile_cache"], "compile_cache_io_s": s["compile_cache_io_s"],
+           "attention": s["attention"], "precision": s["precision"], "device": s["device"]}
+    if s.get("profile"):  # performance profile_steps=N: the trace leaves the run's folder before it is removed
+        out["profile"] = s["profile"]
+        if profile_out:
+            dest = Path(profile_out) / f"{method}-{variant}-{batch}"
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(checkpoint_root(job) / PROFILE_DIR, dest)
+            out["profile"]["folder"] = str(dest)
+    return out
 
 
-def run_reference(method, shapes, batch, steps, work: Path, device: str) -> dict:
-    """The example scripts' step: encode pixels and prompt, noise, predict, MSE, backward, clip, AdamW."""
+def run_reference(method, shapes, batch, steps, work: Path, device: str, variant: str = "reference") -> dict:
+    """The example scripts' step: encode pixels and prompt, noise, predict, MSE, backward, clip, AdamW. The
+    ``plain-*`` variants: the same step on latents and embeddings encoded once, no loss read per step."""
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -145,19 +164,38 @@ def run_reference(method, shapes, batch, steps, work: Path, device: str) -> dict
     trained = {"lora": unet, "dreambooth": unet, "textual_inversion": text, "controlnet": controlnet}[method]
     cast_training_params(trained, dtype=torch.float32)
     params = [p for p in trained.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    plain = variant in PLAIN
+    optimizer = torch.optim.AdamW(params, lr=1e-6, fused=plain and cuda)
     original = text.get_input_embeddings().weight.detach().clone()
     rows = 2 * batch if method == "dreambooth" else batch  # instance + class rows with prior preservation
     g = torch.Generator(device).manual_seed(0)
     pixels = torch.rand(rows, 3, res, res, device=device, generator=g) * 2 - 1
     ids = tok(["a photo of sks dog"] * rows, padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
+    cached_latents = cached_embeds = None
+    if plain:  # encoded once, as the project's latents bundle holds them
+        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            cached_latents = vae.encode(pixels.to(dtype)).latent_dist.sample() * vae.config.scaling_factor
+            if method != "textual_inversion":
+                cached_embeds = text(ids)[0]
+    if variant == "plain-compiled":  # what runs forward and backward every step, whole
+        for net in (unet, controlnet, text if method == "textual_inversion" else None):
+            if net is not None and cuda and net is not text:
+                net.to(memory_format=torch.channels_last)
+            if net is not None:
+                net.compile(dynamic=False)
 
     def step():
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-            with torch.no_grad():
-                latents = vae.encode(pixels.to(dtype)).latent_dist.sample() * vae.config.scaling_factor
-            with torch.set_grad_enabled(method == "textual_inversion"):
-                embeds = text(ids)[0]
+            if cached_latents is not None:
+                latents = cached_latents
+            else:
+                with torch.no_grad():
+                    latents = vae.encode(pixels.to(dtype)).latent_dist.sample() * vae.config.scaling_factor
+            if cached_embeds is not None:
+                embeds = cached_embeds
+            else:
+                with torch.set_grad_enabled(method == "textual_inversion"):
+                    embeds = text(ids)[0]
             noise = torch.randn_like(latents)
             t = torch.randint(0, sched.config.num_train_timesteps, (rows,), device=device)
             noisy = sched.add_noise(latents, noise, t)
@@ -182,12 +220,16 @@ def run_reference(method, shapes, batch, steps, work: Path, device: str) -> dict
             keep[-1] = False
             with torch.no_grad():
                 text.get_input_embeddings().weight[keep] = original[keep]
+        if plain:
+            return loss.detach()
         return loss.detach().item()  # the scripts log the loss every step (a host sync)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     step()
+    if cuda:
+        torch.cuda.synchronize()
     warmup = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -211,13 +253,33 @@ def run_one(args) -> dict:
     method, variant, batch = args.one.split(",")
     batch = int(batch)
     work = Path(args.workdir)
-    if variant == "reference":
-        out = run_reference(method, args.shapes, batch, args.steps, work, device)
+    if variant == "reference" or variant in PLAIN:
+        out = run_reference(method, args.shapes, batch, args.steps, work, device, variant)
     else:
-        out = run_project(method, args.shapes, batch, args.steps, variant, work, device)
+        out = run_project(method, args.shapes, batch, args.steps, variant, work, device, parse_settings(args.performance),
+                          args.profile_out)
+        if args.performance:  # the row says which settings it changed: "project-eager[adapter_input_casts=on]"
+            variant = f"{variant}[{','.join(args.performance)}]"
     if out["peak_mem_gib"] is None:  # CPU: the process's peak RSS (torch and the libraries included)
         out["peak_mem_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     return {"method": method, "variant": variant, "batch": batch, "shapes": args.shapes, "steps": args.steps, **out}
+
+
+def parse_settings(pairs: list[str] | None) -> dict:
+    """``KEY=VALUE`` performance settings (training/performance.py); values are JSON where they parse (numbers)."""
+    from assets_pipeline.training.performance import Performance
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--performance {pair!r}: expected KEY=VALUE, e.g. adapter_input_casts=on")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    Performance.from_dict(out)  # an unknown key or a bad value fails here, before any run
+    return out
 
 
 def table(rows: list[dict]) -> str:
@@ -243,6 +305,11 @@ def main() -> int:
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "assets_pipeline_bench_training"),
                     help="model folders and latents are made here once and reused")
     ap.add_argument("--run-timeout", type=float, default=1800, help="seconds one run may take")
+    ap.add_argument("--performance", nargs="+", metavar="KEY=VALUE",
+                    help="performance settings for the project's variants on top of theirs (training/performance.py), "
+                         "e.g. adapter_input_casts=on; the rows' variant names show them")
+    ap.add_argument("--profile-out", help="with --performance profile_steps=N: copy each project run's profile "
+                                          "(trace.json.gz, ops.txt, summary.json) to DIR/<method>-<variant>-<batch>")
     ap.add_argument("--json-out", help="also write every run's JSON line to this file")
     ap.add_argument("--table-from", metavar="JSONL",
                     help="print the ratio table of the runs recorded in this --json-out file (several invocations) "
@@ -256,6 +323,7 @@ def main() -> int:
     if args.one:
         print(json.dumps(run_one(args)), flush=True)
         return 0
+    parse_settings(args.performance)
     work = Path(args.workdir)
     rows = []
     for method in args.methods:
@@ -266,7 +334,9 @@ def main() -> int:
                 local = tempfile.mkdtemp(prefix="inductor-")
                 env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{local}/inductor", "TRITON_CACHE_DIR": f"{local}/triton"}
                 cmd = [sys.executable, __file__, "--one", f"{method},{variant},{b}", "--shapes", args.shapes,
-                       "--steps", str(args.steps), "--device", args.device, "--workdir", args.workdir]
+                       "--steps", str(args.steps), "--device", args.device, "--workdir", args.workdir,
+                       *(["--performance", *args.performance] if args.performance else []),
+                       *(["--profile-out", args.profile_out] if args.profile_out else [])]
                 try:
                     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.run_timeout)
                 except subprocess.TimeoutExpired:

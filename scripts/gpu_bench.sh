@@ -4,7 +4,7 @@
 # lines and logs) go to $OUT, else gpu_results/. Each part has its own time limit, so a slow part costs only
 # itself. Needs torch with CUDA plus this project's dependencies (see docs/gpu.md for carrying wheels).
 #
-#   bash scripts/gpu_bench.sh                      # every part, up to ~20 minutes on one H200 (the parts' limits)
+#   bash scripts/gpu_bench.sh                      # every part, up to ~30 minutes on one H200 (the parts' limits)
 #   bash scripts/gpu_bench.sh lora_b16 class_images   # some parts
 #   BENCH_DEADLINE_S=540 bash scripts/gpu_bench.sh ...  # no part runs past 540 s from the start (device leases)
 set -uo pipefail
@@ -48,11 +48,21 @@ run_part() {
     lora_full) part lora_full 200 $B --methods lora --batch-sizes 16 --run-timeout 190 \
                  --variants project-compiled-full ;;
     b4) part b4 150 $B --methods lora dreambooth --batch-sizes 4 --variants reference project-eager ;;
-    *) echo "unknown part $1 (lora_b16 methods_b16 db_compiled lora_full class_images encoders b4)"; return 2 ;;
+    # The same LoRA step written plainly on cached latents (eager, and channels_last + whole compile): what the
+    # project's loop would reach with no overhead of its own, measured beside it.
+    lora_plain) part lora_plain 330 $B --methods lora --batch-sizes 16 --run-timeout 200 \
+                  --variants reference plain-eager plain-compiled project-eager ;;
+    # torch.profiler over 5 steady steps of the project's LoRA step, eager and compiled: traces and op tables in
+    # $OUT/profiles/, GPU-busy share and ms a step in the JSON lines.
+    lora_profile) part lora_profile 300 $B --methods lora --batch-sizes 16 --run-timeout 200 \
+                    --variants project-eager project-compiled --performance profile_steps=5 \
+                    --profile-out "$OUT/profiles" ;;
+    *) echo "unknown part $1 (lora_b16 methods_b16 db_compiled lora_full class_images encoders b4 lora_plain" \
+            "lora_profile)"; return 2 ;;
   esac
 }
 # Parts in order of importance; name some to run only those (e.g. when device time is short).
-for p in "${@:-lora_b16 methods_b16 db_compiled class_images encoders b4 lora_full}"; do
+for p in "${@:-lora_b16 methods_b16 db_compiled class_images encoders b4 lora_full lora_plain lora_profile}"; do
   for q in $p; do run_part "$q"; done
 done
 # Every training run recorded in $OUT/training.jsonl (this invocation's parts, and earlier ones into the same $OUT).

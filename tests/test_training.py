@@ -3,6 +3,7 @@ fresh stock-diffusers pipeline with no project code in the loading path."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,8 +38,10 @@ def demo_build(tmp_path_factory, built_models):
     storage = PipelineStorage(data_root=str(data), artifact_root=str(artifacts))
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("concepts", [DEMO_CONCEPT])
-    # TensorBoard through accelerate's trackers, so every method's training also proves the tracking path.
-    resources = {**default_resources(), "storage": storage, "trainer": TrainerLauncher(log_with="tensorboard")}
+    # TensorBoard through accelerate's trackers, and torch.profiler over the last two steps, so every method's
+    # training also proves the tracking and profiling paths.
+    resources = {**default_resources(), "storage": storage,
+                 "trainer": TrainerLauncher(log_with="tensorboard", performance={"profile_steps": 2})}
     res = dg.materialize([*ASSETS, *CHECKS], partition_key=DEMO_CONCEPT, instance=instance, resources=resources)
     assert res.success
     mats = {e.materialization.asset_key.to_user_string(): e.materialization
@@ -123,6 +126,13 @@ def test_training_reports_progress_and_logs_to_tensorboard(demo_build, method):
     messages = [e.user_message for e in demo_build.instance.all_logs(demo_build.res.run_id)]
     assert any(f"step {steps}/{steps} (100%) loss" in m for m in messages), method
     assert any("ETA" in m for m in messages)
+    # profile_steps = 2: the last two steps' trace and op table travel with the output; the rate is the others'.
+    speed = json.loads((out / "metrics.json").read_text())["training_speed"]
+    assert speed["profile"]["steps"] == 2 and speed["profile"]["wall_s"] > 0 and speed["images_per_s"] > 0
+    assert any("profiled the last 2 steps" in m for m in messages), method
+    trace = json.loads(gzip.decompress((out / "profile" / "trace.json.gz").read_bytes()))
+    assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])
+    assert "aten::" in (out / "profile" / "ops.txt").read_text()
 
 
 @pytest.mark.parametrize("method", list(METHODS))

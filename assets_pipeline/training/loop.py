@@ -59,6 +59,7 @@ def train_context(job: TrainJob) -> TrainContext:
 
 
 TRACKER_RUN = "tensorboard"  # the trackers' run folder, under the checkpoint folder and then in the output
+PROFILE_DIR = "profile"  # performance.profile_steps' trace, likewise
 
 
 def checkpoint_root(job: TrainJob) -> Path:
@@ -268,11 +269,15 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
     running = {n: getattr(models, n) for n in ("unet", "controlnet", "text_encoder", "text_encoder_2")
                if getattr(models, n) is not None}
     network = perf_mod.shape_fingerprint(running)
+    # Under mixed precision (autocast) PEFT's input casts are lossless round trips: skipped unless asked for.
+    casts = plan.adapter_input_casts or weight_dtype == torch.float32
+    restore_casts = None if casts else perf_mod.skip_adapter_input_casts(running.values())
     probe = None
     if plan.probe_micro_batch:
         share = micro * accum  # this process's part of the effective batch
         micro, probe = _choose_micro_batch(job, method, models, data, cfg, share, roles, params, weight_dtype,
-                                           digest(sig, network), perf.memory_fraction, plan.channels_last, progress)
+                                           digest(sig, network, casts), perf.memory_fraction, plan.channels_last,
+                                           progress)
         if n_procs > 1:  # every process must run as many micro-batches (gradient syncs) per step: the smallest fits all
             micro = int(accelerator.gather(torch.tensor([micro], device=device)).min())
         accum = share // micro
@@ -282,7 +287,7 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
         # What the compiled graphs depend on: the network's structure, the batch, precision and the device.
         return perf_mod.CompileCache(job.cache_dir or None, digest(
             "compiled-train-step", sig, network, job.method, precision, micro, len(roles),
-            data.shapes, mode, plan.channels_last, cfg.gradient_checkpointing))
+            data.shapes, mode, plan.channels_last, cfg.gradient_checkpointing, casts))
 
     plan = perf_mod.resolve(perf, cuda, steps, accum, compile_cache_warm=compile_cache("regional").warm)
     cache = compile_cache(plan.compile)
@@ -343,11 +348,27 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
     if job.log_with:
         accelerator.init_trackers(TRACKER_RUN, config={k: v for k, v in asdict(cfg).items()
                                                        if isinstance(v, (int, float, str, bool))})
+    # profile_steps: the last steps run under torch.profiler (rank 0 records them); the steady rate ends before them.
+    profiler = profile_from = profile = None
+    if perf.profile_steps and steps - start >= perf.profile_steps + 2:  # after the first step and a timed one
+        profile_from = steps - perf.profile_steps
+        if accelerator.is_main_process:
+            profiler = perf_mod.StepProfiler(ckpt_root / PROFILE_DIR, perf.profile_steps, cuda)
+    elif perf.profile_steps:
+        progress(f"not profiling: profile_steps = {perf.profile_steps} needs {perf.profile_steps + 2} steps to go "
+                 f"(the first, one timed, then the profiled ones), this run has {steps - start}")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     warmup_s, t_steady, validation_s = None, None, 0.0
+    t_steady_end = steady_validation_s = None
     for step in range(start, steps):
+        if step == profile_from:
+            if cuda:
+                torch.cuda.synchronize()
+            t_steady_end, steady_validation_s = time.perf_counter(), validation_s
+            if profiler is not None:
+                profiler.start()
         step_loss = torch.zeros((), device=device)
         for m in range(accum):
             k = (step - start) * accum + m
@@ -372,6 +393,11 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
             step_loss += loss.detach() / accum
         pending.append(step_loss)
         done = step + 1
+        if profiler is not None and done == steps:  # before the last log, validation and checkpoint
+            profile = profiler.stop()
+            progress(f"profiled the last {profile['steps']} steps: {profile['step_ms']} ms a step"
+                     + (f", GPU busy {profile['device_busy']:.0%}" if profile["device_busy"] is not None else "")
+                     + f" ({ckpt_root / PROFILE_DIR}: trace.json.gz, ops.txt)")
         if warmup_s is None:  # the first step pays compilation (and cuDNN's autotuning): time it on its own
             float(step_loss)
             first_step_s = time.perf_counter() - t0
@@ -407,25 +433,33 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
             validation_s += time.perf_counter() - t_validation
         if done % cfg.checkpointing_steps == 0 and done < steps:
             _save_checkpoint(accelerator, ckpt_root, done, losses, cfg.checkpoints_total_limit, validation)
-    train_s = time.perf_counter() - t0
+    t_end = time.perf_counter()
+    train_s = t_end - t0
     if cache_state == "cold" and len(data.shapes) > 1:
         # The other buckets' shapes compiled after the first step's save: save again, so the next run is warm for all.
         saved = cache.save()
         progress(f"saved {saved / 2**20:.1f} MiB of kernels for {len(data.shapes)} bucket shapes to {cache.path}")
-    steady = time.perf_counter() - t_steady - validation_s if t_steady else 0.0
+    # The steady rate: the steps after the first, up to the profiled ones, validations left out.
+    if t_steady_end is None:
+        t_steady_end, steady_validation_s = t_end, validation_s
+    steady = t_steady_end - t_steady - steady_validation_s if t_steady else 0.0
+    steady_steps = (profile_from or steps) - start - 1
     images_per_step = micro * len(roles) * accum * n_procs
     stats = {
-        "images_per_s": round(images_per_step * (steps - start - 1) / steady, 2) if steps - start > 1 and steady else None,
+        "images_per_s": round(images_per_step * steady_steps / steady, 2) if steady_steps > 0 and steady else None,
         "warmup_s": round(warmup_s, 2) if warmup_s is not None else None, "train_s": round(train_s, 2),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "micro_batch": micro, "gradient_accumulation": accum, "compile": plan.compile, "compile_cache": cache_state,
         "compile_cache_io_s": round(cache_io_s, 2),
-        "channels_last": plan.channels_last, "fused_optimizer": fused, "optimizer": cfg.optimizer,
+        "channels_last": plan.channels_last, "fused_optimizer": fused, "adapter_input_casts": casts,
+        "optimizer": cfg.optimizer,
         "attention": attention,
         "precision": precision, "device": sig.get("gpu", "cpu"), "num_processes": n_procs,
     }
     if probe is not None:
         stats["micro_batch_probe"] = probe
+    if profile is not None:
+        stats["profile"] = profile
     if cfg.validation_steps:
         stats["validation_s"] = round(validation_s, 2)
 
@@ -436,6 +470,8 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
         setattr(models, name, accelerator.unwrap_model(getattr(models, name)))
     if ema is not None:  # the output is the average: copied into the trained weights the method then saves
         ema.copy_to(params)
+    if restore_casts is not None:  # the trained modules forward outside autocast as PEFT made them
+        restore_casts()
     return TrainState(method, cfg, ctx, models, losses, steps, start, accelerator.is_main_process, n_procs, stats,
                       validation.summary() if validation is not None else None)
 

@@ -14,7 +14,7 @@ from assets_pipeline.hashing import digest, sha256_file
 from assets_pipeline.lineage import LINEAGE_FILE
 from assets_pipeline.store import ItemCache, share_files, write_json_atomic
 from assets_pipeline.training.job import TrainJob
-from assets_pipeline.training.loop import TRACKER_RUN, TrainState, checkpoint_root
+from assets_pipeline.training.loop import PROFILE_DIR, TRACKER_RUN, TrainState, checkpoint_root
 from assets_pipeline.training.models import base_pipeline_loader, render_dtype
 from assets_pipeline.training.reuse import GRID_FILE, LOSS_PLOT, METRICS_FILE, SUMS_FILE
 from assets_pipeline.training.validation import (
@@ -280,6 +280,8 @@ def write_output(job: TrainJob, state: TrainState, device: str) -> dict[str, Any
         _loss_curve(state.losses, tmp)
         if (logs := checkpoint_root(job) / TRACKER_RUN).is_dir():  # the tracker's logs, when one was asked for
             shutil.copytree(logs, tmp / TRACKER_RUN)
+        if state.stats.get("profile"):  # performance.profile_steps' trace of this run
+            shutil.copytree(checkpoint_root(job) / PROFILE_DIR, tmp / PROFILE_DIR)
         metrics = validate(job, state, tmp, device)
         preview = metrics.pop("preview_md")
         if state.validation:

@@ -12,7 +12,9 @@ starts warm. The micro-batch probe's answer is cached the same way.
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,12 +50,21 @@ class Performance:
     compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend ('aot_eager' tests)."})
     channels_last: str = field(default="auto", metadata={"help": "NHWC convolutions: 'auto' = on CUDA only."})
     fused_optimizer: str = field(default="auto", metadata={"help": "Fused AdamW kernel: 'auto' = on CUDA only."})
+    adapter_input_casts: str = field(default="auto", metadata={"help": (
+        "PEFT casts each adapted layer's input to the adapter's fp32 weights; under mixed precision autocast "
+        "casts it straight back to bf16/fp16 for the matmul, a round trip over the whole activation per layer "
+        "(eager runs; Inductor removes it). 'auto' = 'off' = skip that cast under mixed precision (the same "
+        "numbers; DoRA keeps it); 'on' = PEFT's casts as they are.")})
     micro_batch: str = field(default="auto", metadata={"help": (
         "'auto' = on CUDA with gradient accumulation, probe the largest micro-batch that fits the card (cached per "
         "card, model and method) and keep the configured effective batch; 'configured' = train_batch_size as set.")})
     memory_fraction: float = field(default=0.85, metadata={"help": (
         "Share of the card's memory the probed micro-batch may use (optimizer states included); the rest is "
         "headroom for fragmentation and the compiled graphs.")})
+    profile_steps: int = field(default=0, metadata={"help": (
+        "Record the run's last N steps with torch.profiler (CPU and CUDA activity) into the checkpoint folder's "
+        "profile/: a Perfetto/Chrome trace (trace.json.gz), the ops by device time, and how busy the GPU was. The steady "
+        "images/s then counts the steps before them. 0 = off.")})
     log_every: int = field(default=10, metadata={"help": (
         "Steps between loss logs: reading a loss is a device-to-host sync, so the GPU is never made to wait "
         "for the host in between.")})
@@ -61,15 +72,16 @@ class Performance:
     def __post_init__(self) -> None:
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"performance.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
-        for name in ("channels_last", "fused_optimizer"):
+        for name in ("channels_last", "fused_optimizer", "adapter_input_casts"):
             if getattr(self, name) not in SWITCH:
                 raise ValueError(f"performance.{name} must be one of {SWITCH}, got {getattr(self, name)!r}")
         if self.micro_batch not in ("auto", "configured"):
             raise ValueError(f"performance.micro_batch must be 'auto' or 'configured', got {self.micro_batch!r}")
         if not 0.1 <= self.memory_fraction <= 1.0:
             raise ValueError(f"performance.memory_fraction must be in [0.1, 1], got {self.memory_fraction}")
-        if self.log_every < 1 or self.compile_min_steps < 0 or self.compile_min_steps_warm < 0:
-            raise ValueError("performance.log_every must be >= 1, compile_min_steps and compile_min_steps_warm >= 0")
+        if self.log_every < 1 or self.compile_min_steps < 0 or self.compile_min_steps_warm < 0 or self.profile_steps < 0:
+            raise ValueError("performance.log_every must be >= 1; compile_min_steps, compile_min_steps_warm and "
+                             "profile_steps >= 0")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> Performance:
@@ -92,6 +104,7 @@ class Plan:
     backend: str
     channels_last: bool
     fused_optimizer: bool
+    adapter_input_casts: bool  # PEFT's input casts kept under mixed precision
     probe_micro_batch: bool
     log_every: int
 
@@ -105,7 +118,7 @@ def resolve(perf: Performance, cuda: bool, steps: int, accumulation: int, compil
         worth = steps >= perf.compile_min_steps or (compile_cache_warm and steps >= perf.compile_min_steps_warm)
         mode = "regional" if cuda and worth else "none"
     return Plan(cuda=cuda, compile=mode, backend=perf.compile_backend, channels_last=on(perf.channels_last),
-                fused_optimizer=on(perf.fused_optimizer),
+                fused_optimizer=on(perf.fused_optimizer), adapter_input_casts=perf.adapter_input_casts == "on",
                 probe_micro_batch=cuda and perf.micro_batch == "auto" and accumulation > 1, log_every=perf.log_every)
 
 
@@ -143,6 +156,28 @@ def compile_module(module, mode: str, backend: str) -> int:
         raise ValueError(f"regional compilation found none of {REGIONAL_BLOCKS} in {type(module).__name__}; "
                          "use compile = 'full' or 'none'")
     return count
+
+
+def skip_adapter_input_casts(modules) -> Callable[[], None]:
+    """Turn off PEFT's cast of each adapted layer's input to the adapter weights' dtype (its
+    ``cast_input_dtype_enabled``, what ``peft.helpers.disable_input_dtype_casting`` sets) in ``modules``; returns
+    the function that turns it back on. Only for a forward under autocast: there the adapter's matmul runs in
+    the autocast dtype whatever the input's, so the cast of a bf16 activation to the fp32 master weights was a
+    lossless bf16 -> fp32 -> bf16 round trip (two extra kernels and ~12 bytes an element, forward and backward,
+    per adapted layer). DoRA layers keep it: their weight norm takes the input's dtype."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [sub for m in modules for sub in m.modules()
+              if isinstance(sub, BaseTunerLayer) and not any(getattr(sub, "use_dora", {}).values())
+              and getattr(sub, "cast_input_dtype_enabled", False)]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+
+    def restore() -> None:
+        for layer in layers:
+            layer.cast_input_dtype_enabled = True
+
+    return restore
 
 
 def device_signature() -> dict[str, Any]:
@@ -206,6 +241,62 @@ class CompileCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(self.path, data)
         return len(data)
+
+
+class StepProfiler:
+    """torch.profiler over a run's last steps (``profile_steps``), written atomically into ``folder``:
+    ``trace.json.gz`` (Perfetto, chrome://tracing), ``ops.txt`` (ops and kernels by self time on the device, or on
+    the CPU without CUDA) and ``summary.json`` (wall time, device-busy time and their ratio)."""
+
+    def __init__(self, folder: Path, steps: int, cuda: bool):
+        self.folder, self.steps, self.cuda = folder, steps, cuda
+        self._prof, self._t0 = None, 0.0
+
+    def start(self) -> None:
+        import time
+
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self._prof = profile(activities=activities)
+        self._prof.__enter__()
+        self._t0 = time.perf_counter()
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def stop(self) -> dict[str, Any]:
+        import gzip
+        import shutil
+        import time
+
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self._t0
+        self._prof.__exit__(None, None, None)
+        events = self._prof.key_averages()
+        busy = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6 if self.cuda else None
+        summary = {"steps": self.steps, "wall_s": round(wall, 3),
+                   "step_ms": round(1000 * wall / self.steps, 2),
+                   "device_busy_s": round(busy, 3) if busy is not None else None,
+                   "device_busy": round(busy / wall, 3) if busy is not None and wall else None}
+        tmp = self.folder.with_name(f".{self.folder.name}.tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        self._prof.export_chrome_trace(str(tmp / "trace.json"))
+        with open(tmp / "trace.json", "rb") as raw, gzip.open(tmp / "trace.json.gz", "wb") as packed:
+            shutil.copyfileobj(raw, packed)  # a tenth of the size; Perfetto and chrome://tracing read it as is
+        (tmp / "trace.json").unlink()
+        sort = "self_cuda_time_total" if self.cuda else "self_cpu_time_total"
+        (tmp / "ops.txt").write_text(events.table(sort_by=sort, row_limit=60) + "\n")
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+        tmp.rename(self.folder)
+        return summary
 
 
 def divisors_descending(n: int) -> list[int]:
