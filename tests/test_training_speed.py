@@ -101,20 +101,31 @@ def test_peft_input_casts_are_skipped_under_autocast_with_the_same_numbers():
     forward and backward are bit-identical. DoRA layers keep the cast; restoring turns every skipped one back."""
     import torch
     from peft import LoraConfig, inject_adapter_in_model
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     from assets_pipeline.training.performance import skip_adapter_input_casts
 
     def layers(model):
         return [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
 
+    class Casts(TorchDispatchMode):  # dtype conversions dispatched, forward and backward
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func.overloadpacket.__name__ == "_to_copy"
+            return func(*args, **(kwargs or {}))
+
     def step(model):
         x = torch.randn(4, 16, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x)
-        out.float().square().sum().backward()
+        with Casts() as casts:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+            out.float().square().sum().backward()
         grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
         model.zero_grad(set_to_none=True)
-        return out, grads
+        return out, grads, casts.count
 
     # a frozen bf16 layer (Sequential's "0") with a LoRA, and one with a DoRA; fp32 adapter weights, B not zero
     lora = inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"], init_lora_weights="gaussian"),
@@ -126,11 +137,12 @@ def test_peft_input_casts_are_skipped_under_autocast_with_the_same_numbers():
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.data = torch.randn(p.shape, generator=torch.Generator().manual_seed(2))
-    kept_out, kept_grads = step(lora)
+    kept_out, kept_grads, kept_casts = step(lora)
     restore = skip_adapter_input_casts([lora, dora])
     assert [m.cast_input_dtype_enabled for m in layers(lora)] == [False]
     assert [m.cast_input_dtype_enabled for m in layers(dora)] == [True]
-    skipped_out, skipped_grads = step(lora)
+    skipped_out, skipped_grads, skipped_casts = step(lora)
+    assert skipped_casts < kept_casts  # the round trip is gone: its cast forward and its cast backward
     assert skipped_out.dtype == kept_out.dtype == torch.bfloat16
     assert torch.equal(skipped_out, kept_out)
     assert all(torch.equal(a, b) for a, b in zip(skipped_grads, kept_grads)) and len(kept_grads) == 2
