@@ -116,6 +116,8 @@ def run_project(method, shapes, batch, steps, variant, work: Path, device: str, 
     out = {"images_per_s": s["images_per_s"], "warmup_s": s["warmup_s"], "peak_mem_gib": s["peak_mem_gib"],
            "compile_cache": s["compile_cache"], "compile_cache_io_s": s["compile_cache_io_s"],
            "attention": s["attention"], "precision": s["precision"], "device": s["device"]}
+    if s.get("compile_stats"):  # Dynamo vs backend seconds, graphs, FX-graph/AOTAutograd cache hits and misses
+        out["compile_stats"] = s["compile_stats"]
     if s.get("profile"):  # performance profile_steps=N: the trace leaves the run's folder before it is removed
         out["profile"] = s["profile"]
         if profile_out:
@@ -256,8 +258,8 @@ def run_one(args) -> dict:
     if variant == "reference" or variant in PLAIN:
         out = run_reference(method, args.shapes, batch, args.steps, work, device, variant)
     else:
-        out = run_project(method, args.shapes, batch, args.steps, variant, work, device, parse_settings(args.performance),
-                          args.profile_out)
+        out = run_project(method, args.shapes, batch, args.steps, variant, work, device,
+                          parse_settings(args.performance), args.profile_out)
         if args.performance:  # the row says which settings it changed: "project-eager[adapter_input_casts=on]"
             variant = f"{variant}[{','.join(args.performance)}]"
     if out["peak_mem_gib"] is None:  # CPU: the process's peak RSS (torch and the libraries included)

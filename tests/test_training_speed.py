@@ -38,6 +38,8 @@ def test_auto_is_fast_on_cuda_and_plain_on_cpu():
 @pytest.mark.parametrize("bad, match", [({"compile": "fast"}, "performance.compile"),
                                         ({"channels_last": True}, "performance.channels_last"),
                                         ({"micro_batch": "max"}, "performance.micro_batch"),
+                                        ({"adapter_input_casts": "yes"}, "performance.adapter_input_casts"),
+                                        ({"profile_steps": -1}, "performance.profile_steps must be >= 0, got -1"),
                                         ({"log_evry": 5}, "unknown performance settings")])
 def test_bad_settings_name_the_setting(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -87,6 +89,8 @@ def test_optimized_loop_gives_the_plain_loops_losses(lora_jobs, method):
                                                       "channels_last": "on", "fused_optimizer": "on",
                                                       "log_every": 3}, **overrides))
     assert fast.stats["compile"] == "regional" and fast.stats["channels_last"] and fast.stats["fused_optimizer"]
+    compiled = fast.stats["compile_stats"]  # this run's graphs (one per block shape and bucket), traced by Dynamo
+    assert compiled["graphs"] >= 2 and compiled["dynamo_s"] > 0 and "compile_stats" not in plain.stats
     assert plain.stats["compile"] == "none" and not plain.stats["fused_optimizer"]
     assert len(plain.losses) == len(fast.losses) == 6
     assert fast.losses == pytest.approx(plain.losses, rel=2e-3, abs=1e-5)

@@ -357,6 +357,7 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
     elif perf.profile_steps:
         progress(f"not profiling: profile_steps = {perf.profile_steps} needs {perf.profile_steps + 2} steps to go "
                  f"(the first, one timed, then the profiled ones), this run has {steps - start}")
+    compiled_before = perf_mod.compile_counters() if plan.compile != "none" else None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -460,6 +461,8 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
         stats["micro_batch_probe"] = probe
     if profile is not None:
         stats["profile"] = profile
+    if compiled_before is not None:  # where the compile time went, and whether a warm cache covered every graph
+        stats["compile_stats"] = perf_mod.compile_delta(compiled_before, perf_mod.compile_counters())
     if cfg.validation_steps:
         stats["validation_s"] = round(validation_s, 2)
 

@@ -62,9 +62,9 @@ class Performance:
         "Share of the card's memory the probed micro-batch may use (optimizer states included); the rest is "
         "headroom for fragmentation and the compiled graphs.")})
     profile_steps: int = field(default=0, metadata={"help": (
-        "Record the run's last N steps with torch.profiler (CPU and CUDA activity) into the checkpoint folder's "
-        "profile/: a Perfetto/Chrome trace (trace.json.gz), the ops by device time, and how busy the GPU was. The steady "
-        "images/s then counts the steps before them. 0 = off.")})
+        "Record the run's last N steps with torch.profiler (CPU and CUDA activity) into the output's profile/: "
+        "a Perfetto/Chrome trace (trace.json.gz), the ops by device time (ops.txt), ms a step and how busy the GPU "
+        "was (summary.json). The steady images/s then counts the steps before them. 0 = off.")})
     log_every: int = field(default=10, metadata={"help": (
         "Steps between loss logs: reading a loss is a device-to-host sync, so the GPU is never made to wait "
         "for the host in between.")})
@@ -79,9 +79,11 @@ class Performance:
             raise ValueError(f"performance.micro_batch must be 'auto' or 'configured', got {self.micro_batch!r}")
         if not 0.1 <= self.memory_fraction <= 1.0:
             raise ValueError(f"performance.memory_fraction must be in [0.1, 1], got {self.memory_fraction}")
-        if self.log_every < 1 or self.compile_min_steps < 0 or self.compile_min_steps_warm < 0 or self.profile_steps < 0:
-            raise ValueError("performance.log_every must be >= 1; compile_min_steps, compile_min_steps_warm and "
-                             "profile_steps >= 0")
+        if self.log_every < 1:
+            raise ValueError(f"performance.log_every must be >= 1, got {self.log_every}")
+        for name in ("compile_min_steps", "compile_min_steps_warm", "profile_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"performance.{name} must be >= 0, got {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> Performance:
@@ -178,6 +180,28 @@ def skip_adapter_input_casts(modules) -> Callable[[], None]:
             layer.cast_input_dtype_enabled = True
 
     return restore
+
+
+def compile_counters() -> dict[str, float]:
+    """torch.compile's process-wide diagnostics now (``torch._dynamo.utils``): seconds in Dynamo's tracing and in
+    the backend (forward, backward), graphs compiled, and hits and misses of Inductor's FX-graph cache and of
+    AOTAutograd's cache. :func:`compile_delta` of two snapshots is what a run compiled: on a warm start the
+    misses say what the persisted kernels did not cover."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    seconds = {k: sum(v) for k, v in compilation_time_metrics.items()}
+    backend = seconds.get("OutputGraph.call_user_compiler", 0.0)  # inside Dynamo's compile_inner
+    return {"graphs": counters["stats"]["unique_graphs"],
+            "dynamo_s": seconds.get("_compile.compile_inner", 0.0) - backend, "backend_forward_s": backend,
+            "backend_backward_s": seconds.get("compile_fx.<locals>.bw_compiler", 0.0),
+            "fxgraph_cache_hits": counters["inductor"]["fxgraph_cache_hit"],
+            "fxgraph_cache_misses": counters["inductor"]["fxgraph_cache_miss"],
+            "aot_autograd_cache_hits": counters["aot_autograd"]["autograd_cache_hit"],
+            "aot_autograd_cache_misses": counters["aot_autograd"]["autograd_cache_miss"]}
+
+
+def compile_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: round(after[k] - before[k], 2) for k in after}
 
 
 def device_signature() -> dict[str, Any]:
@@ -277,7 +301,12 @@ class StepProfiler:
         wall = time.perf_counter() - self._t0
         self._prof.__exit__(None, None, None)
         events = self._prof.key_averages()
-        busy = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e6 if self.cuda else None
+        busy = None
+        if self.cuda:  # the kernels' (and copies') own time, as the table's "Self CUDA time total" sums it
+            from torch.autograd import DeviceType
+
+            busy = sum(e.self_device_time_total for e in events
+                       if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e6
         summary = {"steps": self.steps, "wall_s": round(wall, 3),
                    "step_ms": round(1000 * wall / self.steps, 2),
                    "device_busy_s": round(busy, 3) if busy is not None else None,
