@@ -2,6 +2,7 @@
 
     python benchmarks/bench_training.py --shapes tiny                                   # CPU, ~1-2 minutes
     python benchmarks/bench_training.py --shapes sd15 --batch-sizes 4 16                # GPU: SD 1.5 shapes
+    python benchmarks/bench_training.py --shapes sdxl --methods lora --batch-sizes 4   # GPU: SDXL at 1024 px
     python benchmarks/bench_training.py --shapes sd15 --methods lora --variants reference project-compiled
     python benchmarks/bench_training.py --shapes sd15 --methods lora --variants project-eager \
         --performance adapter_input_casts=on                                       # A/B one speed setting
@@ -54,6 +55,23 @@ VARIANTS = ("reference", *PLAIN, *PERFORMANCE)
 ROWS = 16  # distinct instance (and class) rows in the synthetic bundle
 
 
+SHAPES = ("tiny", "tiny-sdxl", "sd15", "sdxl")
+SDXL_SHAPES = ("tiny-sdxl", "sdxl")
+SDXL_REFERENCE_METHODS = ("lora", "dreambooth")  # the reference and plain loops' SDXL conditioning is built for these
+
+
+def model_folder(shapes: str, work: Path, device: str) -> tuple[Path, int]:
+    """The random-weight model folder of ``shapes`` (made once under ``work``) and its training resolution:
+    ``tiny`` / ``tiny-sdxl`` are the embedded test models, ``sd15`` / ``sdxl`` the real sizes (model_shapes.py)."""
+    if shapes == "tiny-sdxl":
+        from assets_pipeline.base_model import EMBEDDED_SDXL_RESOLUTION, ensure_embedded_sdxl_model
+
+        return ensure_embedded_sdxl_model(work / "base_models"), EMBEDDED_SDXL_RESOLUTION
+    from assets_pipeline.model_shapes import RESOLUTION, write_model_folder
+
+    return write_model_folder(shapes, work / f"model-{shapes}", device=device), RESOLUTION[shapes]
+
+
 def synthetic_job(method: str, shapes: str, batch: int, steps: int, variant: str, work: Path, device: str,
                   performance: dict | None = None):
     """A trainer job over a random latents bundle for the model folder of ``shapes`` (both made once)."""
@@ -63,16 +81,16 @@ def synthetic_job(method: str, shapes: str, batch: int, steps: int, variant: str
     from safetensors.torch import save_file
 
     from assets_pipeline.base_model import resolve_base_model
-    from assets_pipeline.model_shapes import RESOLUTION, write_model_folder
+    from assets_pipeline.families import sdxl_add_time_ids
     from assets_pipeline.store import record_digest
     from assets_pipeline.training.job import TrainJob
     from assets_pipeline.training.methods import get_method
 
-    res = RESOLUTION[shapes]
-    folder = write_model_folder(shapes, work / f"model-{shapes}", device=device)
+    folder, res = model_folder(shapes, work, device)
     ref = resolve_base_model(str(folder), work / "artifacts", res, None, None)
     vae_cfg = json.loads((folder / "vae" / "config.json").read_text())
-    te_cfg = json.loads((folder / "text_encoder" / "config.json").read_text())
+    te_cfgs = [json.loads((folder / sub / "config.json").read_text())
+               for sub in ("text_encoder", "text_encoder_2") if (folder / sub).is_dir()]
     side = res // 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     rows, bundle = [], work / f"latents-{shapes}"
     for role in ("instance", "class"):
@@ -86,10 +104,14 @@ def synthetic_job(method: str, shapes: str, batch: int, steps: int, variant: str
         g = torch.Generator().manual_seed(0)
         n = len(rows)
         square = f"{res}x{res}"  # every row in the square bucket (stages/latents.py's bundle layout)
-        save_file({f"latent_mean@{square}": torch.randn(n, 4, side, side, generator=g),
+        tensors = {f"latent_mean@{square}": torch.randn(n, 4, side, side, generator=g),
                    f"latent_std@{square}": torch.rand(n, 4, side, side, generator=g) * 0.1,
-                   "prompt_embeds": torch.randn(n, 77, te_cfg["hidden_size"], generator=g)},
-                  str(bundle / "latents.safetensors"),
+                   # SDXL: both encoders' hidden states side by side (families.encode_sdxl_prompt)
+                   "prompt_embeds": torch.randn(n, 77, sum(c["hidden_size"] for c in te_cfgs), generator=g)}
+        if len(te_cfgs) == 2:  # SDXL: the pooled embedding and the micro-conditioning of an uncropped square photo
+            tensors["pooled_prompt_embeds"] = torch.randn(n, te_cfgs[1]["projection_dim"], generator=g)
+            tensors["add_time_ids"] = sdxl_add_time_ids((res, res), (0, 0), (res, res)).repeat(n, 1)
+        save_file(tensors, str(bundle / "latents.safetensors"),
                   metadata={"image_sha256": json.dumps([r["image_sha256"] for r in rows]),
                             "role": json.dumps([r["role"] for r in rows]), "bucket": json.dumps([square] * n)})
         record_digest(bundle / "latents.safetensors")  # trainers refuse a bundle without its digest
@@ -130,24 +152,33 @@ def run_project(method, shapes, batch, steps, variant, work: Path, device: str, 
 
 def run_reference(method, shapes, batch, steps, work: Path, device: str, variant: str = "reference") -> dict:
     """The example scripts' step: encode pixels and prompt, noise, predict, MSE, backward, clip, AdamW. The
-    ``plain-*`` variants: the same step on latents and embeddings encoded once, no loss read per step."""
+    ``plain-*`` variants: the same step on latents and embeddings encoded once, no loss read per step.
+
+    SDXL (lora, dreambooth): as train_dreambooth_lora_sdxl.py without a trained text encoder, the prompt is
+    encoded once by both encoders (hidden states and pooled embedding) and the VAE, in fp32 (its
+    ``force_upcast``), encodes every step; the U-Net gets the pooled embedding and the time ids."""
     import torch
     import torch.nn.functional as F
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from assets_pipeline.model_shapes import RESOLUTION, write_model_folder
+    from assets_pipeline.families import encode_sdxl_prompt, sdxl_add_time_ids, tokenize
     from assets_pipeline.training.methods.controlnet import controlnet_from_unet
 
-    res, cuda = RESOLUTION[shapes], device == "cuda"
+    cuda, sdxl = device == "cuda", shapes in SDXL_SHAPES
+    if sdxl and method not in SDXL_REFERENCE_METHODS:
+        raise ValueError(f"the {variant} loop for SDXL shapes is built for {SDXL_REFERENCE_METHODS}, not {method}")
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    folder = str(write_model_folder(shapes, work / f"model-{shapes}", device=device))
+    folder, res = model_folder(shapes, work, device)
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").to(device, dtype)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    vae_dtype = torch.float32 if sdxl and vae.config.force_upcast else dtype
+    vae.to(device, vae_dtype)
     text = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")
     tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    text_2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2") if sdxl else None
     sched = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     vae.requires_grad_(False)
     text.requires_grad_(False)
@@ -174,10 +205,20 @@ def run_reference(method, shapes, batch, steps, work: Path, device: str, variant
     pixels = torch.rand(rows, 3, res, res, device=device, generator=g) * 2 - 1
     ids = tok(["a photo of sks dog"] * rows, padding="max_length", max_length=77, return_tensors="pt").input_ids.to(device)
     cached_latents = cached_embeds = None
+    added = {}  # SDXL's added_cond_kwargs
+    if sdxl:  # the prompt encoded once (the SDXL script without a trained text encoder), by both encoders
+        text_2.requires_grad_(False).to(device, dtype)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
+        with torch.no_grad():
+            cached_embeds, pooled = encode_sdxl_prompt(
+                [text, text_2], [t.to(device) for t in tokenize([tok, tokenizer_2], ["a photo of sks dog"] * rows)])
+        time_ids = sdxl_add_time_ids((res, res), (0, 0), (res, res)).repeat(rows, 1).to(device, dtype)
+        added = {"added_cond_kwargs": {"text_embeds": pooled.to(dtype), "time_ids": time_ids}}
+        cached_embeds = cached_embeds.to(dtype)
     if plain:  # encoded once, as the project's latents bundle holds them
-        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
-            cached_latents = vae.encode(pixels.to(dtype)).latent_dist.sample() * vae.config.scaling_factor
-            if method != "textual_inversion":
+        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32 and not sdxl):
+            cached_latents = vae.encode(pixels.to(vae_dtype)).latent_dist.sample() * vae.config.scaling_factor
+            if method != "textual_inversion" and cached_embeds is None:
                 cached_embeds = text(ids)[0]
     if variant == "plain-compiled":  # what runs forward and backward every step, whole
         for net in (unet, controlnet, text if method == "textual_inversion" else None):
@@ -190,9 +231,10 @@ def run_reference(method, shapes, batch, steps, work: Path, device: str, variant
         with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             if cached_latents is not None:
                 latents = cached_latents
-            else:
-                with torch.no_grad():
-                    latents = vae.encode(pixels.to(dtype)).latent_dist.sample() * vae.config.scaling_factor
+            else:  # SDXL's VAE in fp32, outside autocast, as the SDXL scripts run it
+                low = dtype != torch.float32 and not sdxl
+                with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=low):
+                    latents = vae.encode(pixels.to(vae_dtype)).latent_dist.sample() * vae.config.scaling_factor
             if cached_embeds is not None:
                 embeds = cached_embeds
             else:
@@ -206,7 +248,7 @@ def run_reference(method, shapes, batch, steps, work: Path, device: str, variant
                 down, mid = controlnet(noisy, t, encoder_hidden_states=embeds, controlnet_cond=pixels * 0.5 + 0.5,
                                        return_dict=False)
                 kw = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-            pred = unet(noisy, t, encoder_hidden_states=embeds, **kw).sample
+            pred = unet(noisy, t, encoder_hidden_states=embeds, **kw, **added).sample
             if method == "dreambooth":
                 pred, pred_prior = pred.chunk(2)
                 noise, noise_prior = noise.chunk(2)
@@ -286,18 +328,22 @@ def parse_settings(pairs: list[str] | None) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [f"{'method':<18} {'batch':>5} {'variant':<22} {'img/s':>8} {'x ref':>6} {'peak GiB':>9} {'warmup s':>9}"]
+    several = len({r.get("shapes") for r in rows}) > 1  # runs of several model sizes: the method says which
     for r in rows:
         ref = next((x for x in rows if x["method"] == r["method"] and x["batch"] == r["batch"]
-                    and x["variant"] == "reference"), None)
+                    and x.get("shapes") == r.get("shapes") and x["variant"] == "reference"), None)
         ratio = f"{r['images_per_s'] / ref['images_per_s']:.2f}" if ref and r["images_per_s"] else "-"
-        lines.append(f"{r['method']:<18} {r['batch']:>5} {r['variant']:<22} {r['images_per_s'] or '-':>8} {ratio:>6} "
+        method = f"{r['method']} ({r.get('shapes')})" if several else r["method"]
+        lines.append(f"{method:<18} {r['batch']:>5} {r['variant']:<22} {r['images_per_s'] or '-':>8} {ratio:>6} "
                      f"{r['peak_mem_gib']:>9} {r['warmup_s']:>9}")
     return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", choices=["tiny", "sd15"], default="tiny")
+    ap.add_argument("--shapes", choices=SHAPES, default="tiny",
+                    help="tiny / tiny-sdxl: the embedded test models (CPU); sd15 / sdxl: SD 1.5 / SDXL base 1.0 "
+                         "sizes at 512 / 1024 px (GPU)")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16])
     ap.add_argument("--variants", nargs="+", choices=VARIANTS,
@@ -318,6 +364,12 @@ def main() -> int:
                          "and exit")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: "method,variant,batch" in this process
     args = ap.parse_args()
+    loops = [v for v in args.variants if v == "reference" or v in PLAIN]
+    other = [m for m in args.methods if m not in SDXL_REFERENCE_METHODS]
+    if args.shapes in SDXL_SHAPES and loops and other and not (args.one or args.table_from):
+        ap.error(f"--shapes {args.shapes}: the {'/'.join(loops)} loops are built for "
+                 f"{', '.join(SDXL_REFERENCE_METHODS)} only, not {', '.join(other)}; run those methods with the "
+                 "project's variants alone")
     if args.table_from:
         rows = [json.loads(line) for line in Path(args.table_from).read_text().splitlines() if line.strip()]
         print(table(rows))

@@ -4,7 +4,7 @@
 # lines and logs) go to $OUT, else gpu_results/. Each part has its own time limit, so a slow part costs only
 # itself. Needs torch with CUDA plus this project's dependencies (see docs/gpu.md for carrying wheels).
 #
-#   bash scripts/gpu_bench.sh                      # every part, up to ~30 minutes on one H200 (the parts' limits)
+#   bash scripts/gpu_bench.sh                      # every part, up to ~35 minutes on one H200 (the parts' limits)
 #   bash scripts/gpu_bench.sh lora_b16 class_images   # some parts
 #   BENCH_DEADLINE_S=540 bash scripts/gpu_bench.sh ...  # no part runs past 540 s from the start (device leases)
 set -uo pipefail
@@ -35,6 +35,8 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 
 SHAPES=${BENCH_SHAPES:-sd15}  # tiny: the same parts on the embedded test model (a CPU check of this script)
 B="$PY benchmarks/bench_training.py --shapes $SHAPES --steps 10 --workdir $WORK --json-out $OUT/training.jsonl"
+XL=$([ "$SHAPES" = tiny ] && echo tiny-sdxl || echo sdxl)  # SDXL base 1.0's sizes at 1024 px (tiny: the embedded SDXL)
+BX="$PY benchmarks/bench_training.py --shapes $XL --steps 10 --workdir $WORK --json-out $OUT/training.jsonl"
 run_part() {
   case $1 in
     lora_b16) part lora_b16 360 $B --methods lora --batch-sizes 16 --run-timeout 170 \
@@ -57,12 +59,15 @@ run_part() {
     lora_profile) part lora_profile 300 $B --methods lora --batch-sizes 16 --run-timeout 200 \
                     --variants project-eager project-compiled --performance profile_steps=5 \
                     --profile-out "$OUT/profiles" ;;
+    # SDXL LoRA at 1024 px, batch 4: the SDXL script's loop (prompt encoded once, fp32 VAE every step) vs. ours.
+    sdxl_lora) part sdxl_lora 300 $BX --methods lora --batch-sizes 4 --run-timeout 240 \
+                 --variants reference project-eager ;;
     *) echo "unknown part $1 (lora_b16 methods_b16 db_compiled lora_full class_images encoders b4 lora_plain" \
-            "lora_profile)"; return 2 ;;
+            "lora_profile sdxl_lora)"; return 2 ;;
   esac
 }
 # Parts in order of importance; name some to run only those (e.g. when device time is short).
-for p in "${@:-lora_b16 methods_b16 db_compiled class_images encoders b4 lora_full lora_plain lora_profile}"; do
+for p in "${@:-lora_b16 methods_b16 db_compiled class_images encoders b4 lora_full lora_plain lora_profile sdxl_lora}"; do
   for q in $p; do run_part "$q"; done
 done
 # Every training run recorded in $OUT/training.jsonl (this invocation's parts, and earlier ones into the same $OUT).
