@@ -30,12 +30,30 @@ def _clip_text_config(width: int, layers: int, heads: int, act: str, pad_id: int
                           hidden_act=act, bos_token_id=49406, eos_token_id=49407, pad_token_id=pad_id)
 
 
+def build_unet(shapes: str):
+    """The U-Net of ``sd15`` or ``sdxl`` (random weights, on torch's current default device)."""
+    from diffusers import UNet2DConditionModel
+
+    if shapes == "sdxl":  # unet/config.json of SDXL base 1.0
+        return UNet2DConditionModel(
+            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816)  # 6 time ids x 256 + the pooled 1280
+    if shapes == "sd15":  # UNet2DConditionModel's defaults are SD 1.x's blocks; only the text width differs (768)
+        return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                                    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+    raise ValueError(f"build_unet: shapes must be 'sd15' or 'sdxl' (tiny is the embedded model), got {shapes!r}")
+
+
 def build_pipeline(shapes: str, device: str = "cpu", seed: int = 0):
     """The pipeline with ``shapes``, weights initialized directly on ``device`` (seconds on a GPU, minutes for
     SD 1.5 on a small CPU; ``meta`` allocates nothing). Tokenizers and scheduler are the embedded SD 1.x or SDXL
     model's: the real vocabulary and the published scheduler config."""
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from assets_pipeline.base_model import build_embedded_pipeline, build_embedded_sdxl_pipeline
@@ -48,17 +66,7 @@ def build_pipeline(shapes: str, device: str = "cpu", seed: int = 0):
     small = build_embedded_sdxl_pipeline() if sdxl else build_embedded_pipeline()  # tokenizers and scheduler
     torch.manual_seed(seed)
     with torch.device(device):
-        if sdxl:  # unet/config.json of SDXL base 1.0
-            unet = UNet2DConditionModel(
-                sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
-                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                projection_class_embeddings_input_dim=2816)  # 6 time ids x 256 + the pooled 1280
-        else:  # UNet2DConditionModel's defaults are SD 1.x's blocks; only the text width differs (768, ViT-L/14)
-            unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-                                        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+        unet = build_unet(shapes)
         vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                             sample_size=RESOLUTION[shapes],

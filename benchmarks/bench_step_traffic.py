@@ -39,15 +39,14 @@ def kind(name: str, dtypes: set) -> str:
 
 def build_unet(shapes: str):
     import torch
-    from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
+    from assets_pipeline.model_shapes import build_unet
     from assets_pipeline.training.methods.lora import UNET_TARGETS
 
     torch.manual_seed(0)
-    if shapes == "sd15":  # UNet2DConditionModel's defaults are SD 1.x's blocks (model_shapes.py)
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
-                                    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+    if shapes == "sd15":
+        unet = build_unet("sd15")
     else:
         from assets_pipeline.base_model import build_embedded_pipeline
 

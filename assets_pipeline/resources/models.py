@@ -130,10 +130,9 @@ class TrainerLauncher(dg.ConfigurableResource):
     performance: dict[str, Any] = Field(
         default_factory=dict,
         description="Speed settings, none of which changes what is learned: compile ('auto'|'none'|'regional'|"
-        "'full'), compile_min_steps, compile_min_steps_warm, channels_last / fused_optimizer ('auto'|'on'|'off'), "
-        "micro_batch ('auto'|'configured'), memory_fraction, log_every. Empty = every setting 'auto' (fast on CUDA, "
-        "plain on CPU); "
-        "see assets_pipeline/training/performance.py.",
+        "'full'), compile_min_steps, compile_min_steps_warm, channels_last / fused_optimizer / adapter_input_casts "
+        "('auto'|'on'|'off'), micro_batch ('auto'|'configured'), memory_fraction, profile_steps, log_every. Empty = "
+        "every setting 'auto' (fast on CUDA, plain on CPU); see assets_pipeline/training/performance.py.",
     )
 
     log_with: str = Field(
