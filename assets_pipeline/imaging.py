@@ -17,20 +17,26 @@ def grid_markdown(paths: list[str], captions: list[str] | None = None, thumb: in
     from PIL import Image, ImageOps
 
     from assets_pipeline.hashing import digest
+    from assets_pipeline.parallel import thread_map
 
     if not paths:
         return "_no images_"
+    def fit(p: str):
+        with Image.open(p) as img:
+            return ImageOps.fit(img.convert("RGB"), (thumb, thumb))
+
+    def tile(p: str):  # on the image threads (assets_pipeline/parallel.py): each decodes a full-size photo
+        if thumb_cache is None:
+            return fit(p)
+        path = thumb_cache.get_or_create(digest("thumb", Path(p).name, thumb),
+                                         lambda tmp: fit(p).save(tmp, format="PNG"))
+        with Image.open(path) as img:
+            return img.convert("RGB")
+
     rows = (len(paths) + columns - 1) // columns
     sheet = Image.new("RGB", (thumb * min(columns, len(paths)), thumb * rows), "white")
-    for i, p in enumerate(paths):
-        def make(tmp, p=p):
-            ImageOps.fit(Image.open(p).convert("RGB"), (thumb, thumb)).save(tmp, format="PNG")
-
-        if thumb_cache is not None:
-            tile = Image.open(thumb_cache.get_or_create(digest("thumb", Path(p).name, thumb), make))
-        else:
-            tile = ImageOps.fit(Image.open(p).convert("RGB"), (thumb, thumb))
-        sheet.paste(tile, ((i % columns) * thumb, (i // columns) * thumb))
+    for i, t in enumerate(thread_map(tile, paths)):
+        sheet.paste(t, ((i % columns) * thumb, (i // columns) * thumb))
     buf = io.BytesIO()
     sheet.save(buf, format="PNG", optimize=True)
     md = f"![preview](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -185,6 +186,9 @@ class ItemCache:
     computed: int = field(default=0, init=False)
     cached: int = field(default=0, init=False)
     discarded: list[str] = field(default_factory=list, init=False)  # "<path>: <why>" of each bad entry found
+    # The stages call it from several threads (assets_pipeline/parallel.py): entries are distinct files written
+    # atomically; the counts are updated under this lock.
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @property
     def folder(self) -> Path:
@@ -197,7 +201,8 @@ class ItemCache:
     def get_or_create(self, key: str, create: Callable[[Path], None]) -> Path:
         """Return the item's path, calling ``create(tmp_path)`` to write it first when it is missing or bad."""
         if self._valid(key):
-            self.cached += 1
+            with self._lock:
+                self.cached += 1
             return self.path(key)
         return self.put(key, create)
 
@@ -205,7 +210,8 @@ class ItemCache:
         """Count the keys already stored (and intact) as cache hits and return the missing ones, for batched
         computation (e.g. one VAE forward over all missing images); store each with :meth:`put`."""
         missing = [k for k in dict.fromkeys(keys) if not self._valid(k)]
-        self.cached += len(dict.fromkeys(keys)) - len(missing)
+        with self._lock:
+            self.cached += len(dict.fromkeys(keys)) - len(missing)
         return missing
 
     def put(self, key: str, write: Callable[[Path], None]) -> Path:
@@ -215,7 +221,8 @@ class ItemCache:
             digest = sha256_file(tmp)
         # Written after the entry: a crash in between leaves an entry without a digest, which reads as missing.
         write_bytes_atomic(digest_path(target), (digest + "\n").encode())
-        self.computed += 1
+        with self._lock:
+            self.computed += 1
         return target
 
     def _valid(self, key: str) -> bool:

@@ -1,6 +1,7 @@
 """Encoder throughput on the project's own code paths: VAE encoding of photos (stages.latents._encode_images:
 decode, training crop, VAE), text encoding (stages.latents.encode_prompts) and CLIP scoring
-(stages.scoring.ClipScorer.score: decode, preprocess, both towers), each batched on the device.
+(stages.scoring.score_images: decode, preprocess, both towers), each batched on the device. Photos are decoded and
+preprocessed on the image threads (assets_pipeline/parallel.py; ASSETS_PIPELINE_IMAGE_THREADS=1 for one).
 
     python benchmarks/bench_encoders.py --shapes tiny                       # CPU, seconds: the embedded models
     python benchmarks/bench_encoders.py --shapes sd15 --batch-sizes 8 32    # GPU: SD 1.5 VAE/text, ViT-B-32
@@ -87,25 +88,33 @@ def main() -> int:
     from PIL import Image
 
     from assets_pipeline.base_model import resolve_device
+    from assets_pipeline.parallel import image_threads, thread_map
     from assets_pipeline.stages.latents import _encode_images, encode_prompts
 
     device = resolve_device(args.device)
     cuda = device.startswith("cuda")
     with tempfile.TemporaryDirectory() as tmp:
         enc, scorer, resolution = load_models(args.shapes, device, Path(tmp) / "models")
+        scorer.load()
+
+        def clip_pixels(path):
+            with Image.open(path) as img:
+                return scorer.pixels(img.convert("RGB"))
+
         photos = write_photos(Path(tmp), max(args.batch_sizes), resolution)
         for batch in args.batch_sizes:
             paths, captions = photos[:batch], [f"{CAPTION} {i}" for i in range(batch)]
             runs = {
-                "vae_encode": lambda: _encode_images(paths, [False] * batch, enc, resolution, True),
+                "vae_encode": lambda: _encode_images(paths, [False] * batch, enc, (resolution, resolution), True),
                 "text_encode": lambda: encode_prompts(captions, enc),
-                # score_images opens each photo inside its loop; so does this
-                "clip_score": lambda: scorer.score([Image.open(p).convert("RGB") for p in paths], captions),
+                # as score_images: each photo decoded and preprocessed on the image threads, then one forward
+                "clip_score": lambda: scorer.score_pixels(torch.stack(thread_map(clip_pixels, paths)), captions),
             }
             for method, fn in runs.items():
                 rate, peak = measure(fn, batch, args.iters, cuda)
                 line = json.dumps({"method": method, "variant": "project", "shapes": args.shapes, "batch": batch,
                                    "images_per_s": round(rate, 2), "peak_mem_gib": round(peak, 2),
+                                   "image_threads": image_threads(),
                                    "device": torch.cuda.get_device_name(device) if cuda else "cpu"})
                 print(line, flush=True)
                 if args.json_out:

@@ -5,7 +5,9 @@ rebuild's time as a fraction of the full build.
     python benchmarks/bench_rebuild.py --photos 200 --size 1600x1200
 
 Each build runs in a fresh process (what a scheduled or sensor-triggered run pays: imports included), through
-Dagster (`dagster.materialize` of the dataset and latents groups) on an instance under --workdir.
+Dagster (`dagster.materialize` of the dataset and latents groups) on an instance under --workdir. Each asset's
+cell also shows its step's wall time. ``ASSETS_PIPELINE_IMAGE_THREADS=1`` runs the per-image work on one thread
+(assets_pipeline/parallel.py), for a comparison.
 """
 
 from __future__ import annotations
@@ -79,12 +81,16 @@ def build(workdir: Path) -> dict:
                          instance=instance, resources={**default_resources(), "storage": storage},
                          run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}})
     t2 = time.perf_counter()
+    step_s = {e.step_key: e.event_specific_data.duration_ms / 1000  # each step's wall time (a step is an asset)
+              for e in res.all_events if e.event_type_value == "STEP_SUCCESS"}
     steps = {}
     for e in res.get_asset_materialization_events():
         md = {k: getattr(v, "value", v) for k, v in e.materialization.metadata.items()}
-        steps[e.materialization.asset_key.to_user_string()] = {
-            k: md[k] for k in ("items_computed", "items_cached", "latents_computed", "text_embeds_computed",
-                               "dagster/row_count") if k in md}
+        name = e.materialization.asset_key.to_user_string()
+        steps[name] = {k: md[k] for k in ("items_computed", "items_cached", "latents_computed",
+                                          "text_embeds_computed", "dagster/row_count") if k in md}
+        if e.step_key in step_s:
+            steps[name]["step_s"] = round(step_s[e.step_key], 2)
     return {"process_s": round(t2 - t0, 2), "materialize_s": round(t2 - t1, 2), "assets": steps}
 
 
@@ -115,6 +121,9 @@ def main() -> int:
         (concept / f"photo_{i:04d}.jpg").write_bytes(make_photo(i, size))
     print(f"wrote {args.photos} photos of {size[0]}x{size[1]} in {time.perf_counter() - t:.0f} s under {workdir}",
           flush=True)
+    from assets_pipeline.parallel import ENV, image_threads
+
+    print(f"per-image work on {image_threads()} threads ({ENV} sets it)", flush=True)
 
     phases = {"full build": run_phase(workdir)}
     (concept / f"photo_{args.photos:04d}.jpg").write_bytes(make_photo(args.photos, size))
@@ -130,7 +139,8 @@ def main() -> int:
         cells = []
         for p in phases.values():
             s = p["assets"].get(a, {})
-            cells.append(f"{s.get('items_computed', '-')}/{s.get('items_cached', '-')}")
+            cells.append(f"{s.get('items_computed', '-')}/{s.get('items_cached', '-')}"
+                         + (f" {s['step_s']:>7.2f} s" if "step_s" in s else ""))
         print(f"{a:<20}" + "".join(f"{c:>24}" for c in cells))
     print(f"{'wall s (process)':<20}" + "".join(f"{p['process_s']:>24}" for p in phases.values()))
     print(f"{'wall s (materialize)':<20}" + "".join(f"{p['materialize_s']:>24}" for p in phases.values()))

@@ -8,12 +8,13 @@ square bucket keeps the key the square training crop always had.
 
 from __future__ import annotations
 
-import functools
+import threading
 from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
 from assets_pipeline.hashing import digest
+from assets_pipeline.parallel import thread_map
 from assets_pipeline.stages.buckets import assign_bucket, bucket_crop
 from assets_pipeline.stages.latents import image_size
 from assets_pipeline.store import ItemCache
@@ -75,18 +76,27 @@ def make_control_images(
     (latents.concept_buckets: the photo's latent has the same bucket and crop)."""
     from PIL import Image
 
-    annotator = functools.cache(lambda: make_annotator(cfg))  # made on the first miss: the import takes seconds
+    made, lock = [], threading.Lock()
 
-    paths, sizes = [], []
-    for sha, src in zip(subset["image_sha256"], subset["decoded_path"]):
-        bucket = assign_bucket(*image_size(src), buckets)
+    def annotator():  # made on the first miss (the import takes seconds), once whichever thread gets there first
+        with lock:
+            if not made:
+                made.append(make_annotator(cfg))
+        return made[0]
 
-        def create(tmp, src=src, bucket=bucket):
+    sizes = [assign_bucket(*image_size(src), buckets) for src in subset["decoded_path"]]
+    keys = [control_key(sha, cfg, bucket, center_crop) for sha, bucket in zip(subset["image_sha256"], sizes)]
+
+    def control(item: tuple[str, str, tuple[int, int]]) -> str:  # on a thread pool (assets_pipeline/parallel.py)
+        key, src, bucket = item
+
+        def create(tmp):
             img, _ = bucket_crop(Image.open(src), bucket, center_crop)
             annotator()(img).convert("RGB").save(tmp, format="PNG")
 
-        paths.append(str(cache.get_or_create(control_key(sha, cfg, bucket, center_crop), create)))
-        sizes.append(bucket)
+        return str(cache.get_or_create(key, create))
+
+    paths = thread_map(control, zip(keys, subset["decoded_path"], sizes))
     out = subset[["image_sha256", "source_path", "decoded_path", "caption"]].copy()
     out["control_path"] = paths
     out["annotator"] = cfg.annotator

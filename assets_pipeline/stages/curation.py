@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from assets_pipeline.hashing import digest
+from assets_pipeline.parallel import thread_map
 from assets_pipeline.store import ItemCache
 
 METRICS_VERSION = 2  # 2: skimage.filters.laplace + scipy.fft.dctn (issue 12)
@@ -94,13 +95,16 @@ def filter_images(
     """Return one row per captioned image with ``kept`` and, for dropped ones, every reason that applies."""
     min_side = cfg.min_side or resolution
     df = captioned.merge(manifest[["image_sha256", "width", "height"]], on="image_sha256")
-    metrics = []
-    for sha, path in zip(df["image_sha256"], df["decoded_path"]):
+
+    def metrics_of(item: tuple[str, str]) -> dict:  # on a thread pool (assets_pipeline/parallel.py)
+        sha, path = item
         p = cache.get_or_create(
             digest("quality-metrics", sha, METRICS_VERSION, cfg.blur_side),
-            lambda tmp, path=path: Path(tmp).write_text(json.dumps(image_metrics(path, cfg.blur_side))),
+            lambda tmp: Path(tmp).write_text(json.dumps(image_metrics(path, cfg.blur_side))),
         )
-        metrics.append(json.loads(p.read_text()))
+        return json.loads(p.read_text())
+
+    metrics = thread_map(metrics_of, zip(df["image_sha256"], df["decoded_path"]))
     df["blur_variance"] = [m["blur_variance"] for m in metrics]
     df["phash"] = [m["phash"] for m in metrics]
 

@@ -33,6 +33,7 @@ from typing import Any
 import pandas as pd
 
 from assets_pipeline.hashing import digest
+from assets_pipeline.parallel import prefetched, thread_map
 from assets_pipeline.stages.buckets import (
     assign_bucket, bucket_crop, bucket_label, bucket_set, crop_geometry, parse_bucket_label,
 )
@@ -141,23 +142,35 @@ def text_key(caption: str, enc: Encoders, cfg: LatentConfig) -> str:
     return digest("text-embedding", LATENT_VERSION, caption, enc.text_fingerprint, cfg.dtype)
 
 
-def _encode_images(paths: list[str], flips: list[bool], enc: Encoders, bucket: tuple[int, int], center_crop: bool):
+def _load_pixels(path: str, flip: bool, bucket: tuple[int, int], center_crop: bool):
+    """One photo as the VAE's input: the bucket's training crop (mirrored for the flipped latent), [-1, 1], CHW.
+    Thread-safe (compute_latents runs it on a thread pool)."""
     import numpy as np
     import torch
     from PIL import Image, ImageOps
 
-    pixels = []
-    for p, flip in zip(paths, flips):
-        img, _ = bucket_crop(Image.open(p), bucket, center_crop)
-        if flip:
-            img = ImageOps.mirror(img)
-        pixels.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1))
+    with Image.open(path) as photo:
+        img, _ = bucket_crop(photo, bucket, center_crop)
+    if flip:
+        img = ImageOps.mirror(img)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+def _encode_pixels(pixels: list, enc: Encoders):
+    """(mean, std) of the VAE's latent distribution for a batch of :func:`_load_pixels` of one bucket."""
+    import torch
+
     # load_encoders loads the VAE in float32, which SDXL's VAE needs (its config's force_upcast: it overflows in
     # float16; the SDXL pipeline and training scripts upcast it too).
     x = torch.stack(pixels).to(enc.vae.device, dtype=enc.vae.dtype)
     with torch.inference_mode():
         dist = enc.vae.encode(x).latent_dist
     return dist.mean.float().cpu(), dist.std.float().cpu()
+
+
+def _encode_images(paths: list[str], flips: list[bool], enc: Encoders, bucket: tuple[int, int], center_crop: bool):
+    """One batch: the photos loaded in parallel, then encoded (what compute_latents does, batch by batch)."""
+    return _encode_pixels(thread_map(lambda a: _load_pixels(*a, bucket, center_crop), zip(paths, flips)), enc)
 
 
 def encode_prompts(captions: list[str], enc: Encoders):
@@ -270,14 +283,15 @@ def compute_latents(
     by_bucket: dict[tuple[int, int], list] = {}  # a VAE forward takes one shape
     for job in todo:
         by_bucket.setdefault(job[3], []).append(job)
-    for bucket, bucket_jobs in sorted(by_bucket.items()):
-        for s in range(0, len(bucket_jobs), cfg.batch_size):
-            batch = bucket_jobs[s : s + cfg.batch_size]
-            mean, std = _encode_images([p for _, p, _, _ in batch], [f for _, _, f, _ in batch], enc, bucket,
-                                       cfg.center_crop)
-            for (key, *_), m, sd in zip(batch, mean, std):
-                latent_cache.put(key, lambda tmp, m=m, sd=sd: save_file(
-                    {"mean": m.to(dtype).contiguous(), "std": sd.to(dtype).contiguous()}, str(tmp)))
+    batches = [bucket_jobs[s : s + cfg.batch_size] for _, bucket_jobs in sorted(by_bucket.items())
+               for s in range(0, len(bucket_jobs), cfg.batch_size)]
+    # Photos are decoded and cropped on a thread pool, the next batch while the VAE encodes this one.
+    loaded = prefetched(batches, lambda job: _load_pixels(job[1], job[2], job[3], cfg.center_crop))
+    for batch, pixels in zip(batches, loaded):
+        mean, std = _encode_pixels(pixels, enc)
+        for (key, *_), m, sd in zip(batch, mean, std):
+            latent_cache.put(key, lambda tmp, m=m, sd=sd: save_file(
+                {"mean": m.to(dtype).contiguous(), "std": sd.to(dtype).contiguous()}, str(tmp)))
 
     for s in range(0, len(missing_text), cfg.batch_size):
         keys = missing_text[s : s + cfg.batch_size]

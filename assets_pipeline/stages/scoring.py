@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from assets_pipeline.hashing import digest
+from assets_pipeline.parallel import prefetched
 from assets_pipeline.store import ItemCache, atomic_dir
 
 LAION_THRESHOLD = 0.28
@@ -70,6 +71,9 @@ class ClipScorer:
         self.is_random = is_random
         self._loaded = None
 
+    def load(self) -> None:
+        self._parts()
+
     def _parts(self):
         """(model, preprocess, tokenizer), loaded on first use: a run with every score cached loads nothing."""
         if self._loaded is None:
@@ -84,14 +88,23 @@ class ClipScorer:
             self._loaded = (model.eval(), preprocess, open_clip.get_tokenizer(self.model_name))
         return self._loaded
 
-    def embed_images(self, images: list) -> np.ndarray:
+    def pixels(self, image):
+        """The model's input for one PIL image (open_clip's preprocessing: resize, center crop, normalize);
+        thread-safe once loaded (:func:`score_images` runs it on a thread pool)."""
+        return self._parts()[1](image)
+
+    def embed_pixels(self, x) -> np.ndarray:
+        """Normalized image embeddings of a batch of :meth:`pixels`."""
         import torch
 
         with torch.inference_mode():
-            model, preprocess, _ = self._parts()
-            x = torch.stack([preprocess(im) for im in images]).to(self.device)
-            f = model.encode_image(x)
+            f = self._parts()[0].encode_image(x.to(self.device))
             return torch.nn.functional.normalize(f.float(), dim=-1).cpu().numpy()
+
+    def embed_images(self, images: list) -> np.ndarray:
+        import torch
+
+        return self.embed_pixels(torch.stack([self.pixels(im) for im in images]))
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         import torch
@@ -104,6 +117,10 @@ class ClipScorer:
     def score(self, images: list, texts: list[str]) -> np.ndarray:
         """Cosine similarity of each (image, text) pair (CLIPScore without its 2.5 weight; Hessel et al. 2021)."""
         return (self.embed_images(images) * self.embed_texts(texts)).sum(axis=1)
+
+    def score_pixels(self, x, texts: list[str]) -> np.ndarray:
+        """:meth:`score` of a batch already preprocessed (:meth:`pixels`)."""
+        return (self.embed_pixels(x) * self.embed_texts(texts)).sum(axis=1)
 
 
 def load_clip_scorer(model_name: str, pretrained: str | None, artifact_root: Path, device: str = "cpu") -> ClipScorer:
@@ -134,10 +151,19 @@ def score_images(filtered: pd.DataFrame, scorer: ClipScorer, cache: ItemCache, c
     keys = [digest("clip-score", sha, cap, scorer.fingerprint) for sha, cap in zip(df["image_sha256"], df["caption"])]
     missing = set(cache.split(keys))
     todo = [i for i, k in enumerate(keys) if k in missing]
-    for start in range(0, len(todo), cfg.batch_size):
-        idx = todo[start : start + cfg.batch_size]
-        scores = scorer.score([Image.open(df.at[i, "decoded_path"]).convert("RGB") for i in idx],
-                              [df.at[i, "caption"] for i in idx])
+    batches = [todo[start : start + cfg.batch_size] for start in range(0, len(todo), cfg.batch_size)]
+    paths, captions = df["decoded_path"].tolist(), df["caption"].tolist()
+
+    def load(i: int):  # decoding and preprocessing on a thread pool (assets_pipeline/parallel.py)
+        with Image.open(paths[i]) as img:
+            return scorer.pixels(img.convert("RGB"))
+
+    if batches:  # a run with every score cached imports no model library
+        import torch
+
+        scorer.load()  # on this thread, before the pool's threads preprocess with it
+    for idx, pixels in zip(batches, prefetched(batches, load)):
+        scores = scorer.score_pixels(torch.stack(pixels), [captions[i] for i in idx])
         for i, s in zip(idx, scores):
             cache.put(keys[i], lambda tmp, s=float(s): Path(tmp).write_text(json.dumps(s)))
     df["clip_score"] = [json.loads(cache.path(k).read_text()) for k in keys]
