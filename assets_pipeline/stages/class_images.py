@@ -16,7 +16,6 @@ Defaults for a real model trade diffusers' reference settings (train_dreambooth.
 from __future__ import annotations
 
 import io
-import os
 import re
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +25,7 @@ from typing import Any
 import pandas as pd
 
 from assets_pipeline.hashing import digest, sha256_file
+from assets_pipeline.parallel import image_threads
 from assets_pipeline.store import ItemCache
 
 CLASS_IMAGE_COLUMNS = ["image_sha256", "decoded_path", "caption", "seed", "cache_key"]
@@ -198,7 +198,7 @@ def _generate(load_pipeline, prompt, todo, resolution, cfg, cache, quick, device
         for key, png in done:
             cache.put(key, lambda tmp, data=png.result(): tmp.write_bytes(data))
 
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as encoder:
+    with ThreadPoolExecutor(max_workers=image_threads()) as encoder:  # assets_pipeline/parallel.py
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             seeds = [seed for seed, _ in batch]

@@ -278,14 +278,18 @@ def restore_decoded(manifest: pd.DataFrame, concept_dir: Path, image_cache: Item
     Every stage after ``raw_images`` reads the decoded images (and links them into its imagefolder), so each
     calls this first: a cache entry damaged since ``raw_images`` ran is rebuilt rather than read or spread.
     """
-    restored = []
-    for r in manifest.itertuples():
+    rows = list(manifest.itertuples())
+    keys = []
+    for r in rows:
         decoded = Path(r.decoded_path)
-        key = decoded.name.removesuffix(image_cache.ext)
-        if decoded != image_cache.path(key):
-            raise ValueError(f"{decoded}: not an entry of the image cache {image_cache.path(key).parent.parent}")
-        if not image_cache.split([key]):
-            continue
+        keys.append(decoded.name.removesuffix(image_cache.ext))
+        if decoded != image_cache.path(keys[-1]):
+            raise ValueError(f"{decoded}: not an entry of the image cache {image_cache.path(keys[-1]).parent.parent}")
+    # The digests are checked on the image threads (hashing releases the GIL); the rare restores, one by one.
+    bad = thread_map(lambda key: bool(image_cache.split([key])), keys)
+    restored = []
+    for r, key in ((r, key) for r, key, b in zip(rows, keys, bad) if b):
+        decoded = Path(r.decoded_path)
         source = concept_dir / r.source_path
         try:
             data, why = _read_bytes(source, cfg.max_file_bytes), "has changed"
