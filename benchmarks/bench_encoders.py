@@ -2,6 +2,8 @@
 decode, training crop, VAE), text encoding (stages.latents.encode_prompts) and CLIP scoring
 (stages.scoring.score_images: decode, preprocess, both towers), each batched on the device. Photos are decoded and
 preprocessed on the image threads (assets_pipeline/parallel.py; ASSETS_PIPELINE_IMAGE_THREADS=1 for one).
+``vae_host`` and ``clip_host`` time that host side alone: the most the rows above could reach with an infinitely
+fast device.
 
     python benchmarks/bench_encoders.py --shapes tiny                       # CPU, seconds: the embedded models
     python benchmarks/bench_encoders.py --shapes sd15 --batch-sizes 8 32    # GPU: SD 1.5 VAE/text, ViT-B-32
@@ -89,7 +91,7 @@ def main() -> int:
 
     from assets_pipeline.base_model import resolve_device
     from assets_pipeline.parallel import image_threads, thread_map
-    from assets_pipeline.stages.latents import _encode_images, encode_prompts
+    from assets_pipeline.stages.latents import _encode_images, _load_pixels, encode_prompts
 
     device = resolve_device(args.device)
     cuda = device.startswith("cuda")
@@ -109,6 +111,10 @@ def main() -> int:
                 "text_encode": lambda: encode_prompts(captions, enc),
                 # as score_images: each photo decoded and preprocessed on the image threads, then one forward
                 "clip_score": lambda: scorer.score_pixels(torch.stack(thread_map(clip_pixels, paths)), captions),
+                # the host side alone (decode, crop or preprocess on the image threads): the ceiling it puts on
+                # the two rows above; where they are close to it, a faster GPU would not make them faster
+                "vae_host": lambda: thread_map(lambda p: _load_pixels(p, False, (resolution, resolution), True), paths),
+                "clip_host": lambda: thread_map(clip_pixels, paths),
             }
             for method, fn in runs.items():
                 rate, peak = measure(fn, batch, args.iters, cuda)

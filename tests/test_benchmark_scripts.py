@@ -19,5 +19,5 @@ def test_bench_encoders_prints_a_rate_for_each_encoder_and_batch():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert sorted((r["method"], r["batch"]) for r in rows) == sorted(
-        (m, b) for m in ("vae_encode", "text_encode", "clip_score") for b in (2, 3))
+        (m, b) for m in ("vae_encode", "text_encode", "clip_score", "vae_host", "clip_host") for b in (2, 3))
     assert all(r["images_per_s"] > 0 and r["image_threads"] == 2 and r["device"] == "cpu" for r in rows)
