@@ -21,6 +21,7 @@ def grid_markdown(paths: list[str], captions: list[str] | None = None, thumb: in
 
     if not paths:
         return "_no images_"
+
     def fit(p: str):
         with Image.open(p) as img:
             return ImageOps.fit(img.convert("RGB"), (thumb, thumb))
@@ -35,8 +36,10 @@ def grid_markdown(paths: list[str], captions: list[str] | None = None, thumb: in
 
     rows = (len(paths) + columns - 1) // columns
     sheet = Image.new("RGB", (thumb * min(columns, len(paths)), thumb * rows), "white")
-    for i, t in enumerate(thread_map(tile, paths)):
-        sheet.paste(t, ((i % columns) * thumb, (i // columns) * thumb))
+    unique = list(dict.fromkeys(paths))  # one thread per thumbnail cache key (parallel.py)
+    tiles = dict(zip(unique, thread_map(tile, unique)))
+    for i, p in enumerate(paths):
+        sheet.paste(tiles[p], ((i % columns) * thumb, (i // columns) * thumb))
     buf = io.BytesIO()
     sheet.save(buf, format="PNG", optimize=True)
     md = f"![preview](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"

@@ -4,7 +4,8 @@ The dataset stages do the same pure work for every photo: decode, EXIF-transpose
 metrics. Pillow releases the GIL while it decodes, encodes and resamples, and numpy and torch do in their
 kernels, so threads spread that work over the machine's cores within one Dagster step (no process start,
 no pickling of images). Results come back in the input's order, so what is written never depends on the
-number of threads.
+number of threads. Callers give each thread its own cache keys: an ItemCache entry is written atomically, but
+one key written by two threads at once could be read by one while the other replaces it.
 
 ``ASSETS_PIPELINE_IMAGE_THREADS`` sets the number of threads (default: the cores this process may use, at
 most 8; 1 = one at a time, in the calling thread).

@@ -128,3 +128,17 @@ def test_ingest_and_latents_are_the_same_with_one_thread_or_several(tmp_path, mo
     assert codes == {"07_copy.jpg": "exact_duplicate", "02b_copy.jpg": "exact_duplicate",
                      "08_broken.jpg": "truncated", "09_broken_copy.jpg": "truncated"}
     assert len(m1) == 7 and len({k for k in l1}) == 7
+
+
+def test_a_preview_with_a_photo_twice_makes_its_thumbnail_once(tmp_path):
+    from assets_pipeline.imaging import grid_markdown
+
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    photo("astronaut", (120, 90)).save(a)
+    photo("coffee", (90, 120)).save(b)
+    cache = ItemCache(tmp_path / "artifacts", "thumbnails", ".png")
+    md = grid_markdown([str(a), str(b), str(a)], thumb_cache=cache)
+    assert md.startswith("![preview](data:image/png;base64,")
+    assert cache.counts() == {"items_computed": 2, "items_cached": 0}
+    assert grid_markdown([str(b), str(a)], thumb_cache=cache) != md  # another order, another sheet
+    assert cache.counts() == {"items_computed": 2, "items_cached": 2}
