@@ -288,7 +288,9 @@ def restore_decoded(manifest: pd.DataFrame, concept_dir: Path, image_cache: Item
     # The digests are checked on the image threads (hashing releases the GIL); the rare restores, one by one.
     bad = thread_map(lambda key: bool(image_cache.split([key])), keys)
     restored = []
-    for r, key in ((r, key) for r, key, b in zip(rows, keys, bad) if b):
+    for r, key, is_bad in zip(rows, keys, bad):
+        if not is_bad:
+            continue
         decoded = Path(r.decoded_path)
         source = concept_dir / r.source_path
         try:
