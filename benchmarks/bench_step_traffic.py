@@ -37,7 +37,9 @@ def kind(name: str, dtypes: set) -> str:
     return "norm" if "norm" in name else "other"
 
 
-def build_unet(shapes: str):
+def build_unet(shapes: str, adapters: bool = True):
+    """The U-Net of ``shapes`` (tiny: the embedded SD 1.x; sd15, sdxl: random weights) placed as the LoRA loop places
+    it: frozen weights in bf16 and, with ``adapters``, the LoRA method's adapters with fp32 master weights."""
     import torch
     from peft import LoraConfig
 
@@ -45,14 +47,15 @@ def build_unet(shapes: str):
     from assets_pipeline.training.methods.lora import UNET_TARGETS
 
     torch.manual_seed(0)
-    if shapes == "sd15":
-        unet = build_unet("sd15")
+    if shapes in ("sd15", "sdxl"):
+        unet = build_unet(shapes)
     else:
         from assets_pipeline.base_model import build_embedded_pipeline
 
         unet = build_embedded_pipeline().unet
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=list(UNET_TARGETS)))
+    if adapters:
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=list(UNET_TARGETS)))
     unet.to(torch.bfloat16)  # frozen weights in bf16, the adapter's fp32 master weights (the loop's _place)
     for p in unet.parameters():
         if p.requires_grad:

@@ -18,11 +18,12 @@ Variants (each run in its own process, so peak memory is that run's alone):
   the project's loop would reach with no overhead of its own: the yardstick for its variants.
 - ``project-eager``, ``project-compiled`` (regional compilation, cold compile cache),
   ``project-compiled-warm`` (the same, a fresh process whose local Inductor/Triton caches are empty, loading
-  the kernels the cold run persisted), ``project-compiled-full`` (whole-network compile): the project's real
-  trainer (``assets_pipeline.training.loop.train``) on a job over a synthetic latents bundle.
+  the kernels the cold run persisted), ``project-compiled-full`` and ``project-compiled-full-warm`` (the same
+  pair with whole-network compilation; a warm variant is warm only after its cold one in the same invocation):
+  the project's real trainer (``assets_pipeline.training.loop.train``) on a job over a synthetic latents bundle.
 
 DreamBooth runs with prior preservation (batch b = b instance + b class rows). Both sides time ``--steps``
-steps after one warm-up step (compilation and cuDNN autotuning happen there; ``warmup_s`` is its time, plus,
+steps after one warm-up step (compilation, and cuDNN's trials where on, happen there; ``warmup_s`` is its time, plus,
 for the project's compiled runs, reading the persisted kernels (warm) or writing them (cold): ``compile_cache_io_s``);
 ``images_per_s`` counts the rows the U-Net sees. Prints one JSON line per run, then the ratio table.
 """
@@ -49,6 +50,7 @@ PERFORMANCE = {
     "project-compiled": {"compile": "regional"},
     "project-compiled-warm": {"compile": "regional"},
     "project-compiled-full": {"compile": "full"},
+    "project-compiled-full-warm": {"compile": "full"},
 }
 PLAIN = ("plain-eager", "plain-compiled")
 VARIANTS = ("reference", *PLAIN, *PERFORMANCE)
@@ -137,6 +139,7 @@ def run_project(method, shapes, batch, steps, variant, work: Path, device: str, 
     s = state.stats
     out = {"images_per_s": s["images_per_s"], "warmup_s": s["warmup_s"], "peak_mem_gib": s["peak_mem_gib"],
            "compile_cache": s["compile_cache"], "compile_cache_io_s": s["compile_cache_io_s"],
+           "channels_last": s["channels_last"], "cudnn_benchmark": s["cudnn_benchmark"],
            "attention": s["attention"], "precision": s["precision"], "device": s["device"]}
     if s.get("compile_stats"):  # Dynamo vs backend seconds, graphs, FX-graph/AOTAutograd cache hits and misses
         out["compile_stats"] = s["compile_stats"]

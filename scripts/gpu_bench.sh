@@ -47,8 +47,10 @@ run_part() {
     encoders) part encoders 80 $PY benchmarks/bench_encoders.py --shapes $SHAPES ;;
     db_compiled) part db_compiled 200 $B --methods dreambooth --batch-sizes 16 --run-timeout 190 \
                    --variants project-compiled ;;
-    lora_full) part lora_full 200 $B --methods lora --batch-sizes 16 --run-timeout 190 \
-                 --variants project-compiled-full ;;
+    # Whole-network compile, cold then warm, beside the reference: the rate and both warm-ups to set against
+    # regional compilation's (lora_b16).
+    lora_full) part lora_full 360 $B --methods lora --batch-sizes 16 --run-timeout 200 \
+                 --variants reference project-compiled-full project-compiled-full-warm ;;
     b4) part b4 150 $B --methods lora dreambooth --batch-sizes 4 --variants reference project-eager ;;
     # The same LoRA step written plainly on cached latents (eager, and channels_last + whole compile): what the
     # project's loop would reach with no overhead of its own, measured beside it.
@@ -59,21 +61,27 @@ run_part() {
     lora_profile) part lora_profile 300 $B --methods lora --batch-sizes 16 --run-timeout 200 \
                     --variants project-eager project-compiled --performance profile_steps=5 \
                     --profile-out "$OUT/profiles" ;;
-    # The eager step's layout and cast levers against the default, in one call: channels_last (torch's CUDA
-    # GroupNorm returned NCHW until its NHWC kernel, pytorch/pytorch#191945, merged 2026-08, so an eager channels_last
-    # U-Net on an older torch converts layouts around every GroupNorm) and PEFT's input casts (adapter_input_casts).
-    lora_eager_ab) part lora_eager_ab 300 bash -c "$B --methods lora --batch-sizes 16 --variants reference project-eager \
+    # The eager step's levers against the default, in one call: channels_last (torch's CUDA GroupNorm returned
+    # NCHW until its NHWC kernel, pytorch/pytorch#191945, merged 2026-08, so an eager channels_last U-Net on an
+    # older torch converts layouts around every GroupNorm), cuDNN's algorithm trials (off by default, as in the
+    # reference and plain loops: first step vs. steady rate) and PEFT's input casts (adapter_input_casts).
+    lora_eager_ab) part lora_eager_ab 360 bash -c "$B --methods lora --batch-sizes 16 --variants reference project-eager \
                      && $B --methods lora --batch-sizes 16 --variants project-eager --performance channels_last=off \
+                     && $B --methods lora --batch-sizes 16 --variants project-eager --performance cudnn_benchmark=on \
                      && $B --methods lora --batch-sizes 16 --variants project-eager --performance adapter_input_casts=on" ;;
+    # The first step without and with cuDNN's trials where they weigh most: DreamBooth's first step (21.3 s with
+    # them, against the reference's 2.4 s on the H200) times every convolution's weight gradient too.
+    first_step_ab) part first_step_ab 240 bash -c "$B --methods dreambooth --batch-sizes 16 --variants project-eager \
+                     && $B --methods dreambooth --batch-sizes 16 --variants project-eager --performance cudnn_benchmark=on" ;;
     # SDXL LoRA at 1024 px, batch 4: the SDXL script's loop (prompt encoded once, fp32 VAE every step) vs. ours.
     sdxl_lora) part sdxl_lora 300 $BX --methods lora --batch-sizes 4 --run-timeout 240 \
                  --variants reference project-eager ;;
     *) echo "unknown part $1 (lora_b16 methods_b16 db_compiled lora_full class_images encoders b4 lora_plain" \
-            "lora_eager_ab lora_profile sdxl_lora)"; return 2 ;;
+            "lora_eager_ab first_step_ab lora_profile sdxl_lora)"; return 2 ;;
   esac
 }
 # Parts in order of importance; name some to run only those (e.g. when device time is short).
-for p in "${@:-lora_b16 methods_b16 db_compiled class_images encoders b4 lora_full lora_plain lora_eager_ab lora_profile sdxl_lora}"; do
+for p in "${@:-lora_b16 methods_b16 db_compiled class_images encoders b4 lora_full lora_plain lora_eager_ab first_step_ab lora_profile sdxl_lora}"; do
   for q in $p; do run_part "$q"; done
 done
 # Every training run recorded in $OUT/training.jsonl (this invocation's parts, and earlier ones into the same $OUT).

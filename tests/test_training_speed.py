@@ -21,8 +21,15 @@ def test_auto_is_fast_on_cuda_and_plain_on_cpu():
     perf = Performance()
     cpu = resolve(perf, cuda=False, steps=5000, accumulation=4, compile_cache_warm=True)
     assert (cpu.compile, cpu.channels_last, cpu.fused_optimizer, cpu.probe_micro_batch) == ("none", False, False, False)
+    assert not cpu.cudnn_benchmark
     long_run = resolve(perf, cuda=True, steps=perf.compile_min_steps, accumulation=4, compile_cache_warm=False)
     assert (long_run.compile, long_run.channels_last, long_run.fused_optimizer) == ("regional", True, True)
+    # cuDNN's algorithm trials: only when asked for, and never on a CPU, where there is no cuDNN to ask.
+    assert not long_run.cudnn_benchmark
+    on = Performance(cudnn_benchmark="on")
+    assert resolve(on, cuda=True, steps=10, accumulation=1, compile_cache_warm=False).cudnn_benchmark
+    assert not resolve(Performance(cudnn_benchmark="on"), cuda=False, steps=10, accumulation=1,
+                       compile_cache_warm=False).cudnn_benchmark
     assert long_run.probe_micro_batch
     # A cold compile pays for itself only in a long run; a warm cache makes it cheap, though not free.
     mid = perf.compile_min_steps_warm
@@ -35,10 +42,25 @@ def test_auto_is_fast_on_cuda_and_plain_on_cpu():
                    compile_cache_warm=False).compile == "full"
 
 
+def test_the_plan_sets_cudnns_algorithm_trials_for_the_process():
+    import torch
+
+    from assets_pipeline.training.performance import configure_backends
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        for wanted in (True, False):
+            configure_backends(cuda=False, cudnn_benchmark=wanted)
+            assert torch.backends.cudnn.benchmark is wanted
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 @pytest.mark.parametrize("bad, match", [({"compile": "fast"}, "performance.compile"),
                                         ({"channels_last": True}, "performance.channels_last"),
                                         ({"micro_batch": "max"}, "performance.micro_batch"),
                                         ({"adapter_input_casts": "yes"}, "performance.adapter_input_casts"),
+                                        ({"cudnn_benchmark": True}, "performance.cudnn_benchmark must be one of"),
                                         ({"profile_steps": -1}, "performance.profile_steps must be >= 0, got -1"),
                                         ({"log_evry": 5}, "unknown performance settings")])
 def test_bad_settings_name_the_setting(bad, match):

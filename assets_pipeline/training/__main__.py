@@ -27,7 +27,7 @@ def _pipes(stack: ExitStack):
 
 
 SPEED_KEYS = ("images_per_s", "warmup_s", "train_s", "peak_mem_gib", "micro_batch", "gradient_accumulation",
-              "compile", "compile_cache", "compile_cache_io_s", "attention", "num_processes")
+              "compile", "compile_cache", "compile_cache_io_s", "cudnn_benchmark", "attention", "num_processes")
 
 
 def _images_table(job) -> str:

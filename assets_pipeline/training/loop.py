@@ -244,7 +244,6 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
         progress = log.debug
     device = accelerator.device
     cuda = device.type == "cuda"
-    perf_mod.configure_backends(cuda)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
 
     set_seed(cfg.seed)  # adapter/ControlNet initialization; batches and noise have their own seeded generators
@@ -262,6 +261,7 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
     trained = {n: getattr(models, n) for n in trainable}
     sig = perf_mod.device_signature()
     plan = perf_mod.resolve(perf, cuda, steps, accum, compile_cache_warm=False)
+    perf_mod.configure_backends(cuda, plan.cudnn_benchmark)
     _place(models, trainable, device, weight_dtype, cfg, plan.channels_last)
     params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
     # The networks every step runs forward and backward through, trained or frozen (textual inversion's
@@ -399,7 +399,7 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
             progress(f"profiled the last {profile['steps']} steps: {profile['step_ms']} ms a step"
                      + (f", GPU busy {profile['device_busy']:.0%}" if profile["device_busy"] is not None else "")
                      + f" ({ckpt_root / PROFILE_DIR}: trace.json.gz, ops.txt)")
-        if warmup_s is None:  # the first step pays compilation (and cuDNN's autotuning): time it on its own
+        if warmup_s is None:  # the first step pays compilation (and cuDNN's trials, if on): time it on its own
             float(step_loss)
             first_step_s = time.perf_counter() - t0
             if cache_state == "cold":
@@ -453,6 +453,7 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
         "micro_batch": micro, "gradient_accumulation": accum, "compile": plan.compile, "compile_cache": cache_state,
         "compile_cache_io_s": round(cache_io_s, 2),
         "channels_last": plan.channels_last, "fused_optimizer": fused, "adapter_input_casts": casts,
+        "cudnn_benchmark": plan.cudnn_benchmark,
         "optimizer": cfg.optimizer,
         "attention": attention,
         "precision": precision, "device": sig.get("gpu", "cpu"), "num_processes": n_procs,

@@ -1,9 +1,9 @@
 """How the one training loop runs fast: execution settings, not training config.
 
 None of these changes what is learned (they are not part of a job's identity), only how fast and in how much
-memory: ``torch.compile`` of the networks each step runs (regional or whole), channels_last, fused AdamW, the micro-batch
-that fits the card, how often the loop syncs with the host to log. Each defaults to ``auto``: on where it helps
-(CUDA), off where it does not (CPU). The trainer resource sets them; the job carries them to the trainer.
+memory: ``torch.compile`` of the networks each step runs (regional or whole), channels_last, fused AdamW, cuDNN's
+algorithm trials, the micro-batch that fits the card, how often the loop syncs with the host to log. Each
+defaults to ``auto``: on where it helps (CUDA), off where it does not (CPU; cuDNN's trials: off everywhere). The trainer resource sets them; the job carries them to the trainer.
 
 Compiled kernels are persisted as a content-addressed artifact (``torch.compiler.save_cache_artifacts``) keyed
 by everything that shapes the compiled graphs, so the next training on the same base model, card and batch
@@ -50,6 +50,14 @@ class Performance:
     compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend ('aot_eager' tests)."})
     channels_last: str = field(default="auto", metadata={"help": "NHWC convolutions: 'auto' = on CUDA only."})
     fused_optimizer: str = field(default="auto", metadata={"help": "Fused AdamW kernel: 'auto' = on CUDA only."})
+    cudnn_benchmark: str = field(default="auto", metadata={"help": (
+        "torch.backends.cudnn.benchmark: cuDNN times its algorithms for each convolution shape on first use "
+        "(forward and both backward passes) and keeps the fastest. The trials run in every process's first "
+        "step, compiled or not, and are not persisted. 'auto' = off. The fastest steps measured (the plain "
+        "compiled loop, docs/benchmarks.md) ran without them. With them, the trainer's first step was 7 s (H100, "
+        "LoRA) to 19 s (H200, DreamBooth) longer than that of the reference loop, which runs without them. "
+        "That they are the cause is still to be measured: 'on' A/Bs them "
+        "(`scripts/gpu_bench.sh lora_eager_ab first_step_ab`).")})
     adapter_input_casts: str = field(default="auto", metadata={"help": (
         "PEFT casts each adapted layer's input to the adapter's fp32 weights; under mixed precision autocast "
         "casts it straight back to bf16/fp16 for the matmul, a round trip over the whole activation per layer "
@@ -72,7 +80,7 @@ class Performance:
     def __post_init__(self) -> None:
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"performance.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
-        for name in ("channels_last", "fused_optimizer", "adapter_input_casts"):
+        for name in ("channels_last", "fused_optimizer", "adapter_input_casts", "cudnn_benchmark"):
             if getattr(self, name) not in SWITCH:
                 raise ValueError(f"performance.{name} must be one of {SWITCH}, got {getattr(self, name)!r}")
         if self.micro_batch not in ("auto", "configured"):
@@ -107,6 +115,7 @@ class Plan:
     channels_last: bool
     fused_optimizer: bool
     adapter_input_casts: bool  # PEFT's input casts kept under mixed precision
+    cudnn_benchmark: bool
     probe_micro_batch: bool
     log_every: int
 
@@ -121,22 +130,24 @@ def resolve(perf: Performance, cuda: bool, steps: int, accumulation: int, compil
         mode = "regional" if cuda and worth else "none"
     return Plan(cuda=cuda, compile=mode, backend=perf.compile_backend, channels_last=on(perf.channels_last),
                 fused_optimizer=on(perf.fused_optimizer), adapter_input_casts=perf.adapter_input_casts == "on",
+                cudnn_benchmark=cuda and perf.cudnn_benchmark == "on",
                 probe_micro_batch=cuda and perf.micro_batch == "auto" and accumulation > 1, log_every=perf.log_every)
 
 
-def configure_backends(cuda: bool) -> None:
-    """Fixed shapes every step: let cuDNN pick its fastest convolutions once; TF32 for what stays fp32."""
+def configure_backends(cuda: bool, cudnn_benchmark: bool) -> None:
+    """TF32 for what stays fp32 on CUDA; cuDNN's algorithm trials as the plan says (fixed shapes every step)."""
     import torch
 
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     if cuda:
-        torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
 
-def compile_module(module, mode: str, backend: str) -> int:
+def compile_module(module, mode: str, backend: str, blocks: tuple[str, ...] = REGIONAL_BLOCKS) -> int:
     """Compile ``module`` in place (``nn.Module.compile``: state-dict keys unchanged, so saving, checkpoints and
-    ``unwrap_model`` see the plain module). Returns the number of compiled regions."""
+    ``unwrap_model`` see the plain module); ``regional`` compiles each submodule whose class is named in
+    ``blocks``. Returns the number of compiled regions."""
     import torch
 
     if mode == "none":
@@ -151,11 +162,11 @@ def compile_module(module, mode: str, backend: str) -> int:
         return 1
     count = 0
     for sub in module.modules():
-        if type(sub).__name__ in REGIONAL_BLOCKS:
+        if type(sub).__name__ in blocks:
             sub.compile(backend=backend, dynamic=False)
             count += 1
     if not count:
-        raise ValueError(f"regional compilation found none of {REGIONAL_BLOCKS} in {type(module).__name__}; "
+        raise ValueError(f"regional compilation found none of {blocks} in {type(module).__name__}; "
                          "use compile = 'full' or 'none'")
     return count
 
