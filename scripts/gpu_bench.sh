@@ -45,8 +45,8 @@ run_part() {
                    --variants reference project-eager ;;
     class_images) part class_images 100 $PY benchmarks/bench_class_images.py --shapes $SHAPES --count 16 ;;
     encoders) part encoders 80 $PY benchmarks/bench_encoders.py --shapes $SHAPES ;;
-    db_compiled) part db_compiled 200 $B --methods dreambooth --batch-sizes 16 --run-timeout 190 \
-                   --variants project-compiled ;;
+    db_compiled) part db_compiled 260 $B --methods dreambooth --batch-sizes 16 --run-timeout 200 \
+                   --variants reference project-compiled ;;
     # Whole-network compile, cold then warm, beside the reference: the rate and both warm-ups to set against
     # regional compilation's (lora_b16).
     lora_full) part lora_full 360 $B --methods lora --batch-sizes 16 --run-timeout 200 \
