@@ -69,8 +69,8 @@ run_part() {
                      && $B --methods lora --batch-sizes 16 --variants project-eager --performance channels_last=off \
                      && $B --methods lora --batch-sizes 16 --variants project-eager --performance cudnn_benchmark=on \
                      && $B --methods lora --batch-sizes 16 --variants project-eager --performance adapter_input_casts=on" ;;
-    # The first step without and with cuDNN's trials where they weigh most: DreamBooth's first step (21.3 s with
-    # them, against the reference's 2.4 s on the H200) times every convolution's weight gradient too.
+    # The first step without and with cuDNN's trials where they weigh most: DreamBooth, whose trials cover every
+    # convolution's weight gradient too (its first step: 21.3 s with them, the reference's 2.4 s, on the H200).
     first_step_ab) part first_step_ab 240 bash -c "$B --methods dreambooth --batch-sizes 16 --variants project-eager \
                      && $B --methods dreambooth --batch-sizes 16 --variants project-eager --performance cudnn_benchmark=on" ;;
     # SDXL LoRA at 1024 px, batch 4: the SDXL script's loop (prompt encoded once, fp32 VAE every step) vs. ours.

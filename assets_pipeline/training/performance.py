@@ -3,7 +3,8 @@
 None of these changes what is learned (they are not part of a job's identity), only how fast and in how much
 memory: ``torch.compile`` of the networks each step runs (regional or whole), channels_last, fused AdamW, cuDNN's
 algorithm trials, the micro-batch that fits the card, how often the loop syncs with the host to log. Each
-defaults to ``auto``: on where it helps (CUDA), off where it does not (CPU; cuDNN's trials: off everywhere). The trainer resource sets them; the job carries them to the trainer.
+defaults to ``auto``: on where it helps (CUDA), off where it does not (CPU; cuDNN's trials are off on both until
+a card shows they pay). The trainer resource sets them; the job carries them to the trainer.
 
 Compiled kernels are persisted as a content-addressed artifact (``torch.compiler.save_cache_artifacts``) keyed
 by everything that shapes the compiled graphs, so the next training on the same base model, card and batch
