@@ -16,7 +16,8 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 { date -u +%FT%TZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $PY -c 'import torch, diffusers, transformers, peft; print("torch", torch.__version__, "cuda", torch.version.cuda,
-"diffusers", diffusers.__version__, "transformers", transformers.__version__, "peft", peft.__version__)'; } \
+"cudnn", torch.backends.cudnn.version(), "diffusers", diffusers.__version__, "transformers", transformers.__version__,
+"peft", peft.__version__)'; } \
   2>&1 | tee "$OUT/environment.txt"
 
 DEADLINE=${BENCH_DEADLINE_S:-0}  # 0: none
