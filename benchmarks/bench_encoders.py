@@ -1,5 +1,5 @@
-"""Encoder throughput on the project's own code paths: VAE encoding of photos (stages.latents._encode_images:
-decode, training crop, VAE), text encoding (stages.latents.encode_prompts) and CLIP scoring
+"""Encoder throughput on the project's own code paths: VAE encoding of photos (stages.latents._load_pixels on the
+image threads: decode, training crop; then _encode_pixels: the VAE), text encoding (stages.latents.encode_prompts) and CLIP scoring
 (stages.scoring.score_images: decode, preprocess, both towers), each batched on the device. Photos are decoded and
 preprocessed on the image threads (assets_pipeline/parallel.py; ASSETS_PIPELINE_IMAGE_THREADS=1 for one).
 ``vae_host`` and ``clip_host`` time that host side alone: the most the rows above could reach with an infinitely
@@ -91,7 +91,7 @@ def main() -> int:
 
     from assets_pipeline.base_model import resolve_device
     from assets_pipeline.parallel import image_threads, thread_map
-    from assets_pipeline.stages.latents import _encode_images, _load_pixels, encode_prompts
+    from assets_pipeline.stages.latents import _encode_pixels, _load_pixels, encode_prompts
 
     device = resolve_device(args.device)
     cuda = device.startswith("cuda")
@@ -103,17 +103,20 @@ def main() -> int:
             with Image.open(path) as img:
                 return scorer.pixels(img.convert("RGB"))
 
+        def vae_pixels(paths):  # as compute_latents: each photo decoded and cropped on the image threads
+            return thread_map(lambda p: _load_pixels(p, False, (resolution, resolution), True), paths)
+
         photos = write_photos(Path(tmp), max(args.batch_sizes), resolution)
         for batch in args.batch_sizes:
             paths, captions = photos[:batch], [f"{CAPTION} {i}" for i in range(batch)]
             runs = {
-                "vae_encode": lambda: _encode_images(paths, [False] * batch, enc, (resolution, resolution), True),
+                "vae_encode": lambda: _encode_pixels(vae_pixels(paths), enc),
                 "text_encode": lambda: encode_prompts(captions, enc),
                 # as score_images: each photo decoded and preprocessed on the image threads, then one forward
                 "clip_score": lambda: scorer.score_pixels(torch.stack(thread_map(clip_pixels, paths)), captions),
                 # the host side alone (decode, crop or preprocess on the image threads): the ceiling it puts on
                 # the two rows above; where they are close to it, a faster GPU would not make them faster
-                "vae_host": lambda: thread_map(lambda p: _load_pixels(p, False, (resolution, resolution), True), paths),
+                "vae_host": lambda: vae_pixels(paths),
                 "clip_host": lambda: thread_map(clip_pixels, paths),
             }
             for method, fn in runs.items():

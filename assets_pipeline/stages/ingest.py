@@ -226,10 +226,13 @@ def ingest_concept(
             return e
         return data, sha256_bytes(data)
 
+    def decoded_key(sha: str) -> str:
+        return digest("decoded-image", sha, DECODER_VERSION)
+
     def decode(item: tuple[str, bytes]) -> dict | RejectedFile:
         sha, data = item
         try:
-            return _decoded_info(image_cache, digest("decoded-image", sha, DECODER_VERSION), data, cfg)
+            return _decoded_info(image_cache, decoded_key(sha), data, cfg)
         except RejectedFile as e:
             return e
 
@@ -259,7 +262,7 @@ def ingest_concept(
             seen[sha] = rel
             rows.append({
                 "image_sha256": sha, "source_path": rel, **info, "file_bytes": len(data),
-                "decoded_path": str(image_cache.path(digest("decoded-image", sha, DECODER_VERSION))),
+                "decoded_path": str(image_cache.path(decoded_key(sha))),
                 "sidecar_caption": captions.get(path.with_suffix("")),
             })
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)

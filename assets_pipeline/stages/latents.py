@@ -33,7 +33,7 @@ from typing import Any
 import pandas as pd
 
 from assets_pipeline.hashing import digest
-from assets_pipeline.parallel import prefetched, thread_map
+from assets_pipeline.parallel import prefetched
 from assets_pipeline.stages.buckets import (
     assign_bucket, bucket_crop, bucket_label, bucket_set, crop_geometry, parse_bucket_label,
 )
@@ -166,11 +166,6 @@ def _encode_pixels(pixels: list, enc: Encoders):
     with torch.inference_mode():
         dist = enc.vae.encode(x).latent_dist
     return dist.mean.float().cpu(), dist.std.float().cpu()
-
-
-def _encode_images(paths: list[str], flips: list[bool], enc: Encoders, bucket: tuple[int, int], center_crop: bool):
-    """One batch: the photos loaded in parallel, then encoded (what compute_latents does, batch by batch)."""
-    return _encode_pixels(thread_map(lambda a: _load_pixels(*a, bucket, center_crop), zip(paths, flips)), enc)
 
 
 def encode_prompts(captions: list[str], enc: Encoders):
