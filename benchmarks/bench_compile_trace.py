@@ -40,8 +40,7 @@ def run_set(name: str, shapes: str, side: int, adapters: bool) -> dict:
 
     from assets_pipeline.training import performance as perf_mod
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bench_step_traffic import build_unet
+    from bench_step_traffic import build_unet  # this script's folder is on sys.path (run as a script)
 
     unet = build_unet(shapes, adapters=adapters)
     if not adapters:  # something must train: the U-Net's own weights (DreamBooth's step, no PEFT layers)
