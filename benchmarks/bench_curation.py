@@ -248,7 +248,7 @@ def main() -> None:
                 print("           different photos counted as duplicates: "
                       + ", ".join(sorted({f"{names[i]}~{names[j]}" for i, j in dup - same})))
 
-        print(f"\ndemo concept, filter_images (min_side = the embedded model's resolution), blur / pHash / decision:")
+        print("\ndemo concept, filter_images (min_side = the embedded model's resolution), blur / pHash / decision:")
         demo = demo_decisions(impls, tmp / "demo")
         for src in demo["old"]:
             print(f"  {src}")

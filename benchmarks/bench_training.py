@@ -144,6 +144,8 @@ def run_project(method, shapes, batch, steps, variant, work: Path, device: str, 
            "attention": s["attention"], "precision": s["precision"], "device": s["device"]}
     if s.get("compile_stats"):  # Dynamo vs backend seconds, graphs, FX-graph/AOTAutograd cache hits and misses
         out["compile_stats"] = s["compile_stats"]
+    if s.get("precompiled_regions"):  # performance precompiled_regions=on: graphs loaded, compiled, fallbacks
+        out["precompiled_regions"] = s["precompiled_regions"]
     if s.get("profile"):  # performance profile_steps=N: the trace leaves the run's folder before it is removed
         out["profile"] = s["profile"]
         if profile_out:

@@ -52,6 +52,11 @@ run_part() {
     # regional compilation's (lora_b16).
     lora_full) part lora_full 360 $B --methods lora --batch-sizes 16 --run-timeout 200 \
                  --variants reference project-compiled-full project-compiled-full-warm ;;
+    # Regional compilation with each block graph compiled ahead of time and persisted with its guards
+    # (performance precompiled_regions=on), cold then warm: a warm start that skips Dynamo, against lora_b16's.
+    lora_precompiled) part lora_precompiled 360 $B --methods lora --batch-sizes 16 --run-timeout 170 \
+                        --variants reference project-compiled project-compiled-warm \
+                        --performance precompiled_regions=on ;;
     b4) part b4 150 $B --methods lora dreambooth --batch-sizes 4 --variants reference project-eager ;;
     # The same LoRA step written plainly on cached latents (eager, and channels_last + whole compile): what the
     # project's loop would reach with no overhead of its own, measured beside it.
@@ -78,11 +83,11 @@ run_part() {
     sdxl_lora) part sdxl_lora 300 $BX --methods lora --batch-sizes 4 --run-timeout 240 \
                  --variants reference project-eager ;;
     *) echo "unknown part $1 (lora_b16 methods_b16 db_compiled lora_full class_images encoders b4 lora_plain" \
-            "lora_eager_ab first_step_ab lora_profile sdxl_lora)"; return 2 ;;
+            "lora_eager_ab first_step_ab lora_profile sdxl_lora lora_precompiled)"; return 2 ;;
   esac
 }
 # Parts in order of importance; name some to run only those (e.g. when device time is short).
-for p in "${@:-lora_b16 methods_b16 db_compiled class_images encoders b4 lora_full lora_plain lora_eager_ab first_step_ab lora_profile sdxl_lora}"; do
+for p in "${@:-lora_b16 methods_b16 db_compiled class_images encoders b4 lora_full lora_plain lora_eager_ab first_step_ab lora_profile sdxl_lora lora_precompiled}"; do
   for q in $p; do run_part "$q"; done
 done
 # Every training run recorded in $OUT/training.jsonl (this invocation's parts, and earlier ones into the same $OUT).

@@ -61,6 +61,7 @@ def test_the_plan_sets_cudnns_algorithm_trials_for_the_process():
                                         ({"micro_batch": "max"}, "performance.micro_batch"),
                                         ({"adapter_input_casts": "yes"}, "performance.adapter_input_casts"),
                                         ({"cudnn_benchmark": True}, "performance.cudnn_benchmark must be one of"),
+                                        ({"precompiled_regions": "yes"}, "performance.precompiled_regions must be one"),
                                         ({"profile_steps": -1}, "performance.profile_steps must be >= 0, got -1"),
                                         ({"log_evry": 5}, "unknown performance settings")])
 def test_bad_settings_name_the_setting(bad, match):
@@ -233,6 +234,84 @@ def test_compiled_kernels_persist_and_the_next_process_starts_warm(tmp_path):
     assert not first["warm"] and first["saved"] > 0 and first["hits"] == 0
     assert second["warm"] and second["hits"] > 0, "the second process compiled again instead of loading"
     assert len(list((tmp_path / "store" / "compile").glob("*.bin"))) == 1
+
+
+def test_precompiled_regions_only_with_regional_compilation_and_only_when_asked():
+    on = Performance(compile="regional", precompiled_regions="on")
+    assert resolve(on, cuda=True, steps=10, accumulation=1, compile_cache_warm=False).precompiled_regions
+    assert not resolve(Performance(compile="full", precompiled_regions="on"), cuda=True, steps=10, accumulation=1,
+                       compile_cache_warm=False).precompiled_regions
+    assert not resolve(Performance(compile="regional"), cuda=True, steps=10, accumulation=1,
+                       compile_cache_warm=False).precompiled_regions  # 'auto' stays off until a card measures it
+
+
+@pytest.mark.slow
+def test_precompiled_regions_start_the_next_process_without_dynamo(tmp_path, embedded_model_dir):
+    """Block graphs compiled ahead of time with their guards (the embedded U-Net with PEFT LoRA under bf16
+    autocast): the next process loads them, traces nothing, and computes the same loss and gradients; an input
+    no stored graph's guards accept (another batch size) compiles one more graph instead of running a wrong one."""
+    script = textwrap.dedent("""
+        import json, sys, torch
+        from pathlib import Path
+        from diffusers import UNet2DConditionModel
+        from peft import LoraConfig
+        from assets_pipeline.training import performance as perf
+        unet = UNet2DConditionModel.from_pretrained(sys.argv[1], subfolder="unet")
+        unet.requires_grad_(False)
+        torch.manual_seed(0)
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                    init_lora_weights="gaussian"))
+        perf.compile_module(unet, "regional", "aot_eager")
+        pre = perf.PrecompiledRegions(Path(sys.argv[2]), "aot_eager")
+        loaded = pre.load()
+        routed = pre.install(unet)
+        before = perf.compile_counters()
+        def step(batch):
+            g = torch.Generator().manual_seed(batch)
+            lat, enc = torch.randn(batch, 4, 32, 32, generator=g), torch.randn(batch, 77, 32, generator=g)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = unet(lat, torch.tensor([10, 500, 900][:batch]), enc).sample.float().square().mean()
+            loss.backward()
+            grads = [p.grad.float().norm().item() for p in unet.parameters() if p.grad is not None]
+            unet.zero_grad()
+            return loss.item(), grads
+        loss, grads = step(2)
+        out = {"loaded": loaded, "routed": routed, "loss": loss, "grads": grads,
+               "traced": perf.compile_delta(before, perf.compile_counters())["graphs"], **pre.stats()}
+        out["saved"] = pre.save()
+        if loaded:
+            out["loss3"] = step(3)[0]
+            out["compiled3"] = pre.stats()["compiled"]
+            # the eager reference for the new batch size: the same blocks, uncompiled
+            for sub in unet.modules():
+                sub._compiled_call_impl = None
+            out["loss3_eager"] = step(3)[0]
+        print(json.dumps(out))
+    """)
+    runs = []
+    for i in range(2):
+        out = subprocess.run([sys.executable, "-c", script, str(embedded_model_dir), str(tmp_path / "graphs.aot")], check=True,
+                             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    cold, warm = runs
+    assert cold["loaded"] == 0 and cold["compiled"] > 0 and cold["saved"] > 0 and not cold["fallbacks"]
+    assert warm["routed"] == cold["routed"] > 0
+    assert warm["loaded"] == cold["compiled"] and warm["compiled"] == 0 and warm["traced"] == 0, \
+        "the warm process traced or compiled a graph it had loaded"
+    assert warm["loss"] == cold["loss"] and warm["grads"] == cold["grads"] and len(cold["grads"]) > 0
+    assert warm["compiled3"] > 0, "a batch size no stored graph was traced for ran without compiling its own"
+    assert warm["loss3"] == pytest.approx(warm["loss3_eager"], rel=2e-2)
+
+
+def test_corrupt_precompiled_regions_are_a_miss_not_a_failure(tmp_path, caplog):
+    from assets_pipeline.training.performance import PrecompiledRegions
+
+    path = tmp_path / "compile" / "k.aot"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not graphs")
+    regions = PrecompiledRegions(path, "inductor")
+    assert regions.load() == 0 and regions.graphs == {}
+    assert str(path) in caplog.text
 
 
 def test_a_corrupt_compile_cache_is_a_miss_not_a_failure(tmp_path, caplog):

@@ -291,13 +291,23 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
 
     plan = perf_mod.resolve(perf, cuda, steps, accum, compile_cache_warm=compile_cache("regional").warm)
     cache = compile_cache(plan.compile)
+    if plan.precompiled_regions and (missing := perf_mod.PrecompiledRegions.unsupported()):
+        raise ValueError(f"performance.precompiled_regions = 'on' needs {missing}; set it to 'off'")
+    # Graphs persisted with their guards carry the code they were traced from: the library versions key them too.
+    precompiled = perf_mod.PrecompiledRegions(
+        cache.path and cache.path.with_name(f"{digest(cache.key, perf_mod.PrecompiledRegions.key_parts())}.aot"),
+        plan.backend) if plan.precompiled_regions else None
     cache_state, cache_io_s = "off", 0.0  # cache_io_s: reading the kernels (warm) or writing them (cold)
     if plan.compile != "none":
         t_load = time.perf_counter()
         cache_state = "warm" if cache.load() else "cold"
+        if precompiled is not None:
+            precompiled.load()
         cache_io_s = time.perf_counter() - t_load
         for module in running.values():
             perf_mod.compile_module(module, plan.compile, plan.backend)
+            if precompiled is not None:
+                precompiled.install(module)
 
     fused = plan.fused_optimizer and cfg.optimizer == "adamw"
     optimizer = make_optimizer(cfg, params, fused)
@@ -402,13 +412,15 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
         if warmup_s is None:  # the first step pays compilation (and cuDNN's trials, if on): time it on its own
             float(step_loss)
             first_step_s = time.perf_counter() - t0
-            if cache_state == "cold":
+            if cache_state == "cold" or (precompiled is not None and precompiled.compiled):
                 t_save = time.perf_counter()
-                saved = cache.save()
-                cache_io_s = time.perf_counter() - t_save
-                progress(f"compiled in {first_step_s:.1f} s; saved {saved / 2**20:.1f} MiB of kernels to {cache.path} "
-                         f"in {cache_io_s:.1f} s")
-            # What compilation costs this run once: the first step plus reading (warm) or writing (cold) the
+                saved = cache.save() if cache_state == "cold" else 0
+                saved += precompiled.save() if precompiled is not None else 0
+                save_s = time.perf_counter() - t_save
+                cache_io_s += save_s
+                progress(f"compiled in {first_step_s:.1f} s; saved {saved / 2**20:.1f} MiB of kernels to "
+                         f"{cache.path.parent if cache.path else 'nowhere (no cache_dir)'} in {save_s:.1f} s")
+            # What compilation costs this run once: the first step plus reading and writing (what was new) the
             # persisted kernels. The steady rate starts after it, so it never includes the save.
             warmup_s = first_step_s + cache_io_s
             t_steady = time.perf_counter()
@@ -436,10 +448,13 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
             _save_checkpoint(accelerator, ckpt_root, done, losses, cfg.checkpoints_total_limit, validation)
     t_end = time.perf_counter()
     train_s = t_end - t0
-    if cache_state == "cold" and len(data.shapes) > 1:
+    if cache_state == "cold" and len(data.shapes) > 1 or precompiled is not None:
         # The other buckets' shapes compiled after the first step's save: save again, so the next run is warm for all.
-        saved = cache.save()
-        progress(f"saved {saved / 2**20:.1f} MiB of kernels for {len(data.shapes)} bucket shapes to {cache.path}")
+        saved = cache.save() if cache_state == "cold" and len(data.shapes) > 1 else 0
+        saved += precompiled.save() if precompiled is not None else 0
+        if saved:
+            progress(f"saved {saved / 2**20:.1f} MiB of kernels for {len(data.shapes)} bucket shapes to "
+                     f"{cache.path.parent if cache.path else 'nowhere'}")
     # The steady rate: the steps after the first, up to the profiled ones, validations left out.
     if t_steady_end is None:
         t_steady_end, steady_validation_s = t_end, validation_s
@@ -464,6 +479,8 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
         stats["profile"] = profile
     if compiled_before is not None:  # where the compile time went, and whether a warm cache covered every graph
         stats["compile_stats"] = perf_mod.compile_delta(compiled_before, perf_mod.compile_counters())
+    if precompiled is not None:  # graphs loaded and compiled ahead of time; block classes that fell back, and why
+        stats["precompiled_regions"] = precompiled.stats()
     if cfg.validation_steps:
         stats["validation_s"] = round(validation_s, 2)
 

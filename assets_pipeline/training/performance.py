@@ -48,6 +48,12 @@ class Performance:
     compile_min_steps_warm: int = field(default=200, metadata={"help": (
         "'auto' compiles a run whose kernels are persisted (warm cache) from this many steps: loading them cost "
         "~8 s more than an eager first step in the same measurement, repaid after ~180 steps.")})
+    precompiled_regions: str = field(default="auto", metadata={"help": (
+        "Regional compilation only: compile each distinct block graph ahead of time with its guards "
+        "(torch's experimental torch.compile(...).aot_compile) and persist the graphs beside the kernels, so "
+        "that a warm start skips Dynamo's tracing and AOTAutograd as well (PrecompiledRegions). 'on' uses "
+        "them; 'auto' = 'off' until a card measures the warm start with them "
+        "(`scripts/gpu_bench.sh lora_precompiled`).")})
     compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend ('aot_eager' tests)."})
     channels_last: str = field(default="auto", metadata={"help": "NHWC convolutions: 'auto' = on CUDA only."})
     fused_optimizer: str = field(default="auto", metadata={"help": "Fused AdamW kernel: 'auto' = on CUDA only."})
@@ -81,7 +87,8 @@ class Performance:
     def __post_init__(self) -> None:
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"performance.compile must be one of {COMPILE_MODES}, got {self.compile!r}")
-        for name in ("channels_last", "fused_optimizer", "adapter_input_casts", "cudnn_benchmark"):
+        for name in ("channels_last", "fused_optimizer", "adapter_input_casts", "cudnn_benchmark",
+                     "precompiled_regions"):
             if getattr(self, name) not in SWITCH:
                 raise ValueError(f"performance.{name} must be one of {SWITCH}, got {getattr(self, name)!r}")
         if self.micro_batch not in ("auto", "configured"):
@@ -117,6 +124,7 @@ class Plan:
     fused_optimizer: bool
     adapter_input_casts: bool  # PEFT's input casts kept under mixed precision
     cudnn_benchmark: bool
+    precompiled_regions: bool  # regional graphs compiled ahead of time and persisted with their guards
     probe_micro_batch: bool
     log_every: int
 
@@ -132,6 +140,7 @@ def resolve(perf: Performance, cuda: bool, steps: int, accumulation: int, compil
     return Plan(cuda=cuda, compile=mode, backend=perf.compile_backend, channels_last=on(perf.channels_last),
                 fused_optimizer=on(perf.fused_optimizer), adapter_input_casts=perf.adapter_input_casts == "on",
                 cudnn_benchmark=cuda and perf.cudnn_benchmark == "on",
+                precompiled_regions=mode == "regional" and perf.precompiled_regions == "on",
                 probe_micro_batch=cuda and perf.micro_batch == "auto" and accumulation > 1, log_every=perf.log_every)
 
 
@@ -277,6 +286,169 @@ class CompileCache:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(self.path, data)
         return len(data)
+
+
+class PrecompiledRegions:
+    """Warm starts without Dynamo for regional compilation (``performance.precompiled_regions``).
+
+    A warm start from :class:`CompileCache` still runs Dynamo, which traces each distinct block graph again on
+    the host in every new process (the kernels it then finds are cached). Here each distinct graph is compiled
+    ahead of time instead (torch's experimental ``torch.compile(fullgraph=True).aot_compile``, which packages
+    the graph's kernels with Dynamo's guards) on the first call that no stored graph's guards accept, and the
+    graphs are persisted under ``<cache_dir>/compile/<key>.aot``. A later process loads them and each block
+    call runs the first graph whose guards accept it: its shapes, dtypes, strides, grad and autocast state and
+    the module attributes the graph read (PEFT's flags among them). A call none accepts compiles one more.
+
+    Guards that cannot be serialized (the identity of code objects and of imported modules' globals, which
+    are new objects in every process) are left out of the stored graphs, so the key this cache is stored under
+    also carries the versions of torch, diffusers, transformers and PEFT, whose code the graphs were traced
+    from. A block with hooks, or a graph that cannot be compiled whole, takes the ordinary lazy path
+    (``fallbacks`` says which and why)."""
+
+    def __init__(self, path: Path | None, backend: str):
+        self.path, self.backend = path, backend
+        self.graphs: dict[str, list] = {}  # block class -> its torch._dynamo.aot_compile.AOTCompiledFunction's
+        self.loaded = self.compiled = 0
+        self.compile_s = 0.0
+        self._saved = 0  # self.compiled when last saved
+        self.fallbacks: dict[str, str] = {}  # block class -> why it is compiled the ordinary way
+        self.unsaved: dict[str, str] = {}  # block class -> why one of its graphs could not be saved
+
+    @staticmethod
+    def unsupported() -> str | None:
+        """Why this torch cannot precompile regions (None when it can): it needs ``aot_compile`` and guard
+        filters that see each guard's derived types."""
+        import torch
+
+        try:
+            from torch._dynamo.aot_compile import AOTCompiledFunction  # noqa: F401
+            from torch._dynamo.types import GuardFilterEntry
+        except ImportError as e:
+            return f"torch's ahead-of-time compilation, which torch {torch.__version__} lacks ({e})"
+        if "derived_guard_types" not in getattr(GuardFilterEntry, "__annotations__", {}):
+            return f"guard filters that see derived guard types, which torch {torch.__version__} lacks"
+        return None
+
+    @staticmethod
+    def key_parts() -> dict[str, str]:
+        import diffusers
+        import peft
+        import torch
+        import transformers
+
+        return {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                "transformers": transformers.__version__, "peft": peft.__version__}
+
+    @staticmethod
+    def _guard_filter(entries):
+        from torch._dynamo.guards import CheckFunctionManager
+
+        unsupported = set(CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES)
+        return [not (e.is_global or e.guard_type in unsupported or unsupported & set(e.derived_guard_types or ()))
+                for e in entries]
+
+    def load(self) -> int:
+        """Read the persisted graphs; returns how many (0 when there are none or they are unusable, logged)."""
+        import pickle
+
+        from torch._dynamo.aot_compile import AOTCompiledFunction
+
+        if self.path is None or not self.path.is_file():
+            return 0
+        try:
+            blobs = pickle.loads(self.path.read_bytes())
+            self.graphs = {name: [AOTCompiledFunction.deserialize(b) for b in graphs] for name, graphs in blobs.items()}
+        except Exception as e:  # another torch's format, a truncated file: a miss, never a failed training
+            log.warning("precompiled regions %s are unusable (%s: %s); compiling them again and replacing them",
+                        self.path, type(e).__name__, e)
+            self.graphs = {}
+        self.loaded = sum(map(len, self.graphs.values()))
+        return self.loaded
+
+    def save(self) -> int:
+        """Write every graph this process holds (loaded and new) if it compiled any since the last save; returns the
+        bytes written (0 when there was nothing new)."""
+        import pickle
+
+        from torch._dynamo.aot_compile import AOTCompiledFunction
+
+        from assets_pipeline.store import write_bytes_atomic
+
+        if self.path is None or self.compiled == self._saved:
+            return 0
+        self._saved = self.compiled
+        blobs: dict[str, list[bytes]] = {}
+        for name, graphs in self.graphs.items():
+            blobs[name] = []
+            for graph in graphs:
+                try:
+                    blobs[name].append(AOTCompiledFunction.serialize(graph).serialized_data)
+                except Exception as e:  # this graph is compiled again next time; the others are kept
+                    self.unsaved[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                    log.warning("a precompiled %s graph cannot be saved (%s); the next run compiles it again",
+                                name, self.unsaved[name])
+        data = pickle.dumps(blobs)
+        write_bytes_atomic(self.path, data)
+        return len(data)
+
+    def install(self, module, blocks: tuple[str, ...] = REGIONAL_BLOCKS) -> int:
+        """Route each block of ``module`` through the graphs (:meth:`load` them first, or they are compiled anew);
+        call after :func:`compile_module` (regional), whose lazily compiled call stays the fallback. Returns the
+        number of blocks routed."""
+        count = 0
+        for sub in module.modules():
+            if type(sub).__name__ in blocks and sub._compiled_call_impl is not None:
+                sub._compiled_call_impl = self._dispatcher(sub, sub._compiled_call_impl)
+                count += 1
+        return count
+
+    def _dispatcher(self, sub, lazy):
+        import time
+
+        import torch
+
+        name = f"{type(sub).__module__}.{type(sub).__qualname__}"
+        forward = type(sub).forward
+        last = [0]  # the graph this block ran last: tried first
+
+        def call(*args, **kwargs):
+            # The stored graphs are traced from the class's forward, without hooks: a block with hooks, or whose
+            # forward was replaced on the instance (accelerate's offload hooks do that), runs the ordinary way.
+            if (sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks
+                    or "forward" in sub.__dict__):
+                self.fallbacks.setdefault(name, "the block has hooks or its own forward")
+                return lazy(*args, **kwargs)
+            graphs = self.graphs.setdefault(name, [])
+            n = len(graphs)
+            for i in [last[0]] + [j for j in range(n) if j != last[0]] if n else ():
+                graph = graphs[i]
+                if graph.guard_check(sub, *args, **kwargs):
+                    last[0] = i
+                    return graph.fn(sub, *args, **kwargs)
+            if name in self.fallbacks:
+                return lazy(*args, **kwargs)
+            t0 = time.perf_counter()
+            try:
+                graph = torch.compile(forward, fullgraph=True, dynamic=False, backend=self.backend,
+                                      options={"guard_filter_fn": self._guard_filter}
+                                      ).aot_compile(((sub, *args), kwargs))
+            except Exception as e:  # a graph break or an unserializable guard: this block class runs lazily
+                self.fallbacks[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                log.warning("precompiling %s failed (%s); it is compiled the ordinary way", name,
+                            self.fallbacks[name])
+                return lazy(*args, **kwargs)
+            finally:
+                self.compile_s += time.perf_counter() - t0
+            graphs.append(graph)
+            self.compiled += 1
+            last[0] = len(graphs) - 1
+            return graph.fn(sub, *args, **kwargs)
+
+        return call
+
+    def stats(self) -> dict[str, Any]:
+        return {"loaded": self.loaded, "compiled": self.compiled, "compile_s": round(self.compile_s, 2),
+                "fallbacks": dict(self.fallbacks), "unsaved": dict(self.unsaved)}
 
 
 class StepProfiler:
