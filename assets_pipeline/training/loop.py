@@ -297,7 +297,7 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
     precompiled = perf_mod.PrecompiledRegions(
         cache.path and cache.path.with_name(f"{digest(cache.key, perf_mod.PrecompiledRegions.key_parts())}.aot"),
         plan.backend) if plan.precompiled_regions else None
-    cache_state, cache_io_s = "off", 0.0  # cache_io_s: reading the kernels (warm) or writing them (cold)
+    cache_state, cache_io_s = "off", 0.0  # cache_io_s: reading the persisted kernels and graphs, and writing new ones
     if plan.compile != "none":
         t_load = time.perf_counter()
         cache_state = "warm" if cache.load() else "cold"
