@@ -249,7 +249,7 @@ def test_precompiled_regions_only_with_regional_compilation_and_only_when_asked(
 def test_precompiled_regions_start_the_next_process_without_dynamo(tmp_path, embedded_model_dir):
     """Block graphs compiled ahead of time with their guards (the embedded U-Net with PEFT LoRA under bf16
     autocast): the next process loads them, traces nothing, and computes the same loss and gradients; an input
-    no stored graph's guards accept (another batch size) compiles one more graph instead of running a wrong one."""
+    no stored graph's guards accept (another batch size) compiles its own graph instead of running a wrong one."""
     script = textwrap.dedent("""
         import json, sys, torch
         from pathlib import Path
@@ -279,13 +279,15 @@ def test_precompiled_regions_start_the_next_process_without_dynamo(tmp_path, emb
         out = {"loaded": loaded, "routed": routed, "loss": loss, "grads": grads,
                "traced": perf.compile_delta(before, perf.compile_counters())["graphs"], **pre.stats()}
         out["saved"] = pre.save()
-        if loaded:
-            out["loss3"] = step(3)[0]
+        if loaded:  # a ResNet block called at a batch size no stored graph was traced for
+            res = next(m for m in unet.modules() if type(m).__name__ == "ResnetBlock2D")
+            g = torch.Generator().manual_seed(3)
+            x = torch.randn(3, res.conv1.in_channels, 8, 8, generator=g)
+            temb = torch.randn(3, res.time_emb_proj.in_features, generator=g)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                new, eager = res(x, temb), type(res).forward(res, x, temb)
             out["compiled3"] = pre.stats()["compiled"]
-            # the eager reference for the new batch size: the same blocks, uncompiled
-            for sub in unet.modules():
-                sub._compiled_call_impl = None
-            out["loss3_eager"] = step(3)[0]
+            out["new_vs_eager"] = (new.float() - eager.float()).abs().max().item()
         print(json.dumps(out))
     """)
     runs = []
@@ -299,8 +301,8 @@ def test_precompiled_regions_start_the_next_process_without_dynamo(tmp_path, emb
     assert warm["loaded"] == cold["compiled"] and warm["compiled"] == 0 and warm["traced"] == 0, \
         "the warm process traced or compiled a graph it had loaded"
     assert warm["loss"] == cold["loss"] and warm["grads"] == cold["grads"] and len(cold["grads"]) > 0
-    assert warm["compiled3"] > 0, "a batch size no stored graph was traced for ran without compiling its own"
-    assert warm["loss3"] == pytest.approx(warm["loss3_eager"], rel=2e-2)
+    assert warm["compiled3"] == 1, "a batch size no stored graph was traced for ran without compiling its own"
+    assert warm["new_vs_eager"] < 1e-2  # the new graph computes what the eager block does (0.0 seen here)
 
 
 def test_corrupt_precompiled_regions_are_a_miss_not_a_failure(tmp_path, caplog):
