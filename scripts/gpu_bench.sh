@@ -4,7 +4,7 @@
 # lines and logs) go to $OUT, else gpu_results/. Each part has its own time limit, so a slow part costs only
 # itself. Needs torch with CUDA plus this project's dependencies (see docs/gpu.md for carrying wheels).
 #
-#   bash scripts/gpu_bench.sh                      # every part, up to ~35 minutes on one H200 (the parts' limits)
+#   bash scripts/gpu_bench.sh                      # every part: at most ~57 minutes (the sum of the parts' limits)
 #   bash scripts/gpu_bench.sh lora_b16 class_images   # some parts
 #   BENCH_DEADLINE_S=540 bash scripts/gpu_bench.sh ...  # no part runs past 540 s from the start (device leases)
 set -uo pipefail
@@ -54,7 +54,7 @@ run_part() {
                  --variants reference project-compiled-full project-compiled-full-warm ;;
     # Regional compilation with each block graph compiled ahead of time and persisted with its guards
     # (performance precompiled_regions=on), cold then warm: a warm start that skips Dynamo, against lora_b16's.
-    lora_precompiled) part lora_precompiled 360 $B --methods lora --batch-sizes 16 --run-timeout 170 \
+    lora_precompiled) part lora_precompiled 360 $B --methods lora --batch-sizes 16 --run-timeout 200 \
                         --variants reference project-compiled project-compiled-warm \
                         --performance precompiled_regions=on ;;
     b4) part b4 150 $B --methods lora dreambooth --batch-sizes 4 --variants reference project-eager ;;
