@@ -305,6 +305,33 @@ def test_precompiled_regions_start_the_next_process_without_dynamo(tmp_path, emb
     assert warm["new_vs_eager"] < 1e-2  # the new graph computes what the eager block does (0.0 seen here)
 
 
+def test_a_block_that_cannot_be_precompiled_whole_runs_the_ordinary_way_and_says_why(tmp_path, caplog):
+    import torch
+
+    from assets_pipeline.training.performance import PrecompiledRegions, compile_module
+
+    class Breaky(torch.nn.Module):  # a graph break: aot_compile needs one whole graph
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.lin(x)
+            torch._dynamo.graph_break()
+            return y.relu()
+
+    net = torch.nn.Sequential(Breaky(), Breaky())
+    compile_module(net, "regional", "eager", blocks=("Breaky",))
+    regions = PrecompiledRegions(tmp_path / "compile" / "k.aot", "eager")
+    assert regions.install(net, blocks=("Breaky",)) == 2
+    x = torch.randn(3, 4)
+    expected = net[1].lin(net[0].lin(x).relu()).relu()
+    assert torch.equal(net(x), expected)
+    stats = regions.stats()
+    assert stats["compiled"] == 0 and list(stats["fallbacks"]) == [f"{__name__}.{Breaky.__qualname__}"]
+    assert "Breaky" in caplog.text and regions.save() == 0 and not regions.path.exists()
+
+
 def test_corrupt_precompiled_regions_are_a_miss_not_a_failure(tmp_path, caplog):
     from assets_pipeline.training.performance import PrecompiledRegions
 

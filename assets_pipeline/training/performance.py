@@ -288,6 +288,12 @@ class CompileCache:
         return len(data)
 
 
+def _first_line(e: Exception) -> str:
+    """An exception as one short line for stats and logs (torch's compile errors run to pages)."""
+    text = str(e)
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
 class PrecompiledRegions:
     """Warm starts without Dynamo for regional compilation (``performance.precompiled_regions``).
 
@@ -384,7 +390,7 @@ class PrecompiledRegions:
                 try:
                     blobs[name].append(AOTCompiledFunction.serialize(graph).serialized_data)
                 except Exception as e:  # this graph is compiled again next time; the others are kept
-                    self.unsaved[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                    self.unsaved[name] = _first_line(e)
                     log.warning("a precompiled %s graph cannot be saved (%s); the next run compiles it again",
                                 name, self.unsaved[name])
         data = pickle.dumps(blobs)
@@ -433,7 +439,7 @@ class PrecompiledRegions:
                                       options={"guard_filter_fn": self._guard_filter}
                                       ).aot_compile(((sub, *args), kwargs))
             except Exception as e:  # a graph break or an unserializable guard: this block class runs lazily
-                self.fallbacks[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                self.fallbacks[name] = _first_line(e)
                 log.warning("precompiling %s failed (%s); it is compiled the ordinary way", name,
                             self.fallbacks[name])
                 return lazy(*args, **kwargs)
