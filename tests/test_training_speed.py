@@ -332,6 +332,18 @@ def test_a_block_that_cannot_be_precompiled_whole_runs_the_ordinary_way_and_says
     assert "Breaky" in caplog.text and regions.save() == 0 and not regions.path.exists()
 
 
+def test_a_torch_without_aot_compile_is_named_not_run_the_ordinary_way(monkeypatch):
+    """torch 2.11 (the H200 image's) has torch._dynamo.aot_compile but no aot_compile on a compiled function."""
+    import torch
+
+    from assets_pipeline.training.performance import PrecompiledRegions
+
+    assert PrecompiledRegions.unsupported() is None  # this torch (the pinned 2.14) has it
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: (lambda *a, **k: fn(*a, **k)))
+    why = PrecompiledRegions.unsupported()
+    assert why is not None and "aot_compile" in why and torch.__version__ in why
+
+
 def test_corrupt_precompiled_regions_are_a_miss_not_a_failure(tmp_path, caplog):
     from assets_pipeline.training.performance import PrecompiledRegions
 

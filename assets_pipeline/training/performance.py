@@ -62,8 +62,8 @@ class Performance:
         "(forward and both backward passes) and keeps the fastest. The trials run in every process's first "
         "step, compiled or not, and are not persisted. 'auto' = off. The fastest steps measured (the plain "
         "compiled loop, docs/benchmarks.md) ran without them. With them, the trainer's first step was 7 s (H100, "
-        "LoRA) to 19 s (H200, DreamBooth) longer than that of the reference loop, which runs without them. "
-        "That they are the cause is still to be measured: 'on' A/Bs them "
+        "LoRA) to 19 s (H200, DreamBooth) longer than that of the reference loop, which runs without them; without "
+        "them the H200's eager LoRA first step took 2.45 s (15.0 s with them, an earlier run). 'on' A/Bs them "
         "(`scripts/gpu_bench.sh lora_eager_ab first_step_ab`).")})
     adapter_input_casts: str = field(default="auto", metadata={"help": (
         "PEFT casts each adapted layer's input to the adapter's fp32 weights; under mixed precision autocast "
@@ -288,6 +288,10 @@ class CompileCache:
         return len(data)
 
 
+def _identity(x):
+    return x
+
+
 def _first_line(e: Exception) -> str:
     """An exception as one short line for stats and logs (torch's compile errors run to pages)."""
     text = str(e)
@@ -333,6 +337,10 @@ class PrecompiledRegions:
             return f"torch's ahead-of-time compilation, which torch {torch.__version__} lacks ({e})"
         if "derived_guard_types" not in getattr(GuardFilterEntry, "__annotations__", {}):
             return f"guard filters that see derived guard types, which torch {torch.__version__} lacks"
+        # torch 2.11 has the module above but no aot_compile on a compiled function (seen on the H200's image:
+        # every block fell back with "'function' object has no attribute 'aot_compile'").
+        if not hasattr(torch.compile(_identity, fullgraph=True), "aot_compile"):
+            return f"torch.compile(...).aot_compile, which torch {torch.__version__} lacks"
         return None
 
     @staticmethod
