@@ -10,10 +10,11 @@ U-Net gets the LoRA method's adapters, frozen weights in bf16 and the adapter's 
 placement), and runs one forward + backward under bf16 autocast. It is compiled with the ``eager`` backend,
 so the timed first step is Dynamo's part plus an eager step. Region sets:
 
-- ``regional``: the trainer's default (``performance.REGIONAL_BLOCKS``);
+- ``regional``: the trainer's block set (``performance.REGIONAL_BLOCKS``; ``compile = "auto"`` with several
+  processes);
 - ``transformer``: diffusers' ``_repeated_blocks`` for the U-Net (``BasicTransformerBlock`` alone);
 - ``resnet``: the ResNet blocks alone;
-- ``full``: the whole U-Net, one graph.
+- ``full``: the whole U-Net, one graph (``auto`` in one process).
 
 Prints one JSON line per set: regions compiled, distinct graphs, Dynamo's seconds, the first and second step.
 """

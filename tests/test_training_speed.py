@@ -19,27 +19,73 @@ PLAIN = {"compile": "none", "channels_last": "off", "fused_optimizer": "off", "m
 
 def test_auto_is_fast_on_cuda_and_plain_on_cpu():
     perf = Performance()
-    cpu = resolve(perf, cuda=False, steps=5000, accumulation=4, compile_cache_warm=True)
+    cpu = resolve(perf, cuda=False, steps=5000, accumulation=4, compile_cache_warm=lambda mode: True)
     assert (cpu.compile, cpu.channels_last, cpu.fused_optimizer, cpu.probe_micro_batch) == ("none", False, False, False)
     assert not cpu.cudnn_benchmark
-    long_run = resolve(perf, cuda=True, steps=perf.compile_min_steps, accumulation=4, compile_cache_warm=False)
-    assert (long_run.compile, long_run.channels_last, long_run.fused_optimizer) == ("regional", True, True)
+    long_run = resolve(perf, cuda=True, steps=perf.compile_min_steps, accumulation=4)
+    assert (long_run.compile, long_run.channels_last, long_run.fused_optimizer) == ("full", True, True)
     # cuDNN's algorithm trials: only when asked for, and never on a CPU, where there is no cuDNN to ask.
     assert not long_run.cudnn_benchmark
     on = Performance(cudnn_benchmark="on")
-    assert resolve(on, cuda=True, steps=10, accumulation=1, compile_cache_warm=False).cudnn_benchmark
-    assert not resolve(Performance(cudnn_benchmark="on"), cuda=False, steps=10, accumulation=1,
-                       compile_cache_warm=False).cudnn_benchmark
+    assert resolve(on, cuda=True, steps=10, accumulation=1).cudnn_benchmark
+    assert not resolve(Performance(cudnn_benchmark="on"), cuda=False, steps=10, accumulation=1).cudnn_benchmark
     assert long_run.probe_micro_batch
-    # A cold compile pays for itself only in a long run; a warm cache makes it cheap, though not free.
+    assert resolve(Performance(compile="full"), cuda=False, steps=1, accumulation=1).compile == "full"
+    assert resolve(Performance(compile="regional"), cuda=True, steps=10**6, accumulation=1).compile == "regional"
+
+
+def test_auto_compiles_whole_networks_in_one_process_and_blocks_in_several():
+    """A whole compiled backward hands DDP every gradient at once at its end (no all-reduce overlaps it), so
+    several processes compile block by block; one process compiles the whole networks, the faster step."""
+    perf = Performance()
+    long = perf.compile_min_steps
+    assert resolve(perf, cuda=True, steps=long, accumulation=1, processes=1).compile == "full"
+    assert resolve(perf, cuda=True, steps=long, accumulation=1, processes=2).compile == "regional"
+    assert resolve(perf, cuda=True, steps=long - 1, accumulation=1, processes=2).compile == "none"
+
+
+def test_auto_compiles_a_short_run_only_from_persisted_kernels():
+    """A cold compile pays for itself only in a long run; persisted kernels make it cheap, though not free. Each
+    mode has its own kernels: a warm mode is used, the one the process count prefers first."""
+    perf = Performance()
     mid = perf.compile_min_steps_warm
     assert mid < perf.compile_min_steps
-    assert resolve(perf, cuda=True, steps=mid, accumulation=1, compile_cache_warm=False).compile == "none"
-    assert resolve(perf, cuda=True, steps=mid, accumulation=1, compile_cache_warm=True).compile == "regional"
-    assert resolve(perf, cuda=True, steps=mid - 1, accumulation=1, compile_cache_warm=True).compile == "none"
-    assert not resolve(perf, cuda=True, steps=mid, accumulation=1, compile_cache_warm=True).probe_micro_batch
-    assert resolve(Performance(compile="full"), cuda=False, steps=1, accumulation=1,
-                   compile_cache_warm=False).compile == "full"
+
+    def warm(*modes):
+        return lambda mode: mode in modes
+
+    assert resolve(perf, cuda=True, steps=mid, accumulation=1).compile == "none"
+    assert resolve(perf, cuda=True, steps=mid, accumulation=1, compile_cache_warm=warm("full")).compile == "full"
+    assert resolve(perf, cuda=True, steps=mid, accumulation=1, compile_cache_warm=warm("regional")).compile == "regional"
+    assert resolve(perf, cuda=True, steps=mid - 1, accumulation=1, compile_cache_warm=warm("full")).compile == "none"
+    both = warm("full", "regional")
+    assert resolve(perf, cuda=True, steps=mid, accumulation=1, compile_cache_warm=both).compile == "full"
+    assert resolve(perf, cuda=True, steps=mid, accumulation=1, compile_cache_warm=both,
+                   processes=4).compile == "regional"
+    assert resolve(perf, cuda=True, steps=mid, accumulation=1, compile_cache_warm=warm("full"),
+                   processes=4).compile == "full"  # the kernels there are beat compiling the preferred mode cold
+    assert not resolve(perf, cuda=True, steps=mid, accumulation=1, compile_cache_warm=both).probe_micro_batch
+
+
+def test_auto_counts_the_compile_thresholds_per_bucket_shape():
+    """Every bucket's batch shape compiles (or loads) its own graphs: three buckets cost three warm-ups."""
+    perf = Performance()
+    cold, warm = perf.compile_min_steps, perf.compile_min_steps_warm
+    assert resolve(perf, cuda=True, steps=3 * cold - 1, accumulation=1, shapes=3).compile == "none"
+    assert resolve(perf, cuda=True, steps=3 * cold, accumulation=1, shapes=3).compile == "full"
+    full_warm = lambda mode: mode == "full"  # noqa: E731
+    assert resolve(perf, cuda=True, steps=3 * warm - 1, accumulation=1, compile_cache_warm=full_warm,
+                   shapes=3).compile == "none"
+    assert resolve(perf, cuda=True, steps=3 * warm, accumulation=1, compile_cache_warm=full_warm,
+                   shapes=3).compile == "full"
+
+
+def test_auto_counts_passes_not_optimizer_steps():
+    """Compiling speeds up each forward and backward pass: a step of 4 accumulated micro-batches is 4 of them."""
+    perf = Performance()
+    cold = perf.compile_min_steps
+    assert resolve(perf, cuda=True, steps=cold // 4, accumulation=4).compile == "full"
+    assert resolve(perf, cuda=True, steps=cold // 4 - 1, accumulation=4).compile == "none"
 
 
 def test_the_plan_sets_cudnns_algorithm_trials_for_the_process():
@@ -102,25 +148,29 @@ def lora_jobs(tmp_path_factory, built_models):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "dreambooth", "textual_inversion", "controlnet"])
 def test_optimized_loop_gives_the_plain_loops_losses(lora_jobs, method):
-    """Compiled blocks (graph capture and AOT autograd; the aot_eager backend keeps this quick on a CPU),
-    channels_last, fused AdamW, data on the device and one log sync per 3 steps vs. the plain settings."""
+    """Compiled networks, by block and whole (graph capture and AOT autograd; the aot_eager backend keeps this
+    quick on a CPU), channels_last, fused AdamW, data on the device and one log sync per 3 steps vs. the plain
+    settings."""
     from assets_pipeline.training.loop import train
 
     overrides = {"max_train_steps": 6, "train_batch_size": 2}
     plain = train(lora_jobs(method, f"{method}-plain", PLAIN, **overrides))
-    fast = train(lora_jobs(method, f"{method}-fast", {"compile": "regional", "compile_backend": "aot_eager",
-                                                      "channels_last": "on", "fused_optimizer": "on",
-                                                      "log_every": 3}, **overrides))
-    assert fast.stats["compile"] == "regional" and fast.stats["channels_last"] and fast.stats["fused_optimizer"]
-    compiled = fast.stats["compile_stats"]  # this run's graphs (one per block shape and bucket), traced by Dynamo
-    assert compiled["graphs"] >= 2 and compiled["dynamo_s"] > 0 and "compile_stats" not in plain.stats
     assert plain.stats["compile"] == "none" and not plain.stats["fused_optimizer"]
-    assert len(plain.losses) == len(fast.losses) == 6
-    assert fast.losses == pytest.approx(plain.losses, rel=2e-3, abs=1e-5)
+    assert "compile_stats" not in plain.stats
     assert plain.losses[0] != plain.losses[1]  # the steps really differ (not one loss repeated)
-    assert fast.stats["images_per_s"] > 0 and fast.stats["warmup_s"] > 0
-    # The one-off cost is the first step plus writing the kernels; the steady rate starts after both.
-    assert fast.stats["compile_cache"] == "cold" and 0 <= fast.stats["compile_cache_io_s"] <= fast.stats["warmup_s"]
+    for mode in ("regional", "full"):
+        fast = train(lora_jobs(method, f"{method}-{mode}", {"compile": mode, "compile_backend": "aot_eager",
+                                                            "channels_last": "on", "fused_optimizer": "on",
+                                                            "log_every": 3}, **overrides))
+        assert fast.stats["compile"] == mode and fast.stats["channels_last"] and fast.stats["fused_optimizer"]
+        compiled = fast.stats["compile_stats"]  # this run's graphs (per block shape or network, and bucket)
+        assert compiled["graphs"] >= 2 and compiled["dynamo_s"] > 0, mode
+        assert len(plain.losses) == len(fast.losses) == 6
+        assert fast.losses == pytest.approx(plain.losses, rel=2e-3, abs=1e-5), mode
+        assert fast.stats["images_per_s"] > 0 and fast.stats["warmup_s"] > 0
+        # The one-off cost is the first step plus writing the kernels; the steady rate starts after both.
+        assert fast.stats["compile_cache"] == "cold"
+        assert 0 <= fast.stats["compile_cache_io_s"] <= fast.stats["warmup_s"]
 
 
 def test_peft_input_casts_are_skipped_under_autocast_with_the_same_numbers():
@@ -238,11 +288,11 @@ def test_compiled_kernels_persist_and_the_next_process_starts_warm(tmp_path):
 
 def test_precompiled_regions_only_with_regional_compilation_and_only_when_asked():
     on = Performance(compile="regional", precompiled_regions="on")
-    assert resolve(on, cuda=True, steps=10, accumulation=1, compile_cache_warm=False).precompiled_regions
-    assert not resolve(Performance(compile="full", precompiled_regions="on"), cuda=True, steps=10, accumulation=1,
-                       compile_cache_warm=False).precompiled_regions
-    assert not resolve(Performance(compile="regional"), cuda=True, steps=10, accumulation=1,
-                       compile_cache_warm=False).precompiled_regions  # 'auto' stays off until a card measures it
+    assert resolve(on, cuda=True, steps=10, accumulation=1).precompiled_regions
+    assert not resolve(Performance(compile="full", precompiled_regions="on"), cuda=True, steps=10,
+                       accumulation=1).precompiled_regions
+    assert not resolve(Performance(compile="regional"), cuda=True, steps=10,
+                       accumulation=1).precompiled_regions  # 'auto' stays off until a card measures it
 
 
 @pytest.mark.slow

@@ -260,7 +260,7 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
     roles = method.batch_roles(cfg)
     trained = {n: getattr(models, n) for n in trainable}
     sig = perf_mod.device_signature()
-    plan = perf_mod.resolve(perf, cuda, steps, accum, compile_cache_warm=False)
+    plan = perf_mod.resolve(perf, cuda, steps, accum, processes=n_procs, shapes=len(data.shapes))
     perf_mod.configure_backends(cuda, plan.cudnn_benchmark)
     _place(models, trainable, device, weight_dtype, cfg, plan.channels_last)
     params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
@@ -289,7 +289,8 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
             "compiled-train-step", sig, network, job.method, precision, micro, len(roles),
             data.shapes, mode, plan.channels_last, cfg.gradient_checkpointing, casts))
 
-    plan = perf_mod.resolve(perf, cuda, steps, accum, compile_cache_warm=compile_cache("regional").warm)
+    plan = perf_mod.resolve(perf, cuda, steps, accum, lambda mode: compile_cache(mode).warm, n_procs,
+                            len(data.shapes))
     cache = compile_cache(plan.compile)
     if plan.precompiled_regions and (missing := perf_mod.PrecompiledRegions.unsupported()):
         raise ValueError(f"performance.precompiled_regions = 'on' needs {missing}; set it to 'off'")

@@ -1,7 +1,7 @@
 """How the one training loop runs fast: execution settings, not training config.
 
 None of these changes what is learned (they are not part of a job's identity), only how fast and in how much
-memory: ``torch.compile`` of the networks each step runs (regional or whole), channels_last, fused AdamW, cuDNN's
+memory: ``torch.compile`` of the networks each step runs (whole or by block), channels_last, fused AdamW, cuDNN's
 algorithm trials, the micro-batch that fits the card, how often the loop syncs with the host to log. Each
 defaults to ``auto``: on where it helps (CUDA), off where it does not (CPU; cuDNN's trials are off on both until
 a card shows they pay). The trainer resource sets them; the job carries them to the trainer.
@@ -36,18 +36,24 @@ REGIONAL_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D", "CLIPEncoderLayer")
 @dataclass(frozen=True)
 class Performance:
     compile: str = field(default="auto", metadata={"help": (
-        "torch.compile of the networks every step runs (U-Net, ControlNet, a trained text encoder): 'regional' "
-        "(each repeated transformer/ResNet/CLIP layer: a fraction of the warm-up of 'full'), 'full' (each whole "
-        "network), 'none'. 'auto' = regional on CUDA when the run has at least compile_min_steps steps, or "
-        "compile_min_steps_warm steps and a warm compile cache for it; none on CPU.")})
+        "torch.compile of the networks every step runs (U-Net, ControlNet, a trained text encoder): 'full' (each "
+        "whole network: the fastest step measured), 'regional' (each repeated transformer/ResNet/CLIP layer: "
+        "less warm-up, and DDP's gradient all-reduce still overlaps the backward), 'none'. 'auto' = on CUDA, "
+        "'full' in one process and 'regional' in several, when the run has at least compile_min_steps steps per "
+        "batch shape, or compile_min_steps_warm per shape and persisted kernels for the mode; none on CPU.")})
     compile_min_steps: int = field(default=2000, metadata={"help": (
-        "'auto' compiles a cold run (no persisted kernels for its shape) only from this many steps. Measured on "
-        "an H200 (SD 1.5 LoRA, batch 16, docs/benchmarks.md): a cold regional compile costs ~93 s more than "
-        "an eager first step and saves 47 ms of each 182 ms step, so it pays for itself within the run from "
-        "~2,000 steps. It persists its kernels: later runs of the same shape start warm.")})
-    compile_min_steps_warm: int = field(default=200, metadata={"help": (
-        "'auto' compiles a run whose kernels are persisted (warm cache) from this many steps: loading them cost "
-        "~8 s more than an eager first step in the same measurement, repaid after ~180 steps.")})
+        "'auto' compiles a cold run (no persisted kernels for its graphs) only from this many steps (forward and "
+        "backward passes: optimizer steps x gradient accumulation) per distinct batch shape (each aspect bucket "
+        "compiles its own graphs). Measured on an H200 (SD 1.5 LoRA, batch 16, 2026-11-27, docs/benchmarks.md): "
+        "a cold whole-network compile cost ~120 s more than an eager first step and saved 73 ms of each 179 ms "
+        "step, repaid from ~1,650 steps (regional: ~108 s and 57 ms, ~1,900 steps); the default leaves a margin, "
+        "as cold compiles varied by 10% between runs. The kernels persist: later runs of the same shape start "
+        "warm.")})
+    compile_min_steps_warm: int = field(default=300, metadata={"help": (
+        "'auto' compiles a run whose kernels are persisted (warm cache) from this many steps (passes, as above) "
+        "per batch shape. In the same measurement a warm regional start cost 15.3 s more than an eager first "
+        "step, repaid after ~270 steps (a warm whole-network start is still to be measured: "
+        "scripts/gpu_bench.sh lora_full).")})
     precompiled_regions: str = field(default="auto", metadata={"help": (
         "Regional compilation only: compile each distinct block graph ahead of time with its guards "
         "(torch's experimental torch.compile(...).aot_compile) and persist the graphs beside the kernels, so "
@@ -129,14 +135,36 @@ class Plan:
     log_every: int
 
 
-def resolve(perf: Performance, cuda: bool, steps: int, accumulation: int, compile_cache_warm: bool) -> Plan:
+def auto_compile(perf: Performance, cuda: bool, passes: int, warm: Callable[[str], bool], processes: int = 1,
+                 shapes: int = 1) -> str:
+    """What ``compile = 'auto'`` compiles for a run of ``passes`` forward and backward passes (optimizer steps x
+    gradient accumulation: what compiling speeds up): nothing on a CPU or in a short run; on CUDA the whole
+    networks (``full``: the fastest step measured) in one process, ``regional`` in several (a whole compiled
+    backward hands DDP every gradient at its end, so the all-reduce overlaps none of it; compiled blocks hand
+    them over block by block). A mode whose kernels are persisted (``warm(mode)``) is used from
+    ``compile_min_steps_warm`` passes, the preferred mode first; a cold compile from ``compile_min_steps``. Each
+    distinct batch shape (aspect bucket) compiles its own graphs, so both thresholds count per shape."""
+    if not cuda:
+        return "none"
+    preferred, other = ("full", "regional") if processes == 1 else ("regional", "full")
+    for mode in (preferred, other):
+        if warm(mode) and passes >= perf.compile_min_steps_warm * shapes:
+            return mode
+    return preferred if passes >= perf.compile_min_steps * shapes else "none"
+
+
+def resolve(perf: Performance, cuda: bool, steps: int, accumulation: int,
+            compile_cache_warm: Callable[[str], bool] = lambda mode: False, processes: int = 1,
+            shapes: int = 1) -> Plan:
+    """The settings for one run of ``steps`` optimizer steps of ``accumulation`` micro-batches each:
+    ``compile_cache_warm(mode)`` says whether that mode's kernels are persisted for this run's graphs;
+    ``processes`` data-parallel processes; ``shapes`` distinct batch shapes (buckets)."""
     def on(value: str) -> bool:
         return cuda if value == "auto" else value == "on"
 
     mode = perf.compile
     if mode == "auto":
-        worth = steps >= perf.compile_min_steps or (compile_cache_warm and steps >= perf.compile_min_steps_warm)
-        mode = "regional" if cuda and worth else "none"
+        mode = auto_compile(perf, cuda, steps * accumulation, compile_cache_warm, processes, shapes)
     return Plan(cuda=cuda, compile=mode, backend=perf.compile_backend, channels_last=on(perf.channels_last),
                 fused_optimizer=on(perf.fused_optimizer), adapter_input_casts=perf.adapter_input_casts == "on",
                 cudnn_benchmark=cuda and perf.cudnn_benchmark == "on",
