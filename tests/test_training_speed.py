@@ -150,7 +150,9 @@ def lora_jobs(tmp_path_factory, built_models):
 def test_optimized_loop_gives_the_plain_loops_losses(lora_jobs, method):
     """Compiled networks, by block and whole (graph capture and AOT autograd; the aot_eager backend keeps this
     quick on a CPU), channels_last, fused AdamW, data on the device and one log sync per 3 steps vs. the plain
-    settings."""
+    settings. Whole-network compilation (~30 s a run here) is checked where the compiled networks differ: LoRA's
+    adapted U-Net, textual inversion's text encoder, ControlNet's two networks; DreamBooth trains the same U-Net
+    graph with every weight trained."""
     from assets_pipeline.training.loop import train
 
     overrides = {"max_train_steps": 6, "train_batch_size": 2}
@@ -158,7 +160,7 @@ def test_optimized_loop_gives_the_plain_loops_losses(lora_jobs, method):
     assert plain.stats["compile"] == "none" and not plain.stats["fused_optimizer"]
     assert "compile_stats" not in plain.stats
     assert plain.losses[0] != plain.losses[1]  # the steps really differ (not one loss repeated)
-    for mode in ("regional", "full"):
+    for mode in ("regional",) if method == "dreambooth" else ("regional", "full"):
         fast = train(lora_jobs(method, f"{method}-{mode}", {"compile": mode, "compile_backend": "aot_eager",
                                                             "channels_last": "on", "fused_optimizer": "on",
                                                             "log_every": 3}, **overrides))
