@@ -56,14 +56,15 @@ def test_auto_compiles_a_short_run_only_from_persisted_kernels():
 
     assert resolve(perf, cuda=True, steps=mid, accumulation=1).compile == "none"
     assert resolve(perf, cuda=True, steps=mid, accumulation=1, compile_cache_warm=warm("full")).compile == "full"
-    assert resolve(perf, cuda=True, steps=mid, accumulation=1, compile_cache_warm=warm("regional")).compile == "regional"
+    assert resolve(perf, cuda=True, steps=mid, accumulation=1,
+                   compile_cache_warm=warm("regional")).compile == "regional"
     assert resolve(perf, cuda=True, steps=mid - 1, accumulation=1, compile_cache_warm=warm("full")).compile == "none"
     both = warm("full", "regional")
     assert resolve(perf, cuda=True, steps=mid, accumulation=1, compile_cache_warm=both).compile == "full"
     assert resolve(perf, cuda=True, steps=mid, accumulation=1, compile_cache_warm=both,
                    processes=4).compile == "regional"
     assert resolve(perf, cuda=True, steps=mid, accumulation=1, compile_cache_warm=warm("full"),
-                   processes=4).compile == "full"  # the kernels there are beat compiling the preferred mode cold
+                   processes=4).compile == "full"  # warm kernels of the other mode beat compiling cold
     assert not resolve(perf, cuda=True, steps=mid, accumulation=1, compile_cache_warm=both).probe_micro_batch
 
 
@@ -295,6 +296,9 @@ def test_precompiled_regions_only_with_regional_compilation_and_only_when_asked(
                        accumulation=1).precompiled_regions
     assert not resolve(Performance(compile="regional"), cuda=True, steps=10,
                        accumulation=1).precompiled_regions  # 'auto' stays off until a card measures it
+    # 'auto' compilation compiles by block when asked for precompiled regions, which exist only for blocks
+    asked = resolve(Performance(precompiled_regions="on"), cuda=True, steps=10**6, accumulation=1)
+    assert asked.compile == "regional" and asked.precompiled_regions
 
 
 @pytest.mark.slow

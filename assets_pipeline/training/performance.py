@@ -58,8 +58,8 @@ class Performance:
         "Regional compilation only: compile each distinct block graph ahead of time with its guards "
         "(torch's experimental torch.compile(...).aot_compile) and persist the graphs beside the kernels, so "
         "that a warm start skips Dynamo's tracing and AOTAutograd as well (PrecompiledRegions). 'on' uses "
-        "them; 'auto' = 'off' until a card measures the warm start with them "
-        "(`scripts/gpu_bench.sh lora_precompiled`).")})
+        "them (and compile = 'auto' then compiles by block); 'auto' = 'off' until a card measures the warm "
+        "start with them (`scripts/gpu_bench.sh lora_precompiled`).")})
     compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend ('aot_eager' tests)."})
     channels_last: str = field(default="auto", metadata={"help": "NHWC convolutions: 'auto' = on CUDA only."})
     fused_optimizer: str = field(default="auto", metadata={"help": "Fused AdamW kernel: 'auto' = on CUDA only."})
@@ -141,12 +141,14 @@ def auto_compile(perf: Performance, cuda: bool, passes: int, warm: Callable[[str
     gradient accumulation: what compiling speeds up): nothing on a CPU or in a short run; on CUDA the whole
     networks (``full``: the fastest step measured) in one process, ``regional`` in several (a whole compiled
     backward hands DDP every gradient at its end, so the all-reduce overlaps none of it; compiled blocks hand
-    them over block by block). A mode whose kernels are persisted (``warm(mode)``) is used from
-    ``compile_min_steps_warm`` passes, the preferred mode first; a cold compile from ``compile_min_steps``. Each
-    distinct batch shape (aspect bucket) compiles its own graphs, so both thresholds count per shape."""
+    them over block by block) or with ``precompiled_regions = 'on'`` (whose graphs are blocks). A mode whose
+    kernels are persisted (``warm(mode)``) is used from ``compile_min_steps_warm`` passes, the preferred mode
+    first; a cold compile from ``compile_min_steps``. Each distinct batch shape (aspect bucket) compiles its own
+    graphs, so both thresholds count per shape."""
     if not cuda:
         return "none"
-    preferred, other = ("full", "regional") if processes == 1 else ("regional", "full")
+    by_block = processes > 1 or perf.precompiled_regions == "on"
+    preferred, other = ("regional", "full") if by_block else ("full", "regional")
     for mode in (preferred, other):
         if warm(mode) and passes >= perf.compile_min_steps_warm * shapes:
             return mode
