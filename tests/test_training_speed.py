@@ -176,6 +176,40 @@ def test_optimized_loop_gives_the_plain_loops_losses(lora_jobs, method):
         assert 0 <= fast.stats["compile_cache_io_s"] <= fast.stats["warmup_s"]
 
 
+def test_auto_looks_up_each_modes_kernels_under_the_key_a_compiled_run_saves(lora_jobs, monkeypatch):
+    """The trainer asks ``auto_compile`` whether a mode is warm under the key a run compiled in that mode
+    persisted its kernels to, and passes the run's passes, process count and bucket shapes."""
+    from assets_pipeline.training import performance as perf_mod
+    from assets_pipeline.training.loop import train
+
+    saved = []
+
+    def save(self):  # aot_eager leaves no kernels to persist: write what Inductor's would stand for
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_bytes(b"kernels")
+        saved.append(self.path)
+        return 7
+
+    monkeypatch.setattr(perf_mod.CompileCache, "save", save)
+    overrides = {"max_train_steps": 2, "train_batch_size": 2}
+    compiled = lora_jobs("lora", "keyed-regional", {"compile": "regional", "compile_backend": "aot_eager"},
+                         **overrides)
+    assert train(compiled).stats["compile"] == "regional" and saved
+    asked = []
+
+    def auto(perf, cuda, passes, warm, processes, shapes):
+        asked.append({"cuda": cuda, "passes": passes, "processes": processes, "shapes": shapes,
+                      "regional": warm("regional"), "full": warm("full")})
+        return "none"
+
+    monkeypatch.setattr(perf_mod, "auto_compile", auto)
+    later = dataclasses.replace(lora_jobs("lora", "keyed-auto", {"compile": "auto"}, **overrides),
+                                cache_dir=compiled.cache_dir)
+    assert train(later).stats["compile"] == "none"
+    assert asked[-1] == {"cuda": False, "passes": 2, "processes": 1, "shapes": 3,  # the demo concept's 3 buckets
+                         "regional": True, "full": False}
+
+
 def test_peft_input_casts_are_skipped_under_autocast_with_the_same_numbers():
     """Under bf16 autocast an fp32 adapter's matmul runs in bf16 anyway: without PEFT's cast of the input the
     forward and backward are bit-identical. DoRA layers keep the cast; restoring turns every skipped one back."""
