@@ -25,8 +25,8 @@ Variants (each run in its own process, so peak memory is that run's alone):
 DreamBooth runs with prior preservation (batch b = b instance + b class rows). Both sides time ``--steps``
 steps after one warm-up step (compilation, and cuDNN's trials where on, happen there; ``warmup_s`` is its time,
 plus, for the project's compiled runs, reading the persisted kernels (and precompiled graphs) and writing what
-was new: ``compile_cache_io_s``); ``images_per_s`` counts the rows the U-Net sees. Prints one JSON line per run, then the
-ratio table.
+was new: ``compile_cache_io_s``); ``images_per_s`` counts the rows the U-Net sees. Prints one JSON line per run,
+then the ratio table.
 """
 
 from __future__ import annotations

@@ -382,8 +382,8 @@ def test_precompiled_regions_start_the_next_process_without_dynamo(tmp_path, emb
     """)
     runs = []
     for i in range(2):
-        out = subprocess.run([sys.executable, "-c", script, str(embedded_model_dir), str(tmp_path / "graphs.aot")], check=True,
-                             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        out = subprocess.run([sys.executable, "-c", script, str(embedded_model_dir), str(tmp_path / "graphs.aot")],
+                             check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     cold, warm = runs
     assert cold["loaded"] == 0 and cold["compiled"] > 0 and cold["saved"] > 0 and not cold["fallbacks"]

@@ -298,6 +298,13 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
     precompiled = perf_mod.PrecompiledRegions(
         cache.path and cache.path.with_name(f"{digest(cache.key, perf_mod.PrecompiledRegions.key_parts())}.aot"),
         plan.backend) if plan.precompiled_regions else None
+
+    def save_compiled(kernels: bool) -> int:
+        """Persist what this process compiled: its kernels when ``kernels``, and any new precompiled graphs
+        (none: nothing is written). Returns the bytes written."""
+        saved = cache.save() if kernels else 0
+        return saved + (precompiled.save() if precompiled is not None else 0)
+
     cache_state, cache_io_s = "off", 0.0  # cache_io_s: reading the persisted kernels and graphs, and writing new ones
     if plan.compile != "none":
         t_load = time.perf_counter()
@@ -415,8 +422,7 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
             first_step_s = time.perf_counter() - t0
             if cache_state == "cold" or (precompiled is not None and precompiled.compiled):
                 t_save = time.perf_counter()
-                saved = cache.save() if cache_state == "cold" else 0
-                saved += precompiled.save() if precompiled is not None else 0
+                saved = save_compiled(kernels=cache_state == "cold")
                 save_s = time.perf_counter() - t_save
                 cache_io_s += save_s
                 progress(f"compiled in {first_step_s:.1f} s; saved {saved / 2**20:.1f} MiB of kernels to "
@@ -449,13 +455,10 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
             _save_checkpoint(accelerator, ckpt_root, done, losses, cfg.checkpoints_total_limit, validation)
     t_end = time.perf_counter()
     train_s = t_end - t0
-    if cache_state == "cold" and len(data.shapes) > 1 or precompiled is not None:
-        # The other buckets' shapes compiled after the first step's save: save again, so the next run is warm for all.
-        saved = cache.save() if cache_state == "cold" and len(data.shapes) > 1 else 0
-        saved += precompiled.save() if precompiled is not None else 0
-        if saved:
-            progress(f"saved {saved / 2**20:.1f} MiB of kernels for {len(data.shapes)} bucket shapes to "
-                     f"{cache.path.parent if cache.path else 'nowhere'}")
+    # The other buckets' shapes compiled after the first step's save: save again, so the next run is warm for all.
+    if saved := save_compiled(kernels=cache_state == "cold" and len(data.shapes) > 1):
+        progress(f"saved {saved / 2**20:.1f} MiB of kernels for {len(data.shapes)} bucket shapes to "
+                 f"{cache.path.parent}")
     # The steady rate: the steps after the first, up to the profiled ones, validations left out.
     if t_steady_end is None:
         t_steady_end, steady_validation_s = t_end, validation_s
