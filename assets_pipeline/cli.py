@@ -240,7 +240,8 @@ def cmd_concept_remove(args: argparse.Namespace) -> int:
 
 def listed_by(storage, name: str) -> list[str]:
     """The concepts whose concept.toml, as their last ingest read it, lists ``name`` in [[lora.datasets]]."""
-    from assets_pipeline.assets.common import SPEC_SNAPSHOT, spec_from_snapshot
+    from assets_pipeline.assets.common import spec_from_snapshot
+    from assets_pipeline.store import SPEC_SNAPSHOT
 
     out = []
     for snapshot in sorted((storage.artifact_path() / "concepts").glob(f"*/raw_images/{SPEC_SNAPSHOT}")):
@@ -253,7 +254,7 @@ def listed_by(storage, name: str) -> list[str]:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Apply the retention policy to every model asset of every concept (what each training does for its own)."""
-    from assets_pipeline.assets.models import current_output
+    from assets_pipeline.training.reuse import current_output
     from assets_pipeline.resources import PipelineStorage
     from assets_pipeline.retention import human_bytes, prune_asset
     from assets_pipeline.training.methods import get_method, method_names
@@ -269,7 +270,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for concept in sorted(p.name for p in concepts.iterdir() if p.is_dir()) if concepts.is_dir() else []:
         for name in method_names():
             asset = get_method(name).asset_name
-            current = current_output(storage, concept, asset)
+            current = current_output(storage.layout(), concept, asset)
             for p in prune_asset(storage.layout().asset_dir(concept, asset), current, keep, dry_run=args.dry_run):
                 total += p.bytes
                 print(f"{'would prune' if args.dry_run else 'pruned'}  {p.folder}  ({len(p.files)} weights files, "

@@ -34,13 +34,12 @@ def plan_retraining(storage: PipelineStorage, base_model: BaseModelResource, cli
     Concepts whose dataset is not built yet, or whose quality subset fails the readiness rules (the blocking
     dataset checks), are skipped with the reason.
     """
-    from assets_pipeline.assets.common import read_upstream, spec_from_snapshot
-    from assets_pipeline.assets.models import CODE_VERSION as MODEL_CODE_VERSION, build_train_job, current_output
     from assets_pipeline.stages.readiness import readiness
-    from assets_pipeline.training.loop import train_context
+    from assets_pipeline.tables import read_asset_table
     from assets_pipeline.training.methods import get_method
     from assets_pipeline.training.methods.base import TrainingInputError
-    from assets_pipeline.training.reuse import find_reusable
+    from assets_pipeline.training.plan import CODE_VERSION, plan_job, train_context
+    from assets_pipeline.training.reuse import current_output, find_reusable
 
     layout = storage.layout()
     decisions = []
@@ -48,8 +47,8 @@ def plan_retraining(storage: PipelineStorage, base_model: BaseModelResource, cli
         if not (layout.asset_dir(concept, "vae_latents") / "index.parquet").is_file():
             decisions.append(RetrainDecision(concept, "*", "*", False, "dataset not built yet"))
             continue
-        spec = spec_from_snapshot(storage, concept)
-        ready = readiness(read_upstream(storage, concept, "clip_scored_images", "scores.parquet"))
+        spec = layout.spec(concept)
+        ready = readiness(read_asset_table(layout, concept, "clip_scored_images", "scores.parquet"))
         ref = base_model.resolve(layout.root, spec)
         for name in spec.methods:
             method = get_method(name)
@@ -58,16 +57,16 @@ def plan_retraining(storage: PipelineStorage, base_model: BaseModelResource, cli
                                                  "dataset checks fail: " + "; ".join(ready.problems())))
                 continue
             try:  # a concept it trains in (LoRA's datasets) not built, or from another base model: skipped, with why
-                job = build_train_job(storage, ref, spec, name, run_id="schedule", input_versions={},
-                                      trainer=trainer, clip_scorer=clip_scorer)
-                method.check_inputs(train_context(job), method.config_cls(**job.config))
+                job = plan_job(layout, ref, spec, name, run_id="schedule", data_root=storage.data_path(),
+                               launch=trainer.launch_settings(), scorer=clip_scorer.settings())
+                method.check_inputs(train_context(job), job.config)
             except TrainingInputError as e:
                 decisions.append(RetrainDecision(concept, name, method.asset_name, False, str(e)))
                 continue
             identity = job.identity()
-            out = current_output(storage, concept, method.asset_name)
+            out = current_output(layout, concept, method.asset_name)
             # The same test the model asset applies before it trains, so a scheduled run is never a no-op reuse.
-            reuse, why = find_reusable(out, job, MODEL_CODE_VERSION)
+            reuse, why = find_reusable(out, job, CODE_VERSION)
             if reuse is not None:
                 decisions.append(RetrainDecision(concept, name, method.asset_name, False, "up to date", identity))
             else:

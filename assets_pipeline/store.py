@@ -30,10 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from assets_pipeline.concept import ConceptSpec, validate_concept_key
 from assets_pipeline.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 DIGEST_SUFFIX = ".sha256"
+SPEC_SNAPSHOT = "concept.json"  # raw_images' copy of the concept spec it ingested with
 
 
 def _file_mode() -> int:
@@ -258,8 +260,6 @@ class ArtifactLayout:
     def asset_dir(self, concept: str, asset: str) -> Path:
         """The folder of one asset partition. The concept key is validated before any path is built (``..``,
         ``/`` or ``name/../name`` never reach the disk), and the result must resolve inside the root."""
-        from assets_pipeline.partitions.concept_spec import validate_concept_key
-
         return self.inside(self.root / "concepts" / validate_concept_key(concept) / asset)
 
     def inside(self, path: Path) -> Path:
@@ -277,6 +277,11 @@ class ArtifactLayout:
     def absolute(self, stored: str) -> Path:
         """A stored path resolved against this root (an absolute one, from an older table, is kept as is)."""
         return self.root / stored
+
+    def spec(self, concept: str) -> ConceptSpec:
+        """The concept spec as ``raw_images`` captured it (``SPEC_SNAPSHOT``), so every asset of one build agrees
+        on it."""
+        return ConceptSpec.from_json(json.loads((self.asset_dir(concept, "raw_images") / SPEC_SNAPSHOT).read_text()))
 
     def cache(self, kind: str, ext: str) -> ItemCache:
         return ItemCache(self.root, kind, ext)

@@ -9,7 +9,11 @@ from pathlib import Path
 import pandas as pd
 
 from assets_pipeline.hashing import digest
-from assets_pipeline.store import atomic_path, link_or_copy, write_bytes_atomic
+from assets_pipeline.store import ArtifactLayout, atomic_path, link_or_copy, write_bytes_atomic
+
+# Table columns holding files inside the artifact root: stored relative to it (so the root can move), absolute
+# in memory.
+PATH_COLUMNS = ("decoded_path", "control_path")
 
 
 def write_table(df: pd.DataFrame, path: Path) -> None:
@@ -24,6 +28,27 @@ def read_table(path: Path) -> pd.DataFrame:
     import pyarrow.parquet as pq
 
     return pq.read_table(path).to_pandas()
+
+
+def read_asset_table(layout: ArtifactLayout, concept: str, asset: str, table: str) -> pd.DataFrame:
+    """One table of an asset's output for a concept, its path columns absolute again."""
+    path = layout.asset_dir(concept, asset) / table
+    if not path.is_file():
+        raise FileNotFoundError(f"{asset} has no output for concept {concept!r} yet ({path}); materialize it first")
+    df = read_table(path)
+    for col in PATH_COLUMNS:
+        if col in df:
+            df[col] = [None if v is None else str(layout.absolute(v)) for v in df[col]]
+    return df
+
+
+def write_asset_table(layout: ArtifactLayout, df: pd.DataFrame, path: Path) -> None:
+    """Write an asset's table, its path columns relative to the artifact root (:func:`read_asset_table` undoes it)."""
+    df = df.copy()
+    for col in PATH_COLUMNS:
+        if col in df:
+            df[col] = [None if v is None else layout.relative(v) for v in df[col]]
+    write_table(df, path)
 
 
 def table_version(df: pd.DataFrame, columns: Iterable[str]) -> str:

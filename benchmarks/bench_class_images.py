@@ -37,8 +37,8 @@ def run_one(variant: str, shapes: str, count: int, resolution: int, device: str,
 
     import torch
 
-    from assets_pipeline.base_model import resolve_device
-    from assets_pipeline.model_shapes import build_pipeline
+    from assets_pipeline.models.load import resolve_device
+    from assets_pipeline.models.embedded import build_pipeline
     from assets_pipeline.stages.class_images import ClassImageConfig, generate_class_images
     from assets_pipeline.store import ItemCache
 

@@ -39,16 +39,16 @@ def run_set(name: str, shapes: str, side: int, adapters: bool) -> dict:
     import torch
     from torch._dynamo.utils import compilation_time_metrics, counters
 
-    from assets_pipeline.training import performance as perf_mod
+    from assets_pipeline.training.runtime.compilation import REGIONAL_BLOCKS, compile_module
 
     from bench_step_traffic import build_unet  # this script's folder is on sys.path (run as a script)
 
     unet = build_unet(shapes, adapters=adapters)
     if not adapters:  # something must train: the U-Net's own weights (DreamBooth's step, no PEFT layers)
         unet.requires_grad_(True)
-    blocks = {"regional": perf_mod.REGIONAL_BLOCKS, "transformer": ("BasicTransformerBlock",),
+    blocks = {"regional": REGIONAL_BLOCKS, "transformer": ("BasicTransformerBlock",),
               "resnet": ("ResnetBlock2D",), "full": ()}[name]
-    regions = perf_mod.compile_module(unet, "full" if name == "full" else "regional", "eager", blocks)
+    regions = compile_module(unet, "full" if name == "full" else "regional", "eager", blocks)
     torch.compile(lambda a: a.sin(), backend="eager")(torch.randn(2))  # Dynamo's one-off start, not timed below
     base = sum(compilation_time_metrics.get("_compile.compile_inner", []))
     graphs0 = counters["stats"]["unique_graphs"]

@@ -152,7 +152,7 @@ def demo_decisions(impls: dict, tmp: Path) -> dict[str, dict[str, str]]:
     """filter_images on the ingested demo concept under each implementation:
     {impl: {source_path: (blur, phash, "kept" or the reasons)}}."""
     from assets_pipeline import demo_data
-    from assets_pipeline.base_model import EMBEDDED_RESOLUTION
+    from assets_pipeline.models.embedded import RESOLUTION
     from assets_pipeline.stages import curation
     from assets_pipeline.stages.ingest import ingest_concept
     from assets_pipeline.store import ItemCache
@@ -165,7 +165,7 @@ def demo_decisions(impls: dict, tmp: Path) -> dict[str, dict[str, str]]:
     try:
         for name, fn in impls.items():
             curation.image_metrics = fn
-            df = curation.filter_images(captioned, manifest, curation.QualityConfig(), EMBEDDED_RESOLUTION,
+            df = curation.filter_images(captioned, manifest, curation.QualityConfig(), RESOLUTION["tiny"],
                                         ItemCache(tmp / f"metrics_{name}", "quality_metrics", ".json"))
             out[name] = {r.source_path: (r.blur_variance, r.phash, "kept" if r.kept else r.reason)
                          for r in df.itertuples()}

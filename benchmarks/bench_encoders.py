@@ -1,5 +1,5 @@
 """Encoder throughput on the project's own code paths: VAE encoding of photos (stages.latents._load_pixels on the
-image threads: decode, training crop; then _encode_pixels: the VAE), text encoding (stages.latents.encode_prompts) and CLIP scoring
+image threads: decode, training crop; then _encode_pixels: the VAE), text encoding (stages.latents.encode_text_entries) and CLIP scoring
 (stages.scoring.score_images: decode, preprocess, both towers), each batched on the device. Photos are decoded and
 preprocessed on the image threads (assets_pipeline/parallel.py; ASSETS_PIPELINE_IMAGE_THREADS=1 for one).
 ``vae_host`` and ``clip_host`` time that host side alone: the most the rows above could reach with an infinitely
@@ -8,7 +8,7 @@ fast device.
     python benchmarks/bench_encoders.py --shapes tiny                       # CPU, seconds: the embedded models
     python benchmarks/bench_encoders.py --shapes sd15 --batch-sizes 8 32    # GPU: SD 1.5 VAE/text, ViT-B-32
 
-tiny = the embedded SD and the embedded CLIP; sd15 = random-weight SD 1.5 shapes (assets_pipeline.model_shapes)
+tiny = the embedded SD and the embedded CLIP; sd15 = random-weight SD 1.5 shapes (assets_pipeline.models.embedded)
 and open_clip's ViT-B-32 (pretrained=None). Photos are random PNGs 1.5x the resolution wide, written once, so the
 training crop resizes as it would for a camera photo. Prints one JSON line per (method, batch). peak_mem_gib is
 CUDA peak allocated for that run; on the CPU it is the process's peak RSS so far.
@@ -44,14 +44,19 @@ def write_photos(folder: Path, n: int, resolution: int) -> list[str]:
 
 
 def load_models(shapes: str, device: str, artifacts: Path):
-    from assets_pipeline.model_shapes import RESOLUTION, build_pipeline
+    from assets_pipeline.models.embedded import RESOLUTION, SPECS, build_pipeline
+    from assets_pipeline.models.families import get_family
+    from assets_pipeline.models.load import Components
     from assets_pipeline.stages.latents import Encoders
     from assets_pipeline.stages.scoring import ClipScorer, ensure_embedded_clip
 
     pipe, resolution = build_pipeline(shapes, device), RESOLUTION[shapes]
     # What load_encoders returns: the frozen VAE and text encoder on the device, in the dtype they load in (fp32).
-    enc = Encoders(lambda: (pipe.vae.to(device).eval(), pipe.text_encoder.to(device).eval(), pipe.tokenizer),
-                   vae_fingerprint="bench", text_fingerprint="bench", device=device)
+    enc = Encoders(lambda: Components(vae_config=pipe.vae.config, scheduler_config=pipe.scheduler.config,
+                                      vae=pipe.vae.to(device).eval(), text_encoders=(pipe.text_encoder.to(device).eval(),),
+                                      tokenizers=(pipe.tokenizer,)),
+                   vae_fingerprint="bench", text_fingerprint="bench", family=get_family(SPECS[shapes].family),
+                   device=device)
     if shapes == "tiny":
         scorer = ClipScorer(f"local-dir:{ensure_embedded_clip(artifacts)}", None, "bench", True, device)
     else:  # open_clip builds ViT-B-32 with random weights when pretrained is None: nothing is downloaded
@@ -89,9 +94,9 @@ def main() -> int:
     import torch
     from PIL import Image
 
-    from assets_pipeline.base_model import resolve_device
+    from assets_pipeline.models.load import resolve_device
     from assets_pipeline.parallel import image_threads, thread_map
-    from assets_pipeline.stages.latents import _encode_pixels, _load_pixels, encode_prompts
+    from assets_pipeline.stages.latents import _encode_pixels, _load_pixels, encode_text_entries
 
     device = resolve_device(args.device)
     cuda = device.startswith("cuda")
@@ -111,7 +116,7 @@ def main() -> int:
             paths, captions = photos[:batch], [f"{CAPTION} {i}" for i in range(batch)]
             runs = {
                 "vae_encode": lambda: _encode_pixels(vae_pixels(paths), enc),
-                "text_encode": lambda: encode_prompts(captions, enc),
+                "text_encode": lambda: encode_text_entries(captions, enc),
                 # as score_images: each photo decoded and preprocessed on the image threads, then one forward
                 "clip_score": lambda: scorer.score_pixels(torch.stack(thread_map(clip_pixels, paths)), captions),
                 # the host side alone (decode, crop or preprocess on the image threads): the ceiling it puts on

@@ -44,7 +44,7 @@ def _setup(work: Path, photos: int, steps: int, batch: int) -> Path:
     """Photos, concept.toml, the base model as a folder, a fresh instance with the partition registered."""
     import dagster as dg
 
-    from assets_pipeline.base_model import build_embedded_pipeline
+    from assets_pipeline.models.embedded import build_pipeline
     from assets_pipeline.demo_data import GOOD_PHOTOS, demo_files
     from assets_pipeline.partitions.definitions import concepts_partitions
 
@@ -57,7 +57,7 @@ def _setup(work: Path, photos: int, steps: int, batch: int) -> Path:
         f'token = "sks"\nclass_noun = "thing"\nmethods = ["lora"]\n\n'
         f"[lora]\nmax_train_steps = {steps}\ntrain_batch_size = {batch}\n")
     base = work / "base"
-    build_embedded_pipeline().save_pretrained(base, safe_serialization=True)
+    build_pipeline("tiny").save_pretrained(base, safe_serialization=True)
     home = work / "dagster_home"
     home.mkdir()
     shutil.copy(ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")

@@ -43,19 +43,15 @@ def build_unet(shapes: str, adapters: bool = True):
     import torch
     from peft import LoraConfig
 
-    from assets_pipeline.model_shapes import build_unet
-    from assets_pipeline.training.methods.lora import UNET_TARGETS
+    from assets_pipeline.models.embedded import SPECS, build_denoiser
+    from assets_pipeline.models.families import get_family
 
     torch.manual_seed(0)
-    if shapes in ("sd15", "sdxl"):
-        unet = build_unet(shapes)
-    else:
-        from assets_pipeline.base_model import build_embedded_pipeline
-
-        unet = build_embedded_pipeline().unet
+    unet = build_denoiser(shapes)
     unet.requires_grad_(False)
-    if adapters:
-        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=list(UNET_TARGETS)))
+    if adapters:  # the LoRA method's default targets in the family's denoiser
+        targets = list(get_family(SPECS[shapes].family).denoiser.lora_targets)
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=targets))
     unet.to(torch.bfloat16)  # frozen weights in bf16, the adapter's fp32 master weights (the loop's _place)
     for p in unet.parameters():
         if p.requires_grad:
@@ -68,7 +64,7 @@ def measure(unet, batch: int, side: int, skip: bool) -> dict:
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
-    from assets_pipeline.training.performance import skip_adapter_input_casts
+    from assets_pipeline.training.runtime.backends import skip_adapter_input_casts
 
     counts, nbytes = collections.Counter(), collections.Counter()
 
@@ -108,11 +104,11 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--latent-side", type=int, help="latent height and width (default: the model's sample size)")
     args = ap.parse_args()
-    from assets_pipeline.training.methods.lora import UNET_TARGETS
+    from assets_pipeline.models.families import get_family
 
     unet = build_unet(args.shapes)
     side = args.latent_side or unet.config.sample_size
-    print(f"{args.shapes} U-Net + LoRA r4 on {', '.join(UNET_TARGETS)}, batch {args.batch}, "
+    print(f"{args.shapes} U-Net + LoRA r4 on {', '.join(get_family('sd1').denoiser.lora_targets)}, batch {args.batch}, "
           f"latents {side}x{side}, bf16 autocast on the CPU: one forward + backward")
     print(f"{'PEFT input casts':<18} {'kind':<22} {'ops':>6} {'MiB':>10}")
     for label, skip in (("kept", False), ("skipped", True)):

@@ -24,7 +24,7 @@ Variants (each run in its own process, so peak memory is that run's alone):
 
 DreamBooth runs with prior preservation (batch b = b instance + b class rows). Both sides time ``--steps``
 steps after one warm-up step (compilation, and cuDNN's trials where on, happen there; ``warmup_s`` is its time,
-plus, for the project's compiled runs, reading the persisted kernels (and precompiled graphs) and writing what
+plus, for the project's compiled runs, reading the persisted kernels and writing what
 was new: ``compile_cache_io_s``); ``images_per_s`` counts the rows the U-Net sees. Prints one JSON line per run,
 then the ratio table.
 """
@@ -65,12 +65,8 @@ SDXL_REFERENCE_METHODS = ("lora", "dreambooth")  # the reference and plain loops
 
 def model_folder(shapes: str, work: Path, device: str) -> tuple[Path, int]:
     """The random-weight model folder of ``shapes`` (made once under ``work``) and its training resolution:
-    ``tiny`` / ``tiny-sdxl`` are the embedded test models, ``sd15`` / ``sdxl`` the real sizes (model_shapes.py)."""
-    if shapes == "tiny-sdxl":
-        from assets_pipeline.base_model import EMBEDDED_SDXL_RESOLUTION, ensure_embedded_sdxl_model
-
-        return ensure_embedded_sdxl_model(work / "base_models"), EMBEDDED_SDXL_RESOLUTION
-    from assets_pipeline.model_shapes import RESOLUTION, write_model_folder
+    ``tiny`` / ``tiny-sdxl`` are the embedded test models, ``sd15`` / ``sdxl`` the real sizes (models/embedded.py)."""
+    from assets_pipeline.models.embedded import RESOLUTION, write_model_folder
 
     return write_model_folder(shapes, work / f"model-{shapes}", device=device), RESOLUTION[shapes]
 
@@ -79,15 +75,15 @@ def synthetic_job(method: str, shapes: str, batch: int, steps: int, variant: str
                   performance: dict | None = None):
     """A trainer job over a random latents bundle for the model folder of ``shapes`` (both made once)."""
     import torch
-    from dataclasses import asdict
     from PIL import Image
     from safetensors.torch import save_file
 
-    from assets_pipeline.base_model import resolve_base_model
-    from assets_pipeline.families import sdxl_add_time_ids
+    from assets_pipeline.models.resolve import resolve_base_model
+    from assets_pipeline.models.unet import sdxl_add_time_ids
     from assets_pipeline.store import record_digest
-    from assets_pipeline.training.job import TrainJob
+    from assets_pipeline.training.job import TrainingRow, TrainJob
     from assets_pipeline.training.methods import get_method
+    from assets_pipeline.training.runtime.settings import Performance
 
     folder, res = model_folder(shapes, work, device)
     ref = resolve_base_model(str(folder), work / "artifacts", res, None, None)
@@ -99,9 +95,10 @@ def synthetic_job(method: str, shapes: str, batch: int, steps: int, variant: str
     for role in ("instance", "class"):
         for i in range(ROWS):
             control = bundle / f"control-{i}.png"
-            rows.append({"image_sha256": f"{role}-{i}", "role": role, "caption": f"a photo of sks dog {i}",
-                         "source_path": f"synthetic/{role}-{i}", "decoded_path": str(control),
-                         **({"control_path": str(control)} if role == "instance" else {})})
+            rows.append(TrainingRow(image_sha256=f"{role}-{i}", role=role, caption=f"a photo of sks dog {i}",
+                                    latent_key=None, text_key=None, source_path=f"synthetic/{role}-{i}",
+                                    decoded_path=str(control),
+                                    control_path=str(control) if role == "instance" else None))
     if not (bundle / "latents.safetensors").is_file():
         bundle.mkdir(parents=True, exist_ok=True)
         g = torch.Generator().manual_seed(0)
@@ -109,31 +106,34 @@ def synthetic_job(method: str, shapes: str, batch: int, steps: int, variant: str
         square = f"{res}x{res}"  # every row in the square bucket (stages/latents.py's bundle layout)
         tensors = {f"latent_mean@{square}": torch.randn(n, 4, side, side, generator=g),
                    f"latent_std@{square}": torch.rand(n, 4, side, side, generator=g) * 0.1,
-                   # SDXL: both encoders' hidden states side by side (families.encode_sdxl_prompt)
+                   # SDXL: both encoders' hidden states side by side (models/text.py, PenultimateConcat)
                    "prompt_embeds": torch.randn(n, 77, sum(c["hidden_size"] for c in te_cfgs), generator=g)}
         if len(te_cfgs) == 2:  # SDXL: the pooled embedding and the micro-conditioning of an uncropped square photo
             tensors["pooled_prompt_embeds"] = torch.randn(n, te_cfgs[1]["projection_dim"], generator=g)
             tensors["add_time_ids"] = sdxl_add_time_ids((res, res), (0, 0), (res, res)).repeat(n, 1)
         save_file(tensors, str(bundle / "latents.safetensors"),
-                  metadata={"image_sha256": json.dumps([r["image_sha256"] for r in rows]),
-                            "role": json.dumps([r["role"] for r in rows]), "bucket": json.dumps([square] * n)})
+                  metadata={"image_sha256": json.dumps([r.image_sha256 for r in rows]),
+                            "role": json.dumps([r.role for r in rows]), "bucket": json.dumps([square] * n)})
         record_digest(bundle / "latents.safetensors")  # trainers refuse a bundle without its digest
         for i in range(ROWS):
             Image.effect_noise((res, res), 64).convert("RGB").save(bundle / f"control-{i}.png")
     m = get_method(method)
-    cfg = asdict(m.config_cls(**{**m.default_config(ROWS, quick=False), "max_train_steps": steps + 1,
-                                 "train_batch_size": batch, "checkpointing_steps": 10**9}))
+    cfg = m.config_cls(**{**m.default_config(ROWS, quick=False), "max_train_steps": steps + 1,
+                          "train_batch_size": batch, "checkpointing_steps": 10**9})
     run = work / "runs" / f"{method}-{variant}-{batch}-{os.getpid()}"
-    return TrainJob(concept="bench", method=method, config=cfg, base_model=asdict(ref), latents_dir=str(bundle),
+    return TrainJob(concept="bench", method=method, config=cfg, base_model=ref, latents_dir=str(bundle),
                     output_dir=str(run / "out"), checkpoint_dir=str(run / "ckpt"), token="sks", class_noun="dog",
-                    training_images=rows if method == "dreambooth" else rows[:ROWS], lineage={}, device=device,
-                    performance={**PERFORMANCE[variant], "micro_batch": "configured", **(performance or {})},
+                    training_images=tuple(rows if method == "dreambooth" else rows[:ROWS]), lineage={}, device=device,
+                    performance=Performance.from_dict({**PERFORMANCE[variant], "micro_batch": "configured",
+                                                       **(performance or {})}),
                     cache_dir=str(work / f"cache-{method}-{batch}"))
 
 
 def run_project(method, shapes, batch, steps, variant, work: Path, device: str, performance: dict | None = None,
                 profile_out: str | None = None) -> dict:
-    from assets_pipeline.training.loop import PROFILE_DIR, checkpoint_root, train
+    from assets_pipeline.training.checkpoints import checkpoint_root
+    from assets_pipeline.training.loop import train
+    from assets_pipeline.training.runtime import PROFILE_DIR
 
     job = synthetic_job(method, shapes, batch, steps, variant, work, device, performance)
     state = train(job, progress=lambda msg: None)
@@ -144,8 +144,6 @@ def run_project(method, shapes, batch, steps, variant, work: Path, device: str, 
            "attention": s["attention"], "precision": s["precision"], "device": s["device"]}
     if s.get("compile_stats"):  # Dynamo vs backend seconds, graphs, FX-graph/AOTAutograd cache hits and misses
         out["compile_stats"] = s["compile_stats"]
-    if s.get("precompiled_regions"):  # performance precompiled_regions=on: graphs loaded, compiled, fallbacks
-        out["precompiled_regions"] = s["precompiled_regions"]
     if s.get("profile"):  # performance profile_steps=N: the trace leaves the run's folder before it is removed
         out["profile"] = s["profile"]
         if profile_out:
@@ -170,8 +168,9 @@ def run_reference(method, shapes, batch, steps, work: Path, device: str, variant
     from peft import LoraConfig
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from assets_pipeline.families import encode_sdxl_prompt, sdxl_add_time_ids, tokenize
-    from assets_pipeline.training.methods.controlnet import controlnet_from_unet
+    from assets_pipeline.models.families import get_family
+    from assets_pipeline.models.text import tokenize
+    from assets_pipeline.models.unet import sdxl_add_time_ids
 
     cuda, sdxl = device == "cuda", shapes in SDXL_SHAPES
     if sdxl and method not in SDXL_REFERENCE_METHODS:
@@ -195,7 +194,7 @@ def run_reference(method, shapes, batch, steps, work: Path, device: str, variant
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
     elif method == "controlnet":
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        controlnet = controlnet_from_unet(unet, factor).to(device).train()
+        controlnet = get_family("sd1").denoiser.controlnet_from(unet, factor).to(device).train()
     elif method == "textual_inversion":
         text.get_input_embeddings().requires_grad_(True)
     unet.to(device, torch.float32 if method == "dreambooth" else dtype)
@@ -216,7 +215,7 @@ def run_reference(method, shapes, batch, steps, work: Path, device: str, variant
         text_2.requires_grad_(False).to(device, dtype)
         tokenizer_2 = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer_2")
         with torch.no_grad():
-            cached_embeds, pooled = encode_sdxl_prompt(
+            cached_embeds, pooled = get_family("sdxl").encode_prompt(
                 [text, text_2], [t.to(device) for t in tokenize([tok, tokenizer_2], ["a photo of sks dog"] * rows)])
         time_ids = sdxl_add_time_ids((res, res), (0, 0), (res, res)).repeat(rows, 1).to(device, dtype)
         added = {"added_cond_kwargs": {"text_embeds": pooled.to(dtype), "time_ids": time_ids}}
@@ -316,8 +315,8 @@ def run_one(args) -> dict:
 
 
 def parse_settings(pairs: list[str] | None) -> dict:
-    """``KEY=VALUE`` performance settings (training/performance.py); values are JSON where they parse (numbers)."""
-    from assets_pipeline.training.performance import Performance
+    """``KEY=VALUE`` performance settings (training/runtime/settings.py); values are JSON where they parse."""
+    from assets_pipeline.training.runtime.settings import Performance
 
     out = {}
     for pair in pairs or []:
@@ -360,7 +359,7 @@ def main() -> int:
                     help="model folders and latents are made here once and reused")
     ap.add_argument("--run-timeout", type=float, default=1800, help="seconds one run may take")
     ap.add_argument("--performance", nargs="+", metavar="KEY=VALUE",
-                    help="performance settings for the project's variants on top of theirs (training/performance.py), "
+                    help="performance settings for the project's variants on top of theirs (training/runtime/settings.py), "
                          "e.g. adapter_input_casts=on; the rows' variant names show them")
     ap.add_argument("--profile-out", help="with --performance profile_steps=N: copy each project run's profile "
                                           "(trace.json.gz, ops.txt, summary.json) to DIR/<method>-<variant>-<batch>")

@@ -4,7 +4,7 @@
 # lines and logs) go to $OUT, else gpu_results/. Each part has its own time limit, so a slow part costs only
 # itself. Needs torch with CUDA plus this project's dependencies (see docs/gpu.md for carrying wheels).
 #
-#   bash scripts/gpu_bench.sh                      # every part: at most ~62 minutes (the sum of the parts' limits)
+#   bash scripts/gpu_bench.sh                      # every part: at most ~57 minutes (the sum of the parts' limits)
 #   bash scripts/gpu_bench.sh lora_b16 class_images   # some parts
 #   BENCH_DEADLINE_S=540 bash scripts/gpu_bench.sh ...  # no part runs past 540 s from the start (device leases)
 set -uo pipefail
@@ -56,11 +56,6 @@ run_part() {
     # for long single-process runs, measured so far for LoRA only (DreamBooth: regional, db_compiled).
     db_full) part db_full 330 $B --methods dreambooth --batch-sizes 16 --run-timeout 200 \
                --variants reference project-compiled-full project-compiled-full-warm ;;
-    # Regional compilation with each block graph compiled ahead of time and persisted with its guards
-    # (performance precompiled_regions=on), cold then warm: a warm start that skips Dynamo, against lora_b16's.
-    lora_precompiled) part lora_precompiled 360 $B --methods lora --batch-sizes 16 --run-timeout 200 \
-                        --variants reference project-compiled project-compiled-warm \
-                        --performance precompiled_regions=on ;;
     b4) part b4 150 $B --methods lora dreambooth --batch-sizes 4 --variants reference project-eager ;;
     # The same LoRA step written plainly on cached latents (eager, and channels_last + whole compile): what the
     # project's loop would reach with no overhead of its own, measured beside it.
@@ -87,11 +82,11 @@ run_part() {
     sdxl_lora) part sdxl_lora 300 $BX --methods lora --batch-sizes 4 --run-timeout 240 \
                  --variants reference project-eager ;;
     *) echo "unknown part $1 (lora_b16 methods_b16 db_compiled lora_full db_full class_images encoders b4 lora_plain" \
-            "lora_eager_ab first_step_ab lora_profile sdxl_lora lora_precompiled)"; return 2 ;;
+            "lora_eager_ab first_step_ab lora_profile sdxl_lora)"; return 2 ;;
   esac
 }
 # Parts in order of importance; name some to run only those (e.g. when device time is short).
-for p in "${@:-lora_b16 methods_b16 db_compiled class_images encoders b4 lora_full db_full lora_plain lora_eager_ab first_step_ab lora_profile sdxl_lora lora_precompiled}"; do
+for p in "${@:-lora_b16 methods_b16 db_compiled class_images encoders b4 lora_full db_full lora_plain lora_eager_ab first_step_ab lora_profile sdxl_lora}"; do
   for q in $p; do run_part "$q"; done
 done
 # Every training run recorded in $OUT/training.jsonl (this invocation's parts, and earlier ones into the same $OUT).

@@ -123,13 +123,12 @@ def ensure_base_model(workdir: Path, artifact_root: Path, shapes: str, dtype: st
     model's resolution, steps in proportion to the training).
     ``tiny`` is the project's embedded model, built into the artifact root by the project's own builder: its
     kind is 'embedded', so validation renders stay few (4 steps, 1 seed) and the flow fits a CPU test."""
-    from assets_pipeline.base_model import EMBEDDED, EMBEDDED_NAME, ensure_embedded_model
-    from assets_pipeline.model_shapes import write_model_folder
+    from assets_pipeline.models.embedded import EMBEDDED, EMBEDDED_MODELS, ensure_embedded, write_model_folder
 
     t0 = time.perf_counter()
     if shapes == "tiny":
-        built = (artifact_root / "base_models" / EMBEDDED_NAME / "model_index.json").is_file()
-        folder = ensure_embedded_model(artifact_root / "base_models")
+        built = (artifact_root / "base_models" / EMBEDDED_MODELS[EMBEDDED][0] / "model_index.json").is_file()
+        folder = ensure_embedded(artifact_root / "base_models")
         return EMBEDDED, folder, 0.0 if built else time.perf_counter() - t0
     folder = workdir / "base_model" / f"{shapes}-random-{dtype}"
     if (folder / "model_index.json").is_file():
@@ -417,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from assets_pipeline.model_shapes import RESOLUTION
+    from assets_pipeline.models.embedded import RESOLUTION
 
     t_start = time.perf_counter()
     workdir = args.workdir.resolve()

@@ -32,20 +32,20 @@ def built_models(tmp_path_factory) -> Path:
 
     Treat it as read-only: tests that write caches use :func:`artifact_root`, which links these models in.
     """
-    from assets_pipeline.base_model import ensure_embedded_model
+    from assets_pipeline.models.embedded import ensure_embedded
     from assets_pipeline.stages.scoring import ensure_embedded_clip
 
     root = tmp_path_factory.mktemp("built_models")
-    ensure_embedded_model(root / "base_models")
+    ensure_embedded(root / "base_models")
     ensure_embedded_clip(root / "base_models")
     return root
 
 
 @pytest.fixture(scope="session")
 def embedded_model_dir(built_models) -> Path:
-    from assets_pipeline.base_model import EMBEDDED_NAME
+    from assets_pipeline.models.embedded import EMBEDDED, EMBEDDED_MODELS
 
-    return built_models / "base_models" / EMBEDDED_NAME
+    return built_models / "base_models" / EMBEDDED_MODELS[EMBEDDED][0]
 
 
 def link_models(built_models: Path, root: Path) -> Path:
@@ -104,7 +104,8 @@ def storage(data_root, artifact_root):
 @pytest.fixture(scope="session")
 def encoders(built_models):
     """The embedded model's frozen VAE, text encoder and tokenizer, loaded once."""
-    from assets_pipeline.base_model import load_encoders, resolve_base_model
+    from assets_pipeline.models.resolve import resolve_base_model
+    from assets_pipeline.stages.latents import load_encoders
 
     return load_encoders(resolve_base_model("embedded", built_models), built_models, "cpu")
 

@@ -5,10 +5,11 @@ import json
 
 import dagster as dg
 
-from assets_pipeline.assets.models import current_output, training_rows
 from assets_pipeline.partitions.definitions import concepts_partitions
 from assets_pipeline.resources import AcceleratorResource, BaseModelResource, PipelineStorage
 from assets_pipeline.training.methods import get_method, method_names
+from assets_pipeline.training.plan import training_rows
+from assets_pipeline.training.reuse import current_output
 
 
 CHANGE_CHECK_VERSION = 2  # bump when changes_base_output measures differently (2: DPM-Solver++ renders)
@@ -19,7 +20,7 @@ def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
     asset = dg.AssetKey(method.asset_name)
 
     def _output(storage, concept):
-        out = current_output(storage, concept, method.asset_name)
+        out = current_output(storage.layout(), concept, method.asset_name)
         if out is None or not out.is_dir():
             raise FileNotFoundError(f"{method.asset_name} has no current output for concept {concept!r}")
         return out
@@ -43,25 +44,20 @@ def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
         ControlNet with zero-convolutions still zero) fails here."""
         from dataclasses import asdict
 
-        from assets_pipeline.assets.common import spec_from_snapshot
         from assets_pipeline.hashing import digest, sha256_file
-        from assets_pipeline.training.methods.base import TrainContext
-        from assets_pipeline.training.output import BaseRenders
+        from assets_pipeline.training.plan import render_context
+        from assets_pipeline.training.render import BaseRenders
         from assets_pipeline.training.reuse import SUMS_FILE
         from assets_pipeline.training.verify import change_versus_base
 
         concept = context.partition_key
         out = _output(storage, concept)
-        spec = spec_from_snapshot(storage, concept)
         layout = storage.layout()
+        spec = layout.spec(concept)
         ref = base_model.resolve(layout.root, spec)
         manifest = json.loads((out / "lineage.json").read_text())
-        controls = [r["control_path"] for r in training_rows(storage, concept, ("instance",), True)] \
-            if method.name == "controlnet" else []
-        ctx = TrainContext(concept=concept, token=spec.token, class_noun=spec.class_noun,
-                           resolution=manifest["base_model"]["resolution"], num_instance_images=0,
-                           family=manifest["base_model"].get("family", "sd1"),
-                           extra={"control_paths": controls})
+        ctx = render_context(layout, spec, manifest["base_model"], control=method.name == "controlnet")
+        controls = ctx.extra["control_paths"]
         device = accelerator.torch_device()
         # The measurement is a function of the output's weight bytes, the base model, the prompt, the
         # conditioning images and the device: measured once per such combination (a reused output, rechecked by
@@ -71,9 +67,9 @@ def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
                      method.name, {k: v for k, v in asdict(ctx).items() if k not in ("extra", "family")},
                      [sha256_file(p) for p in controls],
                      "cuda" if device.startswith("cuda") else device)
-        renders = BaseRenders(asdict(ref), device, BaseRenders.cache_for(layout.root))
+        renders = BaseRenders(ref, device, BaseRenders.cache_for(layout.root))
         path = results.get_or_create(key, lambda tmp: tmp.write_text(json.dumps({
-            "mean_abs_change": change_versus_base(method, asdict(ref), out, ctx, device=device,
+            "mean_abs_change": change_versus_base(method, ref, out, ctx, device=device,
                                                   base_renders=renders)})))
         change = json.loads(path.read_text())["mean_abs_change"]
         return dg.AssetCheckResult(passed=change > 0, metadata={
@@ -86,17 +82,20 @@ def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
         """The output's lineage.json lists exactly the images (concept, sha256, role, caption) its training rows
         have now (with datasets: those of each concept trained in): none missing, none extra, so the audit from
         this output back to its photos is exact. Blocking."""
+        from dataclasses import asdict
+
         from assets_pipeline.training.verify import manifest_difference
 
         concept = context.partition_key
         out = _output(storage, concept)
         manifest = json.loads((out / "lineage.json").read_text())
         cfg = method.config_cls(**manifest["method_config"])
-        expected = [{**r, "concept": concept}
-                    for r in training_rows(storage, concept, method.batch_roles(cfg), control=False)]
+        layout = storage.layout()
+        expected = [{**asdict(r), "concept": concept}
+                    for r in training_rows(layout, concept, method.batch_roles(cfg), control=False)]
         for d in getattr(cfg, "datasets", ()):  # the other concepts trained in (LoRA's datasets): their photos now
-            expected += [{**r, "concept": d["concept"]}
-                         for r in training_rows(storage, d["concept"], ("instance",), control=False)]
+            expected += [{**asdict(r), "concept": d["concept"]}
+                         for r in training_rows(layout, d["concept"], ("instance",), control=False)]
         extra, missing = manifest_difference(out, expected)
         return dg.AssetCheckResult(passed=not extra and not missing, metadata={
             "images_listed": len(manifest["training_images"]), "unexpected": len(extra), "missing": len(missing)})

@@ -2,57 +2,29 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import pandas as pd
 
-from assets_pipeline.partitions.concept_spec import ConceptSpec, apply_overrides
+from assets_pipeline.concept import ConceptSpec
 from assets_pipeline.resources import PipelineStorage
-from assets_pipeline.tables import read_table, write_table
-
-SPEC_SNAPSHOT = "concept.json"
+from assets_pipeline.tables import read_asset_table, write_asset_table
 
 
 def spec_from_snapshot(storage: PipelineStorage, concept: str) -> ConceptSpec:
     """The concept spec as ``raw_images`` captured it, so every asset of one build agrees on it."""
-    raw = json.loads((storage.layout().asset_dir(concept, "raw_images") / SPEC_SNAPSHOT).read_text())
-    return ConceptSpec(name=raw["name"], token=raw["token"], class_noun=raw["class_noun"],
-                       methods=tuple(raw["methods"]), overrides=raw["overrides"])
-
-
-def concept_config(spec: ConceptSpec, section: str, default: Any) -> Any:
-    """``default`` (a config dataclass) with the concept's ``[section]`` overrides applied."""
-    return apply_overrides(default, spec.section(section), f"{spec.name}/concept.toml [{section}]")
-
-
-# Table columns holding files inside the artifact root: stored relative to it (so the root can move), absolute
-# in memory.
-PATH_COLUMNS = ("decoded_path", "control_path")
+    return storage.layout().spec(concept)
 
 
 def read_upstream(storage: PipelineStorage, concept: str, asset: str, table: str) -> pd.DataFrame:
-    layout = storage.layout()
-    path = layout.asset_dir(concept, asset) / table
-    if not path.is_file():
-        raise FileNotFoundError(f"{asset} has no output for concept {concept!r} yet ({path}); materialize it first")
-    df = read_table(path)
-    for col in PATH_COLUMNS:
-        if col in df:
-            df[col] = [None if v is None else str(layout.absolute(v)) for v in df[col]]
-    return df
+    return read_asset_table(storage.layout(), concept, asset, table)
 
 
 def save_table(storage: PipelineStorage, df: pd.DataFrame, path: Path) -> None:
     """Write an asset's table, its path columns relative to the artifact root (:func:`read_upstream` undoes it)."""
-    layout = storage.layout()
-    df = df.copy()
-    for col in PATH_COLUMNS:
-        if col in df:
-            df[col] = [None if v is None else layout.relative(v) for v in df[col]]
-    write_table(df, path)
+    write_asset_table(storage.layout(), df, path)
 
 
 def restore_images(context: dg.AssetExecutionContext, storage: PipelineStorage, concept: str,

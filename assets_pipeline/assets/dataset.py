@@ -8,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from assets_pipeline.assets.common import (
-    SPEC_SNAPSHOT, clean_stale_temporaries, concept_config, image_preview as _preview, read_upstream,
+    clean_stale_temporaries, image_preview as _preview, read_upstream,
     restore_images, result, save_table, spec_from_snapshot, table_preview,
 )
 from assets_pipeline.automation import rebuild_on_change, rebuild_on_code_change
@@ -18,7 +18,7 @@ from assets_pipeline.partitions.definitions import concepts_partitions
 from assets_pipeline.resources import (
     AcceleratorResource, BaseModelResource, CaptionerResource, ClipScorerResource, PipelineStorage,
 )
-from assets_pipeline.store import atomic_dir, write_json_atomic
+from assets_pipeline.store import SPEC_SNAPSHOT, atomic_dir, write_json_atomic
 from assets_pipeline.tables import table_version, write_imagefolder
 
 GROUP = "dataset"
@@ -74,13 +74,13 @@ def captioned_images(
 ) -> dg.MaterializeResult:
     """A caption per photo: sidecar .txt > captioner model > 'a photo of {token} {class_noun}'. Captions longer
     than the base model's text encoder reads are warned about, one by one (it truncates them)."""
-    from assets_pipeline.base_model import load_tokenizer
+    from assets_pipeline.models.load import load_tokenizers
     from assets_pipeline.stages.captions import CaptionConfig, caption_images, overlong_captions
 
     concept = context.partition_key
     spec = spec_from_snapshot(storage, concept)
     layout = storage.layout()
-    cfg = concept_config(spec, "captions", CaptionConfig())
+    cfg = spec.config("captions", CaptionConfig())
     model = captioner.load(layout.root, accelerator.device, cfg.max_new_tokens) if cfg.use_captioner else None
     cache = layout.cache("captions", ".txt")
     clean_stale_temporaries(context, storage, concept, "captioned_images", caches=(cache.kind,))
@@ -95,7 +95,7 @@ def captioned_images(
     if len(missing_token):
         context.log.warning(f"{len(missing_token)} captions lack the token {spec.token!r}: "
                             f"{list(missing_token['source_path'])}")
-    tokenizer = load_tokenizer(base_model.resolve(layout.root, spec))
+    tokenizer = load_tokenizers(base_model.resolve(layout.root, spec))[0]
     limit = tokenizer.model_max_length
     overlong = overlong_captions(df, tokenizer)
     for r in overlong.itertuples():
@@ -123,7 +123,7 @@ def filtered_images(
     concept = context.partition_key
     spec = spec_from_snapshot(storage, concept)
     layout = storage.layout()
-    cfg = concept_config(spec, "quality", QualityConfig())
+    cfg = spec.config("quality", QualityConfig())
     resolution = base_model.resolve(layout.root, spec).resolution
     cache = layout.cache("quality_metrics", ".json")
     clean_stale_temporaries(context, storage, concept, "filtered_images", caches=(cache.kind,))
@@ -159,7 +159,7 @@ def clip_scored_images(
     concept = context.partition_key
     spec = spec_from_snapshot(storage, concept)
     layout = storage.layout()
-    cfg = concept_config(spec, "scoring", ScoringConfig())
+    cfg = spec.config("scoring", ScoringConfig())
     scorer = clip_scorer.load(layout.root, accelerator.device)  # "auto" is resolved if a model is loaded
     cache = layout.cache("clip_scores", ".json")
     clean_stale_temporaries(context, storage, concept, "clip_scored_images", caches=(cache.kind,))
@@ -198,14 +198,14 @@ def control_images(
     concept = context.partition_key
     spec = spec_from_snapshot(storage, concept)
     layout = storage.layout()
-    cfg = concept_config(spec, "control", ControlConfig())
-    latent_cfg = concept_config(spec, "latents", LatentConfig())
+    cfg = spec.config("control", ControlConfig())
+    latent_cfg = spec.config("latents", LatentConfig())
     resolution = latent_cfg.resolution or base_model.resolve(layout.root, spec).resolution
     scores = read_upstream(storage, concept, "clip_scored_images", "scores.parquet")
     cache = layout.cache("control_images", ".png")
     clean_stale_temporaries(context, storage, concept, "control_images", caches=(cache.kind,))
     restored = restore_images(context, storage, concept, scores[scores["in_subset"]])
-    max_aspect = concept_config(spec, "quality", QualityConfig()).max_aspect_ratio  # as vae_latents: same buckets
+    max_aspect = spec.config("quality", QualityConfig()).max_aspect_ratio  # as vae_latents: same buckets
     buckets = concept_buckets(latent_cfg, resolution, max_aspect)
     df = make_control_images(scores[scores["in_subset"]], cfg, buckets, latent_cfg.center_crop, cache)
     out = layout.asset_dir(concept, "control_images")

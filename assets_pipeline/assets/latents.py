@@ -5,7 +5,7 @@ import dagster as dg
 
 from assets_pipeline.automation import rebuild_on_change
 from assets_pipeline.assets.common import (
-    clean_stale_temporaries, concept_config, read_upstream, restore_images, result, spec_from_snapshot,
+    clean_stale_temporaries, read_upstream, restore_images, result, spec_from_snapshot,
 )
 from assets_pipeline.assets.dataset import clip_scored_images
 from assets_pipeline.assets.priors import class_images
@@ -30,14 +30,14 @@ def vae_latents(
     the photos' latent cache."""
     import pandas as pd
 
-    from assets_pipeline.base_model import load_encoders
+    from assets_pipeline.stages.latents import load_encoders
     from assets_pipeline.stages.curation import QualityConfig
     from assets_pipeline.stages.latents import LatentConfig, bucket_counts, compute_latents, write_latent_bundle
 
     concept = context.partition_key
     spec = spec_from_snapshot(storage, concept)
     layout = storage.layout()
-    cfg = concept_config(spec, "latents", LatentConfig())
+    cfg = spec.config("latents", LatentConfig())
     ref = base_model.resolve(layout.root, spec)
     resolution = cfg.resolution or ref.resolution
     scores = read_upstream(storage, concept, "clip_scored_images", "scores.parquet")
@@ -49,7 +49,7 @@ def vae_latents(
     latent_cache, text_cache = layout.cache("latents", ".safetensors"), layout.cache("text_embeds", ".safetensors")
     clean_stale_temporaries(context, storage, concept, "vae_latents", caches=(latent_cache.kind, text_cache.kind))
     # The buckets reach the quality filter's aspect limit, so every photo it keeps has a bucket near its shape.
-    max_aspect = concept_config(spec, "quality", QualityConfig()).max_aspect_ratio
+    max_aspect = spec.config("quality", QualityConfig()).max_aspect_ratio
     index = compute_latents(items, enc, resolution, cfg, latent_cache, text_cache, max_aspect)
     out = layout.asset_dir(concept, "vae_latents")
     # Same rows as the current bundle (its keys cover every input): keep it rather than restack every tensor,
@@ -69,7 +69,7 @@ def vae_latents(
                 "resolution": resolution, "scaling_factor": enc.scaling_factor,
                 "base_model_fingerprint": ref.fingerprint, "vae_fingerprint": enc.vae_fingerprint,
                 "text_fingerprint": enc.text_fingerprint,
-            }, text_time=enc.text_time, center_crop=cfg.center_crop)
+            }, enc.family, center_crop=cfg.center_crop)
     buckets = bucket_counts(index)
     return result(out, table_version(index, ["image_sha256", "role", "latent_key", "text_key"]), len(index), {
         "latents_computed": latent_cache.computed, "latents_cached": latent_cache.cached,

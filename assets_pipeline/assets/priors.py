@@ -4,7 +4,7 @@ import dagster as dg
 
 from assets_pipeline.automation import rebuild_on_change
 from assets_pipeline.assets.common import (
-    clean_stale_temporaries, concept_config, image_preview, result, save_table, spec_from_snapshot,
+    clean_stale_temporaries, image_preview, result, save_table, spec_from_snapshot,
 )
 from assets_pipeline.assets.dataset import raw_images
 from assets_pipeline.partitions.definitions import concepts_partitions
@@ -20,7 +20,7 @@ def class_images(
     accelerator: AcceleratorResource,
 ) -> dg.MaterializeResult:
     """'a photo of a {class_noun}' from the base model; empty for concepts that don't request DreamBooth."""
-    from assets_pipeline.base_model import load_pipeline
+    from assets_pipeline.models.load import load_pipeline
     from assets_pipeline.stages.class_images import CLASS_IMAGE_COLUMNS, ClassImageConfig, generate_class_images
     from assets_pipeline.training.methods import get_method
 
@@ -32,7 +32,7 @@ def class_images(
     ref = base_model.resolve(layout.root, spec)
     cache = layout.cache("class_images", ".png")
     clean_stale_temporaries(context, storage, concept, "class_images", caches=(cache.kind,))
-    cfg = concept_config(spec, "class_images", ClassImageConfig())
+    cfg = spec.config("class_images", ClassImageConfig())
     prompt = f"a photo of a {spec.class_noun}"
     if "dreambooth" in spec.methods and spec.class_noun:
         method = get_method("dreambooth")

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from assets_pipeline.hashing import digest
-from assets_pipeline.partitions.concept_spec import ConceptSpecError, is_valid_concept_key, load_concept_spec
+from assets_pipeline.concept import ConceptSpecError, is_valid_concept_key
+from assets_pipeline.partitions.concept_spec import load_concept_spec
 
 
 @dataclass(frozen=True)

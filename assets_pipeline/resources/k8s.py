@@ -148,16 +148,15 @@ def pod_meta(config: K8sTrainerConfig) -> dict[str, Any]:
                        **config.labels}}
 
 
-def unmounted_paths(job: dict[str, Any], job_path: Path, mount_paths: list[str]) -> list[str]:
-    """The absolute paths a trainer job reads or writes that no pod volume holds (each would fail on the pod,
-    some only after hours of training)."""
-    paths = [str(job_path), job["latents_dir"], job["output_dir"], job["checkpoint_dir"], job.get("cache_dir")]
-    paths += [d.get("latents_dir") for d in job.get("datasets", [])]  # the other concepts trained in (LoRA)
-    base = job.get("base_model", {})
-    paths += [base.get("location"), base.get("single_file_config")]  # a hub model's location is its snapshot
-    paths.append(job.get("scorer", {}).get("pretrained"))
-    for row in job.get("training_images", []):
-        paths += [row.get("decoded_path"), row.get("control_path")]
+def unmounted_paths(job, job_path: Path, mount_paths: list[str]) -> list[str]:
+    """The absolute paths a trainer job (a ``TrainJob``) reads or writes that no pod volume holds (each would fail
+    on the pod, some only after hours of training)."""
+    paths = [str(job_path), job.latents_dir, job.output_dir, job.checkpoint_dir, job.cache_dir]
+    paths += [d.latents_dir for d in job.datasets]  # the other concepts trained in (LoRA)
+    paths += [job.base_model.location, job.base_model.single_file_config]  # a hub model's location is its snapshot
+    paths.append(job.scorer.get("pretrained"))
+    for row in job.training_images:
+        paths += [row.decoded_path, row.control_path]
     roots = [Path(m) for m in mount_paths]
     return [p for p in dict.fromkeys(paths)
             if p and Path(p).is_absolute() and not any(Path(p).is_relative_to(r) for r in roots)]
@@ -166,11 +165,11 @@ def unmounted_paths(job: dict[str, Any], job_path: Path, mount_paths: list[str])
 def run_pod(context, config: K8sTrainerConfig, command: list[str], env: dict[str, str], gpus: int,
             job_path: Path):
     """Launch the trainer pod through PipesK8sClient and wait for it; returns the Pipes invocation."""
-    import json
-
     from dagster_k8s import PipesK8sClient
 
-    job = json.loads(Path(job_path).read_text())
+    from assets_pipeline.training.job import TrainJob
+
+    job = TrainJob.load(job_path)
     missing = unmounted_paths(job, job_path, [config.artifact_mount_path, *config.extra_volumes])
     if missing:
         raise ValueError("trainer resource: the trainer pod would not see these paths of the job (mount the "

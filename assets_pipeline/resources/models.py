@@ -1,13 +1,30 @@
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, create_model
 
-from assets_pipeline.base_model import BASE_MODEL_ENV, EMBEDDED, BaseModelRef, resolve_base_model
+from assets_pipeline.models.embedded import EMBEDDED
+from assets_pipeline.models.resolve import BASE_MODEL_ENV, BaseModelRef, resolve_base_model
 from assets_pipeline.resources.k8s import K8sTrainerConfig
+from assets_pipeline.training.runtime.settings import Performance
+
+
+def config_from_dataclass(cls: type, name: str) -> type[dg.Config]:
+    """A Dagster ``Config`` with ``cls``'s fields, defaults and help texts (``metadata["help"]``), so the launchpad
+    shows each key's help and refuses unknown keys, and the help cannot drift from the dataclass the trainer
+    reads. The dataclass's own checks still run on the values (:meth:`TrainerLauncher.performance_settings`)."""
+    hints = typing.get_type_hints(cls)
+    return create_model(name, __base__=dg.Config, __module__=__name__, __doc__=cls.__doc__, **{
+        f.name: (hints[f.name], Field(default=f.default, description=f.metadata["help"]))
+        for f in dataclasses.fields(cls)})
+
+
+PerformanceConfig = config_from_dataclass(Performance, "PerformanceConfig")
 
 
 class BaseModelResource(dg.ConfigurableResource):
@@ -68,7 +85,7 @@ class AcceleratorResource(dg.ConfigurableResource):
             torch.cuda.empty_cache()
 
     def torch_device(self) -> str:
-        from assets_pipeline.base_model import resolve_device
+        from assets_pipeline.models.load import resolve_device
 
         return resolve_device(self.device)
 
@@ -91,7 +108,7 @@ class CaptionerResource(dg.ConfigurableResource):
     def load(self, artifact_root: Path, device: str, max_new_tokens: int = 30):
         if not self.model_path:
             return None
-        from assets_pipeline.base_model import cached_fingerprint
+        from assets_pipeline.models.resolve import cached_fingerprint
         from assets_pipeline.stages.captions import BlipCaptioner
 
         fp = cached_fingerprint(Path(self.model_path), artifact_root / "base_models" / ".fingerprints")
@@ -113,6 +130,10 @@ class ClipScorerResource(dg.ConfigurableResource):
 
         return load_clip_scorer(self.model_name, self.pretrained, artifact_root, device)
 
+    def settings(self) -> dict[str, Any]:
+        """What a training job records to load this scorer in the trainer (validation's CLIP-T and CLIP-I)."""
+        return {"model_name": self.model_name, "pretrained": self.pretrained}
+
 
 TRACKERS = ("", "tensorboard")  # accelerate's trackers that work offline and are tested here
 TRAINER_MODES = ("subprocess", "k8s")
@@ -127,12 +148,10 @@ class TrainerLauncher(dg.ConfigurableResource):
     accelerate_config_file: str | None = Field(default=None, description="`accelerate config` file to use.")
     device: str = Field(default="auto", description="'auto' (CUDA if present), 'cpu' or 'cuda'.")
     mixed_precision: str = Field(default="auto", description="'auto' (bf16 where supported), 'no', 'fp16', 'bf16'.")
-    performance: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Speed settings, none of which changes what is learned: compile ('auto'|'none'|'regional'|"
-        "'full'), compile_min_steps, compile_min_steps_warm, channels_last / fused_optimizer / adapter_input_casts "
-        "('auto'|'on'|'off'), micro_batch ('auto'|'configured'), memory_fraction, profile_steps, log_every. Empty = "
-        "every setting 'auto' (fast on CUDA, plain on CPU); see assets_pipeline/training/performance.py.",
+    performance: PerformanceConfig = Field(
+        default_factory=PerformanceConfig,
+        description="Speed settings, none of which changes what is learned (each key's help says what it does). "
+        "Unset keys keep their defaults, 'auto': fast on CUDA, plain on CPU (assets_pipeline/training/runtime/).",
     )
 
     log_with: str = Field(
@@ -170,11 +189,16 @@ class TrainerLauncher(dg.ConfigurableResource):
                                  "(pip install 'assets-pipeline[tracking]')")
         return self.log_with
 
-    def performance_settings(self) -> dict[str, Any]:
-        """The settings, validated here (a typo fails the asset before a trainer process starts)."""
-        from assets_pipeline.training.performance import Performance
+    def performance_settings(self) -> Performance:
+        """The settings, validated here (a bad value fails the asset before a trainer process starts)."""
+        return Performance.from_dict(self.performance.model_dump())
 
-        return Performance.from_dict(self.performance).to_dict()
+    def launch_settings(self):
+        """What this resource adds to a training job (training/plan.py's ``Launch``)."""
+        from assets_pipeline.training.plan import Launch
+
+        return Launch(device=self.device, mixed_precision=self.mixed_precision,
+                      performance=self.performance_settings(), log_with=self.tracker())
 
     def command(self, job_path: Path) -> list[str]:
         import sys
@@ -199,10 +223,10 @@ class TrainerLauncher(dg.ConfigurableResource):
 
         if self.num_processes > 1:  # an effective batch that cannot be split fails here, before GPUs are claimed
             from assets_pipeline.training.job import TrainJob
-            from assets_pipeline.training.loop import per_process_batch
+            from assets_pipeline.training.step import per_process_batch
 
             cfg = TrainJob.load(job_path).config
-            per_process_batch(cfg["train_batch_size"], cfg["gradient_accumulation_steps"], self.num_processes)
+            per_process_batch(cfg.train_batch_size, cfg.gradient_accumulation_steps, self.num_processes)
 
         # Extra variables only: PipesSubprocessClient merges them over this process's environment (a pod gets
         # them with k8s.env and the Pipes variables over the image's).

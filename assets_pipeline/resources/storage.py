@@ -5,7 +5,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from assets_pipeline.partitions.concept_spec import validate_concept_key
+from assets_pipeline.concept import validate_concept_key
 from assets_pipeline.paths import ARTIFACTS_ENV, DATA_ENV, resolve_root
 from assets_pipeline.retention import DEFAULT_KEEP
 from assets_pipeline.store import ArtifactLayout

@@ -12,8 +12,8 @@ from typing import Protocol
 
 import pandas as pd
 
+from assets_pipeline.concept import ConceptSpec, config_section
 from assets_pipeline.hashing import digest
-from assets_pipeline.partitions.concept_spec import ConceptSpec
 from assets_pipeline.store import ItemCache
 
 CAPTION_COLUMNS = ["image_sha256", "source_path", "decoded_path", "caption", "caption_source", "has_token"]
@@ -26,6 +26,7 @@ class Captioner(Protocol):
     def caption(self, images: list) -> list[str]: ...
 
 
+@config_section("captions")
 @dataclass(frozen=True)
 class CaptionConfig:
     use_captioner: bool = field(default=True, metadata={"help": "Caption photos without a sidecar by model."})
@@ -39,7 +40,7 @@ class BlipCaptioner:
     def __init__(self, model_path: str, fingerprint: str, device: str = "cpu", max_new_tokens: int = 30):
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
-        from assets_pipeline.base_model import resolve_device
+        from assets_pipeline.models.load import resolve_device
 
         device = resolve_device(device)
         self.processor = BlipProcessor.from_pretrained(model_path, local_files_only=True)

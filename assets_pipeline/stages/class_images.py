@@ -24,6 +24,7 @@ from typing import Any
 
 import pandas as pd
 
+from assets_pipeline.concept import config_section
 from assets_pipeline.hashing import digest, sha256_file
 from assets_pipeline.parallel import image_threads
 from assets_pipeline.store import ItemCache
@@ -45,6 +46,7 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+@config_section("class_images")
 @dataclass(frozen=True)
 class ClassImageConfig:
     num_inference_steps: int | None = field(default=None, metadata={"help": (
@@ -161,7 +163,7 @@ def generate_class_images(
 ) -> pd.DataFrame:
     """Make sure ``count`` class images exist in the cache, loading the pipeline (``load_pipeline(torch_dtype)``)
     only if some are missing. ``progress(done, total)`` is called after each batch."""
-    from assets_pipeline.base_model import resolve_device
+    from assets_pipeline.models.load import resolve_device
 
     device = resolve_device(device)
     keys = class_image_keys(base_fingerprint, prompt, count, resolution, cfg, quick, device)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
+from assets_pipeline.concept import config_section
 from assets_pipeline.hashing import digest
 from assets_pipeline.parallel import thread_map
 from assets_pipeline.stages.buckets import assign_bucket, bucket_crop
@@ -23,6 +24,7 @@ CONDITIONING_VERSION = 2
 ANNOTATORS = ("canny",)
 
 
+@config_section("control")
 @dataclass(frozen=True)
 class ControlConfig:
     annotator: str = field(default="canny", metadata={"help": f"One of {ANNOTATORS}."})

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from assets_pipeline.concept import config_section
 from assets_pipeline.hashing import digest
 from assets_pipeline.parallel import thread_map
 from assets_pipeline.store import ItemCache
@@ -39,6 +40,7 @@ FILTER_COLUMNS = [
 ]
 
 
+@config_section("quality")
 @dataclass(frozen=True)
 class QualityConfig:
     min_side: int | None = field(default=None, metadata={"help": "Shorter side in px; None = model resolution."})

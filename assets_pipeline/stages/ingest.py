@@ -16,7 +16,7 @@ import pandas as pd
 
 from assets_pipeline.hashing import digest, sha256_bytes
 from assets_pipeline.parallel import image_threads, thread_map
-from assets_pipeline.partitions.concept_spec import SPEC_FILE
+from assets_pipeline.concept import SPEC_FILE
 from assets_pipeline.store import ItemCache
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}

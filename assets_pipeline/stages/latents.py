@@ -32,7 +32,10 @@ from typing import Any
 
 import pandas as pd
 
+from assets_pipeline.concept import config_section
 from assets_pipeline.hashing import digest
+from assets_pipeline.models.families import ModelFamily
+from assets_pipeline.models.resolve import BaseModelRef
 from assets_pipeline.parallel import prefetched
 from assets_pipeline.stages.buckets import (
     assign_bucket, bucket_crop, bucket_label, bucket_set, crop_geometry, parse_bucket_label,
@@ -48,6 +51,7 @@ INDEX_COLUMNS = ["image_sha256", "role", "caption", "latent_key", "text_key", "f
 _DTYPES = ("float32", "float16", "bfloat16")
 
 
+@config_section("latents")
 @dataclass(frozen=True)
 class LatentConfig:
     resolution: int | None = field(default=None, metadata={"help": "Training side in px; None = model's."})
@@ -71,47 +75,65 @@ class LatentConfig:
 class Encoders:
     """The frozen models latents come from, with the fingerprints that enter every cache key.
 
-    ``load()`` returns (vae, text_encoder, tokenizer) and, for a family with several text encoders, each further
-    (text_encoder, tokenizer) pair after them; it runs on first use, so a run whose items are all cached loads
-    no model. ``text_time``: the family's U-Net takes SDXL's pooled embedding and size conditioning.
+    ``load()`` returns the base model's :class:`~assets_pipeline.models.load.Components` (VAE, text encoders and
+    tokenizers, on the device); it runs on first use, so a run whose items are all cached loads no model.
+    ``family``: the base model's, which says how a prompt becomes conditioning (one encoder's last hidden state,
+    or SDXL's two encoders with a pooled embedding and size conditioning).
     """
 
     load: Any
     vae_fingerprint: str
     text_fingerprint: str
+    family: ModelFamily
     scaling_factor_hint: float | None = None  # from the VAE's config.json, when it can be read without loading
     device: str = "cpu"
-    text_time: bool = False
-    loaded: tuple | None = field(default=None, repr=False)
+    loaded: Any = field(default=None, repr=False)
 
-    def _get(self) -> tuple:
+    def _get(self):
         if self.loaded is None:
             self.loaded = self.load()
         return self.loaded
 
     @property
     def vae(self):
-        return self._get()[0]
-
-    @property
-    def text_encoder(self):
-        return self._get()[1]
-
-    @property
-    def tokenizer(self):
-        return self._get()[2]
+        return self._get().vae
 
     @property
     def text_encoders(self) -> tuple:
-        return (self._get()[1], *self._get()[3::2])
+        return self._get().text_encoders
 
     @property
     def tokenizers(self) -> tuple:
-        return (self._get()[2], *self._get()[4::2])
+        return self._get().tokenizers
 
     @property
     def scaling_factor(self) -> float:
         return self.scaling_factor_hint if self.scaling_factor_hint is not None else self.vae.config.scaling_factor
+
+
+def load_encoders(ref: BaseModelRef, artifact_root: Path, device: str = "cpu") -> Encoders:
+    """The base model's frozen VAE, text encoders and tokenizers (loaded on first use, on ``device``), with the
+    fingerprints of the components they come from."""
+    from assets_pipeline.models.load import load_components, resolve_device
+    from assets_pipeline.models.resolve import component_fingerprint
+
+    family = ref.model_family
+
+    def load():
+        parts = load_components(ref, ("vae", "text_encoders", "tokenizers"))
+        dev = resolve_device(device)
+        parts.vae = parts.vae.to(dev).eval()
+        parts.text_encoders = tuple(e.to(dev).eval() for e in parts.text_encoders)
+        return parts
+
+    scaling_factor = None
+    if ref.kind != "single_file":  # read from the config alone, without loading weights
+        vae_config = json.loads((Path(ref.location) / "vae" / "config.json").read_text())
+        scaling_factor = vae_config.get("scaling_factor", 0.18215)  # diffusers' AutoencoderKL default
+    text_fp = digest(*(component_fingerprint(ref, name, artifact_root)
+                       for e in family.text_encoders for name in (e.component, e.tokenizer)))
+    return Encoders(load, vae_fingerprint=component_fingerprint(ref, "vae", artifact_root), text_fingerprint=text_fp,
+                    family=family, scaling_factor_hint=scaling_factor, device=device)
 
 
 def concept_buckets(cfg: LatentConfig, resolution: int, max_aspect: float | None = None) -> list[tuple[int, int]]:
@@ -168,26 +190,18 @@ def _encode_pixels(pixels: list, enc: Encoders):
     return dist.mean.float().cpu(), dist.std.float().cpu()
 
 
-def encode_prompts(captions: list[str], enc: Encoders):
-    """``prompt_embeds`` [N, 77, dim] of SD 1.x/2.x's one text encoder (``last_hidden_state``)."""
-    import torch
-
-    ids = enc.tokenizer(captions, padding="max_length", max_length=enc.tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(enc.text_encoder.device)
-    with torch.inference_mode():
-        return enc.text_encoder(ids)[0].float().cpu()
-
-
 def encode_text_entries(captions: list[str], enc: Encoders) -> list[dict]:
-    """Each caption's text-cache entry: {"prompt_embeds"} or, for SDXL, {"prompt_embeds", "pooled_prompt_embeds"}."""
+    """Each caption's text-cache entry: {"prompt_embeds"} and, for a family with a pooled embedding (SDXL),
+    "pooled_prompt_embeds" (``ModelFamily.encode_prompt``: what the family's pipeline conditions on)."""
     import torch
 
-    from assets_pipeline.families import encode_sdxl_prompt, tokenize
+    from assets_pipeline.models.text import tokenize
 
-    if not enc.text_time:
-        return [{"prompt_embeds": e} for e in encode_prompts(captions, enc)]
+    ids = [t.to(e.device) for t, e in zip(tokenize(enc.tokenizers, captions), enc.text_encoders)]
     with torch.inference_mode():
-        embeds, pooled = encode_sdxl_prompt(enc.text_encoders, tokenize(enc.tokenizers, captions))
+        embeds, pooled = enc.family.encode_prompt(enc.text_encoders, ids)
+    if pooled is None:
+        return [{"prompt_embeds": e} for e in embeds.float().cpu()]
     return [{"prompt_embeds": e, "pooled_prompt_embeds": p} for e, p in zip(embeds.float().cpu(), pooled.float().cpu())]
 
 
@@ -200,8 +214,7 @@ def add_time_ids(index: pd.DataFrame, center_crop: bool, flipped: bool = False):
     photo at left' = resized width - bucket width - left."""
     import torch
 
-    from assets_pipeline.families import sdxl_add_time_ids
-    from assets_pipeline.stages.buckets import crop_geometry
+    from assets_pipeline.models.unet import sdxl_add_time_ids
 
     rows = []
     for r in index.itertuples():
@@ -314,12 +327,13 @@ def _tensor_name(name: str, bucket: tuple[int, int]) -> str:
 
 
 def write_latent_bundle(index: pd.DataFrame, latent_cache: ItemCache, text_cache: ItemCache, out: Path,
-                        meta: dict[str, Any], text_time: bool = False, center_crop: bool = True) -> None:
+                        meta: dict[str, Any], family: ModelFamily, center_crop: bool = True) -> None:
     """Stack the cached items of ``index`` into one safetensors file: ``prompt_embeds`` row i = index row i;
     per bucket, ``latent_mean@<w>x<h>`` etc. hold that bucket's rows in index order; ``empty_prompt_embeds``
-    [1, 77, dim] when the index has an ``empty_text_key``. ``text_time`` (SDXL): also ``pooled_prompt_embeds``
-    (+ ``empty_pooled_prompt_embeds``) and ``add_time_ids`` (+ ``flip_add_time_ids``) in row order; ``center_crop``
-    is the crop the latents were made with (a flipped crop's offset depends on it)."""
+    [1, 77, dim] when the index has an ``empty_text_key``. A ``family`` with a pooled text embedding (SDXL) also
+    gets ``pooled_prompt_embeds`` (+ ``empty_pooled_prompt_embeds``), one with micro-conditioning ``add_time_ids``
+    (+ ``flip_add_time_ids``), in row order; ``center_crop`` is the crop the latents were made with (a flipped
+    crop's offset depends on it)."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -337,10 +351,11 @@ def write_latent_bundle(index: pd.DataFrame, latent_cache: ItemCache, text_cache
         else None
     if empty is not None:
         tensors["empty_prompt_embeds"] = stack(empty, text_cache, "prompt_embeds")
-    if text_time:
+    if family.pooled_text:
         tensors["pooled_prompt_embeds"] = stack(index["text_key"], text_cache, "pooled_prompt_embeds")
         if empty is not None:
             tensors["empty_pooled_prompt_embeds"] = stack(empty, text_cache, "pooled_prompt_embeds")
+    if family.micro_conditioning:
         tensors["add_time_ids"] = add_time_ids(index, center_crop).contiguous()
         if flip:
             tensors["flip_add_time_ids"] = add_time_ids(index, center_crop, flipped=True).contiguous()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from assets_pipeline.training.config import MIN_IMAGES
+from assets_pipeline.concept import MIN_IMAGES
 
 RECOMMENDED_IMAGES = 5
 

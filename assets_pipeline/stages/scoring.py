@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from assets_pipeline.concept import config_section
 from assets_pipeline.hashing import digest
 from assets_pipeline.parallel import prefetched
 from assets_pipeline.store import ItemCache, atomic_dir
@@ -30,6 +31,7 @@ EMBEDDED_CLIP_CONFIG = {
 }
 
 
+@config_section("scoring")
 @dataclass(frozen=True)
 class ScoringConfig:
     min_score: float | None = field(default=None, metadata={"help": "Keep photos scoring at least this."})
@@ -79,7 +81,7 @@ class ClipScorer:
         if self._loaded is None:
             import open_clip
 
-            from assets_pipeline.base_model import resolve_device
+            from assets_pipeline.models.load import resolve_device
 
             self.device = resolve_device(self.device)
             model, _, preprocess = open_clip.create_model_and_transforms(
@@ -125,7 +127,8 @@ class ClipScorer:
 
 def load_clip_scorer(model_name: str, pretrained: str | None, artifact_root: Path, device: str = "cpu") -> ClipScorer:
     """'embedded' (built once under the artifact root), 'local-dir:/path', or an open_clip name + local weights."""
-    from assets_pipeline.base_model import EMBEDDED, cached_fingerprint
+    from assets_pipeline.models.embedded import EMBEDDED
+    from assets_pipeline.models.resolve import cached_fingerprint
 
     memo = artifact_root / "base_models" / ".fingerprints"
     if model_name == EMBEDDED:

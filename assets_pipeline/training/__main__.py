@@ -32,8 +32,8 @@ SPEED_KEYS = ("images_per_s", "warmup_s", "train_s", "peak_mem_gib", "micro_batc
 
 def _images_table(job) -> str:
     """The training images as a Markdown table for the UI (the full list is in lineage.json)."""
-    rows = [f"| {r['role']} | {job.row_source(r)[0] + '/' if job.datasets else ''}{r['source_path']} | "
-            f"{r['image_sha256'][:12]} | {r['caption']} |" for r in job.training_images[:50]]
+    rows = [f"| {r.role} | {job.row_source(r)[0] + '/' if job.datasets else ''}{r.source_path} | "
+            f"{r.image_sha256[:12]} | {r.caption} |" for r in job.training_images[:50]]
     more = len(job.training_images) - len(rows)
     return "\n".join(["| role | source | sha256 | caption |", "|---|---|---|---|", *rows]) + (
         f"\n\n_and {more} more_" if more > 0 else "")
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from assets_pipeline.training.job import TrainJob
-    from assets_pipeline.training.loop import checkpoint_root, job_lock, train
+    from assets_pipeline.training.checkpoints import checkpoint_root, job_lock
+    from assets_pipeline.training.loop import train
     from assets_pipeline.training.output import write_output
     from assets_pipeline.training.reuse import output_views
     from assets_pipeline.training.validation import step_views
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                     **{k: result[k] for k in ("clip_t", "clip_i", "mean_abs_change_vs_base", "final_loss", "steps",
                                               "lineage_sha256", "scorer_is_random")},
                     "resumed_from_step": state.resumed_from,
-                    "base_model_family": job.base_model.get("family"),
+                    "base_model_family": job.base_model.family,
                     "reused": False,
                     # Speed of this training (None where not measured, e.g. a run of one step).
                     **{k: v for k, v in state.stats.items() if k in SPEED_KEYS and v is not None},

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-MIN_IMAGES = 3
 OPTIMIZERS = ("adamw", "adamw_8bit", "prodigy")
 SELECT_BEST = ("none", "clip_i", "clip_t")
 

@@ -31,6 +31,7 @@ from itertools import groupby
 from pathlib import Path
 
 from assets_pipeline.hashing import digest
+from assets_pipeline.training.job import TrainingRow
 from assets_pipeline.training.methods.base import Batch, TrainingInputError
 
 
@@ -81,9 +82,10 @@ class TrainingData:
             positions.append(seen.get(b, 0))
             seen[b] = positions[-1] + 1
         self.position = torch.tensor(positions, dtype=torch.long)
-        self.input_ids = self.input_ids_2 = None
-        self.empty_ids = self.empty_ids_2 = None  # the token ids of "" (caption dropout when the encoder runs)
-        self.tokenizers: list = []
+        # Per tokenizer: every caption's token ids, and those of "" (caption dropout when the encoders run).
+        self.token_ids: tuple | None = None
+        self.empty_ids: tuple | None = None
+        self.tokenizers: tuple = ()
         # Each row as often as its repeats (kohya-ss' per-folder repeats): an epoch draws every entry once.
         repeats = repeats or [1] * len(roles)
         self.by_role = {role: [i for i, r in enumerate(roles) if r == role for _ in range(repeats[i])]
@@ -93,7 +95,7 @@ class TrainingData:
         self._lengths: dict = {}
 
     @classmethod
-    def from_bundle(cls, latents_dir: Path, rows: list[dict], caption_fn, control: bool,
+    def from_bundle(cls, latents_dir: Path, rows: list[TrainingRow], caption_fn, control: bool,
                     datasets: dict[str, Path] | None = None):
         """The job's rows (in order) from the vae_latents bundle, matched by (image sha256, role). ``datasets``:
         the vae_latents folders of other concepts trained in, by concept; a row whose ``concept`` names one is
@@ -110,8 +112,8 @@ class TrainingData:
         bundles.update({c: load_latent_bundle(Path(d) / "latents.safetensors") for c, d in datasets.items()})
         where = {c: {(s, r): i for i, (s, r) in enumerate(zip(b.image_sha256, b.roles))} for c, b in bundles.items()}
         positions = {c: b.positions() for c, b in bundles.items()}
-        src = [r.get("concept") if r.get("concept") in datasets else None for r in rows]
-        idx = [where[c][(r["image_sha256"], r["role"])] for c, r in zip(src, rows)]  # KeyError = bundle/job mismatch
+        src = [r.concept if r.concept in datasets else None for r in rows]
+        idx = [where[c][(r.image_sha256, r.role)] for c, r in zip(src, rows)]  # KeyError = bundle/job mismatch
         buckets = [bundles[c].buckets[i] for c, i in zip(src, idx)]
         sizes = sorted(set(buckets))
         row_bucket = [sizes.index(b) for b in buckets]
@@ -123,15 +125,15 @@ class TrainingData:
                                  for c, i, b in zip(src, idx, row_bucket) if b == k])
                     for k, size in enumerate(sizes)]
 
-        def control_image(row: dict, size: tuple[int, int]):
+        def control_image(row: TrainingRow, size: tuple[int, int]):
             import numpy as np
 
-            if row["role"] != "instance":
+            if row.role != "instance":
                 return torch.zeros(3, size[1], size[0])
-            with Image.open(row["control_path"]) as img:
+            with Image.open(row.control_path) as img:
                 if img.size != size:
                     raise ValueError(
-                        f"control image {row['control_path']} is {bucket_label(img.size)} px, but its photo's latent "
+                        f"control image {row.control_path} is {bucket_label(img.size)} px, but its photo's latent "
                         f"is in bucket {bucket_label(size)}: the two were made with other [latents] settings; "
                         "rematerialize control_images (and vae_latents) for this concept")
                 arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
@@ -151,11 +153,11 @@ class TrainingData:
         main = bundles[None].tensors
         return cls(
             sizes, gather("latent_mean"), gather("latent_std"), row_bucket, rows_of("prompt_embeds"),
-            [r["role"] for r in rows], [caption_fn(r["caption"]) for r in rows], images,
+            [r.role for r in rows], [caption_fn(r.caption) for r in rows], images,
             gather("flip_latent_mean") if flip else None, gather("flip_latent_std") if flip else None,
             rows_of("pooled_prompt_embeds"), rows_of("add_time_ids"), rows_of("flip_add_time_ids", "add_time_ids"),
             main.get("empty_prompt_embeds"), main.get("empty_pooled_prompt_embeds"),
-            repeats=[int(r.get("repeats", 1)) for r in rows],
+            repeats=[r.repeats or 1 for r in rows],
         )
 
     @property
@@ -173,36 +175,39 @@ class TrainingData:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, [t.to(device) for t in value])
-        for name in ("embeds", "is_class", "input_ids", "input_ids_2", "position", "pooled", "time_ids",
-                     "flip_time_ids", "empty_embeds", "empty_pooled", "empty_ids", "empty_ids_2"):
+        for name in ("embeds", "is_class", "position", "pooled", "time_ids", "flip_time_ids", "empty_embeds",
+                     "empty_pooled"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
+        for name in ("token_ids", "empty_ids"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, tuple(t.to(device) for t in value))
         return self
 
-    def tokenize(self, tokenizer, tokenizer_2=None) -> None:
-        """Token ids of every caption and of "" (caption dropout), once, for runs that encode text each step;
-        SDXL's second tokenizer's in ``*_2``. The tokenizers are kept for :meth:`shuffled_ids`."""
-        from assets_pipeline.families import tokenize
+    def tokenize(self, tokenizers) -> None:
+        """Token ids of every caption and of "" (caption dropout), once per tokenizer (the family's order), for
+        runs that encode text each step. The tokenizers are kept for :meth:`shuffled_ids`."""
+        from assets_pipeline.models.text import tokenize
 
-        self.tokenizers = [t for t in (tokenizer, tokenizer_2) if t is not None]
+        self.tokenizers = tuple(tokenizers)
         ids = tokenize(self.tokenizers, [*self.captions, ""])
-        self.input_ids, self.empty_ids = ids[0][:-1].to(self.device), ids[0][-1:].to(self.device)
-        if len(ids) > 1:
-            self.input_ids_2, self.empty_ids_2 = ids[1][:-1].to(self.device), ids[1][-1:].to(self.device)
+        self.token_ids = tuple(t[:-1].to(self.device) for t in ids)
+        self.empty_ids = tuple(t[-1:].to(self.device) for t in ids)
 
     def shuffled_ids(self, rows: list[int], keep_tokens: int, generator) -> list:
         """Token ids [len(rows), 77] (per tokenizer) of ``rows``' captions with their tags shuffled
         (:func:`shuffle_tags`, one permutation per row from the host ``generator``), on the device: what
         ``draw`` takes as ``token_ids``. Needs :meth:`tokenize` first."""
-        from assets_pipeline.families import tokenize
+        from assets_pipeline.models.text import tokenize
 
         captions = [shuffle_tags(self.captions[r], keep_tokens, generator) for r in rows]
         return [ids.to(self.device, non_blocking=True) for ids in tokenize(self.tokenizers, captions)]
 
     def check_caption_dropout(self, caption_dropout: float) -> None:
         """Caption dropout needs the empty caption: its token ids (:meth:`tokenize`) or the bundle's embedding."""
-        if caption_dropout and self.input_ids is None and self.empty_embeds is None:
+        if caption_dropout and self.token_ids is None and self.empty_embeds is None:
             raise TrainingInputError(
                 f"caption_dropout = {caption_dropout} needs the empty caption's embedding, and this concept's latents "
                 "bundle has none (made before it was added): rematerialize vae_latents for this concept, or set "
@@ -301,17 +306,16 @@ class TrainingData:
                 if flip is not None:
                     control = torch.where(flip[:, None, None, None], control.flip(-1), control)
                 control = control.float() / 255.0
-            if token_ids is None:
-                ids = [None if t is None else t[sel] for t in (self.input_ids, self.input_ids_2)]
-            else:  # given per row of ``rows``: this part's are the same slice as ``sel``
-                ids = [t[start - n : start] for t in token_ids] + [None] * (2 - len(token_ids))
+            if token_ids is not None:  # given per row of ``rows``: this part's are the same slice as ``sel``
+                ids = tuple(t[start - n : start] for t in token_ids)
+            else:
+                ids = None if self.token_ids is None else tuple(t[sel] for t in self.token_ids)
             embeds = self.embeds[sel]
             pooled = None if self.pooled is None else self.pooled[sel]
             if caption_dropout:
                 drop = torch.rand(n, generator=generator, device=self.device) < caption_dropout
-                if ids[0] is not None:  # the text encoder runs: it encodes "" for the dropped rows
-                    ids = [None if t is None else torch.where(drop[:, None], empty, t)
-                           for t, empty in zip(ids, (self.empty_ids, self.empty_ids_2))]
+                if ids is not None:  # the text encoders run: they encode "" for the dropped rows
+                    ids = tuple(torch.where(drop[:, None], empty, t) for t, empty in zip(ids, self.empty_ids))
                 else:
                     embeds = torch.where(drop[:, None, None], self.empty_embeds.to(embeds.dtype), embeds)
                     if pooled is not None:
@@ -321,8 +325,7 @@ class TrainingData:
                 prompt_embeds=embeds,
                 control=control,
                 is_class=self.is_class[sel],
-                input_ids=ids[0],
-                input_ids_2=ids[1],
+                token_ids=ids,
                 pooled_embeds=pooled,
                 time_ids=time_ids,
             ))

@@ -7,22 +7,23 @@ from __future__ import annotations
 
 import csv
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from assets_pipeline.hashing import digest, sha256_file
 from assets_pipeline.lineage import LINEAGE_FILE
-from assets_pipeline.store import ItemCache, share_files, write_json_atomic
+from assets_pipeline.models.load import base_pipeline_loader
+from assets_pipeline.store import share_files, write_json_atomic
+from assets_pipeline.training.checkpoints import TRACKER_RUN, checkpoint_root
 from assets_pipeline.training.job import TrainJob
-from assets_pipeline.training.loop import PROFILE_DIR, TRACKER_RUN, TrainState, checkpoint_root
-from assets_pipeline.training.models import base_pipeline_loader, render_dtype
+from assets_pipeline.training.loop import TrainState
+from assets_pipeline.training.render import BaseRenders, pixel_change, render_batch
 from assets_pipeline.training.reuse import GRID_FILE, LOSS_PLOT, METRICS_FILE, SUMS_FILE
+from assets_pipeline.training.runtime import PROFILE_DIR
 from assets_pipeline.training.validation import (
     BEST_DIR, job_scorer, training_photos, validation_pairs, write_step_validations,
 )
-
-BASE_RENDER_VERSION = 3  # bump when render_batch() changes what an image of a (prompt, seed) batch is (3: the
-# base pipeline in render_dtype(), fp32, also for a checkpoint saved in fp16)
 
 
 def stamp_safetensors(path: Path, extra: dict[str, str]) -> None:
@@ -58,22 +59,21 @@ def lineage_manifest(job: TrainJob, state: TrainState, weights: list[Path], root
         **job.lineage,
         "concept": job.concept,
         "method": job.method,
-        "method_config": job.config,
+        "method_config": asdict(job.config),
         "steps": state.steps,
         "resumed_from_step": state.resumed_from,
         "num_processes": state.num_processes,  # data-parallel processes (GPUs); the effective batch is the config's
-        "base_model": {k: job.base_model.get(k) for k in ("source", "kind", "family", "prediction_type", "fingerprint",
-                                                          "resolution")},
+        "base_model": job.base_model.describe(),
         "job_identity": job.identity(),
         "training_images": [
-            {k: r[k] for k in ("image_sha256", "role", "caption", "source_path", "clip_score", "blur_variance",
-                               "concept", "repeats")  # concept, repeats: with datasets (LoRA's [[lora.datasets]])
-             if k in r}
+            {k: v for k in ("image_sha256", "role", "caption", "source_path", "clip_score", "blur_variance",
+                            "concept", "repeats")  # concept, repeats: with datasets (LoRA's [[lora.datasets]])
+             if (v := getattr(r, k)) is not None}
             for r in job.training_images
         ],
         # Only with datasets: the other concepts trained in (each row above names the concept it came from).
-        **({"datasets": [{k: d[k] for k in ("concept", "token", "class_noun", "repeats")} for d in job.datasets]}
-           if job.datasets else {}),
+        **({"datasets": [{"concept": d.concept, "token": d.token, "class_noun": d.class_noun, "repeats": d.repeats}
+                         for d in job.datasets]} if job.datasets else {}),
         "weights": {p.relative_to(root).as_posix(): {"tensors_sha256": tensors_digest(p)} for p in weights},
         # Only with validation_steps, so an output trained without it has exactly the manifest it had before.
         **({"validation_during_training": {
@@ -109,100 +109,6 @@ def _loss_curve(losses: list[float], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / LOSS_PLOT)
     plt.close(fig)
-
-
-def pixel_change(image, reference) -> float:
-    """Mean absolute pixel difference, 0..1: how much an output changed an image against the base model's."""
-    import numpy as np
-
-    return float(np.abs(np.asarray(image, np.float32) - np.asarray(reference, np.float32)).mean() / 255)
-
-
-def use_validation_scheduler(pipe) -> None:
-    """DPM-Solver++ (multistep) built from the model's scheduler config, as diffusers' training scripts validate
-    (train_dreambooth_lora.py's ``log_validation``, 25 steps; a learned variance is rendered as fixed_small): good
-    samples in 15-25 steps where the model's own scheduler (PNDM for SD 1.5) needs 50."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    if isinstance(pipe.scheduler, DPMSolverMultistepScheduler):
-        return
-    args = {}
-    if "variance_type" in pipe.scheduler.config:
-        variance = pipe.scheduler.config.variance_type
-        args["variance_type"] = "fixed_small" if variance in ("learned", "learned_range") else variance
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, **args)
-
-
-def render(pipe, prompt: str, seed: int, resolution: int, steps: int, **kwargs):
-    """One image for a fixed prompt and seed (CPU generator, so the same seed gives the same noise anywhere)."""
-    return render_batch(pipe, [(prompt, seed)], resolution, steps, **kwargs)[0]
-
-
-def render_batch(pipe, pairs: list[tuple[str, int]], resolution: int, steps: int, **kwargs) -> list:
-    """Images for (prompt, seed) pairs in one pipeline call: one U-Net batch per denoising step instead of a
-    call per image. Each image's starting noise comes from its own CPU generator seeded with its seed, exactly
-    the noise a single render with that seed starts from. ``kwargs`` values that differ per image are lists."""
-    import torch
-
-    pipe.set_progress_bar_config(disable=True)
-    use_validation_scheduler(pipe)
-    return pipe([p for p, _ in pairs], num_inference_steps=steps, height=resolution, width=resolution,
-                generator=[torch.Generator().manual_seed(s) for _, s in pairs], **kwargs).images
-
-
-class BaseRenders:
-    """The base model's images for fixed (prompt, seed) pairs, size and steps: what every validation and the
-    ``changes_base_output`` check compare a trained output with. They depend on nothing trained, so they are
-    content-addressed in the artifact root's cache (``cache/base_renders/``: base-model fingerprint, the batch's
-    prompts and seeds, size, steps, device kind, torch version) and rendered once per base model; the base
-    pipeline is loaded only on a miss. ``cache=None`` renders every time."""
-
-    def __init__(self, base_model: dict[str, Any], device: str, cache: ItemCache | None):
-        self.base_model, self.device, self.cache = base_model, device, cache
-        self._pipe = None
-
-    @staticmethod
-    def cache_for(artifact_root: str | Path) -> ItemCache:
-        return ItemCache(Path(artifact_root), "base_renders", ".png")
-
-    def _loader(self):
-        return base_pipeline_loader(self.base_model, render_dtype())
-
-    def pipe(self):
-        if self._pipe is None:
-            self._pipe = self._loader()().to(self.device)
-        return self._pipe
-
-    def take_pipe(self):
-        """A loader (``load_base``) of the base pipeline for renders: the one the renders loaded (on a cache miss),
-        handed over once, since whoever takes it may change it (load an adapter into it); else a fresh load."""
-        pipe, self._pipe = self._pipe, None
-        return self._loader() if pipe is None else (lambda: pipe)
-
-    def key(self, pairs: list[tuple[str, int]], index: int, resolution: int, steps: int) -> str:
-        """Image ``index`` of the batch ``pairs`` (the whole batch is in the key: a batched forward may round
-        differently from another batch's)."""
-        import torch
-
-        return digest("base-render", BASE_RENDER_VERSION, self.base_model["fingerprint"], [list(p) for p in pairs],
-                      index, resolution, steps, "cuda" if str(self.device).startswith("cuda") else str(self.device),
-                      torch.__version__)
-
-    def __call__(self, pairs: list[tuple[str, int]], resolution: int, steps: int) -> list:
-        from PIL import Image
-
-        if self.cache is None:
-            return render_batch(self.pipe(), pairs, resolution, steps)
-        keys = [self.key(pairs, i, resolution, steps) for i in range(len(pairs))]
-        if missing := set(self.cache.split(keys)):
-            for key, img in zip(keys, render_batch(self.pipe(), pairs, resolution, steps)):
-                if key in missing:  # PNG: lossless, the rendered pixels exactly
-                    self.cache.put(key, lambda tmp, img=img: img.save(tmp, format="PNG"))
-        out = []
-        for key in keys:
-            with Image.open(self.cache.path(key)) as img:
-                out.append(img.convert("RGB"))
-        return out
 
 
 def validate(job: TrainJob, state: TrainState, out: Path, device: str) -> dict[str, Any]:

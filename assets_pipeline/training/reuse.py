@@ -16,9 +16,11 @@ from typing import Any
 
 from assets_pipeline.hashing import digest, sha256_file
 from assets_pipeline.lineage import LINEAGE_FILE
+from assets_pipeline.store import ArtifactLayout
 from assets_pipeline.training.job import TrainJob
 
 FORCE_RETRAIN_TAG = "assets_pipeline/force_retrain"
+CURRENT = "current.json"  # {"path": <version folder name>}: the asset's current output among kept versions
 # Files training/output.py writes into every output folder.
 METRICS_FILE = "metrics.json"
 SUMS_FILE = "SHA256SUMS"  # whole-file digests of the weights, in `sha256sum -c` format
@@ -39,6 +41,13 @@ class Reuse:
     def data_version(self) -> str:
         """The same data version the trainer reported for this output (a digest of its weights' tensors)."""
         return digest(self.lineage["weights"])
+
+
+def current_output(layout: ArtifactLayout, concept: str, asset_name: str) -> Path | None:
+    """The version folder an asset's ``current.json`` names, or None before its first output."""
+    pointer = layout.asset_dir(concept, asset_name) / CURRENT
+    # Relative to the pointer's folder (an absolute path, written by an older version, is kept as is).
+    return pointer.parent / json.loads(pointer.read_text())["path"] if pointer.is_file() else None
 
 
 def force_requested(tags: dict[str, str]) -> bool:

@@ -67,7 +67,7 @@ def validation_prompts(method, ctx) -> list[str]:
 
 def validation_pairs(method, ctx, seeds, out_dir: Path) -> tuple[list[tuple[str, int]], dict[str, list]]:
     """The fixed (prompt, seed) pairs every validation renders, and the per-image pipeline arguments (e.g.
-    ControlNet's conditioning image), as lists for :func:`output.render_batch`."""
+    ControlNet's conditioning image), as lists for :func:`render.render_batch`."""
     pairs, kwargs = [], []
     for prompt in validation_prompts(method, ctx):
         for pi, suffix in enumerate(VALIDATION_SUFFIXES):
@@ -89,7 +89,7 @@ def training_photos(job) -> list:
     """The instance photos CLIP-I compares generated images with."""
     from PIL import Image
 
-    return [Image.open(r["decoded_path"]).convert("RGB") for r in job.training_images if r["role"] == "instance"]
+    return [Image.open(r.decoded_path).convert("RGB") for r in job.training_images if r.role == "instance"]
 
 
 def validation_due(cfg, done: int, steps: int) -> bool:
@@ -148,8 +148,8 @@ class StepValidation:
         import torch
 
         from assets_pipeline.store import write_json_atomic
-        from assets_pipeline.training.models import base_pipeline_loader, render_dtype
-        from assets_pipeline.training.output import render_batch
+        from assets_pipeline.models.load import base_pipeline_loader, render_dtype
+        from assets_pipeline.training.render import render_batch
 
         load_base = base_pipeline_loader(self.job.base_model, render_dtype())
         snapshot = self.root / f".validation-{step_name(step)}.tmp"  # a crashed run's is removed as stale

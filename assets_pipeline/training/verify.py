@@ -34,14 +34,14 @@ def manifest_difference(out_dir: Path, expected_rows: list[dict]) -> tuple[set, 
     return listed - expected, expected - listed
 
 
-def change_versus_base(method, base_model: dict, out_dir: Path, ctx, seed: int = 0, steps: int = 5,
+def change_versus_base(method, base_model, out_dir: Path, ctx, seed: int = 0, steps: int = 5,
                        device: str = "cpu", base_renders=None) -> float:
     """Mean absolute pixel difference (0..1) between the base model's image and the output's, loaded through
     stock diffusers, for the same prompt and seed (CPU-seeded noise, so any device renders the same start).
-    0 means the output changes nothing. ``base_renders``: a :class:`~assets_pipeline.training.output.BaseRenders`
+    0 means the output changes nothing. ``base_renders``: a :class:`~assets_pipeline.training.render.BaseRenders`
     (the base image from its cache); None renders it."""
 
-    from assets_pipeline.training.output import BaseRenders, pixel_change, render
+    from assets_pipeline.training.render import BaseRenders, pixel_change, render
 
     prompt = method.validation_prompt(ctx)
     renders = base_renders or BaseRenders(base_model, device, None)

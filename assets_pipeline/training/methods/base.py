@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from assets_pipeline.training.config import MIN_IMAGES, TrainConfig
+from assets_pipeline.concept import MIN_IMAGES
+from assets_pipeline.models.families import ModelFamily, get_family
+from assets_pipeline.training.config import TrainConfig
 
 
 class TrainingInputError(ValueError):
@@ -21,43 +23,82 @@ class TrainingInputError(ValueError):
 
 @dataclass
 class Models:
-    """The base model's parts as the loop uses them (frozen unless a method marks them trainable)."""
+    """The base model's parts as the loop uses them (frozen unless a method marks them trainable), named as the
+    family's pipeline names them: the denoiser (SD's ``unet``), the text encoders (``text_encoder``,
+    ``text_encoder_2``) and a method's ``controlnet``."""
 
-    unet: Any
+    family: ModelFamily
+    denoiser: Any
     noise_scheduler: Any
-    text_encoder: Any = None
-    tokenizer: Any = None
+    # In the family's order; an entry is None while no method runs that encoder (cached embeddings are used).
+    text_encoders: tuple = ()
+    tokenizers: tuple = ()
     controlnet: Any = None
     scaling_factor: float = 0.18215
     vae_scale_factor: int = 8
-    # SDXL's second text encoder and tokenizer (None for SD 1.x/2.x, and while no method runs the encoders).
-    text_encoder_2: Any = None
-    tokenizer_2: Any = None
-    family: Any = None  # the base model's families.ModelFamily (None = SD 1.x)
 
-    @property
-    def text_time(self) -> bool:
-        """The U-Net takes SDXL's ``added_cond_kwargs`` (pooled text embedding + add_time_ids)."""
-        return bool(self.family and self.family.text_time_conditioning)
+    def network(self, name: str):
+        """A network by its pipeline name (what ``Method.prepare`` returns for the trained ones)."""
+        if name == self.family.denoiser.component:
+            return self.denoiser
+        if name == "controlnet":
+            return self.controlnet
+        if name in self.family.text_encoder_names:
+            return self.text_encoders[self.family.text_encoder_names.index(name)]
+        raise KeyError(f"{name!r} is not a network of a {self.family.name} model: "
+                       f"{[self.family.denoiser.component, *self.family.text_encoder_names, 'controlnet']}")
+
+    def set_network(self, name: str, module) -> None:
+        """Put ``module`` in ``name``'s place (a new tuple for an encoder: a shallow copy keeps the old one)."""
+        if name == self.family.denoiser.component:
+            self.denoiser = module
+        elif name == "controlnet":
+            self.controlnet = module
+        else:
+            self.network(name)  # a KeyError for a name the family does not have
+            i = self.family.text_encoder_names.index(name)
+            self.text_encoders = (*self.text_encoders[:i], module, *self.text_encoders[i + 1:])
+
+    def networks(self) -> dict[str, Any]:
+        """Every network loaded, by name: the denoiser, a ControlNet, the text encoders a method runs."""
+        named = {self.family.denoiser.component: self.denoiser, "controlnet": self.controlnet,
+                 **dict(zip(self.family.text_encoder_names, self.text_encoders))}
+        return {name: module for name, module in named.items() if module is not None}
+
+    @classmethod
+    def load(cls, ref, with_text_encoders: bool) -> Models:
+        """The denoiser, the training noise scheduler (the family objective's, from the pipeline's scheduler
+        config, as diffusers' scripts build it), the VAE's scaling numbers and the tokenizers of the resolved base
+        model ``ref``; the text encoders only when a method runs them."""
+        from assets_pipeline.models.families import diffusers_class
+        from assets_pipeline.models.load import load_components
+
+        family = ref.model_family
+        parts = load_components(ref, ("denoiser", "tokenizers", *(("text_encoders",) if with_text_encoders else ())))
+        return cls(
+            family=family, denoiser=parts.denoiser,
+            noise_scheduler=diffusers_class(family.objective.scheduler_class).from_config(parts.scheduler_config),
+            text_encoders=parts.text_encoders or (None,) * family.num_text_encoders, tokenizers=parts.tokenizers,
+            scaling_factor=parts.vae_config.scaling_factor,
+            vae_scale_factor=2 ** (len(parts.vae_config.block_out_channels) - 1))
 
 
 @dataclass
 class Batch:
     """One micro-batch on the training device, or the part of it in one aspect-ratio bucket (one latent shape)."""
 
-    latents: Any  # [B, 4, h, w], already scaled by the VAE scaling factor
-    prompt_embeds: Any  # [B, 77, dim] cached embeddings (None where a method re-encodes)
+    latents: Any  # [B, C, h, w], already scaled by the VAE scaling factor
+    prompt_embeds: Any  # [B, 77, dim] cached embeddings (replaced where a method re-encodes)
     control: Any = None  # [B, 3, H, W] in [0, 1] for ControlNet
     is_class: Any = None  # [B] bool: prior-preservation rows (a tensor, so no step needs a host sync)
-    input_ids: Any = None  # [B, 77] token ids for methods that run the text encoder
-    input_ids_2: Any = None  # [B, 77] SDXL's second tokenizer's ids, for methods that run both encoders
-    pooled_embeds: Any = None  # [B, dim] SDXL's pooled text embedding (cached; encode_text replaces it), else None
+    token_ids: tuple | None = None  # [B, 77] per tokenizer, for methods that run the text encoders
+    pooled_embeds: Any = None  # [B, dim] a pooled text embedding (SDXL; cached, re-encoding replaces it), else None
     time_ids: Any = None  # [B, 6] SDXL's add_time_ids: original (h, w), crop (top, left), bucket (h, w)
 
 
 @dataclass(frozen=True)
 class TrainContext:
-    """What a method needs to know about the concept and its data."""
+    """What a method needs to know about the concept and its data (``training/plan.py`` builds it for a job)."""
 
     concept: str
     token: str
@@ -66,8 +107,12 @@ class TrainContext:
     num_instance_images: int
     num_class_images: int = 0
     num_control_images: int = 0
-    family: str = "sd1"  # the base model's family (assets_pipeline.families)
+    family: str = "sd1"  # the base model's family (models/families.py)
     extra: dict = field(default_factory=dict)
+
+    @property
+    def model_family(self) -> ModelFamily:
+        return get_family(self.family)
 
     @property
     def instance_prompt(self) -> str:
@@ -79,46 +124,15 @@ class TrainContext:
 
 
 def encode_text(models: Models, batch: Batch):
-    """The text encoder on the batch's token ids (tokenized once, on the device; per step for shuffled captions),
-    for methods that train it and for ``shuffle_caption``, whose captions differ every step.
-
-    SDXL: both encoders, as the latents cache encodes (``families.encode_sdxl_prompt``); the pooled embedding they
-    give replaces the batch's cached one, which ``unet_kwargs`` passes to the U-Net (textual_inversion_sdxl.py
-    likewise conditions on the pooled output of the encoder being trained)."""
-    if not models.text_time:
-        return models.text_encoder(batch.input_ids)[0]
-    from assets_pipeline.families import encode_sdxl_prompt
-
-    embeds, batch.pooled_embeds = encode_sdxl_prompt([models.text_encoder, models.text_encoder_2],
-                                                     [batch.input_ids, batch.input_ids_2])
+    """The text encoders on the batch's token ids (tokenized once, on the device; per step for shuffled captions),
+    for methods that train them and for ``shuffle_caption``, whose captions differ every step, as the latents
+    cache encodes (``ModelFamily.encode_prompt``). A pooled embedding (SDXL) replaces the batch's cached one,
+    which the denoiser then takes (textual_inversion_sdxl.py likewise conditions on the pooled output of the
+    encoder being trained)."""
+    embeds, pooled = models.family.encode_prompt(models.text_encoders, batch.token_ids)
+    if pooled is not None:
+        batch.pooled_embeds = pooled
     return embeds
-
-
-def unet_kwargs(models: Models, batch: Batch, dtype) -> dict:
-    """The U-Net's extra conditioning: SDXL's ``added_cond_kwargs`` (pooled text embedding and add_time_ids, in
-    the embeddings' dtype as train_dreambooth_lora_sdxl.py casts them), nothing for SD 1.x/2.x."""
-    if not models.text_time:
-        return {}
-    if batch.pooled_embeds is None or batch.time_ids is None:
-        raise ValueError("an SDXL U-Net needs the batch's pooled text embeddings and add_time_ids: the latents "
-                         "bundle has none (made before SDXL support?); rematerialize vae_latents")
-    return {"added_cond_kwargs": {"text_embeds": batch.pooled_embeds.to(dtype), "time_ids": batch.time_ids.to(dtype)}}
-
-
-def per_sample_mse(pred, target):
-    return ((pred.float() - target.float()) ** 2).mean(dim=list(range(1, pred.ndim)))
-
-
-def snr_weights(noise_scheduler, timesteps, gamma: float):
-    """Min-SNR-gamma weights (Hang et al. 2023), as in diffusers' train_text_to_image.py."""
-    import torch
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(noise_scheduler, timesteps)
-    weights = torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        return weights / (snr + 1)
-    return weights / snr
 
 
 class Method:
@@ -165,11 +179,11 @@ class Method:
 
     def encode(self, models: Models, batch: Batch):
         # Token ids are there only when the loop runs the text encoder (runs_text_encoder): encode them then.
-        return encode_text(models, batch) if batch.input_ids is not None else batch.prompt_embeds
+        return encode_text(models, batch) if batch.token_ids is not None else batch.prompt_embeds
 
     def predict(self, models: Models, noisy_latents, timesteps, prompt_embeds, batch: Batch):
-        return models.unet(noisy_latents, timesteps, encoder_hidden_states=prompt_embeds,
-                           **unet_kwargs(models, batch, prompt_embeds.dtype)).sample
+        """The denoiser's prediction, called as the base model's family calls it."""
+        return models.family.denoiser.predict(models.denoiser, noisy_latents, timesteps, prompt_embeds, batch)
 
     def loss(self, losses, is_class, cfg: TrainConfig):
         """The step's loss from ``losses`` [B]: each row's MSE (Min-SNR-weighted when snr_gamma is set), in row

@@ -1,34 +1,22 @@
 """ControlNet (Zhang et al. 2023): a trainable copy of the U-Net encoder joined through zero convolutions
 (``ControlNetModel.from_unet``), trained on (conditioning image, caption, latent) triples; the U-Net is frozen.
 
-Default lr 1e-5 from diffusers' examples/controlnet/train_controlnet.py. Saved with ``save_pretrained``;
-loads with ``ControlNetModel.from_pretrained(dir)`` into ``StableDiffusionControlNetPipeline``
-(``StableDiffusionXLControlNetPipeline`` for SDXL: ``from_unet`` copies the U-Net's text_time conditioning, and
-the ControlNet gets the same ``added_cond_kwargs`` as the U-Net, as in train_controlnet_sdxl.py).
+Default lr 1e-5 from diffusers' examples/controlnet/train_controlnet.py. The base model's family builds the
+ControlNet from its denoiser and says how the two are called together (``models/unet.py``). Saved with
+``save_pretrained``; loads with ``ControlNetModel.from_pretrained(dir)`` into the family's ControlNet pipeline
+(``StableDiffusionControlNetPipeline``; ``StableDiffusionXLControlNetPipeline`` for SDXL, whose ControlNet gets the
+same ``added_cond_kwargs`` as the U-Net, as in train_controlnet_sdxl.py).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from assets_pipeline.concept import MIN_IMAGES
 from assets_pipeline.training.config import TrainConfig
 from assets_pipeline.training.methods import register
-from assets_pipeline.training.methods.base import Method, Models, TrainContext, TrainingInputError, unet_kwargs
-from assets_pipeline.training.config import MIN_IMAGES
-
-# SD's conditioning embedding (16, 32, 96, 256) downsamples 8x with 3 stride-2 convs, matching SD's VAE;
-# a model with a smaller VAE factor takes the first log2(factor) + 1 of them.
-_COND_CHANNELS = (16, 32, 96, 256)
-
-
-def controlnet_from_unet(unet, vae_scale_factor: int):
-    """A ControlNet initialized from the U-Net's encoder, its conditioning embedding downsampling as the VAE."""
-    from diffusers import ControlNetModel
-
-    n = int(math.log2(vae_scale_factor)) + 1
-    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=_COND_CHANNELS[:n])
+from assets_pipeline.training.methods.base import Method, Models, TrainContext, TrainingInputError
 
 
 @dataclass(frozen=True)
@@ -51,34 +39,27 @@ class ControlNetMethod(Method):
             )
 
     def prepare(self, models: Models, cfg, ctx: TrainContext) -> list[str]:
-        models.unet.requires_grad_(False)
-        models.controlnet = controlnet_from_unet(models.unet, models.vae_scale_factor)
+        models.denoiser.requires_grad_(False)
+        models.controlnet = models.family.denoiser.controlnet_from(models.denoiser, models.vae_scale_factor)
         models.controlnet.train()
         return ["controlnet"]
 
     def predict(self, models: Models, noisy_latents, timesteps, prompt_embeds, batch):
-        added = unet_kwargs(models, batch, prompt_embeds.dtype)  # SDXL's: both networks take them
-        down, mid = models.controlnet(noisy_latents, timesteps, encoder_hidden_states=prompt_embeds,
-                                      controlnet_cond=batch.control.to(noisy_latents.dtype), return_dict=False,
-                                      **added)
-        return models.unet(noisy_latents, timesteps, encoder_hidden_states=prompt_embeds,
-                           down_block_additional_residuals=[d.to(noisy_latents.dtype) for d in down],
-                           mid_block_additional_residual=mid.to(noisy_latents.dtype), **added).sample
+        denoiser = models.family.denoiser
+        residuals = denoiser.control(models.controlnet, noisy_latents, timesteps, prompt_embeds, batch, batch.control)
+        return denoiser.predict(models.denoiser, noisy_latents, timesteps, prompt_embeds, batch, residuals)
 
     def save(self, models: Models, load_base, out_dir: Path, cfg, ctx: TrainContext):
         models.controlnet.save_pretrained(out_dir, safe_serialization=True)
         return sorted(out_dir.glob("*.safetensors"))
 
     def load_pipeline(self, load_base, out_dir: Path, ctx: TrainContext):
-        from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+        from assets_pipeline.models.families import diffusers_class
 
-        from assets_pipeline.families import get_family
-
-        controlnet = ControlNetModel.from_pretrained(str(out_dir), local_files_only=True)
-        base = load_base()
-        xl = get_family(ctx.family).text_time_conditioning
-        pipeline = StableDiffusionXLControlNetPipeline if xl else StableDiffusionControlNetPipeline
-        return pipeline(**base.components, controlnet=controlnet)
+        family = ctx.model_family
+        controlnet = diffusers_class(family.denoiser.controlnet_class).from_pretrained(str(out_dir),
+                                                                                      local_files_only=True)
+        return diffusers_class(family.controlnet_pipeline_class)(**load_base().components, controlnet=controlnet)
 
     def validation_kwargs(self, out_dir: Path, ctx: TrainContext, index: int) -> dict:
         from PIL import Image

@@ -55,8 +55,8 @@ class DreamBoothMethod(Method):
             )
 
     def prepare(self, models: Models, cfg: DreamBoothConfig, ctx: TrainContext) -> list[str]:
-        models.unet.requires_grad_(True)
-        return ["unet"]
+        models.denoiser.requires_grad_(True)
+        return [models.family.denoiser.component]
 
     def loss(self, losses, is_class, cfg: DreamBoothConfig):
         if not cfg.with_prior_preservation:
@@ -70,18 +70,18 @@ class DreamBoothMethod(Method):
 
     def save(self, models: Models, load_base, out_dir: Path, cfg, ctx: TrainContext):
         pipe = load_base()
-        pipe.unet = models.unet
+        setattr(pipe, models.family.denoiser.component, models.denoiser)
         pipe.save_pretrained(out_dir, safe_serialization=True)
         return sorted(out_dir.rglob("*.safetensors"))
 
     def load_pipeline(self, load_base, out_dir: Path, ctx: TrainContext):
-        from assets_pipeline.families import get_family, pipeline_class
-        from assets_pipeline.training.models import render_dtype
+        from assets_pipeline.models.families import diffusers_class
+        from assets_pipeline.models.load import render_dtype
 
         # One dtype for every component: the trained U-Net is saved in fp32 beside the base's other components,
         # which keep the dtype they were saved in (fp16 for many checkpoints).
-        return pipeline_class(get_family(ctx.family)).from_pretrained(str(out_dir), local_files_only=True,
-                                                                      dtype=render_dtype())
+        return diffusers_class(ctx.model_family.pipeline_class).from_pretrained(str(out_dir), local_files_only=True,
+                                                                                dtype=render_dtype())
 
 
 register(DreamBoothMethod())

@@ -26,10 +26,6 @@ from assets_pipeline.training.config import TrainConfig
 from assets_pipeline.training.methods import register
 from assets_pipeline.training.methods.base import Method, Models, TrainContext
 
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-CONV_TARGETS = ("conv1", "conv2", "conv_shortcut")  # the U-Net ResNets' convolutions (LoCon)
-TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 VARIANTS = ("lora", "dora", "loha", "lokr")
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "kohya_lora.safetensors"
@@ -88,7 +84,7 @@ DATASET_KEYS = {"concept": str, "repeats": int}
 def check_datasets(datasets) -> list[dict]:
     """``[[lora.datasets]]`` entries, checked and completed: each {concept, repeats} (repeats default 1), every
     concept named once."""
-    from assets_pipeline.partitions.concept_spec import is_valid_concept_key
+    from assets_pipeline.concept import is_valid_concept_key
 
     out, seen = [], set()
     for i, entry in enumerate(datasets):
@@ -111,17 +107,17 @@ def check_datasets(datasets) -> list[dict]:
     return out
 
 
-def peft_config(cfg: LoraConfig, targets, conv: bool = False):
-    """The PEFT config of ``cfg.variant`` on modules named ``targets`` (plus the ResNet convs at ``conv_rank``
-    when ``conv``). ``lora`` without convs is exactly the config this method always trained."""
+def peft_config(cfg: LoraConfig, targets, conv_targets: tuple[str, ...] = ()):
+    """The PEFT config of ``cfg.variant`` on modules named ``targets`` (plus ``conv_targets``, the denoiser's
+    convolutions, at ``conv_rank``). ``lora`` without convs is exactly the config this method always trained."""
     import peft
 
     targets = list(targets)
     patterns = {}
-    if conv and cfg.conv_rank:
-        targets += CONV_TARGETS
-        patterns = {"rank_pattern": {t: cfg.conv_rank for t in CONV_TARGETS},
-                    "alpha_pattern": {t: cfg.conv_alpha or cfg.conv_rank for t in CONV_TARGETS}}
+    if conv_targets and cfg.conv_rank:
+        targets += conv_targets
+        patterns = {"rank_pattern": {t: cfg.conv_rank for t in conv_targets},
+                    "alpha_pattern": {t: cfg.conv_alpha or cfg.conv_rank for t in conv_targets}}
     alpha = cfg.alpha or cfg.rank
     if cfg.variant in ("lora", "dora"):
         dora = {"use_dora": True} if cfg.variant == "dora" else {}
@@ -156,46 +152,48 @@ class LoraMethod(Method):
         return cfg.train_text_encoder
 
     def prepare(self, models: Models, cfg: LoraConfig, ctx: TrainContext) -> list[str]:
-        models.unet.requires_grad_(False)
-        models.unet.add_adapter(peft_config(cfg, UNET_TARGETS, conv=True))
-        trainable = ["unet"]
-        if cfg.train_text_encoder:
-            for name in TEXT_ENCODERS:  # SDXL: both (the second is None for SD 1.x/2.x)
-                if (encoder := getattr(models, name)) is not None:
-                    encoder.requires_grad_(False)
-                    encoder.add_adapter(peft_config(cfg, TEXT_TARGETS))
-                    trainable.append(name)
+        denoiser = models.family.denoiser
+        models.denoiser.requires_grad_(False)
+        models.denoiser.add_adapter(peft_config(cfg, denoiser.lora_targets, denoiser.conv_targets))
+        trainable = [denoiser.component]
+        if cfg.train_text_encoder:  # every encoder of the family (SDXL: both)
+            for spec, encoder in zip(models.family.text_encoders, models.text_encoders):
+                encoder.requires_grad_(False)
+                encoder.add_adapter(peft_config(cfg, spec.lora_targets))
+                trainable.append(spec.component)
         return trainable
 
     def save(self, models: Models, load_base, out_dir: Path, cfg: LoraConfig, ctx: TrainContext):
         from peft.utils import get_peft_model_state_dict
 
-        networks = ["unet"] + [n for n in TEXT_ENCODERS if cfg.train_text_encoder and getattr(models, n) is not None]
-        sds = {n: get_peft_model_state_dict(getattr(models, n)) for n in networks}
+        networks = [models.family.denoiser.component] + (
+            list(models.family.text_encoder_names) if cfg.train_text_encoder else [])
+        sds = {n: get_peft_model_state_dict(models.network(n)) for n in networks}
         if cfg.variant in ("loha", "lokr"):
             return self._save_lycoris(models, out_dir, sds)
-        return self._save_lora(models, out_dir, cfg, ctx, sds)
+        return self._save_lora(models, out_dir, cfg, sds)
 
-    def _save_lora(self, models: Models, out_dir: Path, cfg: LoraConfig, ctx: TrainContext, sds: dict):
+    def _save_lora(self, models: Models, out_dir: Path, cfg: LoraConfig, sds: dict):
         from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
         from safetensors.torch import save_file
 
-        from assets_pipeline.families import get_family, pipeline_class
+        from assets_pipeline.models.families import diffusers_class
 
+        denoiser = models.family.denoiser
         te_kwargs = {}
-        for name in [n for n in sds if n != "unet"]:  # text_encoder[_2]_lora_layers and its adapter metadata
+        for name in [n for n in sds if n != denoiser.component]:  # text_encoder[_2]_lora_layers and its metadata
             layers = convert_state_dict_to_diffusers(sds[name])
             # A text encoder's DoRA magnitude under its parameter's own name: diffusers 0.42 hands the text
             # encoders' dict to transformers' load_adapter, which (v5) drops ``...lora_magnitude_vector`` silently.
             te_kwargs[f"{name}_lora_layers"] = {f"{k}.weight" if k.endswith("lora_magnitude_vector") else k: v
                                                 for k, v in layers.items()}
-            te_kwargs[f"{name}_lora_adapter_metadata"] = getattr(models, name).peft_config["default"].to_dict()
+            te_kwargs[f"{name}_lora_adapter_metadata"] = models.network(name).peft_config["default"].to_dict()
         # The family's pipeline class saves the file its own load_lora_weights reads (SDXL's has text_encoder_2).
-        pipeline_class(models.family or get_family(ctx.family)).save_lora_weights(
+        diffusers_class(models.family.pipeline_class).save_lora_weights(
             out_dir,
-            unet_lora_layers=convert_state_dict_to_diffusers(sds["unet"]),
-            unet_lora_adapter_metadata=models.unet.peft_config["default"].to_dict(),
             safe_serialization=True,
+            **{f"{denoiser.component}_lora_layers": convert_state_dict_to_diffusers(sds[denoiser.component]),
+               f"{denoiser.component}_lora_adapter_metadata": models.denoiser.peft_config["default"].to_dict()},
             **te_kwargs,
         )
         if cfg.variant == "dora":
@@ -208,7 +206,8 @@ class LoraMethod(Method):
                  for k, v in convert_state_dict_to_kohya(peft_sd).items()}
         for k in kohya:
             if k.endswith(".alpha"):  # the converter writes alpha = rank; ours may differ (convs: conv_alpha)
-                alpha = float((cfg.conv_alpha or cfg.conv_rank) if _is_conv(k) else (cfg.alpha or cfg.rank))
+                conv = k.startswith("lora_unet_") and k.split(".")[0].endswith(denoiser.conv_targets)
+                alpha = float((cfg.conv_alpha or cfg.conv_rank) if conv else (cfg.alpha or cfg.rank))
                 kohya[k] = kohya[k].new_tensor(alpha, dtype=kohya[k].dtype if kohya[k].is_floating_point() else None)
         save_file({k: v.contiguous() for k, v in kohya.items()}, str(out_dir / KOHYA_FILE))
         return [out_dir / DIFFUSERS_FILE, out_dir / KOHYA_FILE]
@@ -218,8 +217,8 @@ class LoraMethod(Method):
 
         from assets_pipeline.training.lycoris import peft_to_kohya
 
-        scales = {n: module_scales(getattr(models, n)) for n in sds}
-        configs = {n: getattr(models, n).peft_config["default"].to_dict() for n in sds}
+        scales = {n: module_scales(models.network(n)) for n in sds}
+        configs = {n: models.network(n).peft_config["default"].to_dict() for n in sds}
         kohya = peft_to_kohya(sds, kohya_prefixes(sds), scales)
         save_file(kohya, str(out_dir / KOHYA_FILE))
         (out_dir / PEFT_CONFIG_FILE).write_text(json.dumps(configs, indent=2, sort_keys=True, default=list))
@@ -268,10 +267,6 @@ def _kohya_te_key(key: str, prefixes: dict[str, str]) -> str:
             module = key[len(converted):]
             return prefixes[network] + ("" if module.startswith("text_model_") else "text_model_") + module
     return key
-
-
-def _is_conv(kohya_key: str) -> bool:
-    return kohya_key.startswith("lora_unet_") and kohya_key.split(".")[0].endswith(CONV_TARGETS)
 
 
 register(LoraMethod())

@@ -26,9 +26,11 @@ from assets_pipeline.training.methods import register
 from assets_pipeline.training.methods.base import Method, Models, TrainContext, encode_text
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"
-# Per text encoder (SDXL has two): its Models attributes, its diffusers file and its key in the A1111/ComfyUI file.
-ENCODERS = (("text_encoder", "tokenizer", DIFFUSERS_FILE, "clip_l"),
-            ("text_encoder_2", "tokenizer_2", "learned_embeds_2.safetensors", "clip_g"))
+
+
+def diffusers_file(index: int) -> str:
+    """The file of the ``index``-th text encoder's row, as textual_inversion_sdxl.py names them."""
+    return DIFFUSERS_FILE if index == 0 else f"learned_embeds_{index + 1}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -58,13 +60,13 @@ class TextualInversionMethod(Method):
     def prepare(self, models: Models, cfg: TextualInversionConfig, ctx: TrainContext) -> list[str]:
         import torch
 
-        # Every loaded encoder (SDXL's two) gets the token and its own row; rows are kept per encoder.
-        self.encoders = [e for e in ENCODERS if getattr(models, e[0]) is not None]
+        # Every text encoder of the family (SDXL's two) gets the token and its own row; rows are kept per encoder.
+        self.encoders = models.family.text_encoder_names
         self.placeholder_ids, self.original, self.keep = {}, {}, {}
-        for te_name, tok_name, _, _ in self.encoders:
-            tok, te = getattr(models, tok_name), getattr(models, te_name)
+        for spec, te, tok in zip(models.family.text_encoders, models.text_encoders, models.tokenizers):
+            te_name = spec.component
             if tok.add_tokens(placeholder(ctx)) != 1:
-                raise ValueError(f"the {tok_name} already has {placeholder(ctx)!r}; choose another token")
+                raise ValueError(f"the {spec.tokenizer} already has {placeholder(ctx)!r}; choose another token")
             init_word = cfg.initializer_token or ctx.class_noun or "photo"
             init_ids = tok.encode(init_word, add_special_tokens=False)
             te.resize_token_embeddings(len(tok), mean_resizing=False)  # the new row is set just below
@@ -79,7 +81,7 @@ class TextualInversionMethod(Method):
             keep = torch.ones(emb.shape[0], 1, dtype=torch.bool)  # every row but the placeholder's is restored
             keep[placeholder_id] = False
             self.keep[te_name] = keep
-        return [te_name for te_name, *_ in self.encoders]
+        return list(self.encoders)
 
     def encode(self, models: Models, batch):
         return encode_text(models, batch)
@@ -87,8 +89,8 @@ class TextualInversionMethod(Method):
     def after_step(self, models: Models) -> None:
         import torch
 
-        for te_name, *_ in self.encoders:
-            emb = getattr(models, te_name).get_input_embeddings().weight
+        for te_name in self.encoders:
+            emb = models.network(te_name).get_input_embeddings().weight
             original = self.original[te_name]
             if original.device != emb.device or original.dtype != emb.dtype:  # once, not every step
                 self.original[te_name] = original = original.to(emb.device, emb.dtype)
@@ -97,34 +99,37 @@ class TextualInversionMethod(Method):
                 emb.copy_(torch.where(self.keep[te_name], original, emb))
 
     def _learned(self, models: Models, te_name: str):
-        weight = getattr(models, te_name).get_input_embeddings().weight
+        weight = models.network(te_name).get_input_embeddings().weight
         return weight[self.placeholder_ids[te_name]].detach().float().cpu()[None].contiguous()
 
     def save(self, models: Models, load_base, out_dir: Path, cfg, ctx: TrainContext):
         from safetensors.torch import save_file
 
         files, combined = [], {}
-        for te_name, _, file_name, key in self.encoders:
-            learned = self._learned(models, te_name)
-            save_file({placeholder(ctx): learned}, str(out_dir / file_name))
-            files.append(out_dir / file_name)
-            combined[key] = learned
+        for i, spec in enumerate(models.family.text_encoders):
+            learned = self._learned(models, spec.component)
+            save_file({placeholder(ctx): learned}, str(out_dir / diffusers_file(i)))
+            files.append(out_dir / diffusers_file(i))
+            combined[spec.embedding_key] = learned
         a1111 = out_dir / f"{ctx.concept}.safetensors"
-        # One encoder: A1111's SD 1.x/2.x key; two: SDXL's clip_l/clip_g file.
-        save_file({"emb_params": combined["clip_l"]} if len(combined) == 1 else combined, str(a1111))
+        # One encoder: A1111's SD 1.x/2.x key; several: one row per encoder (SDXL's clip_l/clip_g file).
+        save_file({"emb_params": combined[models.family.text_encoders[0].embedding_key]} if len(combined) == 1
+                  else combined, str(a1111))
         return [*files, a1111]
 
     def load_pipeline(self, load_base, out_dir: Path, ctx: TrainContext):
         pipe = load_base()
-        if not getattr(pipe, "text_encoder_2", None):
+        encoders = ctx.model_family.text_encoders
+        if len(encoders) == 1:
             pipe.load_textual_inversion(str(out_dir / DIFFUSERS_FILE), token=placeholder(ctx))
             return pipe
         from safetensors.torch import load_file
 
         rows = load_file(str(out_dir / f"{ctx.concept}.safetensors"))
-        for te_name, tok_name, _, key in ENCODERS:
-            pipe.load_textual_inversion(rows[key], token=placeholder(ctx), text_encoder=getattr(pipe, te_name),
-                                        tokenizer=getattr(pipe, tok_name))
+        for spec in encoders:
+            pipe.load_textual_inversion(rows[spec.embedding_key], token=placeholder(ctx),
+                                        text_encoder=getattr(pipe, spec.component),
+                                        tokenizer=getattr(pipe, spec.tokenizer))
         return pipe
 
     def validation_prompt(self, ctx: TrainContext) -> str:

@@ -1,0 +1,118 @@
+"""A job's checkpoints and the lock that keeps two trainers of one job apart.
+
+Checkpoints are accelerate states (models, optimizer, LR schedule, RNG, and the EMA with use_ema) plus the loss
+history, under ``<checkpoint_dir>/<job identity[:16]>/step-N/``: a job resumes only from its own identity's. A
+checkpoint is written as ``.step-N.tmp/`` and renamed into place once every process has saved its part, so a
+``step-N/`` folder is whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from assets_pipeline.training.job import TrainJob
+
+log = logging.getLogger(__name__)
+TRACKER_RUN = "tensorboard"  # the trackers' run folder, under the checkpoint folder and then in the output
+
+
+def checkpoint_root(job: TrainJob) -> Path:
+    """Checkpoints of exactly this job (same method, config, base model and training rows)."""
+    return Path(job.checkpoint_dir) / job.identity()[:16]
+
+
+def remove_stale_trainer_temporaries(job: TrainJob) -> list[Path]:
+    """Temporaries of trainers that did not finish (cleanup.py). Call holding :func:`job_lock`: no other trainer
+    writes this job's checkpoints then, so a half-saved one (``.step-N.tmp/``) is removed whatever its age. The
+    caches a trainer shares with other jobs (micro-batch probes, compiled kernels) keep the grace period."""
+    from assets_pipeline.cleanup import remove_stale_cache_temporaries, remove_stale_temporaries
+
+    removed = remove_stale_temporaries(checkpoint_root(job), older_than_s=0)
+    if job.cache_dir:
+        for kind in ("micro_batch", "compile"):
+            removed += remove_stale_cache_temporaries(Path(job.cache_dir) / kind)
+    return removed
+
+
+@contextmanager
+def job_lock(job: TrainJob, progress: Callable[[str], None] = log.info) -> Iterator[None]:
+    """One trainer at a time per job identity: they share a checkpoint folder, and a second one writing into it
+    would corrupt the first's states. A second trainer waits, then resumes or retrains. An OS file lock
+    (flock), so a killed trainer releases it at once, and whoever takes it next removes what that one left
+    half-written (:func:`remove_stale_trainer_temporaries`). Under ``accelerate launch`` only rank 0 takes it and
+    writes its launch into the file; the other ranks wait until they read their own launch there, not at their
+    first collective (which would time out, after 30 minutes, while another trainer holds the lock)."""
+    import fcntl
+    import os
+    import time
+
+    path = Path(job.checkpoint_dir) / f"{job.identity()[:16]}.lock"
+    # A launch: its rendezvous address (a free port per launch on this machine) and torchrun run id.
+    launch = ":".join(os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"))
+    if os.environ.get("RANK", "0") != "0":
+        while not (path.is_file() and path.read_text() == launch):
+            time.sleep(0.5)
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress(f"another trainer holds {path} (the same job: method, config, base model, training rows); "
+                     "waiting for it to finish")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        f.truncate(0)
+        f.write(launch)
+        f.flush()
+        try:
+            for stale in remove_stale_trainer_temporaries(job):
+                progress(f"removed stale temporary {stale}: left half-written by a trainer that did not finish")
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def latest_checkpoint(root: Path) -> tuple[int, Path] | None:
+    done = [(int(p.name.split("-")[1]), p) for p in root.glob("step-*") if (p / "losses.json").is_file()]
+    return max(done) if done else None
+
+
+def save_checkpoint(accelerator, root: Path, step: int, losses: list[float], keep: int, validation=None) -> None:
+    """An accelerate state (models, optimizer, LR schedule, RNG, and the EMA with use_ema) plus the loss history
+    and, with validation_steps, the validations so far, renamed into place."""
+    final = root / f"step-{step}"
+    tmp = root / f".step-{step}.tmp"
+    accelerator.save_state(str(tmp))  # the main process writes the weights, every process its RNG state
+    accelerator.wait_for_everyone()  # so all of them are in tmp before it is renamed: a step-N folder is whole
+    if accelerator.is_main_process:
+        (tmp / "losses.json").write_text(json.dumps(losses))
+        if validation is not None:
+            validation.save_into(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+            shutil.rmtree(old)
+
+
+def resume(accelerator, root: Path, ema=None,
+           progress: Callable[[str], None] = log.info) -> tuple[int, list, Path | None]:
+    """(first step to train, the losses so far, the checkpoint) from the job's latest checkpoint, or a fresh start.
+    Every process reads the same checkpoint (rank 0 removed half-written ones under the job lock, before the
+    collectives in prepare() that the other ranks waited on); each restores its own RNG state file."""
+    latest = latest_checkpoint(root)
+    if latest is None:
+        return 0, [], None
+    start, path = latest
+    accelerator.load_state(str(path))
+    if ema is not None:
+        ema.to(accelerator.device)  # accelerate loads custom objects onto the CPU
+    losses = json.loads((path / "losses.json").read_text())
+    progress(f"resumed from checkpoint at step {start} ({path})")
+    return start, losses, path

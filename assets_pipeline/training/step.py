@@ -1,0 +1,90 @@
+"""The step every method shares, and how its networks and batch are laid out.
+
+``compute_loss`` is the one forward pass: noise, timesteps, the noisy input, the prediction and the per-row loss,
+as diffusers' training scripts compute them. What the denoiser is trained to predict is the base model's family's
+(``ModelFamily.objective``); methods change only what they override (encode, predict, loss).
+"""
+
+from __future__ import annotations
+
+import math
+
+from assets_pipeline.training.methods.base import Method, Models
+
+
+def per_sample_mse(pred, target):
+    return ((pred.float() - target.float()) ** 2).mean(dim=list(range(1, pred.ndim)))
+
+
+def compute_loss(method: Method, models: Models, parts: list, cfg, generator, weight_dtype, channels_last=False):
+    """The step's loss. ``parts``: the micro-batch, one :class:`Batch` per latent shape (aspect-ratio bucket;
+    usually one), each a forward of its own; their per-row losses are concatenated for ``method.loss``. The batch
+    is on the device and the noise is drawn there from ``generator``: no host round trip. ``cfg.noise_offset`` and
+    ``cfg.input_perturbation`` are diffusers' train_text_to_image.py recipes, drawn in that script's order and
+    only when set, so without them the draws are exactly those of the plain step."""
+    import torch
+
+    scheduler, objective = models.noise_scheduler, models.family.objective
+    losses, is_class = [], []
+    for batch in parts:
+        latents = batch.latents.to(weight_dtype)
+        if channels_last:
+            latents = latents.contiguous(memory_format=torch.channels_last)
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        if cfg.noise_offset:  # a per-(sample, channel) constant: lets the model shift an image's mean brightness
+            noise = noise + cfg.noise_offset * torch.randn(
+                (*latents.shape[:2], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
+        noise_in = noise  # what the latents are noised with; the target stays ``noise``
+        if cfg.input_perturbation:
+            noise_in = noise + cfg.input_perturbation * torch.randn(
+                noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
+        noisy, timesteps, target = objective.noisy_input(scheduler, latents, noise, noise_in, generator)
+        batch.prompt_embeds = batch.prompt_embeds.to(weight_dtype)
+        embeds = method.encode(models, batch).to(weight_dtype)
+        pred = method.predict(models, noisy, timesteps, embeds, batch)
+        row_losses = per_sample_mse(pred, target)
+        if (weights := objective.loss_weights(scheduler, timesteps, cfg.snr_gamma)) is not None:
+            row_losses = row_losses * weights
+        losses.append(row_losses)
+        is_class.append(batch.is_class)
+    return method.loss(torch.cat(losses), torch.cat(is_class), cfg)
+
+
+def place_networks(models: Models, trainable: list[str], device, weight_dtype, cfg, channels_last: bool) -> None:
+    """Frozen weights in the low-precision dtype, trained ones as fp32 master weights (diffusers' scripts and
+    ``cast_training_params``): a LoRA leaves the U-Net's own weights in bf16, DreamBooth trains them in fp32."""
+    import torch
+    from diffusers.training_utils import cast_training_params
+
+    for name, module in models.networks().items():
+        if name not in trainable:  # frozen means no weight gradients at all (textual inversion's U-Net too)
+            module.requires_grad_(False)
+        fully_trained = name in trainable and all(p.requires_grad for p in module.parameters())
+        module.to(device, dtype=torch.float32 if fully_trained else weight_dtype)
+        if name in trainable:
+            cast_training_params(module, dtype=torch.float32)
+            if cfg.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
+                module.enable_gradient_checkpointing()
+        if channels_last and name in (models.family.denoiser.component, "controlnet"):
+            module.to(memory_format=torch.channels_last)
+
+
+def per_process_batch(train_batch_size: int, accumulation: int, num_processes: int) -> tuple[int, int]:
+    """(micro-batch, accumulation steps) for each of ``num_processes`` data-parallel processes, keeping the
+    configured effective batch ``train_batch_size x accumulation`` per optimizer step: the config says what is
+    learned, the number of GPUs only how fast (unlike diffusers' scripts, where the batch is per process).
+
+    The accumulation steps are split first: each process then runs exactly the micro-batches (rows and noise)
+    that one process would, so N processes learn what one does up to float rounding. Otherwise the micro-batch
+    is split (the same rows per step, other noise draws)."""
+    effective = train_batch_size * accumulation
+    if effective % num_processes:
+        raise ValueError(
+            f"the effective batch (train_batch_size {train_batch_size} x gradient_accumulation_steps "
+            f"{accumulation} = {effective}) cannot be split over {num_processes} processes: make it a multiple "
+            f"of {num_processes} (e.g. gradient_accumulation_steps = {accumulation * num_processes}) or train "
+            "with fewer processes")
+    if accumulation % num_processes == 0:
+        return train_batch_size, accumulation // num_processes
+    micro = math.gcd(train_batch_size, effective // num_processes)
+    return micro, effective // num_processes // micro
