@@ -177,7 +177,7 @@ def cmd_concept_remove(args: argparse.Namespace) -> int:
 
     import dagster as dg
 
-    from assets_pipeline.partitions.concept_spec import is_valid_concept_key
+    from assets_pipeline.concept import is_valid_concept_key
     from assets_pipeline.partitions.definitions import concepts_partitions
     from assets_pipeline.resources import PipelineStorage
 

@@ -53,7 +53,8 @@ def load_models(shapes: str, device: str, artifacts: Path):
     pipe, resolution = build_pipeline(shapes, device), RESOLUTION[shapes]
     # What load_encoders returns: the frozen VAE and text encoder on the device, in the dtype they load in (fp32).
     enc = Encoders(lambda: Components(vae_config=pipe.vae.config, scheduler_config=pipe.scheduler.config,
-                                      vae=pipe.vae.to(device).eval(), text_encoders=(pipe.text_encoder.to(device).eval(),),
+                                      vae=pipe.vae.to(device).eval(),
+                                      text_encoders=(pipe.text_encoder.to(device).eval(),),
                                       tokenizers=(pipe.tokenizer,)),
                    vae_fingerprint="bench", text_fingerprint="bench", family=get_family(SPECS[shapes].family),
                    device=device)

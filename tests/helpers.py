@@ -68,3 +68,43 @@ def write_synthetic_bundle(root: Path, seed: int = 0) -> Path:
                         "bucket": '["64x64", "64x64", "64x64"]'})
     record_digest(root / "latents.safetensors")
     return root / "latents.safetensors"
+
+
+def training_row(**fields):
+    """A TrainingRow with the paths and keys a test leaves out empty."""
+    from assets_pipeline.training.job import TrainingRow
+
+    return TrainingRow(**{"latent_key": None, "text_key": None, "source_path": "", "decoded_path": "", **fields})
+
+
+def make_job(method: str = "lora", config: dict | None = None, rows: tuple = (), base_model=None, **fields):
+    """A typed TrainJob for tests that need one without a built concept: ``config`` overrides the method's
+    defaults, ``rows`` are TrainingRow fields (the paths and keys they leave out are empty), ``fields`` any other
+    TrainJob field (concept, checkpoint_dir, latents_dir, ...)."""
+    from assets_pipeline.models.resolve import BaseModelRef
+    from assets_pipeline.training.job import TrainJob
+    from assets_pipeline.training.methods import get_method
+
+    ref = base_model or BaseModelRef(source="embedded", kind="embedded", location="", fingerprint="f" * 64,
+                                     resolution=64, family="sd1", prediction_type="epsilon")
+    from assets_pipeline.training.runtime.settings import Performance
+
+    rows = tuple(training_row(**r) for r in rows)
+    if isinstance(fields.get("performance"), dict):
+        fields["performance"] = Performance.from_dict(fields["performance"])
+    defaults = {"concept": "c", "latents_dir": "", "output_dir": "", "checkpoint_dir": "", "token": "sks",
+                "class_noun": "dog", "lineage": {}}
+    return TrainJob(method=method, config=get_method(method).config_cls(**(config or {})), base_model=ref,
+                    training_images=rows, **{**defaults, **fields})
+
+
+def plan_for(storage, ref, spec, method: str, run_id: str = "test", input_versions: dict | None = None,
+             trainer=None, clip_scorer=None, overrides: dict | None = None):
+    """The job a model asset would plan for ``spec``'s concept with these resources (training/plan.py)."""
+    from assets_pipeline.resources import ClipScorerResource, TrainerLauncher
+    from assets_pipeline.training.plan import plan_job
+
+    trainer, clip_scorer = trainer or TrainerLauncher(), clip_scorer or ClipScorerResource()
+    return plan_job(storage.layout(), ref, spec, method, run_id=run_id, data_root=storage.data_path(),
+                    launch=trainer.launch_settings(), scorer=clip_scorer.settings(), input_versions=input_versions,
+                    overrides=overrides)

@@ -220,12 +220,14 @@ def test_a_batch_of_two_shapes_weighs_the_prior_loss_as_one_forward_would(embedd
     instance mean + prior_loss_weight x class mean, each part drawing its noise in turn from the generator."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from assets_pipeline.training.loop import compute_loss
+    from assets_pipeline.models.families import get_family
     from assets_pipeline.training.methods import get_method
     from assets_pipeline.training.methods.base import Batch, Models
+    from assets_pipeline.training.step import compute_loss
 
     torch.manual_seed(0)
-    models = Models(unet=UNet2DConditionModel.from_pretrained(embedded_model_dir, subfolder="unet"),
+    models = Models(family=get_family("sd1"),
+                    denoiser=UNet2DConditionModel.from_pretrained(embedded_model_dir, subfolder="unet"),
                     noise_scheduler=DDPMScheduler.from_pretrained(embedded_model_dir, subfolder="scheduler"))
     instance = Batch(latents=torch.randn(2, 4, 24, 40), prompt_embeds=torch.randn(2, 77, 32),
                      is_class=torch.tensor([False, False]))
@@ -310,11 +312,11 @@ def _job(storage, method: str, tmp_path, **overrides):
     import dataclasses
 
     from assets_pipeline.assets.common import spec_from_snapshot
-    from assets_pipeline.assets.models import build_train_job
+    from helpers import plan_for
     from assets_pipeline.resources import BaseModelResource, ClipScorerResource, TrainerLauncher
 
     ref = BaseModelResource().resolve(storage.artifact_path())
-    job = build_train_job(storage, ref, spec_from_snapshot(storage, "mixed"), method, run_id="buckets",
+    job = plan_for(storage, ref, spec_from_snapshot(storage, "mixed"), method, run_id="buckets",
                           input_versions={}, trainer=TrainerLauncher(device="cpu"), clip_scorer=ClipScorerResource(),
                           overrides={"checkpointing_steps": 1000, **overrides})
     return dataclasses.replace(job, output_dir=str(tmp_path / "out"), checkpoint_dir=str(tmp_path / "ckpt"),
@@ -367,7 +369,7 @@ def test_controlnet_pairs_each_latent_with_the_conditioning_image_of_its_bucket(
         n = data.row_bucket.count(k)
         assert data.mean[k].shape == (n, 4, h // 2, w // 2) and data.control[k].shape == (n, 3, h, w)
     row = next(i for i, b in enumerate(data.row_bucket) if data.sizes[b] == (96, 40))
-    with Image.open(job.training_images[row]["control_path"]) as img:
+    with Image.open(job.training_images[row].control_path) as img:
         expected = torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1)
     assert torch.equal(data.control[data.row_bucket[row]][data.position[row]], expected)
     (part,) = data.draw([row], torch.Generator().manual_seed(0), 1.0, False)

@@ -96,7 +96,7 @@ def _asset(world, name: str) -> Path:
 
 
 def test_a_truncated_latents_bundle_stops_training_with_its_path_and_a_rerun_rebuilds_it(world):
-    from assets_pipeline.stages.latents import load_latent_bundle
+    from assets_pipeline.stages.bundle import load_latent_bundle
 
     bundle = _asset(world, "vae_latents") / "latents.safetensors"
     truncate(bundle)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from assets_pipeline.partitions.concept_spec import ConceptSpec
+from assets_pipeline.concept import ConceptSpec
 from assets_pipeline.stages.captions import CaptionConfig, caption_images
 from assets_pipeline.stages.ingest import ingest_concept
 from assets_pipeline.store import ItemCache
@@ -173,10 +173,11 @@ LONG_WORDS = ("a photo of sks dog sitting on the green grass under a tall oak tr
 
 
 def test_overlong_captions_counts_with_the_base_models_tokenizer(built_models):
-    from assets_pipeline.base_model import load_tokenizer, resolve_base_model
+    from assets_pipeline.models.load import load_tokenizers
+    from assets_pipeline.models.resolve import resolve_base_model
     from assets_pipeline.stages.captions import overlong_captions
 
-    tokenizer = load_tokenizer(resolve_base_model("embedded", built_models))
+    tokenizer = load_tokenizers(resolve_base_model("embedded", built_models))[0]
     assert tokenizer.model_max_length == 77
     captions = pd.DataFrame({"source_path": ["long.png", "short.png", "edge.png"],
                              "caption_source": ["sidecar", "template", "sidecar"],

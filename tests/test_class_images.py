@@ -92,9 +92,9 @@ def test_unknown_scheduler_class_fails_when_loading():
 
 @pytest.fixture(scope="module")
 def tiny_pipeline():
-    from assets_pipeline.base_model import build_embedded_pipeline
+    from assets_pipeline.models.embedded import build_pipeline
 
-    return build_embedded_pipeline()
+    return build_pipeline("tiny")
 
 
 def _generate(tmp_path, pipe, cfg, quick=True, count=3):

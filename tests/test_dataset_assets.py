@@ -164,7 +164,7 @@ def test_one_new_photo_computes_one_item_per_image_cache(demo):
 
 
 def test_latent_bundle_covers_the_quality_subset(demo):
-    from assets_pipeline.stages.latents import load_latent_bundle
+    from assets_pipeline.stages.bundle import load_latent_bundle
 
     scores = read_table(demo.asset_dir("clip_scored_images") / "scores.parquet")
     bundle = load_latent_bundle(demo.asset_dir("vae_latents") / "latents.safetensors")

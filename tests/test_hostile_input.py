@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from assets_pipeline.partitions.concept_spec import ConceptSpecError
+from assets_pipeline.concept import ConceptSpecError
 from assets_pipeline.store import ArtifactLayout
 
 

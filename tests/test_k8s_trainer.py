@@ -113,11 +113,16 @@ def test_the_subprocess_mode_ignores_the_pod_settings():
 
 
 def test_paths_outside_the_mounted_volumes_are_named():
-    job = {"latents_dir": f"{ARTIFACTS}/concepts/c/vae_latents", "output_dir": f"{ARTIFACTS}/concepts/c/lora/v1",
-           "checkpoint_dir": f"{ARTIFACTS}/concepts/c/lora/.checkpoints", "cache_dir": f"{ARTIFACTS}/cache",
-           "base_model": {"kind": "folder", "location": "/home/me/sd15", "single_file_config": None},
-           "scorer": {"pretrained": None},
-           "training_images": [{"decoded_path": f"{ARTIFACTS}/cache/images/a.png", "control_path": "/tmp/c.png"}]}
+    from assets_pipeline.models.resolve import BaseModelRef
+    from helpers import make_job
+
+    job = make_job("lora", latents_dir=f"{ARTIFACTS}/concepts/c/vae_latents",
+                   output_dir=f"{ARTIFACTS}/concepts/c/lora/v1",
+                   checkpoint_dir=f"{ARTIFACTS}/concepts/c/lora/.checkpoints", cache_dir=f"{ARTIFACTS}/cache",
+                   base_model=BaseModelRef("/home/me/sd15", "folder", "/home/me/sd15", "f" * 64, 512, "sd1", "epsilon"),
+                   scorer={"pretrained": None},
+                   rows=[{"image_sha256": "a", "role": "instance", "caption": "c",
+                          "decoded_path": f"{ARTIFACTS}/cache/images/a.png", "control_path": "/tmp/c.png"}])
     job_path = Path(ARTIFACTS) / "concepts/c/lora/.job-r.json"
     assert unmounted_paths(job, job_path, [ARTIFACTS]) == ["/home/me/sd15", "/tmp/c.png"]
     assert unmounted_paths(job, job_path, [ARTIFACTS, "/home/me", "/tmp"]) == []
@@ -231,7 +236,7 @@ def test_the_trainer_pod_reports_its_materialization_through_the_pod_log(dataset
     """PipesK8sClient.run with the real trainer CLI: the pod body is the configured one, the trainer finds its
     Pipes context in the pod's environment, and its messages come back from the pod log as the asset's
     materialization (data version = the weights) and as run logs."""
-    from assets_pipeline.assets.models import build_train_job
+    from helpers import plan_for
     from assets_pipeline.resources import BaseModelResource, ClipScorerResource
 
     storage, spec = dataset
@@ -239,7 +244,7 @@ def test_the_trainer_pod_reports_its_materialization_through_the_pod_log(dataset
     trainer = TrainerLauncher(device="cpu", mode="k8s", k8s=_config(
         namespace="training", artifact_mount_path=str(artifacts), kubeconfig_file=_kubeconfig(tmp_path),
         env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}, tolerations=[TOLERATION]))
-    job = build_train_job(storage, BaseModelResource().resolve(artifacts), spec, "lora", run_id="k8s-test",
+    job = plan_for(storage, BaseModelResource().resolve(artifacts), spec, "lora", run_id="k8s-test",
                           input_versions={}, trainer=trainer, clip_scorer=ClipScorerResource(),
                           overrides={"max_train_steps": 2, "checkpointing_steps": 1000})
     job_path = Path(job.output_dir).parent / ".job-k8s-test.json"  # where the model asset writes it
@@ -279,11 +284,15 @@ def test_the_trainer_pod_reports_its_materialization_through_the_pod_log(dataset
 
 
 def test_a_job_the_pod_could_not_read_starts_no_pod(kubelet, tmp_path):
+    from assets_pipeline.models.resolve import BaseModelRef
+    from helpers import make_job
+
     job_path = tmp_path / "artifacts" / ".job-r.json"
     job_path.parent.mkdir()
     inside = str(tmp_path / "artifacts")
-    job_path.write_text(json.dumps({"latents_dir": inside, "output_dir": inside, "checkpoint_dir": inside,
-                                    "cache_dir": inside, "base_model": {"location": "/opt/models/sd15"}}))
+    make_job("lora", latents_dir=inside, output_dir=inside, checkpoint_dir=inside, cache_dir=inside,
+             base_model=BaseModelRef("/opt/models/sd15", "folder", "/opt/models/sd15", "f" * 64, 512, "sd1",
+                                     "epsilon")).save(job_path)
     trainer = TrainerLauncher(mode="k8s", k8s=_config(artifact_mount_path=inside,
                                                       kubeconfig_file=_kubeconfig(tmp_path)))
     with dg.DagsterInstance.ephemeral() as instance:

@@ -1,4 +1,5 @@
-"""stages/latents.py: cached VAE latents + text embeddings, bundled and keyed by image sha256, per bucket."""
+"""stages/latents.py and stages/bundle.py: cached VAE latents + text embeddings, keyed by image sha256, per bucket,
+and the bundle they are stacked into."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from PIL import Image, ImageOps
 
 from assets_pipeline.hashing import digest
 from assets_pipeline.stages.buckets import bucket_crop
+from assets_pipeline.stages.bundle import load_latent_bundle, write_latent_bundle
 from assets_pipeline.stages.latents import (
-    INDEX_COLUMNS, LatentConfig, compute_latents, encode_prompts, latent_key, load_latent_bundle, text_key,
-    write_latent_bundle,
+    INDEX_COLUMNS, LatentConfig, compute_latents, encode_text_entries, latent_key, text_key,
 )
 from assets_pipeline.store import ItemCache
 from helpers import photo
@@ -58,7 +59,7 @@ def test_bundle_round_trip_pairs_each_photo_with_its_own_caption(items, encoders
     assert list(zip(index["bucket_width"], index["bucket_height"])) == expected
     assert list(zip(index["original_width"], index["original_height"])) == SIZES
     out = tmp_path / "latents.safetensors"
-    write_latent_bundle(index, lat, txt, out, {"resolution": RES, "note": "x"})
+    write_latent_bundle(index, lat, txt, out, {"resolution": RES, "note": "x"}, encoders.family)
     bundle = load_latent_bundle(out)
     assert bundle.image_sha256 == list(items["image_sha256"]) and bundle.buckets == expected
     assert bundle.roles == ["instance"] * 3
@@ -75,7 +76,7 @@ def test_bundle_round_trip_pairs_each_photo_with_its_own_caption(items, encoders
         mean = bundle.latents("latent_mean", bucket)[positions[row]]
         assert mean.shape == (4, bucket[1] // 2, bucket[0] // 2)  # the tiny VAE downsamples 2x
         assert bundle.latents("latent_std", bucket)[positions[row]].shape == mean.shape
-        expected_text = encode_prompts([by_sha.loc[sha, "caption"]], encoders)[0]
+        expected_text = encode_text_entries([by_sha.loc[sha, "caption"]], encoders)[0]["prompt_embeds"]
         assert torch.allclose(bundle.tensors["prompt_embeds"][row], expected_text, atol=1e-5)
         assert torch.allclose(mean, vae_mean(encoders, by_sha.loc[sha, "decoded_path"], bucket), atol=1e-4)
     # The captions differ, so a mix-up would have been visible above.
@@ -95,7 +96,7 @@ def test_items_are_computed_once_and_reused(items, encoders, tmp_path):
     index = compute_latents(items, encoders, RES, LatentConfig(random_flip=True), lat3, txt3)
     assert (lat3.computed, lat3.cached) == (3, 3)  # only the flipped ones are new
     out = tmp_path / "flip.safetensors"
-    write_latent_bundle(index, lat3, txt3, out, {})
+    write_latent_bundle(index, lat3, txt3, out, {}, encoders.family)
     bundle = load_latent_bundle(out)
     bucket = bundle.buckets[1]  # the portrait
     path = items.set_index("image_sha256").loc[bundle.image_sha256[1], "decoded_path"]
@@ -113,7 +114,7 @@ def test_stored_dtype(items, encoders, tmp_path):
     lat, txt = caches(tmp_path / "art")
     index = compute_latents(items, encoders, RES, LatentConfig(dtype="float16"), lat, txt)
     out = tmp_path / "half.safetensors"
-    write_latent_bundle(index, lat, txt, out, {})
+    write_latent_bundle(index, lat, txt, out, {}, encoders.family)
     assert {t.dtype for t in load_latent_bundle(out).tensors.values()} == {torch.float16}
 
 
@@ -166,7 +167,7 @@ def test_empty_subset_fails_with_a_message_not_a_torch_error(encoders, tmp_path)
     index = compute_latents(empty, encoders, RES, LatentConfig(), lat, txt)
     assert len(index) == 0 and (lat.computed, txt.computed) == (0, 0)
     with pytest.raises(ValueError, match="quality subset is empty"):
-        write_latent_bundle(index, lat, txt, tmp_path / "x.safetensors", {})
+        write_latent_bundle(index, lat, txt, tmp_path / "x.safetensors", {}, encoders.family)
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -192,14 +193,15 @@ def test_gpu_latents_match_cpu_so_the_cache_can_be_shared(items, encoders, tmp_p
     from assets_pipeline.resources import AcceleratorResource
 
     assert AcceleratorResource().torch_device() == "cuda"
-    on_gpu = (copy.deepcopy(encoders.vae).to("cuda"), copy.deepcopy(encoders.text_encoder).to("cuda"),
-              encoders.tokenizer)
+    vae, text_encoders = copy.deepcopy(encoders.vae).to("cuda"), [copy.deepcopy(e).to("cuda")
+                                                                    for e in encoders.text_encoders]
+    on_gpu = dataclasses.replace(encoders.loaded, vae=vae, text_encoders=tuple(text_encoders))
     gpu = dataclasses.replace(encoders, load=lambda: on_gpu, loaded=None, device="cuda")
     bundles = []
     for name, enc in (("cpu", encoders), ("gpu", gpu)):
         lat, txt = caches(tmp_path / name)
         index = compute_latents(items, enc, RES, LatentConfig(), lat, txt)
-        write_latent_bundle(index, lat, txt, tmp_path / f"{name}.safetensors", {})
+        write_latent_bundle(index, lat, txt, tmp_path / f"{name}.safetensors", {}, encoders.family)
         bundles.append(load_latent_bundle(tmp_path / f"{name}.safetensors"))
     cpu, gpu = bundles
     assert cpu.image_sha256 == gpu.image_sha256 and cpu.buckets == gpu.buckets

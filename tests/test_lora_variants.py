@@ -4,7 +4,6 @@ variant's users load it (stock diffusers for lora/dora; PEFT from the LyCORIS fi
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +13,10 @@ import torch
 from assets_pipeline.training.lycoris import PREFIXES_SD, kohya_to_peft, peft_to_kohya
 from assets_pipeline.training.methods import get_method
 from assets_pipeline.training.methods.base import Batch, TrainContext
-from assets_pipeline.training.methods.lora import (
-    DIFFUSERS_FILE, KOHYA_FILE, PEFT_CONFIG_FILE, UNET_TARGETS, LoraConfig, peft_config,
-)
+from assets_pipeline.models.families import get_family
+from assets_pipeline.training.methods.lora import DIFFUSERS_FILE, KOHYA_FILE, PEFT_CONFIG_FILE, LoraConfig, peft_config
+
+UNET = get_family("sd1").denoiser
 
 PROMPT = "a photo of sks dog"
 # variant -> (files written, tensor names every adapted module has in the kohya/LyCORIS file)
@@ -30,16 +30,16 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def base(built_models):
-    from assets_pipeline.base_model import resolve_base_model
+    from assets_pipeline.models.resolve import resolve_base_model
 
-    return asdict(resolve_base_model("embedded", built_models))
+    return resolve_base_model("embedded", built_models)
 
 
 @pytest.fixture(scope="module")
 def base_image(base):
     from diffusers import StableDiffusionPipeline
 
-    return _render(StableDiffusionPipeline.from_pretrained(base["location"], local_files_only=True))
+    return _render(StableDiffusionPipeline.from_pretrained(base.location, local_files_only=True))
 
 
 def _render(pipe) -> np.ndarray:
@@ -48,28 +48,28 @@ def _render(pipe) -> np.ndarray:
                 generator=torch.Generator().manual_seed(0)).images[0]
 
 
-def _train(base: dict, out: Path, cfg: LoraConfig):
+def _train(base, out: Path, cfg: LoraConfig):
     """``cfg``'s adapters on the base model after 3 AdamW steps of ``loop.compute_loss``, saved to ``out``."""
-    from assets_pipeline.training.loop import compute_loss
-    from assets_pipeline.training.models import base_pipeline_loader, load_training_models
+    from assets_pipeline.training.step import compute_loss
+    from assets_pipeline.models.load import base_pipeline_loader
+    from assets_pipeline.training.methods.base import Models
 
     method = get_method("lora")
     ctx = TrainContext(concept="dog", token="sks", class_noun="dog", resolution=64, num_instance_images=3,
-                       family=base["family"])
+                       family=base.family)
     torch.manual_seed(0)
-    models = load_training_models(base, method.needs_text_encoder(cfg))
+    models = Models.load(base, method.needs_text_encoder(cfg))
     trainable = method.prepare(models, cfg, ctx)
-    params = [p for n in trainable for p in getattr(models, n).parameters() if p.requires_grad]
+    params = [p for n in trainable for p in models.network(n).parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     ids = [tok([PROMPT] * 2, padding="max_length", max_length=77, return_tensors="pt").input_ids
-           for tok in (models.tokenizer, models.tokenizer_2) if tok is not None]
-    dim = models.unet.config.cross_attention_dim
+           for tok in models.tokenizers]
+    dim = models.denoiser.config.cross_attention_dim
     sdxl = {"pooled_embeds": torch.zeros(2, 32), "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64]] * 2)} \
-        if models.text_time else {}
+        if models.family.micro_conditioning else {}
     for step in range(3):
         batch = Batch(latents=torch.randn(2, 4, 8, 8), prompt_embeds=torch.zeros(2, 77, dim),
-                      is_class=torch.zeros(2, dtype=torch.bool), input_ids=ids[0],
-                      input_ids_2=ids[1] if len(ids) > 1 else None, **sdxl)
+                      is_class=torch.zeros(2, dtype=torch.bool), token_ids=tuple(ids), **sdxl)
         loss = compute_loss(method, models, [batch], cfg, torch.Generator().manual_seed(step), torch.float32)
         loss.backward()
         optimizer.step()
@@ -90,6 +90,9 @@ def _outputs(unet, encoders, ids, text_time: bool):
 
 
 def _encoders(holder):
+    """The text encoders of a pipeline or of the loop's Models."""
+    if hasattr(holder, "text_encoders"):
+        return list(holder.text_encoders)
     return [e for e in (holder.text_encoder, getattr(holder, "text_encoder_2", None)) if e is not None]
 
 
@@ -98,17 +101,17 @@ def test_each_variant_trains_saves_and_loads_back_as_trained(variant, base, base
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    from assets_pipeline.training.models import base_pipeline_loader
+    from assets_pipeline.models.load import base_pipeline_loader
 
     files, tensors = VARIANTS[variant]
     cfg = LoraConfig(variant=variant, train_text_encoder=True, conv_rank=2, conv_alpha=1.0)
     out = tmp_path / "out"
     method, models, ctx, weights, ids = _train(base, out, cfg)
     assert {p.name for p in out.iterdir()} == files and {p.name for p in weights} <= files
-    trained = _outputs(models.unet, _encoders(models), ids, text_time=False)
+    trained = _outputs(models.denoiser, _encoders(models), ids, text_time=False)
 
     if variant in ("lora", "dora"):  # what a diffusers user does: nothing from this project
-        pipe = StableDiffusionPipeline.from_pretrained(base["location"], local_files_only=True)
+        pipe = StableDiffusionPipeline.from_pretrained(base.location, local_files_only=True)
         pipe.load_lora_weights(str(out))
     else:
         pipe = method.load_pipeline(base_pipeline_loader(base), out, ctx)
@@ -138,7 +141,7 @@ def test_each_variant_trains_saves_and_loads_back_as_trained(variant, base, base
         assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in modules
         assert not any(k.endswith(("lora_down.weight", "lora_A.weight")) for k in kohya)
     else:  # stock diffusers reads the kohya file too, and it holds the same LoRA
-        pipe = StableDiffusionPipeline.from_pretrained(base["location"], local_files_only=True)
+        pipe = StableDiffusionPipeline.from_pretrained(base.location, local_files_only=True)
         pipe.load_lora_weights(str(out), weight_name=KOHYA_FILE)
         for name, a, b in zip(("unet", "text_encoder"), trained, _outputs(pipe.unet, _encoders(pipe), ids, False)):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
@@ -148,9 +151,9 @@ def test_the_default_variant_is_the_lora_this_method_always_trained():
     from peft import LoraConfig as PeftLoraConfig
 
     old = PeftLoraConfig(r=4, lora_alpha=4, lora_dropout=0.0, init_lora_weights="gaussian",
-                         target_modules=list(UNET_TARGETS))
+                         target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     assert LoraConfig().variant == "lora"
-    assert peft_config(LoraConfig(), UNET_TARGETS, conv=True).to_dict() == old.to_dict()
+    assert peft_config(LoraConfig(), UNET.lora_targets, UNET.conv_targets).to_dict() == old.to_dict()
 
 
 def test_the_lycoris_conversion_round_trips_and_matches_the_readers_scale():
@@ -191,10 +194,10 @@ def test_the_lycoris_conversion_round_trips_and_matches_the_readers_scale():
 def test_sdxl_loha_adapts_both_text_encoders_under_kohyas_sdxl_prefixes(artifact_root, tmp_path):
     from safetensors.torch import load_file
 
-    from assets_pipeline.base_model import resolve_base_model
-    from assets_pipeline.training.models import base_pipeline_loader
+    from assets_pipeline.models.resolve import resolve_base_model
+    from assets_pipeline.models.load import base_pipeline_loader
 
-    base = asdict(resolve_base_model("embedded-sdxl", artifact_root))
+    base = resolve_base_model("embedded-sdxl", artifact_root)
     cfg = LoraConfig(variant="loha", train_text_encoder=True)
     method, models, ctx, _, ids = _train(base, tmp_path / "out", cfg)
     modules = {k.split(".")[0] for k in load_file(str(tmp_path / "out" / KOHYA_FILE))}
@@ -202,5 +205,5 @@ def test_sdxl_loha_adapts_both_text_encoders_under_kohyas_sdxl_prefixes(artifact
         assert any(m.startswith(prefix) for m in modules), prefix
     pipe = method.load_pipeline(base_pipeline_loader(base), tmp_path / "out", ctx)
     loaded = _outputs(pipe.unet, _encoders(pipe), ids, True)
-    for a, b in zip(_outputs(models.unet, _encoders(models), ids, True), loaded):
+    for a, b in zip(_outputs(models.denoiser, _encoders(models), ids, True), loaded):
         assert torch.equal(a, b)

@@ -145,14 +145,14 @@ def test_an_unchanged_rebuild_reuses_and_the_schedule_sees_it_up_to_date(multi):
 
 
 def _job(storage, spec_text: str, ref=None):
-    from assets_pipeline.assets.models import build_train_job
+    from helpers import plan_for
     from assets_pipeline.partitions.concept_spec import parse_concept_toml
     from assets_pipeline.resources import BaseModelResource, ClipScorerResource, TrainerLauncher
 
     spec = parse_concept_toml(MAIN, spec_text)
     ref = ref or BaseModelResource().resolve(storage.layout().root, spec)
-    return build_train_job(storage, ref, spec, "lora", run_id="test", input_versions={}, trainer=TrainerLauncher(),
-                           clip_scorer=ClipScorerResource())
+    return plan_for(storage, ref, spec, "lora", run_id="test", input_versions={}, trainer=TrainerLauncher(),
+                    clip_scorer=ClipScorerResource())
 
 
 def test_repeats_and_the_listed_concepts_are_part_of_the_job_identity(multi):
@@ -162,10 +162,10 @@ def test_repeats_and_the_listed_concepts_are_part_of_the_job_identity(multi):
     assert _job(storage, MAIN_SPEC.replace("repeats = 1", "repeats = 2")).identity() != job.identity()
     alone = _job(storage, 'token = "sks"\nclass_noun = "dog"\nmethods = ["lora"]\n')
     assert alone.identity() != job.identity() and not alone.datasets
-    assert all("concept" not in r for r in alone.training_images)  # a job without datasets is as it always was
+    assert all(r.concept is None for r in alone.training_images)  # a job without datasets is as it always was
     assert len(job.training_images) == 6 and len(alone.training_images) == 3
     # the step count scales with every concept's photos (the embedded model's quick steps: 2 per 2 photos)
-    assert job.config["max_train_steps"] > alone.config["max_train_steps"]
+    assert job.config.max_train_steps > alone.config.max_train_steps
 
 
 @pytest.mark.parametrize("entry, message", [
@@ -218,7 +218,8 @@ def test_a_listed_concept_from_another_base_model_is_refused(multi):
     ('[lora]\nrepeats = 0\n', "repeats must be >= 1"),
 ])
 def test_bad_datasets_entries_name_the_file_key_and_value(section, message):
-    from assets_pipeline.partitions.concept_spec import ConceptSpecError, parse_concept_toml
+    from assets_pipeline.concept import ConceptSpecError
+    from assets_pipeline.partitions.concept_spec import parse_concept_toml
 
     with pytest.raises(ConceptSpecError, match=message) as e:
         parse_concept_toml(MAIN, 'token = "sks"\nmethods = ["lora"]\n' + section)
@@ -230,6 +231,7 @@ def test_repeats_draw_a_row_that_often_per_epoch_and_rows_come_from_their_own_bu
     from safetensors.torch import load_file
 
     from assets_pipeline.training.data import TrainingData
+    from helpers import training_row
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -237,6 +239,7 @@ def test_repeats_draw_a_row_that_often_per_epoch_and_rows_come_from_their_own_bu
     other = load_file(str(write_synthetic_bundle(tmp_path / "b", seed=1)))
     rows = [{"image_sha256": s, "role": "instance", "caption": s, "concept": "a", "repeats": 1} for s in "abc"]
     rows += [{"image_sha256": "b", "role": "instance", "caption": "other b", "concept": "b", "repeats": 3}]
+    rows = [training_row(**r) for r in rows]
     data = TrainingData.from_bundle(tmp_path / "a", rows, lambda c: c, control=False, datasets={"b": tmp_path / "b"})
     # the other bundle's row "b" is its own tensors, not the main bundle's row of the same sha256
     assert torch.equal(data.embeds[3], other["prompt_embeds"][1]) and torch.equal(data.embeds[1], main["prompt_embeds"][1])
@@ -265,7 +268,7 @@ def test_a_change_in_a_listed_concept_makes_the_lora_stale(multi):
     [decision] = plan_retraining(storage, BaseModelResource(), ClipScorerResource(), TrainerLauncher(), [MAIN])
     assert decision.retrain and decision.reason == "training inputs changed", decision
     job = _job(storage, MAIN_SPEC)
-    assert "a photo of zwx cat asleep on a sofa" in {r["caption"] for r in job.training_images if r["concept"] == OTHER}
+    assert "a photo of zwx cat asleep on a sofa" in {r.caption for r in job.training_images if r.concept == OTHER}
 
 
 def _sdxl_like_bundle(root: Path, seed: int, flips: bool) -> None:
@@ -295,13 +298,14 @@ def test_rows_of_a_bundle_without_flips_are_never_flipped_and_keep_their_sdxl_te
     from safetensors.torch import load_file
 
     from assets_pipeline.training.data import TrainingData
+    from helpers import training_row
 
     _sdxl_like_bundle(tmp_path / "main", 0, flips=True)
     _sdxl_like_bundle(tmp_path / "other", 1, flips=False)
     main, other = (load_file(str(tmp_path / n / "latents.safetensors")) for n in ("main", "other"))
     rows = [{"image_sha256": "a", "role": "instance", "caption": "a", "concept": "main", "repeats": 1},
             {"image_sha256": "b", "role": "instance", "caption": "b", "concept": "other", "repeats": 1}]
-    data = TrainingData.from_bundle(tmp_path / "main", rows, lambda c: c, control=False,
+    data = TrainingData.from_bundle(tmp_path / "main", [training_row(**r) for r in rows], lambda c: c, control=False,
                                     datasets={"other": tmp_path / "other"})
     assert torch.equal(data.pooled[1], other["pooled_prompt_embeds"][1])
     assert torch.equal(data.time_ids[0], main["add_time_ids"][0]) and torch.equal(data.time_ids[1], other["add_time_ids"][1])

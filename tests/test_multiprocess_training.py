@@ -72,11 +72,11 @@ def two_procs(tmp_path_factory, built_models):
 
 def _job(ctx, method: str, name: str, num_processes: int, **overrides):
     """A trainer job (the one the model asset would write), with its own output and checkpoint folders."""
-    from assets_pipeline.assets.models import build_train_job
+    from helpers import plan_for
     from assets_pipeline.resources import BaseModelResource, ClipScorerResource, TrainerLauncher
 
     trainer = TrainerLauncher(num_processes=num_processes, device="cpu")
-    job = build_train_job(ctx.storage, BaseModelResource().resolve(ctx.artifacts), ctx.spec, method, run_id=name,
+    job = plan_for(ctx.storage, BaseModelResource().resolve(ctx.artifacts), ctx.spec, method, run_id=name,
                           input_versions={}, trainer=trainer, clip_scorer=ClipScorerResource(),
                           overrides=overrides or None)
     # One denoising step per validation render: these tests look at the weights, not the pictures.
@@ -111,8 +111,8 @@ def _assert_written_once_and_whole(out: Path, stderr: str, method: str) -> None:
 
 def test_per_process_batch_keeps_the_effective_batch(tmp_path):
     from assets_pipeline.resources import TrainerLauncher
-    from assets_pipeline.training.job import TrainJob
-    from assets_pipeline.training.loop import per_process_batch
+    from helpers import make_job
+    from assets_pipeline.training.step import per_process_batch
 
     assert per_process_batch(1, 2, 2) == (1, 1)  # the accumulation splits: the same micro-batches as one process
     assert per_process_batch(4, 3, 2) == (2, 3)  # else the micro-batch does
@@ -123,21 +123,17 @@ def test_per_process_batch_keeps_the_effective_batch(tmp_path):
     with pytest.raises(ValueError, match="gradient_accumulation_steps = 2"):
         per_process_batch(1, 1, 2)
     # The model asset fails on it before any trainer process starts.
-    TrainJob(concept="c", method="lora", config={"train_batch_size": 1, "gradient_accumulation_steps": 1},
-             base_model={}, latents_dir="", output_dir="", checkpoint_dir="", token="t", class_noun="",
-             training_images=[], lineage={}).save(tmp_path / "job.json")
+    make_job("lora", {"train_batch_size": 1, "gradient_accumulation_steps": 1}).save(tmp_path / "job.json")
     with pytest.raises(ValueError, match="cannot be split over 2 processes"):
         TrainerLauncher(num_processes=2, device="cpu").launch(None, tmp_path / "job.json")
 
 
 def test_the_other_ranks_wait_for_their_own_rank_0_to_take_the_job_lock(tmp_path, monkeypatch):
     """Not at their first collective, which times out while another trainer of the job holds the lock."""
-    from assets_pipeline.training.job import TrainJob
-    from assets_pipeline.training.loop import job_lock
+    from helpers import make_job
+    from assets_pipeline.training.checkpoints import job_lock
 
-    job = TrainJob(concept="c", method="lora", config={}, base_model={"fingerprint": "f"}, latents_dir="",
-                   output_dir="", checkpoint_dir=str(tmp_path), token="t", class_noun="", training_images=[],
-                   lineage={})
+    job = make_job("lora", checkpoint_dir=str(tmp_path))
 
     def as_rank(rank: int, port: int) -> None:
         monkeypatch.setenv("RANK", str(rank))

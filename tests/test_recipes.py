@@ -13,7 +13,9 @@ import torch
 from assets_pipeline.training.config import TrainConfig
 from assets_pipeline.training.data import TrainingData, seeded_generator, shuffle_tags
 from assets_pipeline.training.methods import get_method
-from assets_pipeline.training.methods.base import Batch, Method, Models, TrainingInputError, per_sample_mse
+from assets_pipeline.models.families import get_family
+from assets_pipeline.training.methods.base import Batch, Method, Models, TrainingInputError
+from assets_pipeline.training.step import per_sample_mse
 from helpers import write_synthetic_bundle
 
 # -- noise offset and input perturbation ------------------------------------------------------------------------
@@ -36,7 +38,7 @@ class ZeroPrediction(Method):
 
 def noise_of(cfg: TrainConfig, seed: int = 0, monkeypatch=None):
     """(noise the latents were noised with, target) of one compute_loss step."""
-    from assets_pipeline.training import loop
+    from assets_pipeline.training import step
 
     seen = {}
 
@@ -44,11 +46,11 @@ def noise_of(cfg: TrainConfig, seed: int = 0, monkeypatch=None):
         seen["target"] = target
         return per_sample_mse(pred, target)
 
-    monkeypatch.setattr(loop, "per_sample_mse", mse)
+    monkeypatch.setattr(step, "per_sample_mse", mse)
     scheduler = RecordingScheduler()
     batch = Batch(latents=torch.ones(2, 4, 6, 6), prompt_embeds=torch.zeros(2, 77, 8), is_class=torch.tensor([0, 0]))
-    loop.compute_loss(ZeroPrediction(), Models(unet=None, noise_scheduler=scheduler), [batch], cfg,
-                      torch.Generator().manual_seed(seed), torch.float32)
+    step.compute_loss(ZeroPrediction(), Models(family=get_family("sd1"), denoiser=None, noise_scheduler=scheduler),
+                      [batch], cfg, torch.Generator().manual_seed(seed), torch.float32)
     return scheduler.noise_in, seen["target"]
 
 
@@ -74,7 +76,14 @@ def test_input_perturbation_changes_the_noisy_latents_not_the_target(monkeypatch
 
 def reference_compute_loss(method, models, parts, cfg, generator, weight_dtype):
     """compute_loss as it was before the recipes (the loop's default step must stay exactly this)."""
-    from assets_pipeline.training.methods.base import snr_weights
+    from diffusers.training_utils import compute_snr
+
+    def snr_weights(noise_scheduler, timesteps, gamma):  # Min-SNR-gamma as it was written then
+        snr = compute_snr(noise_scheduler, timesteps)
+        weights = torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            return weights / (snr + 1)
+        return weights / snr
 
     scheduler = models.noise_scheduler
     v_pred = scheduler.config.prediction_type == "v_prediction"
@@ -99,13 +108,14 @@ def reference_compute_loss(method, models, parts, cfg, generator, weight_dtype):
 def unet_models(embedded_model_dir):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    return Models(unet=UNet2DConditionModel.from_pretrained(embedded_model_dir, subfolder="unet"),
+    return Models(family=get_family("sd1"),
+                  denoiser=UNet2DConditionModel.from_pretrained(embedded_model_dir, subfolder="unet"),
                   noise_scheduler=DDPMScheduler.from_pretrained(embedded_model_dir, subfolder="scheduler"))
 
 
 @pytest.mark.parametrize("snr_gamma", [None, 5.0])
 def test_default_recipes_leave_the_step_exactly_as_before(unet_models, snr_gamma):
-    from assets_pipeline.training.loop import compute_loss
+    from assets_pipeline.training.step import compute_loss
 
     method = get_method("dreambooth")
     cfg = method.config_cls(with_prior_preservation=False, snr_gamma=snr_gamma)
@@ -169,14 +179,14 @@ def tokenizer(embedded_model_dir):
 
 def test_caption_dropout_with_the_text_encoder_tokenizes_the_empty_caption(tokenizer):
     data = synthetic(empty=False)
-    data.tokenize(tokenizer)
+    data.tokenize([tokenizer])
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                       return_tensors="pt").input_ids[0]
     (part,) = data.draw([0, 1, 2, 3], torch.Generator().manual_seed(3), 1.0, False, caption_dropout=0.5)
-    drop = [torch.equal(ids, empty) for ids in part.input_ids]
+    drop = [torch.equal(ids, empty) for ids in part.token_ids[0]]
     assert any(drop) and not all(drop)
-    for row, ids in enumerate(part.input_ids):
-        assert drop[row] or torch.equal(ids, data.input_ids[row])
+    for row, ids in enumerate(part.token_ids[0]):
+        assert drop[row] or torch.equal(ids, data.token_ids[0][row])
 
 
 def test_shuffle_keeps_the_first_tags_and_permutes_the_rest_per_seed_and_step():
@@ -194,14 +204,14 @@ def test_shuffle_keeps_the_first_tags_and_permutes_the_rest_per_seed_and_step():
 
 def test_shuffled_captions_are_tokenized_per_step_and_the_text_encoder_is_loaded(tokenizer):
     data = synthetic()
-    data.tokenize(tokenizer)
+    data.tokenize([tokenizer])
     ids = data.shuffled_ids([2, 0], 1, seeded_generator("shuffle", 0, 5))
     g = seeded_generator("shuffle", 0, 5)
     expected = [shuffle_tags(CAPTIONS[r], 1, g) for r in (2, 0)]
     want = tokenizer(expected, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
     assert torch.equal(ids[0], want.input_ids)
     (part,) = data.draw([2, 0], torch.Generator().manual_seed(0), 1.0, False, token_ids=ids)
-    assert torch.equal(part.input_ids, ids[0])
+    assert torch.equal(part.token_ids[0], ids[0])
     for name in ("dreambooth", "controlnet", "lora"):
         method = get_method(name)
         assert not method.runs_text_encoder(method.config_cls())
@@ -216,7 +226,8 @@ def test_shuffled_captions_are_tokenized_per_step_and_the_text_encoder_is_loaded
 def test_invalid_recipe_values_name_the_key_and_value(key, value):
     with pytest.raises(ValueError, match=rf"{key} = {value!r}"):
         TrainConfig(**{key: value})
-    from assets_pipeline.partitions.concept_spec import ConceptSpecError, check_section
+    from assets_pipeline.concept import ConceptSpecError
+    from assets_pipeline.partitions.concept_spec import check_section
 
     with pytest.raises(ConceptSpecError, match=rf"\[lora\].*{key} = {value!r}"):
         check_section("lora", {key: value}, "c/concept.toml [lora]")
@@ -227,12 +238,10 @@ def test_recipes_are_in_every_methods_config_and_the_job_identity():
         fields = asdict(get_method(name).config_cls())
         assert {"noise_offset", "input_perturbation", "caption_dropout", "shuffle_caption", "keep_tokens", "use_ema",
                 "ema_decay", "optimizer", "prodigy_beta3"} <= set(fields)
-    from assets_pipeline.training.job import TrainJob
+    from helpers import make_job
 
     def job(**cfg):
-        return TrainJob(concept="c", method="lora", config=asdict(TrainConfig(**cfg)), base_model={"fingerprint": "f"},
-                        latents_dir="", output_dir="", checkpoint_dir="", token="sks", class_noun="dog",
-                        training_images=[], lineage={})
+        return make_job("lora", cfg)
 
     assert len({job().identity(), job(use_ema=True).identity(), job(noise_offset=0.05).identity(),
                 job(optimizer="prodigy").identity()}) == 4
@@ -286,8 +295,8 @@ def test_default_adamw_steps_as_torch_adamw():
 
 def test_8bit_adamw_on_the_cpu_is_refused_before_any_model_is_loaded(monkeypatch, tmp_path):
     from assets_pipeline.training import loop
-    from assets_pipeline.training.job import TrainJob
     from assets_pipeline.training.optimizers import check_optimizer
+    from helpers import make_job
 
     with pytest.raises(TrainingInputError, match=r'\[lora\] optimizer = "adamw_8bit" needs a CUDA GPU'):
         check_optimizer(TrainConfig(optimizer="adamw_8bit"), cuda=False, section="lora")
@@ -296,12 +305,9 @@ def test_8bit_adamw_on_the_cpu_is_refused_before_any_model_is_loaded(monkeypatch
     def no_models(*args):
         raise AssertionError("models were loaded before the optimizer check")
 
-    monkeypatch.setattr(loop, "load_training_models", no_models)
-    job = TrainJob(concept="c", method="lora", config=asdict(get_method("lora").config_cls(optimizer="adamw_8bit")),
-                   base_model={"fingerprint": "f", "resolution": 64}, latents_dir="", output_dir="",
-                   checkpoint_dir=str(tmp_path), token="sks", class_noun="dog",
-                   training_images=[{"image_sha256": f"{i}", "role": "instance", "caption": "c"} for i in range(3)],
-                   lineage={}, device="cpu")
+    monkeypatch.setattr(loop.Models, "load", no_models)
+    job = make_job("lora", {"optimizer": "adamw_8bit"}, checkpoint_dir=str(tmp_path), device="cpu",
+                   rows=[{"image_sha256": f"{i}", "role": "instance", "caption": "c"} for i in range(3)])
     with pytest.raises(TrainingInputError, match="adamw_8bit"):
         loop.train(job)
 
@@ -312,8 +318,8 @@ def test_8bit_adamw_on_the_cpu_is_refused_before_any_model_is_loaded(monkeypatch
 @pytest.fixture(scope="module")
 def ema_job(built_models, tmp_path_factory):
     """A DreamBooth job (no prior preservation) on a synthetic 3-photo latents bundle of the embedded model."""
-    from assets_pipeline.base_model import resolve_base_model
-    from assets_pipeline.training.job import TrainJob
+    from assets_pipeline.models.resolve import resolve_base_model
+    from assets_pipeline.training.job import TrainingRow, TrainJob
 
     root = tmp_path_factory.mktemp("ema")
     write_synthetic_bundle(root)
@@ -323,11 +329,11 @@ def ema_job(built_models, tmp_path_factory):
         config = get_method("dreambooth").config_cls(**{
             "with_prior_preservation": False, "max_train_steps": 4, "checkpointing_steps": 2, "learning_rate": 1e-3,
             **cfg})
-        return TrainJob(concept="c", method="dreambooth", config=asdict(config), base_model=asdict(ref),
+        return TrainJob(concept="c", method="dreambooth", config=config, base_model=ref,
                         latents_dir=str(root), output_dir=str(root / "out"), checkpoint_dir=checkpoint_dir,
                         token="sks", class_noun="dog", lineage={}, device="cpu", mixed_precision="no",
-                        training_images=[{"image_sha256": s, "role": "instance", "caption": "sks, dog, grass, sunny"}
-                                         for s in "abc"])
+                        training_images=tuple(TrainingRow(s, "instance", "sks, dog, grass, sunny", None, None, "", "")
+                                              for s in "abc"))
 
     return root, job
 
@@ -335,7 +341,8 @@ def ema_job(built_models, tmp_path_factory):
 def test_ema_weights_are_the_output_and_resume_exactly(ema_job, monkeypatch):
     import diffusers.training_utils
 
-    from assets_pipeline.training.loop import checkpoint_root, train
+    from assets_pipeline.training.checkpoints import checkpoint_root
+    from assets_pipeline.training.loop import train
 
     made = []
 
@@ -353,14 +360,14 @@ def test_ema_weights_are_the_output_and_resume_exactly(ema_job, monkeypatch):
     root, job = ema_job
     averaged_job = job(str(root / "a"), use_ema=True, ema_decay=0.5)
     averaged = train(averaged_job)
-    weights = list(averaged.models.unet.parameters())
+    weights = list(averaged.models.denoiser.parameters())
     assert made[-1].optimization_step == 4
     assert all(torch.equal(w, s) for w, s in zip(weights, made[-1].shadow_params))  # the output is the average
     assert any(not torch.equal(w, r) for w, r in zip(weights, made[-1].raw))  # not the raw weights
     # The saved output holds the average, and stock diffusers loads it (a DreamBooth pipeline folder).
     from diffusers import StableDiffusionPipeline
 
-    from assets_pipeline.training.models import base_pipeline_loader
+    from assets_pipeline.models.load import base_pipeline_loader
 
     out = root / "ema_output"
     out.mkdir()
@@ -374,14 +381,16 @@ def test_ema_weights_are_the_output_and_resume_exactly(ema_job, monkeypatch):
     shutil.copytree(checkpoint_root(averaged_job) / "step-2", checkpoint_root(resumed_job) / "step-2")
     resumed = train(resumed_job)
     assert resumed.resumed_from == 2 and resumed.losses == averaged.losses
-    assert all(torch.equal(a, b) for a, b in zip(weights, resumed.models.unet.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(weights, resumed.models.denoiser.parameters()))
 
 
 def test_the_latents_bundle_holds_the_empty_captions_embedding(encoders, tmp_path):
     import pandas as pd
 
-    from assets_pipeline.stages.latents import LatentConfig, compute_latents, encode_prompts, write_latent_bundle
+    from assets_pipeline.stages.bundle import write_latent_bundle
+    from assets_pipeline.stages.latents import LatentConfig, compute_latents, encode_text_entries
     from assets_pipeline.store import ItemCache
+    from assets_pipeline.training.job import TrainingRow
     from helpers import photo
 
     rows = []
@@ -391,10 +400,11 @@ def test_the_latents_bundle_holds_the_empty_captions_embedding(encoders, tmp_pat
                      "caption": f"a photo of sks {name}", "role": "instance"})
     lat, txt = ItemCache(tmp_path, "latents", ".safetensors"), ItemCache(tmp_path, "text_embeds", ".safetensors")
     index = compute_latents(pd.DataFrame(rows), encoders, 64, LatentConfig(), lat, txt)
-    write_latent_bundle(index, lat, txt, tmp_path / "latents.safetensors", {})
-    data = TrainingData.from_bundle(tmp_path, [{k: r[k] for k in ("image_sha256", "role", "caption")} for r in rows],
-                                    lambda c: c, control=False)
-    assert torch.allclose(data.empty_embeds, encode_prompts([""], encoders), atol=1e-5)
+    write_latent_bundle(index, lat, txt, tmp_path / "latents.safetensors", {}, encoders.family)
+    data = TrainingData.from_bundle(
+        tmp_path, [TrainingRow(r["image_sha256"], r["role"], r["caption"], None, None, "", "") for r in rows],
+        lambda c: c, control=False)
+    assert torch.allclose(data.empty_embeds, encode_text_entries([""], encoders)[0]["prompt_embeds"][None], atol=1e-5)
     data.check_caption_dropout(0.1)
 
 
@@ -407,6 +417,7 @@ def test_every_recipe_at_once_trains_through_the_loop_with_a_frozen_text_encoder
     state = train(job(str(root / "all"), max_train_steps=2, shuffle_caption=True, keep_tokens=1, caption_dropout=0.5,
                       noise_offset=0.1, input_perturbation=0.1, optimizer="prodigy", learning_rate=1.0))
     assert len(state.losses) == 2 and all(0 < v < float("inf") for v in state.losses)
-    assert state.models.text_encoder is not None
-    assert not any(p.requires_grad for p in state.models.text_encoder.parameters())
+    (text_encoder,) = state.models.text_encoders
+    assert text_encoder is not None
+    assert not any(p.requires_grad for p in text_encoder.parameters())
     assert state.stats["optimizer"] == "prodigy" and "too low for Prodigy" not in caplog.text

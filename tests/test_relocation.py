@@ -18,7 +18,7 @@ DATASET = dg.AssetSelection.groups("dataset", "priors", "latents")
 
 
 def test_moving_the_artifact_root_keeps_lineage_reuse_caches_and_training(tmp_path, built_models):
-    from assets_pipeline.assets.models import current_output
+    from assets_pipeline.training.reuse import current_output
     from assets_pipeline.definitions import ASSETS, CHECKS, default_resources
     from assets_pipeline.lineage import audit_output, outputs_trained_on
     from assets_pipeline.resources import PipelineStorage, TrainerLauncher
@@ -49,7 +49,7 @@ def test_moving_the_artifact_root_keeps_lineage_reuse_caches_and_training(tmp_pa
         instance.add_dynamic_partitions("concepts", ["rex"])
         build(old_root, DATASET | dg.AssetSelection.assets("lora_adapter"))
         storage_old = PipelineStorage(data_root=str(data), artifact_root=str(old_root))
-        trained = current_output(storage_old, "rex", "lora_adapter")
+        trained = current_output(storage_old.layout(), "rex", "lora_adapter")
         manifest = read_table(old_root / "concepts" / "rex" / "raw_images" / "manifest.parquet")
         assert not any(p.startswith("/") for p in manifest["decoded_path"])  # stored relative to the root
 
@@ -59,7 +59,7 @@ def test_moving_the_artifact_root_keeps_lineage_reuse_caches_and_training(tmp_pa
         storage = PipelineStorage(data_root=str(data), artifact_root=str(new_root))
 
         # Lineage, both directions.
-        moved = current_output(storage, "rex", "lora_adapter")
+        moved = current_output(storage.layout(), "rex", "lora_adapter")
         assert moved == new_root / trained.relative_to(old_root) and moved.is_dir()
         sha = manifest["image_sha256"][0]
         found = outputs_trained_on(new_root, sha)
@@ -79,7 +79,7 @@ def test_moving_the_artifact_root_keeps_lineage_reuse_caches_and_training(tmp_pa
         # Training: a forced retrain reads the moved latents and photos and writes into the new root. Retention
         # (newest 1 kept here) then prunes the replaced version's weights; its lineage still answers.
         mats = build(new_root, dg.AssetSelection.assets("lora_adapter"), tags={FORCE_RETRAIN_TAG: "true"}, keep=1)
-        newest = current_output(storage, "rex", "lora_adapter")
+        newest = current_output(storage.layout(), "rex", "lora_adapter")
         assert newest != moved and newest.parent == moved.parent
         lineage = json.loads((newest / "lineage.json").read_text())
         assert {r["image_sha256"] for r in lineage["training_images"]} == set(manifest["image_sha256"])

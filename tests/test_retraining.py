@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from assets_pipeline.assets.models import current_output
+from assets_pipeline.training.reuse import current_output
 from conftest import link_models
 from helpers import encode, photo, write_concept
 
@@ -45,7 +45,7 @@ def world(tmp_path_factory, built_models):
                               resources=resources, raise_on_error=raise_on_error)
 
     first = materialize("rusty", DATASET | dg.AssetSelection.assets("lora_adapter"))
-    v1 = current_output(storage, "rusty", "lora_adapter")
+    v1 = current_output(storage.layout(), "rusty", "lora_adapter")
     return SimpleNamespace(storage=storage, data=data, instance=instance, resources=resources,
                            materialize=materialize, first=first, v1=v1)
 
@@ -103,7 +103,7 @@ def test_changed_photos_retrain_only_that_concept_and_history_stays_auditable(wo
     assert schedule_tick(world)[0].run_key == requests[0].run_key  # same tick, same inputs: same key
 
     world.materialize("rusty", dg.AssetSelection.assets("lora_adapter"))
-    v2 = current_output(world.storage, "rusty", "lora_adapter")
+    v2 = current_output(world.storage.layout(), "rusty", "lora_adapter")
     assert v2 != world.v1 and world.v1.is_dir()
     old = {r["image_sha256"] for r in json.loads((world.v1 / "lineage.json").read_text())["training_images"]}
     new = {r["image_sha256"] for r in json.loads((v2 / "lineage.json").read_text())["training_images"]}

@@ -73,7 +73,7 @@ def sdxl_build(tmp_path_factory, built_models):
 
 def _bundle(build):
     from assets_pipeline.assets.common import read_upstream
-    from assets_pipeline.stages.latents import load_latent_bundle
+    from assets_pipeline.stages.bundle import load_latent_bundle
 
     index = read_upstream(build.storage, "xl", "vae_latents", "index.parquet")
     bundle = load_latent_bundle(Path(build.mats["vae_latents"]["path"].value) / "latents.safetensors")
@@ -233,9 +233,9 @@ def test_sdxl_text_encoder_lora_trains_both_encoders_into_both_files(sdxl_build)
 
 
 def test_a_mirrored_row_draws_its_mirrored_crops_time_ids_and_the_unet_gets_them():
-    from assets_pipeline.families import get_family
+    from assets_pipeline.models.families import get_family
     from assets_pipeline.training.data import TrainingData
-    from assets_pipeline.training.methods.base import Batch, Models, unet_kwargs
+    from assets_pipeline.training.methods.base import Batch
 
     n = 4
     mean = torch.zeros(n, 4, 2, 2)
@@ -254,12 +254,12 @@ def test_a_mirrored_row_draws_its_mirrored_crops_time_ids_and_the_unet_gets_them
         torch.testing.assert_close(part.pooled_embeds, data.pooled)
     assert seen == {True, False}
 
-    sdxl = Models(unet=None, noise_scheduler=None, family=get_family("sdxl"))
-    kwargs = unet_kwargs(sdxl, part, torch.float16)["added_cond_kwargs"]
+    sdxl = get_family("sdxl").denoiser
+    kwargs = sdxl.kwargs(part, torch.float16)["added_cond_kwargs"]
     assert kwargs["time_ids"].dtype == torch.float16 and torch.equal(kwargs["text_embeds"], part.pooled_embeds.half())
-    assert unet_kwargs(Models(unet=None, noise_scheduler=None, family=get_family("sd1")), part, torch.float32) == {}
+    assert get_family("sd1").denoiser.kwargs(part, torch.float32) == {}
     with pytest.raises(ValueError, match="rematerialize vae_latents"):
-        unet_kwargs(sdxl, Batch(latents=part.latents, prompt_embeds=part.prompt_embeds), torch.float32)
+        sdxl.kwargs(Batch(latents=part.latents, prompt_embeds=part.prompt_embeds), torch.float32)
 
 
 def test_sdxl_textual_inversion_and_controlnet_pass_their_checks(sdxl_build):
@@ -331,9 +331,9 @@ print(json.dumps({"modules": sorted(m for m in sys.modules if m.startswith(("ass
 
 
 def test_sdxl_ti_and_controlnet_load_in_stock_diffusers_and_change_the_image(sdxl_build, tmp_path):
-    from assets_pipeline.assets.models import training_rows
+    from assets_pipeline.training.plan import training_rows
 
-    control = training_rows(sdxl_build.storage, "xl", ("instance",), True)[0]["control_path"]
+    control = training_rows(sdxl_build.storage.layout(), "xl", ("instance",), True)[0].control_path
     proc = subprocess.run([sys.executable, "-c", STOCK_LOAD_TI_CN, sdxl_build.ref.location,
                            str(sdxl_build.out["textual_inversion"]), str(sdxl_build.out["controlnet"]), control],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300,
@@ -351,23 +351,20 @@ def test_sdxl_ti_and_controlnet_load_in_stock_diffusers_and_change_the_image(sdx
 def test_sdxl_ti_reencodes_both_encoders_and_conditions_on_their_pooled_embedding(sdxl_build):
     """The training step's text side on SDXL is exactly the latents cache's encoding (both encoders' penultimate
     states, the projected encoder's pooled output), and that pooled output is what the U-Net gets."""
-    from dataclasses import asdict
-
-    from assets_pipeline.families import encode_sdxl_prompt, tokenize
+    from assets_pipeline.models.text import tokenize
     from assets_pipeline.training.data import TrainingData
     from assets_pipeline.training.methods import get_method
-    from assets_pipeline.training.methods.base import TrainContext, unet_kwargs
-    from assets_pipeline.training.models import load_training_models
+    from assets_pipeline.training.methods.base import Models, TrainContext
 
-    models = load_training_models(asdict(sdxl_build.ref), with_text_encoder=True)
+    models = Models.load(sdxl_build.ref, with_text_encoders=True)
     method = get_method("textual_inversion")
     ctx = TrainContext(concept="xl", token="sks", class_noun="scene", resolution=64, num_instance_images=3,
                        family="sdxl")
     cfg = method.config_cls()
     method.check_inputs(ctx, cfg)  # SDXL is accepted
     assert method.prepare(models, cfg, ctx) == ["text_encoder", "text_encoder_2"]
-    ids = [tok.convert_tokens_to_ids("<sks>") for tok in (models.tokenizer, models.tokenizer_2)]
-    assert all(i == len(tok) - 1 for i, tok in zip(ids, (models.tokenizer, models.tokenizer_2)))
+    ids = [tok.convert_tokens_to_ids("<sks>") for tok in models.tokenizers]
+    assert len(ids) == 2 and all(i == len(tok) - 1 for i, tok in zip(ids, models.tokenizers))
 
     n = 2
     mean = torch.zeros(n, 4, 2, 2)
@@ -375,36 +372,33 @@ def test_sdxl_ti_reencodes_both_encoders_and_conditions_on_their_pooled_embeddin
     data = TrainingData([(64, 64)], [mean], [torch.zeros_like(mean)], [0] * n, torch.zeros(n, 77, 96),
                         ["instance"] * n, captions, pooled=torch.zeros(n, 32),
                         time_ids=torch.tensor([[64, 64, 0, 0, 64, 64]] * n))
-    data.tokenize(models.tokenizer, models.tokenizer_2)
+    data.tokenize(models.tokenizers)
     (batch,) = data.draw([0, 1], torch.Generator().manual_seed(0), 1.0, random_flip=False)
     embeds = method.encode(models, batch)
     with torch.no_grad():
-        expected, pooled = encode_sdxl_prompt([models.text_encoder, models.text_encoder_2],
-                                              tokenize([models.tokenizer, models.tokenizer_2], captions))
+        expected, pooled = models.family.encode_prompt(models.text_encoders, tokenize(models.tokenizers, captions))
     torch.testing.assert_close(embeds, expected)
-    torch.testing.assert_close(unet_kwargs(models, batch, torch.float32)["added_cond_kwargs"]["text_embeds"], pooled)
+    torch.testing.assert_close(models.family.denoiser.kwargs(batch, torch.float32)["added_cond_kwargs"]["text_embeds"],
+                               pooled)
     # Gradients reach both encoders' embedding rows, and after_step keeps only the placeholder's change.
     embeds.sum().backward()
-    for enc, i in zip((models.text_encoder, models.text_encoder_2), ids):
+    for enc, i in zip(models.text_encoders, ids):
         grad = enc.get_input_embeddings().weight.grad
         assert grad is not None and grad[i].abs().sum() > 0
         with torch.no_grad():
             enc.get_input_embeddings().weight.add_(1.0)
     method.after_step(models)
     for name, i in zip(("text_encoder", "text_encoder_2"), ids):
-        weight = getattr(models, name).get_input_embeddings().weight
+        weight = models.network(name).get_input_embeddings().weight
         assert torch.equal(weight[:i], method.original[name][:i])
         assert not torch.equal(weight[i], method.original[name][i])
 
 
 def test_sdxl_controlnet_copies_the_unets_text_time_conditioning(sdxl_build):
-    from dataclasses import asdict
-
     from assets_pipeline.training.methods import get_method
-    from assets_pipeline.training.methods.base import Batch, TrainContext
-    from assets_pipeline.training.models import load_training_models
+    from assets_pipeline.training.methods.base import Batch, Models, TrainContext
 
-    models = load_training_models(asdict(sdxl_build.ref), with_text_encoder=False)
+    models = Models.load(sdxl_build.ref, with_text_encoders=False)
     method = get_method("controlnet")
     ctx = TrainContext(concept="xl", token="sks", class_noun="scene", resolution=64, num_instance_images=3,
                        num_control_images=3, family="sdxl")

@@ -198,17 +198,15 @@ def test_a_model_assets_folder_loses_crashed_outputs_and_job_files_not_its_outpu
 
 
 def _job(tmp_path: Path):
-    from assets_pipeline.training.job import TrainJob
+    from helpers import make_job
 
-    return TrainJob(concept="rusty", method="lora", config={"rank": 4}, base_model={"fingerprint": "f" * 64},
-                    latents_dir=str(tmp_path / "latents"), output_dir=str(tmp_path / "lora" / "v1"),
-                    checkpoint_dir=str(tmp_path / "lora" / ".checkpoints"), token="sks", class_noun="dog",
-                    training_images=[{"image_sha256": "1" * 64, "role": "instance", "caption": "a photo"}],
-                    lineage={}, cache_dir=str(tmp_path / "cache"))
+    return make_job("lora", {"rank": 4}, rows=({"image_sha256": "1" * 64, "role": "instance", "caption": "a photo"},),
+                    concept="rusty", latents_dir=str(tmp_path / "latents"), output_dir=str(tmp_path / "lora" / "v1"),
+                    checkpoint_dir=str(tmp_path / "lora" / ".checkpoints"), cache_dir=str(tmp_path / "cache"))
 
 
 def test_the_trainer_holding_its_lock_removes_half_saved_checkpoints_at_any_age(tmp_path):
-    from assets_pipeline.training.loop import checkpoint_root, job_lock
+    from assets_pipeline.training.checkpoints import checkpoint_root, job_lock
 
     job = _job(tmp_path)
     root = checkpoint_root(job)

@@ -251,7 +251,7 @@ def test_killed_training_resumes_from_its_checkpoint_and_matches(demo_build, tmp
     from safetensors.torch import load_file
 
     from assets_pipeline.assets.common import spec_from_snapshot
-    from assets_pipeline.assets.models import build_train_job
+    from helpers import plan_for
     from assets_pipeline.resources import BaseModelResource, ClipScorerResource, TrainerLauncher
 
     spec = spec_from_snapshot(demo_build.storage, demo_build.concept)
@@ -259,7 +259,7 @@ def test_killed_training_resumes_from_its_checkpoint_and_matches(demo_build, tmp
     steps = 24
 
     def make(name):
-        job = build_train_job(demo_build.storage, ref, spec, "lora", run_id=name, input_versions={},
+        job = plan_for(demo_build.storage, ref, spec, "lora", run_id=name, input_versions={},
                               trainer=TrainerLauncher(device="cpu"), clip_scorer=ClipScorerResource(),
                               overrides={"max_train_steps": steps, "checkpointing_steps": 2})
         job = dataclasses.replace(job, output_dir=str(tmp_path / name / "out"),
@@ -304,14 +304,14 @@ def test_two_trainers_of_the_same_job_take_turns(demo_build, tmp_path):
     from safetensors.torch import load_file
 
     from assets_pipeline.assets.common import spec_from_snapshot
-    from assets_pipeline.assets.models import build_train_job
+    from helpers import plan_for
     from assets_pipeline.resources import BaseModelResource, ClipScorerResource, TrainerLauncher
 
     spec = spec_from_snapshot(demo_build.storage, demo_build.concept)
     ref = BaseModelResource().resolve(demo_build.artifacts)
     procs, jobs = [], []
     for name in ("first", "second"):
-        job = build_train_job(demo_build.storage, ref, spec, "lora", run_id=name, input_versions={},
+        job = plan_for(demo_build.storage, ref, spec, "lora", run_id=name, input_versions={},
                               trainer=TrainerLauncher(device="cpu"), clip_scorer=ClipScorerResource(),
                               overrides={"max_train_steps": 12, "checkpointing_steps": 2})
         job = dataclasses.replace(job, output_dir=str(tmp_path / name), checkpoint_dir=str(tmp_path / "ckpt"))
@@ -384,7 +384,8 @@ def test_an_output_is_reusable_only_when_intact_and_from_the_same_job_and_code(d
     import shutil
 
     from assets_pipeline.assets.common import spec_from_snapshot
-    from assets_pipeline.assets.models import CODE_VERSION, build_train_job
+    from assets_pipeline.training.plan import CODE_VERSION
+    from helpers import plan_for
     from assets_pipeline.resources import BaseModelResource, ClipScorerResource, TrainerLauncher
     from assets_pipeline.training.reuse import find_reusable, force_requested
 
@@ -392,12 +393,12 @@ def test_an_output_is_reusable_only_when_intact_and_from_the_same_job_and_code(d
     shutil.copytree(_out(demo_build, "dreambooth_model"), out)
     spec = spec_from_snapshot(demo_build.storage, demo_build.concept)
     ref = BaseModelResource().resolve(demo_build.artifacts)
-    job = build_train_job(demo_build.storage, ref, spec, "dreambooth", run_id="again", input_versions={},
+    job = plan_for(demo_build.storage, ref, spec, "dreambooth", run_id="again", input_versions={},
                           trainer=TrainerLauncher(device="cpu"), clip_scorer=ClipScorerResource())
     reuse, why = find_reusable(out, job, CODE_VERSION)
     assert reuse is not None and why.startswith("identical job already trained")
     assert find_reusable(out, job, CODE_VERSION + "x")[1].startswith("trained by code version")
-    other = dataclasses.replace(job, config={**job.config, "learning_rate": job.config["learning_rate"] * 2})
+    other = dataclasses.replace(job, config=dataclasses.replace(job.config, learning_rate=job.config.learning_rate * 2))
     assert find_reusable(out, other, CODE_VERSION) == (None, "training inputs changed")
     weights = next(out.rglob("*.safetensors"))
     with open(weights, "r+b") as f:

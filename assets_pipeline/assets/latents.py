@@ -32,7 +32,8 @@ def vae_latents(
 
     from assets_pipeline.stages.latents import load_encoders
     from assets_pipeline.stages.curation import QualityConfig
-    from assets_pipeline.stages.latents import LatentConfig, bucket_counts, compute_latents, write_latent_bundle
+    from assets_pipeline.stages.bundle import bucket_counts, write_latent_bundle
+    from assets_pipeline.stages.latents import LatentConfig, compute_latents
 
     concept = context.partition_key
     spec = spec_from_snapshot(storage, concept)

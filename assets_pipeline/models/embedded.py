@@ -36,7 +36,8 @@ def _clip(width: int, layers: int, heads: int, intermediate: int, projection_dim
     """A CLIPTextConfig with SD's vocabulary and 77 positions."""
     return {"vocab_size": 49408, "hidden_size": width, "intermediate_size": intermediate, "num_hidden_layers": layers,
             "num_attention_heads": heads, "max_position_embeddings": 77, "projection_dim": projection_dim,
-            "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": pad_id, **({"hidden_act": act} if act else {})}
+            "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": pad_id,
+            **({"hidden_act": act} if act else {})}
 
 
 # Stable Diffusion v1's scheduler config (scheduler/scheduler_config.json of SD 1.5) and SDXL base's (the
@@ -44,10 +45,10 @@ def _clip(width: int, layers: int, heads: int, intermediate: int, projection_dim
 _SD_SCHEDULER = ("PNDMScheduler", {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                                    "num_train_timesteps": 1000, "skip_prk_steps": True, "set_alpha_to_one": False,
                                    "steps_offset": 1})
-_SDXL_SCHEDULER = ("EulerDiscreteScheduler", {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                                              "num_train_timesteps": 1000, "prediction_type": "epsilon",
-                                              "interpolation_type": "linear", "use_karras_sigmas": False,
-                                              "steps_offset": 1, "timestep_spacing": "leading"})
+_SDXL_SCHEDULER = ("EulerDiscreteScheduler", {
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+    "prediction_type": "epsilon", "interpolation_type": "linear", "use_karras_sigmas": False, "steps_offset": 1,
+    "timestep_spacing": "leading"})
 _SD_PIPELINE = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 _SDXL_PIPELINE = {"force_zeros_for_empty_prompt": True, "add_watermarker": False}  # SDXL base's model_index.json
 # SDXL's VAE (vae/config.json of stable-diffusion-xl-base-1.0): its scaling factor, and it overflows in fp16.

@@ -44,9 +44,8 @@ def section_configs() -> dict[str, type]:
     registers them (``concept.config_section``)."""
     from assets_pipeline.models import resolve  # noqa: F401  [base_model]
     from assets_pipeline.stages import captions, class_images, conditioning, curation, latents, scoring  # noqa: F401
-    from assets_pipeline.training.methods import method_names
+    from assets_pipeline.training import methods  # noqa: F401  each method registers its config with itself
 
-    method_names()  # the methods register their configs as they register themselves
     sections = registered_sections()
     if missing := [s for s in SECTIONS if s not in sections]:
         raise RuntimeError(f"concept.toml sections {missing} have no registered config dataclass")

@@ -105,7 +105,7 @@ class TrainingData:
         from PIL import Image
 
         from assets_pipeline.stages.buckets import bucket_label
-        from assets_pipeline.stages.latents import load_latent_bundle
+        from assets_pipeline.stages.bundle import load_latent_bundle
 
         datasets = datasets or {}
         bundles = {None: load_latent_bundle(Path(latents_dir) / "latents.safetensors")}
@@ -259,6 +259,22 @@ class TrainingData:
                              f"of {group} samples: the group must be a multiple of the micro-batch, and the "
                              "micro-batch start a multiple of its size")
         return [self._pick(role, sample_index + j, seed, group) for role in roles for j in range(batch_size)]
+
+    def schedule(self, roles: tuple[str, ...], start: int, steps: int, micro: int, accumulation: int,
+                 processes: int, rank: int, seed: int, group: int):
+        """Every remaining micro-batch of process ``rank``, decided up front on the host: (each one's first sample
+        index, its rows, the rows as one device tensor moved once). A step covers samples step x effective ..
+        +effective of each role; process ``rank`` takes every ``processes``-th micro-batch of them, so with the
+        accumulation split the processes together run one process's micro-batches. A step's samples of a role come
+        from one aspect-ratio bucket (``group`` is the configured effective batch, whatever the micro-batch, the
+        probe or the number of processes). Each bucket is its own shape: compiled modules (dynamic=False) compile
+        once per bucket, on its first step."""
+        import torch
+
+        samples = [((step * accumulation + m) * processes + rank) * micro
+                   for step in range(start, steps) for m in range(accumulation)]
+        rows = [self.indices(roles, micro, s, seed, group) for s in samples]
+        return samples, rows, torch.tensor(rows, device=self.device) if rows else None
 
     def largest_indices(self, roles: tuple[str, ...], batch_size: int) -> list[int]:
         """Rows for the most memory-hungry micro-batch: each role's rows from its largest-area bucket (repeated

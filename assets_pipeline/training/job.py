@@ -43,7 +43,9 @@ class TrainingRow:
     repeats: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """The row's fields, without the optional ones it does not have (as the job files always were)."""
+        optional = {f.name for f in fields(self) if f.default is None}
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in optional}
 
 
 @dataclass(frozen=True)

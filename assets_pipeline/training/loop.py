@@ -43,21 +43,14 @@ class TrainState:
     validation: dict | None = None
 
 
-def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainState:
+def make_accelerator(job: TrainJob, cpu: bool, ckpt_root):
+    """(accelerator, precision) for the job: ``mixed_precision = 'auto'`` is bf16 on a GPU that supports it."""
     import torch
     from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
 
-    # -- setup: the method, its config and the concept, checked before any model is loaded ---------------------
-    method, cfg, ctx = get_method(job.method), job.config, train_context(job)
-    method.check_inputs(ctx, cfg)
-    cpu = job.device == "cpu" or (job.device == "auto" and not torch.cuda.is_available())
-    check_optimizer(cfg, cuda=not cpu, section=job.method)
     precision = job.mixed_precision
     if precision == "auto":
         precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
-    ckpt_root = checkpoint_root(job)
     # Trackers log into the checkpoint folder while training (resume appends to the same run); write_output
     # copies the logs into the output folder.
     # split_batches: the configured batch is the total the processes split (per_process_batch), so the prepared
@@ -66,6 +59,21 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
     accelerator = Accelerator(mixed_precision=precision, cpu=cpu, log_with=job.log_with or None,
                               project_dir=str(ckpt_root) if job.log_with else None,
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
+    return accelerator, precision
+
+
+def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainState:
+    import torch
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    # -- setup: the method, its config and the concept, checked before any model is loaded ---------------------
+    method, cfg, ctx = get_method(job.method), job.config, train_context(job)
+    method.check_inputs(ctx, cfg)
+    cpu = job.device == "cpu" or (job.device == "auto" and not torch.cuda.is_available())
+    check_optimizer(cfg, cuda=not cpu, section=job.method)
+    ckpt_root = checkpoint_root(job)
+    accelerator, precision = make_accelerator(job, cpu, ckpt_root)
     n_procs, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     micro, accum = per_process_batch(cfg.train_batch_size, cfg.gradient_accumulation_steps, n_procs)
     if not accelerator.is_main_process:  # one copy of the progress, not one per process
@@ -115,16 +123,8 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
              f"batch {micro}x{accum}x{n_procs}, precision {precision}, device {device}, {runtime.describe()}, "
              f"optimizer {cfg.optimizer} (fused {runtime.fused_optimizer(cfg)}), EMA {cfg.use_ema}, "
              f"attention: {runtime.attention}")
-    # Every remaining micro-batch's rows, decided up front on the host and moved to the device once. A step
-    # covers samples step x effective .. +effective of each role; process `rank` takes every n_procs-th
-    # micro-batch of them, so with the accumulation split the processes together run one process's micro-batches.
-    # A step's samples of a role come from one aspect-ratio bucket (the group is the configured effective batch,
-    # whatever the micro-batch, the probe or the number of processes). Each bucket is its own shape: compiled
-    # modules (dynamic=False) compile once per bucket, on its first step.
-    samples = [((step * accum + m) * n_procs + rank) * micro for step in range(start, steps) for m in range(accum)]
-    group = cfg.train_batch_size * cfg.gradient_accumulation_steps
-    rows = [data.indices(roles, micro, s, cfg.seed, group) for s in samples]
-    index = torch.tensor(rows, device=device) if rows else None
+    samples, rows, index = data.schedule(roles, start, steps, micro, accum, n_procs, rank, cfg.seed,
+                                         cfg.train_batch_size * cfg.gradient_accumulation_steps)
     pending: list = []  # per-step losses still on the device; read every log_every steps (one sync)
     if job.log_with:
         accelerator.init_trackers("tensorboard", config={k: v for k, v in asdict(cfg).items()

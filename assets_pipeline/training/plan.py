@@ -75,7 +75,7 @@ def dataset_source(layout: ArtifactLayout, data_root: Path, ref: BaseModelRef, c
     """One ``[[<method>.datasets]]`` entry of ``concept``: the listed concept's token, class noun, latents folder
     and instance rows (with their concept and repeats), or :class:`TrainingInputError` saying why it cannot be
     trained in: not registered or built, or latents from another base model."""
-    from assets_pipeline.stages.latents import bundle_meta
+    from assets_pipeline.stages.bundle import bundle_meta
     from assets_pipeline.store import CorruptFile, check_file
 
     other, repeats = entry["concept"], entry["repeats"]

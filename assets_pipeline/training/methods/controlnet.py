@@ -15,7 +15,7 @@ from pathlib import Path
 
 from assets_pipeline.concept import MIN_IMAGES
 from assets_pipeline.training.config import TrainConfig
-from assets_pipeline.training.methods import register
+from assets_pipeline.training.methods.registry import register
 from assets_pipeline.training.methods.base import Method, Models, TrainContext, TrainingInputError
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from assets_pipeline.training.config import TrainConfig
-from assets_pipeline.training.methods import register
+from assets_pipeline.training.methods.registry import register
 from assets_pipeline.training.methods.base import Method, Models, TrainContext, TrainingInputError
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from assets_pipeline.training.config import TrainConfig
-from assets_pipeline.training.methods import register
+from assets_pipeline.training.methods.registry import register
 from assets_pipeline.training.methods.base import Method, Models, TrainContext, encode_text
 
 DIFFUSERS_FILE = "learned_embeds.safetensors"

@@ -76,7 +76,7 @@ class Runtime:
             micro, self.probe = choose_micro_batch(job, method, models, data, cfg, share, roles, params,
                                                    self.weight_dtype, digest(sig, network, self.casts),
                                                    self.perf.memory_fraction, self.channels_last, self.progress)
-            if self.processes > 1:  # each process must run as many micro-batches (gradient syncs): the smallest fits all
+            if self.processes > 1:  # every process must run as many micro-batches (gradient syncs): the smallest
                 micro = int(accelerator.gather(torch.tensor([micro], device=accelerator.device)).min())
             accumulation = share // micro
 
@@ -117,8 +117,9 @@ class Runtime:
             saved = self.cache.save()
             save_s = time.perf_counter() - t_save
             self.cache_io_s += save_s
-            self.progress(f"compiled in {first_step_s:.1f} s; saved {saved / 2**20:.1f} MiB of kernels to "
-                          f"{self.cache.path.parent if self.cache.path else 'nowhere (no cache_dir)'} in {save_s:.1f} s")
+            where = self.cache.path.parent if self.cache.path else "nowhere (no cache_dir)"
+            self.progress(f"compiled in {first_step_s:.1f} s; saved {saved / 2**20:.1f} MiB of kernels to {where} "
+                          f"in {save_s:.1f} s")
         return self.cache_io_s
 
     def finish(self, timer: StepTimer, *, images_per_step: int, micro: int, accumulation: int, cfg) -> dict[str, Any]:

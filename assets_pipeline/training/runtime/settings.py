@@ -89,7 +89,8 @@ class Performance:
         raw = dict(raw or {})
         unknown = set(raw) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown performance settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+            raise ValueError(f"unknown performance settings {sorted(unknown)}; "
+                             f"known: {sorted(cls.__dataclass_fields__)}")
         return cls(**raw)
 
     def to_dict(self) -> dict[str, Any]:

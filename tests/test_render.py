@@ -1,6 +1,9 @@
-"""The base model's validation renders are content-addressed: rendered once, then read back identical."""
+"""training/render.py: the base model's validation renders are content-addressed (rendered once, then read back
+identical), and renders use the scheduler diffusers' training scripts validate with."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 
@@ -8,14 +11,12 @@ from conftest import link_models
 
 
 def test_base_render_is_cached_and_identical_to_a_fresh_render(built_models, tmp_path):
-    from dataclasses import asdict
-
-    from assets_pipeline.base_model import resolve_base_model
-    from assets_pipeline.training.models import base_pipeline_loader
-    from assets_pipeline.training.output import BaseRenders, render
+    from assets_pipeline.models.load import base_pipeline_loader
+    from assets_pipeline.models.resolve import resolve_base_model
+    from assets_pipeline.training.render import BaseRenders, render
 
     root = link_models(built_models, tmp_path / "artifacts")
-    ref = asdict(resolve_base_model("embedded", root))
+    ref = resolve_base_model("embedded", root)
     first = BaseRenders(ref, "cpu", BaseRenders.cache_for(root))
     pairs = [("a photo of sks dog", 3), ("a photo of sks dog, at the beach", 5)]
     images = first(pairs, 64, 2)
@@ -35,4 +36,21 @@ def test_base_render_is_cached_and_identical_to_a_fresh_render(built_models, tmp
     # Another batch, step count or base model is another entry.
     key = again.key(pairs, 0, 64, 2)
     assert len({key, again.key(pairs[:1], 0, 64, 2), again.key(pairs, 0, 64, 3),
-                BaseRenders({**ref, "fingerprint": "0" * 64}, "cpu", None).key(pairs, 0, 64, 2)}) == 4
+                BaseRenders(replace(ref, fingerprint="0" * 64), "cpu", None).key(pairs, 0, 64, 2)}) == 4
+
+
+def test_validation_renders_with_dpm_solver_built_from_the_models_scheduler():
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+
+    from assets_pipeline.training.render import use_validation_scheduler
+
+    pipe = SimpleNamespace(scheduler=PNDMScheduler(prediction_type="v_prediction", beta_schedule="scaled_linear"))
+    use_validation_scheduler(pipe)
+    assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.beta_schedule == "scaled_linear"
+    learned = SimpleNamespace(scheduler=DDPMScheduler(variance_type="learned_range"))
+    use_validation_scheduler(learned)  # as train_dreambooth_lora.py: a learned variance is rendered fixed_small
+    assert learned.scheduler.config.variance_type == "fixed_small"

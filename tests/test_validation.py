@@ -1,4 +1,4 @@
-"""Validation during training (training/validation.py): strips of the fixed prompts and seeds every
+"""training/validation.py: how much a validation costs, and validation during training: strips of the fixed prompts and seeds every
 ``validation_steps`` steps, ``select_best``, resume, and the default (off) leaving training as it was; DreamBooth
 (no prior preservation) on a synthetic 3-photo latents bundle of the embedded SD 1.x model, through the loop and
 write_output."""
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +21,6 @@ from assets_pipeline.training.methods import get_method
 from helpers import write_synthetic_bundle
 from tests.conftest import link_models
 
-pytestmark = pytest.mark.slow
 
 
 @dg.asset
@@ -34,8 +32,9 @@ def trained(context, trainer: TrainerLauncher, job_path: dg.ResourceParam[str]):
 @pytest.fixture(scope="module")
 def make_job(built_models, tmp_path_factory):
     from PIL import Image
-    from assets_pipeline.base_model import resolve_base_model
+    from assets_pipeline.models.resolve import resolve_base_model
     from assets_pipeline.training.job import TrainJob
+    from helpers import training_row
 
     root = tmp_path_factory.mktemp("validation_steps")
     artifacts = link_models(built_models, root / "artifacts")
@@ -44,18 +43,18 @@ def make_job(built_models, tmp_path_factory):
     for i, s in enumerate("abc"):  # the photos CLIP-I compares with
         path = root / f"{s}.png"
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
-        rows.append({"image_sha256": s, "role": "instance", "caption": "a photo of sks dog", "source_path": str(path),
-                     "decoded_path": str(path)})
+        rows.append(training_row(image_sha256=s, role="instance", caption="a photo of sks dog",
+                                 source_path=str(path), decoded_path=str(path)))
     ref = resolve_base_model("embedded", artifacts)
 
     def job(name: str, **cfg) -> TrainJob:
         config = get_method("dreambooth").config_cls(**{
             "with_prior_preservation": False, "max_train_steps": 4, "checkpointing_steps": 2, "learning_rate": 1e-3,
             **cfg})
-        return TrainJob(concept="c", method="dreambooth", config=asdict(config), base_model=asdict(ref),
+        return TrainJob(concept="c", method="dreambooth", config=config, base_model=ref,
                         latents_dir=str(root), output_dir=str(root / name / "out"),
                         checkpoint_dir=str(root / name / "checkpoints"), token="sks", class_noun="dog", lineage={},
-                        device="cpu", mixed_precision="no", training_images=rows, validation_inference_steps=2,
+                        device="cpu", mixed_precision="no", training_images=tuple(rows), validation_inference_steps=2,
                         validation_seeds=(0,), scorer={"model_name": "embedded", "artifact_root": str(artifacts)})
 
     return job
@@ -102,6 +101,7 @@ def _pixels(path: Path) -> np.ndarray:
         return np.asarray(img.convert("RGB"), dtype=np.int16)
 
 
+@pytest.mark.slow
 def test_strips_for_every_validated_step_with_the_fixed_prompts_and_seeds(validated):
     table = json.loads((validated.out / "validation_steps.json").read_text())
     assert [r["step"] for r in table["steps"]] == [2, 4] and table["every"] == 2
@@ -120,11 +120,12 @@ def test_strips_for_every_validated_step_with_the_fixed_prompts_and_seeds(valida
     assert [m for m in validated.messages if m.startswith("validated step")][0].startswith("validated step 2: 2 images")
 
 
+@pytest.mark.slow
 def test_select_best_takes_the_best_steps_weights_and_stock_diffusers_loads_them(validated):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    from assets_pipeline.training.loop import checkpoint_root
+    from assets_pipeline.training.checkpoints import checkpoint_root
 
     table = json.loads((validated.out / "validation_steps.json").read_text())
     scores = {r["step"]: r["clip_i"] for r in table["steps"]}
@@ -138,7 +139,7 @@ def test_select_best_takes_the_best_steps_weights_and_stock_diffusers_loads_them
     want = load_file(str(checkpoint_root(validated.job) / "step-2" / "model.safetensors"))
     got = load_file(str(validated.out / "unet" / "diffusion_pytorch_model.safetensors"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
-    last = validated.state.models.unet.state_dict()
+    last = validated.state.models.denoiser.state_dict()
     assert any(not torch.equal(got[k], last[k]) for k in got)
     pipe = StableDiffusionPipeline.from_pretrained(validated.out, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
@@ -147,6 +148,7 @@ def test_select_best_takes_the_best_steps_weights_and_stock_diffusers_loads_them
     assert np.isfinite(img).all()
 
 
+@pytest.mark.slow
 def test_the_ui_shows_the_strips_and_the_chosen_steps_numbers(validated):
     from assets_pipeline.training.validation import step_views
 
@@ -161,16 +163,17 @@ def test_the_ui_shows_the_strips_and_the_chosen_steps_numbers(validated):
     assert isinstance(reused["selected_step"], dg.IntMetadataValue) and reused["validation_steps"].value == md
 
 
+@pytest.mark.slow
 def test_validation_does_not_change_what_is_learned_and_off_writes_nothing(validated, make_job):
     job = make_job("plain", validation_steps=0)
     plain = _train_and_write(job)
     assert plain.state.losses == validated.state.losses  # rendering drew nothing from training's RNG
-    assert all(torch.equal(a, b) for a, b in zip(plain.state.models.unet.parameters(),
-                                                  validated.state.models.unet.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(plain.state.models.denoiser.parameters(),
+                                                  validated.state.models.denoiser.parameters()))
     assert not (plain.out / "validation_steps").exists() and not (plain.out / "validation_steps.json").exists()
     assert "validation_during_training" not in json.loads((plain.out / "lineage.json").read_text())
     assert "selected_step" not in plain.result and "validation_s" not in plain.state.stats
-    from assets_pipeline.training.loop import checkpoint_root
+    from assets_pipeline.training.checkpoints import checkpoint_root
     from assets_pipeline.training.validation import step_views
 
     assert sorted(p.name for p in checkpoint_root(job).iterdir()) == ["step-2"]
@@ -179,8 +182,9 @@ def test_validation_does_not_change_what_is_learned_and_off_writes_nothing(valid
     assert step_views(plain.out) == {}
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_strips_of_the_steps_before_the_checkpoint(validated, make_job):
-    from assets_pipeline.training.loop import checkpoint_root
+    from assets_pipeline.training.checkpoints import checkpoint_root
 
     job = make_job("resumed", validation_steps=2, select_best="clip_i")
     assert job.identity() == validated.job.identity()  # the same job, in another checkpoint folder
@@ -210,16 +214,18 @@ def test_resume_keeps_the_strips_of_the_steps_before_the_checkpoint(validated, m
 def test_bad_values_name_the_key_and_value(cfg, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**cfg)
-    from assets_pipeline.partitions.concept_spec import ConceptSpecError, check_section
+    from assets_pipeline.concept import ConceptSpecError
+    from assets_pipeline.partitions.concept_spec import check_section
 
     with pytest.raises(ConceptSpecError, match=rf"\[lora\].*{match}"):
         check_section("lora", cfg, "c/concept.toml [lora]")
 
 
+@pytest.mark.slow
 def test_the_trainer_reports_the_strips_in_its_materialization(make_job, tmp_path):
     """The trainer program under Dagster Pipes, as the model assets launch it: the materialization carries the
     sheet of strips, the folder and the chosen step's numbers; the checkpoint folder (snapshots included) is gone."""
-    from assets_pipeline.training.loop import checkpoint_root
+    from assets_pipeline.training.checkpoints import checkpoint_root
 
     job = make_job("pipes", validation_steps=2, select_best="clip_t", max_train_steps=2)
     job.save(tmp_path / "job.json")
@@ -234,3 +240,15 @@ def test_the_trainer_reports_the_strips_in_its_materialization(make_job, tmp_pat
     assert isinstance(md["selected_step"], dg.IntMetadataValue) and md["selected_step"].value == 2
     assert isinstance(md["selected_clip_t"], dg.FloatMetadataValue) and "preview" in md
     assert not checkpoint_root(job).exists()
+
+
+@pytest.mark.parametrize("images, renders, steps", [
+    (200, 4, 11),   # the overhead benchmark's job: 100 LoRA steps at batch 2, 2 prompts x 2 seeds
+    (1, 4, 10),     # never fewer than 10 steps
+    (600, 4, 25),   # a usual SD 1.5 LoRA (600 steps at batch 1): the full 25 steps of diffusers' scripts
+    (600, 8, 16),   # twice the renders (a LoRA with a second concept's prompt): half the steps each
+])
+def test_validation_costs_in_proportion_to_the_training(images, renders, steps):
+    from assets_pipeline.training.validation import validation_inference_steps
+
+    assert validation_inference_steps(images, renders) == steps

@@ -1,5 +1,6 @@
-"""The speed levers of the training loop: settings resolve per device, the optimized loop learns what the plain
-loop learns, compiled kernels persist across processes, and the micro-batch probe keeps the effective batch."""
+"""training/runtime/: the speed levers of the training loop. Settings resolve per device, the optimized loop learns
+what the plain loop learns, compiled kernels persist across processes, the micro-batch probe keeps the effective
+batch, the step timer measures what it says, and the trainer resource's settings are a typed Dagster Config."""
 
 from __future__ import annotations
 
@@ -9,12 +10,20 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from assets_pipeline.training.performance import Performance, divisors_descending, resolve
+from assets_pipeline.training.runtime.memory import divisors_descending
+from assets_pipeline.training.runtime.settings import Performance, compile_mode, plan
 
 PLAIN = {"compile": "none", "channels_last": "off", "fused_optimizer": "off", "micro_batch": "configured"}
+
+
+def resolve(perf, cuda, steps, accumulation, compile_cache_warm=lambda mode: False, processes=1, shapes=1):
+    """The run's settings as the Runtime decides them: the plan, and what compiles once the micro-batch is known."""
+    return SimpleNamespace(**dataclasses.asdict(plan(perf, cuda, accumulation)),
+                           compile=compile_mode(perf, cuda, steps, accumulation, compile_cache_warm, processes, shapes))
 
 
 def test_auto_is_fast_on_cuda_and_plain_on_cpu():
@@ -92,7 +101,7 @@ def test_auto_counts_passes_not_optimizer_steps():
 def test_the_plan_sets_cudnns_algorithm_trials_for_the_process():
     import torch
 
-    from assets_pipeline.training.performance import configure_backends
+    from assets_pipeline.training.runtime.backends import configure_backends
 
     before = torch.backends.cudnn.benchmark
     try:
@@ -108,7 +117,8 @@ def test_the_plan_sets_cudnns_algorithm_trials_for_the_process():
                                         ({"micro_batch": "max"}, "performance.micro_batch"),
                                         ({"adapter_input_casts": "yes"}, "performance.adapter_input_casts"),
                                         ({"cudnn_benchmark": True}, "performance.cudnn_benchmark must be one of"),
-                                        ({"precompiled_regions": "yes"}, "performance.precompiled_regions must be one"),
+                                        # removed (it did not run on the GPU image's torch): now an unknown key
+                                        ({"precompiled_regions": "on"}, "unknown performance settings"),
                                         ({"profile_steps": -1}, "performance.profile_steps must be >= 0, got -1"),
                                         ({"log_evry": 5}, "unknown performance settings")])
 def test_bad_settings_name_the_setting(bad, match):
@@ -134,12 +144,12 @@ def lora_jobs(tmp_path_factory, built_models):
     spec = spec_from_snapshot(storage, DEMO_CONCEPT)
 
     def make(method: str, name: str, performance: dict, **overrides):
-        from assets_pipeline.assets.models import build_train_job
+        from helpers import plan_for
         from assets_pipeline.resources import BaseModelResource, ClipScorerResource, TrainerLauncher
 
-        job = build_train_job(storage, BaseModelResource().resolve(artifacts), spec, method, run_id=name,
-                              input_versions={}, trainer=TrainerLauncher(device="cpu", performance=performance),
-                              clip_scorer=ClipScorerResource(), overrides={"checkpointing_steps": 1000, **overrides})
+        job = plan_for(storage, BaseModelResource().resolve(artifacts), spec, method, run_id=name,
+                       input_versions={}, trainer=TrainerLauncher(device="cpu", performance=performance),
+                       clip_scorer=ClipScorerResource(), overrides={"checkpointing_steps": 1000, **overrides})
         return dataclasses.replace(job, output_dir=str(root / name / "out"), checkpoint_dir=str(root / name / "ckpt"),
                                    cache_dir=str(root / name / "cache"))
 
@@ -179,8 +189,8 @@ def test_optimized_loop_gives_the_plain_loops_losses(lora_jobs, method):
 def test_auto_looks_up_each_modes_kernels_under_the_key_a_compiled_run_saves(lora_jobs, monkeypatch):
     """The trainer asks ``auto_compile`` whether a mode is warm under the key a run compiled in that mode
     persisted its kernels to, and passes the run's passes, process count and bucket shapes."""
-    from assets_pipeline.training import performance as perf_mod
     from assets_pipeline.training.loop import train
+    from assets_pipeline.training.runtime import compilation, settings
 
     saved = []
 
@@ -190,7 +200,7 @@ def test_auto_looks_up_each_modes_kernels_under_the_key_a_compiled_run_saves(lor
         saved.append(self.path)
         return 7
 
-    monkeypatch.setattr(perf_mod.CompileCache, "save", save)
+    monkeypatch.setattr(compilation.CompileCache, "save", save)
     overrides = {"max_train_steps": 2, "train_batch_size": 2}
     compiled = lora_jobs("lora", "keyed-regional", {"compile": "regional", "compile_backend": "aot_eager"},
                          **overrides)
@@ -202,7 +212,7 @@ def test_auto_looks_up_each_modes_kernels_under_the_key_a_compiled_run_saves(lor
                       "regional": warm("regional"), "full": warm("full")})
         return "none"
 
-    monkeypatch.setattr(perf_mod, "auto_compile", auto)
+    monkeypatch.setattr(settings, "auto_compile", auto)
     later = dataclasses.replace(lora_jobs("lora", "keyed-auto", {"compile": "auto"}, **overrides),
                                 cache_dir=compiled.cache_dir)
     assert train(later).stats["compile"] == "none"
@@ -217,7 +227,7 @@ def test_peft_input_casts_are_skipped_under_autocast_with_the_same_numbers():
     from peft import LoraConfig, inject_adapter_in_model
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from assets_pipeline.training.performance import skip_adapter_input_casts
+    from assets_pipeline.training.runtime.backends import skip_adapter_input_casts
 
     def layers(model):
         return [m for m in model.modules() if hasattr(m, "cast_input_dtype_enabled")]
@@ -288,7 +298,7 @@ def test_the_loop_without_peft_input_casts_learns_the_same_under_bf16(lora_jobs)
     assert kept.stats["adapter_input_casts"] and not skipped.stats["adapter_input_casts"]
     assert len(kept.losses) == 3 and kept.losses[0] != kept.losses[1]
     assert skipped.losses == kept.losses
-    adapted = [m for m in skipped.models.unet.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    adapted = [m for m in skipped.models.denoiser.modules() if hasattr(m, "cast_input_dtype_enabled")]
     assert adapted and all(m.cast_input_dtype_enabled for m in adapted)
 
 
@@ -298,7 +308,7 @@ def test_compiled_kernels_persist_and_the_next_process_starts_warm(tmp_path):
     load instead of compile."""
     script = textwrap.dedent("""
         import json, sys, time, torch
-        from assets_pipeline.training.performance import CompileCache, compile_module
+        from assets_pipeline.training.runtime.compilation import CompileCache, compile_module
         from torch._dynamo.utils import counters
         torch.manual_seed(0)
         net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
@@ -323,130 +333,8 @@ def test_compiled_kernels_persist_and_the_next_process_starts_warm(tmp_path):
     assert len(list((tmp_path / "store" / "compile").glob("*.bin"))) == 1
 
 
-def test_precompiled_regions_only_with_regional_compilation_and_only_when_asked():
-    on = Performance(compile="regional", precompiled_regions="on")
-    assert resolve(on, cuda=True, steps=10, accumulation=1).precompiled_regions
-    assert not resolve(Performance(compile="full", precompiled_regions="on"), cuda=True, steps=10,
-                       accumulation=1).precompiled_regions
-    assert not resolve(Performance(compile="regional"), cuda=True, steps=10,
-                       accumulation=1).precompiled_regions  # 'auto' stays off until a card measures it
-    # 'auto' compilation compiles by block when asked for precompiled regions, which exist only for blocks
-    asked = resolve(Performance(precompiled_regions="on"), cuda=True, steps=10**6, accumulation=1)
-    assert asked.compile == "regional" and asked.precompiled_regions
-
-
-@pytest.mark.slow
-def test_precompiled_regions_start_the_next_process_without_dynamo(tmp_path, embedded_model_dir):
-    """Block graphs compiled ahead of time with their guards (the embedded U-Net with PEFT LoRA under bf16
-    autocast): the next process loads them, traces nothing, and computes the same loss and gradients; an input
-    no stored graph's guards accept (another batch size) compiles its own graph instead of running a wrong one."""
-    script = textwrap.dedent("""
-        import json, sys, torch
-        from pathlib import Path
-        from diffusers import UNet2DConditionModel
-        from peft import LoraConfig
-        from assets_pipeline.training import performance as perf
-        unet = UNet2DConditionModel.from_pretrained(sys.argv[1], subfolder="unet")
-        unet.requires_grad_(False)
-        torch.manual_seed(0)
-        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                    init_lora_weights="gaussian"))
-        perf.compile_module(unet, "regional", "aot_eager")
-        pre = perf.PrecompiledRegions(Path(sys.argv[2]), "aot_eager")
-        loaded = pre.load()
-        routed = pre.install(unet)
-        before = perf.compile_counters()
-        def step(batch):
-            g = torch.Generator().manual_seed(batch)
-            lat, enc = torch.randn(batch, 4, 32, 32, generator=g), torch.randn(batch, 77, 32, generator=g)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = unet(lat, torch.tensor([10, 500, 900][:batch]), enc).sample.float().square().mean()
-            loss.backward()
-            grads = [p.grad.float().norm().item() for p in unet.parameters() if p.grad is not None]
-            unet.zero_grad()
-            return loss.item(), grads
-        loss, grads = step(2)
-        out = {"loaded": loaded, "routed": routed, "loss": loss, "grads": grads,
-               "traced": perf.compile_delta(before, perf.compile_counters())["graphs"], **pre.stats()}
-        out["saved"] = pre.save()
-        if loaded:  # a ResNet block called at a batch size no stored graph was traced for
-            res = next(m for m in unet.modules() if type(m).__name__ == "ResnetBlock2D")
-            g = torch.Generator().manual_seed(3)
-            x = torch.randn(3, res.conv1.in_channels, 8, 8, generator=g)
-            temb = torch.randn(3, res.time_emb_proj.in_features, generator=g)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                new, eager = res(x, temb), type(res).forward(res, x, temb)
-            out["compiled3"] = pre.stats()["compiled"]
-            out["new_vs_eager"] = (new.float() - eager.float()).abs().max().item()
-        print(json.dumps(out))
-    """)
-    runs = []
-    for i in range(2):
-        out = subprocess.run([sys.executable, "-c", script, str(embedded_model_dir), str(tmp_path / "graphs.aot")],
-                             check=True, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    cold, warm = runs
-    assert cold["loaded"] == 0 and cold["compiled"] > 0 and cold["saved"] > 0 and not cold["fallbacks"]
-    assert warm["routed"] == cold["routed"] > 0
-    assert warm["loaded"] == cold["compiled"] and warm["compiled"] == 0 and warm["traced"] == 0, \
-        "the warm process traced or compiled a graph it had loaded"
-    assert warm["loss"] == cold["loss"] and warm["grads"] == cold["grads"] and len(cold["grads"]) > 0
-    assert warm["compiled3"] == 1, "a batch size no stored graph was traced for ran without compiling its own"
-    assert warm["new_vs_eager"] < 1e-2  # the new graph computes what the eager block does (0.0 seen here)
-
-
-def test_a_block_that_cannot_be_precompiled_whole_runs_the_ordinary_way_and_says_why(tmp_path, caplog):
-    import torch
-
-    from assets_pipeline.training.performance import PrecompiledRegions, compile_module
-
-    class Breaky(torch.nn.Module):  # a graph break: aot_compile needs one whole graph
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(4, 4)
-
-        def forward(self, x):
-            y = self.lin(x)
-            torch._dynamo.graph_break()
-            return y.relu()
-
-    net = torch.nn.Sequential(Breaky(), Breaky())
-    compile_module(net, "regional", "eager", blocks=("Breaky",))
-    regions = PrecompiledRegions(tmp_path / "compile" / "k.aot", "eager")
-    assert regions.install(net, blocks=("Breaky",)) == 2
-    x = torch.randn(3, 4)
-    expected = net[1].lin(net[0].lin(x).relu()).relu()
-    assert torch.equal(net(x), expected)
-    stats = regions.stats()
-    assert stats["compiled"] == 0 and list(stats["fallbacks"]) == [f"{__name__}.{Breaky.__qualname__}"]
-    assert "Breaky" in caplog.text and regions.save() == 0 and not regions.path.exists()
-
-
-def test_a_torch_without_aot_compile_is_named_not_run_the_ordinary_way(monkeypatch):
-    """torch 2.11 (the H200 image's) has torch._dynamo.aot_compile but no aot_compile on a compiled function."""
-    import torch
-
-    from assets_pipeline.training.performance import PrecompiledRegions
-
-    assert PrecompiledRegions.unsupported() is None  # this torch (the pinned 2.14) has it
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: (lambda *a, **k: fn(*a, **k)))
-    why = PrecompiledRegions.unsupported()
-    assert why is not None and "aot_compile" in why and torch.__version__ in why
-
-
-def test_corrupt_precompiled_regions_are_a_miss_not_a_failure(tmp_path, caplog):
-    from assets_pipeline.training.performance import PrecompiledRegions
-
-    path = tmp_path / "compile" / "k.aot"
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"not graphs")
-    regions = PrecompiledRegions(path, "inductor")
-    assert regions.load() == 0 and regions.graphs == {}
-    assert str(path) in caplog.text
-
-
 def test_a_corrupt_compile_cache_is_a_miss_not_a_failure(tmp_path, caplog):
-    from assets_pipeline.training.performance import CompileCache
+    from assets_pipeline.training.runtime.compilation import CompileCache
 
     cache = CompileCache(str(tmp_path), "k")
     cache.path.parent.mkdir(parents=True)
@@ -467,3 +355,67 @@ def test_micro_batch_probe_keeps_the_effective_batch_and_is_cached(lora_jobs):
     assert micro * accum == 4 and micro == 4  # the tiny model fits 4 at once on any card
     cached = list((Path(job.cache_dir) / "micro_batch").glob("*.json"))
     assert len(cached) == 1 and json.loads(cached[0].read_text())["micro_batch"] == 4
+
+
+def test_the_timer_times_the_first_step_apart_and_leaves_validations_out_of_the_steady_rate(monkeypatch):
+    """The first step (compilation) and the kernels' I/O are the warm-up; the steady rate is the steps after it,
+    validations left out, up to the profiled window."""
+    from assets_pipeline.training.runtime import timer as timer_mod
+
+    now = [0.0]
+    monkeypatch.setattr(timer_mod, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    messages = []
+    timer = timer_mod.StepTimer(start=0, steps=5, cuda=False, progress=messages.append)
+    io = []
+
+    def first_step(seconds):
+        io.append(seconds)
+        return 3.0  # reading and writing persisted kernels
+
+    for step, end in zip(range(5), (10.0, 12.0, 19.0, 21.0, 23.0)):
+        timer.before(step)
+        if step == 2:  # a validation after step 2, 5 s long
+            with timer.paused():
+                now[0] = 17.0
+        now[0] = end
+        timer.after(step + 1, 0.5, first_step)
+        if step + 1 == 3:
+            assert timer.eta(3) == ", ETA 0m09s"  # (19 - 10) s for 2 steady steps, 2 steps to go
+    timer.stop()
+    assert io == [10.0] and timer.eta(5) == "" and not messages
+    # steady: 23 - 10 - 5 s of validation for the 4 steps after the first, 4 images each
+    assert timer.stats(images_per_step=4) == {"images_per_s": 2.0, "warmup_s": 13.0, "train_s": 23.0}
+
+    short = timer_mod.StepTimer(start=0, steps=3, cuda=False, profile_steps=2, record=False,
+                                progress=messages.append)
+    assert short.profile_from is None and "profile_steps = 2 needs 4 steps to go" in messages[0]
+    profiled = timer_mod.StepTimer(start=0, steps=5, cuda=False, profile_steps=2, record=False)
+    assert profiled.profile_from == 3 and profiled.profiler is None  # another process records the trace
+
+
+def test_the_trainer_resources_performance_is_a_config_with_each_settings_help():
+    """The launchpad shows each key with the dataclass's own help (no second copy to drift) and refuses unknown
+    keys; Python keeps taking a dict; the dataclass's checks still run before a trainer starts."""
+    import dagster as dg
+
+    from assets_pipeline.resources import TrainerLauncher
+
+    schema = TrainerLauncher.to_config_schema().as_field().config_type.fields["performance"].config_type.fields
+    assert {f.name: f.metadata["help"] for f in dataclasses.fields(Performance)} == {
+        name: field.description for name, field in schema.items()}
+    assert TrainerLauncher(performance={"compile": "full", "log_every": 50}).performance_settings() == Performance(
+        compile="full", log_every=50)
+    assert TrainerLauncher().performance_settings() == Performance()
+    with pytest.raises(ValueError, match="performance.compile must be one of"):
+        TrainerLauncher(performance={"compile": "fast"}).performance_settings()
+
+    @dg.asset(required_resource_keys={"trainer"})
+    def speed(context) -> int:
+        return context.resources.trainer.performance_settings().log_every
+
+    result = dg.materialize([speed], resources={"trainer": TrainerLauncher()},
+                            run_config={"resources": {"trainer": {"config": {"performance": {"log_every": 7}}}}})
+    assert result.output_for_node("speed") == 7
+    with pytest.raises(dg.DagsterInvalidConfigError, match='unexpected config entry "precompiled_regions"'):
+        dg.materialize([speed], resources={"trainer": TrainerLauncher()},
+                       run_config={"resources": {"trainer": {"config": {"performance": {"precompiled_regions": "on"}}}}})

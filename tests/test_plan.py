@@ -1,0 +1,72 @@
+"""training/plan.py: the job a model asset, the schedule and the checks plan for a concept. Its identity (what decides
+reuse and resume) and every cache key upstream of it are the ones d663daf, the tree before the reshape, recorded
+for the demo concepts (tests/data/d663daf_identities.json): a store built then is rebuilt now without recomputing
+an item or retraining a model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from assets_pipeline.training.plan import train_context
+from helpers import make_job
+
+RECORDED = Path(__file__).parent / "data" / "d663daf_identities.json"
+
+
+def test_the_training_context_counts_the_jobs_rows():
+    job = make_job("controlnet", rows=[
+        {"image_sha256": "a", "role": "instance", "caption": "c", "control_path": "/x/a.png"},
+        {"image_sha256": "b", "role": "instance", "caption": "c"},
+        {"image_sha256": "x", "role": "class", "caption": "d"}])
+    ctx = train_context(job)
+    assert (ctx.num_instance_images, ctx.num_class_images, ctx.num_control_images) == (2, 1, 1)
+    assert (ctx.resolution, ctx.family, ctx.extra["control_paths"]) == (64, "sd1", ["/x/a.png"])
+
+
+@pytest.mark.slow
+def test_the_demo_concepts_plan_the_jobs_and_cache_keys_recorded_before_the_reshape(tmp_path, built_models):
+    import dagster as dg
+
+    from assets_pipeline.definitions import ASSETS, default_resources
+    from assets_pipeline.demo_data import DEMO_CONCEPT, DEMO_SDXL_CONCEPT, demo_sdxl_files, write_demo_concept
+    from assets_pipeline.models.resolve import resolve_base_model
+    from assets_pipeline.resources import BaseModelResource, PipelineStorage
+    from assets_pipeline.training.methods import get_method
+    from conftest import link_models
+    from helpers import plan_for
+
+    recorded = json.loads(RECORDED.read_text())
+    storage = PipelineStorage(data_root=str(tmp_path / "data"),
+                              artifact_root=str(link_models(built_models, tmp_path / "artifacts")))
+    layout = storage.layout()
+    for source, fingerprint in recorded["embedded_fingerprints"].items():  # every key below derives from these
+        assert resolve_base_model(source, layout.root).fingerprint == fingerprint, source
+    write_demo_concept(storage.data_path())
+    write_demo_concept(storage.data_path(), DEMO_SDXL_CONCEPT, demo_sdxl_files())
+    concepts = [DEMO_CONCEPT, DEMO_SDXL_CONCEPT]
+    versions = {}
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("concepts", concepts)
+        for concept in concepts:
+            res = dg.materialize(ASSETS, selection="group:dataset or group:priors or group:latents",
+                                 partition_key=concept, instance=instance,
+                                 resources={**default_resources(), "storage": storage})
+            assert res.success
+            for event in res.get_asset_materialization_events():
+                mat = event.materialization
+                versions[f"{mat.asset_key.to_user_string()}[{concept}]"] = mat.tags["dagster/data_version"]
+    assert versions == recorded["data_versions"]
+    for kind, keys in recorded["cache_keys"].items():
+        folder = layout.root / "cache" / kind
+        assert sorted(p.name for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".sha256")
+                      and not p.name.startswith(".")) == keys, kind
+    for concept in concepts:
+        spec = layout.spec(concept)
+        ref = BaseModelResource().resolve(layout.root, spec)
+        for method in spec.methods:
+            asset = get_method(method).asset_name
+            job = plan_for(storage, ref, spec, method)
+            assert job.identity() == recorded["job_identities"][f"{asset}[{concept}]"], (concept, method)
