@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# README command 2: the test suite (offline, CPU). Extra arguments go to pytest.
+# README command 2: the test suite (offline, CPU). Extra arguments go to pytest: -m "not slow" is the quick lane
+# (about 1.5 minutes on 2 cores; the whole suite 10-14).
 # One pytest-xdist worker per core, at most 4 (PYTEST_WORKERS overrides; 0 = no workers, in this process); each module runs
 # whole on one worker (--dist loadfile), so a module's fixtures are built once.
 set -euo pipefail

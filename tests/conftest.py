@@ -82,6 +82,38 @@ def build_dataset_half(root: Path, built_models: Path, concept: str | None = Non
     return storage
 
 
+@pytest.fixture(scope="session")
+def models_root(built_models, tmp_path_factory) -> Path:
+    """An artifact root with the session's embedded SD model linked in and the embedded SDXL built once (the
+    models/ tests read it; treat it as read-only)."""
+    from assets_pipeline.models.embedded import EMBEDDED_SDXL, ensure_embedded
+
+    root = link_models(built_models, tmp_path_factory.mktemp("models") / "artifacts")
+    ensure_embedded(root / "base_models", EMBEDDED_SDXL)
+    return root
+
+
+@pytest.fixture(scope="session")
+def sdxl_ref(models_root):
+    from assets_pipeline.models.resolve import resolve_base_model
+
+    return resolve_base_model("embedded-sdxl", models_root)
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipe(sdxl_ref):
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline.from_pretrained(sdxl_ref.location, local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(embedded_model_dir):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(embedded_model_dir, local_files_only=True)
+
+
 @pytest.fixture
 def artifact_root(tmp_path, built_models) -> Path:
     return link_models(built_models, tmp_path / "artifacts")

@@ -1,4 +1,5 @@
-"""Plain helpers for the tests: real photos that ship inside installed wheels, encoders to bytes, concept folders.
+"""Plain helpers for the tests: real photos that ship inside installed wheels, encoders to bytes, concept folders,
+typed training jobs and rows without a dataset build, and the contract table of the four methods.
 
 Nothing here downloads: skimage.data's images used here ship in the scikit-image wheel.
 """
@@ -6,6 +7,8 @@ Nothing here downloads: skimage.data's images used here ship in the scikit-image
 from __future__ import annotations
 
 import io
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +111,48 @@ def plan_for(storage, ref, spec, method: str, run_id: str = "test", input_versio
     return plan_job(storage.layout(), ref, spec, method, run_id=run_id, data_root=storage.data_path(),
                     launch=trainer.launch_settings(), scorer=clip_scorer.settings(), input_versions=input_versions,
                     overrides=overrides)
+
+
+def same_weights(a, b) -> bool:
+    """Two modules hold the same tensors under the same names."""
+    import torch
+
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def edited_copy(src: Path, dst: Path, edits: dict[str, dict]) -> Path:
+    """A copy of a pipeline folder with some config keys changed (detection reads configs only)."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    for rel, changes in edits.items():
+        path = dst / rel
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return dst
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What a fine-tuning method promises, whatever it trains (tests/test_methods.py holds each to it)."""
+
+    asset: str  # the model asset's key
+    learning_rate: float  # the default, from diffusers' example script of the method
+    trains: tuple[str, ...]  # the networks prepare() marks trainable (SD 1.x)
+    roles: tuple[str, ...]  # the rows a batch draws from
+    weights: frozenset[str]  # the weights files the output holds (lineage.json "weights"), concept "c"
+    runs_text_encoder: bool  # whether the loop loads and runs the text encoder by default
+
+
+METHODS = {
+    "lora": Contract("lora_adapter", 1e-4, ("unet",), ("instance",),
+                     frozenset({"pytorch_lora_weights.safetensors", "kohya_lora.safetensors"}), False),
+    "dreambooth": Contract("dreambooth_model", 5e-6, ("unet",), ("instance", "class"),
+                           frozenset({"unet/diffusion_pytorch_model.safetensors",
+                                      "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"}),
+                           False),
+    "textual_inversion": Contract("textual_inversion_embedding", 5e-4, ("text_encoder",), ("instance",),
+                                  frozenset({"learned_embeds.safetensors", "c.safetensors"}), True),
+    "controlnet": Contract("controlnet_model", 1e-5, ("controlnet",), ("instance",),
+                           frozenset({"diffusion_pytorch_model.safetensors"}), False),
+}

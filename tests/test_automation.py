@@ -70,10 +70,12 @@ def world(tmp_path, built_models):
     return World(tmp_path, built_models)
 
 
+@pytest.mark.slow
 def test_nothing_changed_requests_nothing(world):
     assert world.evaluate().total_requested == 0
 
 
+@pytest.mark.slow
 def test_new_photo_rebuilds_that_concepts_dataset_chain_only(world):
     (world.data / "alpha" / "coins.png").write_bytes(encode(photo("coins", (96, 80)).convert("RGB"), "PNG"))
     world.ingest("alpha")
@@ -86,6 +88,7 @@ def test_new_photo_rebuilds_that_concepts_dataset_chain_only(world):
     assert world.evaluate().total_requested == 0  # settled
 
 
+@pytest.mark.slow
 def test_reingesting_identical_photos_rebuilds_nothing(world):
     for p in (world.data / "alpha").glob("*.png"):
         p.write_bytes(p.read_bytes())  # new mtime, same bytes: the sensor sees a change and ingests
@@ -93,6 +96,7 @@ def test_reingesting_identical_photos_rebuilds_nothing(world):
     assert world.evaluate().total_requested == 0
 
 
+@pytest.mark.slow
 def test_edited_caption_rebuilds_captions_onward_and_reuses_latents(world):
     (world.data / "alpha" / "coffee.txt").write_text("a photo of sks dog next to a cup of coffee")
     world.ingest("alpha")
@@ -105,6 +109,7 @@ def test_edited_caption_rebuilds_captions_onward_and_reuses_latents(world):
     assert mats["clip_scored_images"].metadata["items_computed"].value == 1  # its score depends on the caption
 
 
+@pytest.mark.slow
 def test_code_version_bump_rebuilds_that_asset_onward_for_every_concept(world):
     from assets_pipeline.assets.dataset import filtered_images
 

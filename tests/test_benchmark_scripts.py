@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import subprocess
@@ -11,6 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_encoders_prints_a_rate_for_each_encoder_and_batch():
     env = {**os.environ, "ASSETS_PIPELINE_IMAGE_THREADS": "2"}
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_encoders.py"), "--shapes", "tiny",

@@ -89,6 +89,7 @@ def demo(tmp_path_factory, built_models) -> DemoBuild:
     return DemoBuild(storage, folder, runs, before, after)
 
 
+@pytest.mark.slow
 def test_every_asset_reports_path_row_count_and_data_version(demo):
     first = demo.runs[0]
     assert set(FOUNDATION) <= set(first.metadata)
@@ -102,6 +103,7 @@ def test_every_asset_reports_path_row_count_and_data_version(demo):
         assert {"items_computed", "items_cached"} <= set(first.metadata[key]), key
 
 
+@pytest.mark.slow
 def test_row_counts_match_the_demo_design_and_the_tables(demo):
     md = demo.runs[0].metadata
     # What demo_data.py builds: 10 decodable photos (4 of them bad in ways the filter catches), 4 rejects.
@@ -139,6 +141,7 @@ def test_row_counts_match_the_demo_design_and_the_tables(demo):
     assert md["vae_latents"]["latents_computed"] >= 6
 
 
+@pytest.mark.slow
 def test_rerun_computes_nothing_and_keeps_data_versions(demo):
     first, second = demo.runs[0], demo.runs[1]
     for key in CACHED:
@@ -148,10 +151,12 @@ def test_rerun_computes_nothing_and_keeps_data_versions(demo):
     assert second.versions == first.versions
 
 
+@pytest.mark.slow
 def test_build_leaves_the_photos_untouched(demo):
     assert demo.source_after_builds == demo.source_before
 
 
+@pytest.mark.slow
 def test_one_new_photo_computes_one_item_per_image_cache(demo):
     second, third = demo.runs[1], demo.runs[2]
     for key, counter in PER_IMAGE.items():
@@ -163,6 +168,7 @@ def test_one_new_photo_computes_one_item_per_image_cache(demo):
         assert third.metadata[key]["dagster/row_count"] == second.metadata[key]["dagster/row_count"] + 1, key
 
 
+@pytest.mark.slow
 def test_latent_bundle_covers_the_quality_subset(demo):
     from assets_pipeline.stages.bundle import load_latent_bundle
 
@@ -176,6 +182,7 @@ def test_latent_bundle_covers_the_quality_subset(demo):
     assert bundle.meta["resolution"] == demo.runs[-1].metadata["vae_latents"]["resolution"]
 
 
+@pytest.mark.slow
 def test_imagefolders_load_with_hf_datasets(demo, tmp_path):
     import datasets
     import numpy as np
@@ -209,6 +216,7 @@ def test_imagefolders_load_with_hf_datasets(demo, tmp_path):
         assert pixels(row["conditioning_image"]) == pixels(Image.open(photo_row.control_path))
 
 
+@pytest.mark.slow
 def test_data_versions_do_not_depend_on_where_artifacts_live(tmp_path, built_models):
     """Identical photos give identical data versions in two artifact roots (ARCHITECTURE: versions are digests
     of content), so moving the artifact root or building on another machine makes nothing look stale."""

@@ -3,61 +3,16 @@ single-file checkpoint's key names (LDM and SGM layouts)."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from assets_pipeline.models.detect import detect_checkpoint_family
-from assets_pipeline.models.embedded import EMBEDDED_SDXL, ensure_embedded
 from assets_pipeline.models.load import load_pipeline, load_tokenizers
 from assets_pipeline.models.resolve import resolve_base_model
 from assets_pipeline.models.unet import sdxl_add_time_ids
-from conftest import link_models
-
-
-@pytest.fixture(scope="module")
-def root(built_models, tmp_path_factory) -> Path:
-    """An artifact root with the session's embedded SD model linked in and the embedded SDXL built once."""
-    root = link_models(built_models, tmp_path_factory.mktemp("models") / "artifacts")
-    ensure_embedded(root / "base_models", EMBEDDED_SDXL)
-    return root
-
-
-@pytest.fixture(scope="module")
-def sdxl_ref(root):
-    return resolve_base_model(EMBEDDED_SDXL, root)
-
-
-@pytest.fixture(scope="module")
-def sdxl_pipe(sdxl_ref):
-    from diffusers import StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline.from_pretrained(sdxl_ref.location, local_files_only=True)
-
-
-@pytest.fixture(scope="module")
-def tiny_pipe(built_models):
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline.from_pretrained(resolve_base_model("embedded", built_models).location,
-                                                   local_files_only=True)
-
-
-def same_weights(a, b) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def edited_copy(src: Path, dst: Path, edits: dict[str, dict]) -> Path:
-    """A copy of a pipeline folder with some config keys changed (detection reads configs only)."""
-    shutil.copytree(src, dst)
-    for rel, changes in edits.items():
-        path = dst / rel
-        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-    return dst
+from helpers import edited_copy, same_weights
 
 
 def test_sdxl_folder_detected_by_class_or_text_time(sdxl_ref, tmp_path):

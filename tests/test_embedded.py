@@ -14,15 +14,8 @@ from pathlib import Path
 import pytest
 
 from assets_pipeline.models.embedded import EMBEDDED_SDXL, RESOLUTION, ensure_embedded
-from assets_pipeline.models.resolve import fingerprint_model, resolve_base_model
-from conftest import link_models
+from assets_pipeline.models.resolve import fingerprint_model
 
-
-@pytest.fixture(scope="module")
-def sdxl_ref(built_models, tmp_path_factory):
-    root = link_models(built_models, tmp_path_factory.mktemp("embedded") / "artifacts")
-    ensure_embedded(root / "base_models", EMBEDDED_SDXL)
-    return resolve_base_model(EMBEDDED_SDXL, root)
 
 
 def files_of(folder: Path) -> dict[str, bytes]:
@@ -96,6 +89,7 @@ def test_embedded_loads_in_stock_diffusers(embedded_model_dir):
     assert pipe.text_encoder.config.vocab_size == len(pipe.tokenizer) == 49408
 
 
+@pytest.mark.slow
 def test_embedded_sdxl_loads_and_generates_in_stock_diffusers(sdxl_ref, tmp_path):
     """In a fresh interpreter that imports only diffusers: what a user of the published folder would do."""
     side = RESOLUTION["tiny-sdxl"]

@@ -3,6 +3,8 @@ libraries once (assets_pipeline/preload.py), and the ingest job in the run worke
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import sys
 
@@ -28,6 +30,7 @@ def two_steps():
     where_am_i_too(where_am_i())
 
 
+@pytest.mark.slow
 def test_steps_are_forked_from_a_preloaded_server(tmp_path):
     from dagster._core.definitions.reconstruct import ReconstructableJob
 

@@ -3,54 +3,16 @@ need."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
 import torch
 
-from assets_pipeline.models.embedded import EMBEDDED_SDXL, ensure_embedded
 from assets_pipeline.models.load import load_pipeline, load_tokenizers
 from assets_pipeline.models.resolve import resolve_base_model
-from conftest import link_models
 
 
-@pytest.fixture(scope="module")
-def root(built_models, tmp_path_factory) -> Path:
-    """An artifact root with the session's embedded SD model linked in and the embedded SDXL built once."""
-    root = link_models(built_models, tmp_path_factory.mktemp("models") / "artifacts")
-    ensure_embedded(root / "base_models", EMBEDDED_SDXL)
-    return root
-
-
-@pytest.fixture(scope="module")
-def sdxl_ref(root):
-    return resolve_base_model(EMBEDDED_SDXL, root)
-
-
-@pytest.fixture(scope="module")
-def sdxl_pipe(sdxl_ref):
-    from diffusers import StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline.from_pretrained(sdxl_ref.location, local_files_only=True)
-
-
-@pytest.fixture(scope="module")
-def tiny_pipe(built_models):
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline.from_pretrained(resolve_base_model("embedded", built_models).location,
-                                                   local_files_only=True)
-
-
-def same_weights(a, b) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def test_loading_by_family(root, sdxl_ref):
+def test_loading_by_family(models_root, sdxl_ref):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    sd1 = resolve_base_model("embedded", root)
+    sd1 = resolve_base_model("embedded", models_root)
     assert type(load_pipeline(sd1)) is StableDiffusionPipeline
     assert type(load_pipeline(sdxl_ref)) is StableDiffusionXLPipeline
     assert len(load_tokenizers(sd1)) == 1

@@ -7,37 +7,13 @@ image. ``test_training.py`` runs the same methods end to end through Dagster (sl
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import pytest
 
 from assets_pipeline.training.config import TrainConfig
 from assets_pipeline.training.methods import get_method, method_names
 from assets_pipeline.training.methods.base import TrainContext, TrainingInputError
-
-
-@dataclass(frozen=True)
-class Contract:
-    asset: str  # the model asset's key
-    learning_rate: float  # the default, from diffusers' example script of the method
-    trains: tuple[str, ...]  # the networks prepare() marks trainable (SD 1.x)
-    roles: tuple[str, ...]  # the rows a batch draws from
-    weights: frozenset[str]  # the weights files the output holds (lineage.json "weights"), concept "c"
-    runs_text_encoder: bool  # whether the loop loads and runs the text encoder by default
-
-
-METHODS = {
-    "lora": Contract("lora_adapter", 1e-4, ("unet",), ("instance",),
-                     frozenset({"pytorch_lora_weights.safetensors", "kohya_lora.safetensors"}), False),
-    "dreambooth": Contract("dreambooth_model", 5e-6, ("unet",), ("instance", "class"),
-                           frozenset({"unet/diffusion_pytorch_model.safetensors",
-                                      "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"}),
-                           False),
-    "textual_inversion": Contract("textual_inversion_embedding", 5e-4, ("text_encoder",), ("instance",),
-                                  frozenset({"learned_embeds.safetensors", "c.safetensors"}), True),
-    "controlnet": Contract("controlnet_model", 1e-5, ("controlnet",), ("instance",),
-                           frozenset({"diffusion_pytorch_model.safetensors"}), False),
-}
+from helpers import METHODS
 
 
 def ctx(**kw):

@@ -72,6 +72,7 @@ def _mat_metadata(result, key="lora_adapter") -> dict:
     return {k: v.value for k, v in mats[0].metadata.items()}
 
 
+@pytest.mark.slow
 def test_lora_trains_on_both_concepts_and_its_checks_pass(multi):
     storage, trained, _, out = multi
     assert trained.success
@@ -86,6 +87,7 @@ def test_lora_trains_on_both_concepts_and_its_checks_pass(multi):
     assert versions["vae_latents[tabby]"] and versions["vae_latents"]
 
 
+@pytest.mark.slow
 def test_lineage_lists_each_concepts_photos_and_audits_them_in_their_own_folders(multi):
     from assets_pipeline.hashing import sha256_file
     from assets_pipeline.lineage import audit_output, outputs_trained_on
@@ -109,6 +111,7 @@ def test_lineage_lists_each_concepts_photos_and_audits_them_in_their_own_folders
     assert list(found["concept"]) == [MAIN]  # the output belongs to rusty
 
 
+@pytest.mark.slow
 def test_the_lineage_cli_names_each_photos_concept(multi, monkeypatch, capsys):
     from assets_pipeline.cli import main
 
@@ -125,6 +128,7 @@ def test_the_lineage_cli_names_each_photos_concept(multi, monkeypatch, capsys):
     assert (row["concept"], row["source_concept"], row["output"]) == (MAIN, OTHER, str(out))
 
 
+@pytest.mark.slow
 def test_validation_renders_each_concepts_prompt(multi):
     _, _, _, out = multi
     metrics = json.loads((out / "metrics.json").read_text())
@@ -132,6 +136,7 @@ def test_validation_renders_each_concepts_prompt(multi):
     assert {"a photo of sks dog", "a photo of zwx cat"} <= prompts
 
 
+@pytest.mark.slow
 def test_an_unchanged_rebuild_reuses_and_the_schedule_sees_it_up_to_date(multi):
     from assets_pipeline.resources import BaseModelResource, ClipScorerResource, TrainerLauncher
     from assets_pipeline.schedules import plan_retraining
@@ -155,6 +160,7 @@ def _job(storage, spec_text: str, ref=None):
                     clip_scorer=ClipScorerResource())
 
 
+@pytest.mark.slow
 def test_repeats_and_the_listed_concepts_are_part_of_the_job_identity(multi):
     storage = multi[0]
     job = _job(storage, MAIN_SPEC)
@@ -168,6 +174,7 @@ def test_repeats_and_the_listed_concepts_are_part_of_the_job_identity(multi):
     assert job.config.max_train_steps > alone.config.max_train_steps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("entry, message", [
     ('concept = "rusty"', "cannot list itself"),
     ('concept = "nobody"', "that concept's dataset is not built"),
@@ -181,6 +188,7 @@ def test_a_listed_concept_that_cannot_be_trained_in_is_refused_with_the_reason(m
     assert "rusty/concept.toml [[lora.datasets]]" in str(e.value)
 
 
+@pytest.mark.slow
 def test_a_listed_concept_with_a_damaged_bundle_names_the_file_and_the_fix(multi):
     import shutil
 
@@ -199,6 +207,7 @@ def test_a_listed_concept_with_a_damaged_bundle_names_the_file_and_the_fix(multi
         shutil.rmtree(concepts / "broken")
 
 
+@pytest.mark.slow
 def test_a_listed_concept_from_another_base_model_is_refused(multi):
     from assets_pipeline.resources import BaseModelResource
     from assets_pipeline.training.methods.base import TrainingInputError
@@ -251,6 +260,7 @@ def test_repeats_draw_a_row_that_often_per_epoch_and_rows_come_from_their_own_bu
         == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_a_change_in_a_listed_concept_makes_the_lora_stale(multi):
     """Last in this module (it changes tabby): a new caption in tabby, once tabby's dataset is rebuilt, makes
     rusty's LoRA due for retraining; rusty's own dataset did not change."""

@@ -13,52 +13,10 @@ import torch
 from huggingface_hub.errors import LocalEntryNotFoundError
 
 from assets_pipeline.hashing import digest, sha256_file
-from assets_pipeline.models.embedded import EMBEDDED_MODELS, EMBEDDED_SDXL, RESOLUTION, ensure_embedded
+from assets_pipeline.models.embedded import EMBEDDED_MODELS, EMBEDDED_SDXL, RESOLUTION
 from assets_pipeline.models.load import load_pipeline
 from assets_pipeline.models.resolve import BASE_MODEL_ENV, fingerprint_model, resolve_base_model
-from conftest import link_models
-
-
-@pytest.fixture(scope="module")
-def root(built_models, tmp_path_factory) -> Path:
-    """An artifact root with the session's embedded SD model linked in and the embedded SDXL built once."""
-    root = link_models(built_models, tmp_path_factory.mktemp("models") / "artifacts")
-    ensure_embedded(root / "base_models", EMBEDDED_SDXL)
-    return root
-
-
-@pytest.fixture(scope="module")
-def sdxl_ref(root):
-    return resolve_base_model(EMBEDDED_SDXL, root)
-
-
-@pytest.fixture(scope="module")
-def sdxl_pipe(sdxl_ref):
-    from diffusers import StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline.from_pretrained(sdxl_ref.location, local_files_only=True)
-
-
-@pytest.fixture(scope="module")
-def tiny_pipe(built_models):
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline.from_pretrained(resolve_base_model("embedded", built_models).location,
-                                                   local_files_only=True)
-
-
-def same_weights(a, b) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def edited_copy(src: Path, dst: Path, edits: dict[str, dict]) -> Path:
-    """A copy of a pipeline folder with some config keys changed (detection reads configs only)."""
-    shutil.copytree(src, dst)
-    for rel, changes in edits.items():
-        path = dst / rel
-        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-    return dst
+from helpers import edited_copy, same_weights
 
 
 def test_fingerprint_follows_weights_not_library_versions(embedded_model_dir, tmp_path):
@@ -88,12 +46,12 @@ def test_resolve_embedded(built_models, embedded_model_dir):
     assert resolve_base_model("embedded", built_models, resolution=128).resolution == 128
 
 
-def test_embedded_families(root, sdxl_ref):
-    sd1 = resolve_base_model("embedded", root)
+def test_embedded_families(models_root, sdxl_ref):
+    sd1 = resolve_base_model("embedded", models_root)
     assert (sd1.kind, sd1.family, sd1.prediction_type, sd1.resolution) == ("embedded", "sd1", "epsilon", 64)
     assert (sdxl_ref.kind, sdxl_ref.is_random, sdxl_ref.family, sdxl_ref.prediction_type, sdxl_ref.resolution) == (
         "embedded", True, "sdxl", "epsilon", RESOLUTION["tiny-sdxl"])
-    assert Path(sdxl_ref.location) == root / "base_models" / EMBEDDED_MODELS[EMBEDDED_SDXL][0]
+    assert Path(sdxl_ref.location) == models_root / "base_models" / EMBEDDED_MODELS[EMBEDDED_SDXL][0]
     assert sdxl_ref.fingerprint == fingerprint_model(Path(sdxl_ref.location))
 
 
@@ -193,22 +151,22 @@ def test_resolve_rejects_what_it_cannot_use(tmp_path):
         resolve_base_model("no such model", tmp_path / "art")
 
 
-def test_env_var_sets_the_default_source(root, monkeypatch):
+def test_env_var_sets_the_default_source(models_root, monkeypatch):
     from assets_pipeline.resources import BaseModelResource
 
     monkeypatch.delenv(BASE_MODEL_ENV, raising=False)
-    assert BaseModelResource().resolve(root).family == "sd1"  # unset: the embedded SD model
+    assert BaseModelResource().resolve(models_root).family == "sd1"  # unset: the embedded SD model
     monkeypatch.setenv(BASE_MODEL_ENV, "embedded-sdxl")
-    ref = BaseModelResource().resolve(root)
+    ref = BaseModelResource().resolve(models_root)
     assert (ref.source, ref.family) == ("embedded-sdxl", "sdxl")
-    assert BaseModelResource(source="embedded").resolve(root).family == "sd1"  # explicit config wins
+    assert BaseModelResource(source="embedded").resolve(models_root).family == "sd1"  # explicit config wins
     monkeypatch.setenv(BASE_MODEL_ENV, "no such model")
     with pytest.raises(FileNotFoundError, match="'no such model'"):
-        BaseModelResource().resolve(root)
+        BaseModelResource().resolve(models_root)
     assert BASE_MODEL_ENV in BaseModelResource.model_fields["source"].description
 
 
-def test_a_concepts_base_model_section_wins_for_that_concept_only(root, monkeypatch):
+def test_a_concepts_base_model_section_wins_for_that_concept_only(models_root, monkeypatch):
     from assets_pipeline.concept import ConceptSpecError
     from assets_pipeline.partitions.concept_spec import parse_concept_toml
     from assets_pipeline.resources import BaseModelResource
@@ -217,11 +175,12 @@ def test_a_concepts_base_model_section_wins_for_that_concept_only(root, monkeypa
     xl = parse_concept_toml("xl", 'token = "sks"\n[base_model]\nsource = "embedded-sdxl"\n')
     plain = parse_concept_toml("plain", 'token = "sks"\n')
     deployment = BaseModelResource(source="embedded", resolution=48)
-    ref = deployment.resolve(root, xl)
+    ref = deployment.resolve(models_root, xl)
     # The concept's model at its family's (here: the embedded model's) resolution, not the deployment's 48 px.
     assert (ref.source, ref.family, ref.resolution) == ("embedded-sdxl", "sdxl", 64)
-    assert (deployment.resolve(root, plain).family, deployment.resolve(root, plain).resolution) == ("sd1", 48)
-    assert deployment.resolve(root).family == "sd1"
+    plain_ref = deployment.resolve(models_root, plain)
+    assert (plain_ref.family, plain_ref.resolution) == ("sd1", 48)
+    assert deployment.resolve(models_root).family == "sd1"
     for text, message in [
         ('[base_model]\nsource = 5', r"xl/concept.toml \[base_model\].*source = 5 is int, expected a string"),
         ('[base_model]\nmodel = "x"', r"\[base_model\].*unknown.*'model'"),
@@ -231,10 +190,10 @@ def test_a_concepts_base_model_section_wins_for_that_concept_only(root, monkeypa
             parse_concept_toml("xl", 'token = "sks"\n' + text)
     missing = parse_concept_toml("xl", 'token = "sks"\n[base_model]\nsource = "/no/such/model.safetensors"\n')
     with pytest.raises(FileNotFoundError, match="/no/such/model.safetensors"):
-        deployment.resolve(root, missing)
+        deployment.resolve(models_root, missing)
 
 
-def test_the_demo_sdxl_concept_is_on_the_embedded_sdxl_in_several_buckets(root, tmp_path):
+def test_the_demo_sdxl_concept_is_on_the_embedded_sdxl_in_several_buckets(models_root, tmp_path):
     from PIL import Image, ImageOps
 
     from assets_pipeline.demo_data import DEMO_SDXL_CONCEPT, GOOD_PHOTOS, demo_sdxl_files, write_demo_concept
@@ -245,7 +204,7 @@ def test_the_demo_sdxl_concept_is_on_the_embedded_sdxl_in_several_buckets(root, 
 
     folder = write_demo_concept(tmp_path / "data", DEMO_SDXL_CONCEPT, demo_sdxl_files())
     spec = load_concept_spec(folder)
-    ref = BaseModelResource(source="embedded").resolve(root, spec)
+    ref = BaseModelResource(source="embedded").resolve(models_root, spec)
     assert (ref.family, ref.resolution) == ("sdxl", 64)
     assert set(spec.methods) == {"lora", "dreambooth", "textual_inversion", "controlnet"}
     buckets = bucket_set(ref.resolution, QualityConfig().max_aspect_ratio)

@@ -186,6 +186,7 @@ def test_optimized_loop_gives_the_plain_loops_losses(lora_jobs, method):
         assert 0 <= fast.stats["compile_cache_io_s"] <= fast.stats["warmup_s"]
 
 
+@pytest.mark.slow
 def test_auto_looks_up_each_modes_kernels_under_the_key_a_compiled_run_saves(lora_jobs, monkeypatch):
     """The trainer asks ``auto_compile`` whether a mode is warm under the key a run compiled in that mode
     persisted its kernels to, and passes the run's passes, process count and bucket shapes."""
@@ -418,4 +419,5 @@ def test_the_trainer_resources_performance_is_a_config_with_each_settings_help()
     assert result.output_for_node("speed") == 7
     with pytest.raises(dg.DagsterInvalidConfigError, match='unexpected config entry "precompiled_regions"'):
         dg.materialize([speed], resources={"trainer": TrainerLauncher()},
-                       run_config={"resources": {"trainer": {"config": {"performance": {"precompiled_regions": "on"}}}}})
+                       run_config={"resources": {"trainer": {"config": {
+                           "performance": {"precompiled_regions": "on"}}}}})

@@ -80,6 +80,7 @@ def _bundle(build):
     return index, bundle
 
 
+@pytest.mark.slow
 def test_the_sdxl_bundle_holds_pooled_embeds_and_the_time_ids_of_each_rows_crop(sdxl_build):
     index, bundle = _bundle(sdxl_build)
     assert sdxl_build.ref.family == "sdxl" and sdxl_build.mats["vae_latents"]["base_model_family"].value == "sdxl"
@@ -102,6 +103,7 @@ def test_the_sdxl_bundle_holds_pooled_embeds_and_the_time_ids_of_each_rows_crop(
     assert len(coffee) == 1 and expected[coffee[0], 3] == 2 and flipped[coffee[0], 3] == 85 - 80 - 2
 
 
+@pytest.mark.slow
 def test_the_sdxl_text_embedding_is_what_the_sdxl_pipeline_encodes(sdxl_build):
     from diffusers import StableDiffusionXLPipeline
 
@@ -115,6 +117,7 @@ def test_the_sdxl_text_embedding_is_what_the_sdxl_pipeline_encodes(sdxl_build):
     assert not torch.equal(bundle.tensors["pooled_prompt_embeds"][other], bundle.tensors["pooled_prompt_embeds"][row])
 
 
+@pytest.mark.slow
 def test_sdxl_lora_and_dreambooth_pass_their_checks(sdxl_build):
     for asset in ("lora_adapter", "dreambooth_model"):
         assert asset in sdxl_build.mats, f"{asset} was not materialized"
@@ -125,6 +128,7 @@ def test_sdxl_lora_and_dreambooth_pass_their_checks(sdxl_build):
     assert {r["role"] for r in lineage["training_images"]} == {"instance", "class"}  # prior preservation
 
 
+@pytest.mark.slow
 def test_an_unchanged_sdxl_build_reuses_both_outputs(sdxl_build):
     import dagster as dg
 
@@ -147,6 +151,7 @@ def test_an_unchanged_sdxl_build_reuses_both_outputs(sdxl_build):
     assert all(c.passed for c in res.get_asset_check_evaluations())
 
 
+@pytest.mark.slow
 def test_the_retraining_schedule_finds_every_sdxl_output_up_to_date(sdxl_build):
     from assets_pipeline.schedules import plan_retraining
 
@@ -198,6 +203,7 @@ print(json.dumps({"modules": sorted(m for m in sys.modules if m.startswith(("ass
 """
 
 
+@pytest.mark.slow
 def test_sdxl_outputs_load_in_stock_diffusers_and_change_the_image(sdxl_build, tmp_path):
     lora = sdxl_build.mats["lora_adapter"]["path"].value
     dreambooth = sdxl_build.mats["dreambooth_model"]["path"].value
@@ -216,6 +222,7 @@ def test_sdxl_outputs_load_in_stock_diffusers_and_change_the_image(sdxl_build, t
         assert min(change.values()) > 0, (name, change)
 
 
+@pytest.mark.slow
 def test_sdxl_text_encoder_lora_trains_both_encoders_into_both_files(sdxl_build):
     from safetensors.torch import load_file
 
@@ -262,6 +269,7 @@ def test_a_mirrored_row_draws_its_mirrored_crops_time_ids_and_the_unet_gets_them
         sdxl.kwargs(Batch(latents=part.latents, prompt_embeds=part.prompt_embeds), torch.float32)
 
 
+@pytest.mark.slow
 def test_sdxl_textual_inversion_and_controlnet_pass_their_checks(sdxl_build):
     for method, asset in ASSETS.items():
         assert asset in sdxl_build.mats, f"{asset} was not materialized"
@@ -272,6 +280,7 @@ def test_sdxl_textual_inversion_and_controlnet_pass_their_checks(sdxl_build):
         assert json.loads((sdxl_build.out[method] / "metrics.json").read_text())["mean_abs_change_vs_base"] > 0
 
 
+@pytest.mark.slow
 def test_sdxl_textual_inversion_learns_a_row_per_encoder_in_both_formats(sdxl_build):
     from safetensors.torch import load_file
 
@@ -330,6 +339,7 @@ print(json.dumps({"modules": sorted(m for m in sys.modules if m.startswith(("ass
 """
 
 
+@pytest.mark.slow
 def test_sdxl_ti_and_controlnet_load_in_stock_diffusers_and_change_the_image(sdxl_build, tmp_path):
     from assets_pipeline.training.plan import training_rows
 
@@ -348,6 +358,7 @@ def test_sdxl_ti_and_controlnet_load_in_stock_diffusers_and_change_the_image(sdx
     assert got["cn_change"] > 0, "the ControlNet renders the base model's image"
 
 
+@pytest.mark.slow
 def test_sdxl_ti_reencodes_both_encoders_and_conditions_on_their_pooled_embedding(sdxl_build):
     """The training step's text side on SDXL is exactly the latents cache's encoding (both encoders' penultimate
     states, the projected encoder's pooled output), and that pooled output is what the U-Net gets."""
@@ -394,6 +405,7 @@ def test_sdxl_ti_reencodes_both_encoders_and_conditions_on_their_pooled_embeddin
         assert not torch.equal(weight[i], method.original[name][i])
 
 
+@pytest.mark.slow
 def test_sdxl_controlnet_copies_the_unets_text_time_conditioning(sdxl_build):
     from assets_pipeline.training.methods import get_method
     from assets_pipeline.training.methods.base import Batch, Models, TrainContext

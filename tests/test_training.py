@@ -13,12 +13,8 @@ import pytest
 
 from tests.conftest import link_models
 
-METHODS = {
-    "lora": "lora_adapter",
-    "dreambooth": "dreambooth_model",
-    "textual_inversion": "textual_inversion_embedding",
-    "controlnet": "controlnet_model",
-}
+from helpers import METHODS
+
 pytestmark = pytest.mark.slow
 
 
@@ -86,7 +82,7 @@ def _stock_pipeline(base: Path, method: str, out: Path):
 def test_method_trains_and_passes_its_checks(demo_build, method):
     import dagster as dg
 
-    asset = METHODS[method]
+    asset = METHODS[method].asset
     assert asset in demo_build.mats, f"{asset} was not materialized"
     out = _out(demo_build, asset)
     for name in ("lineage.json", "metrics.json", "loss.csv", "loss.png", "validation"):
@@ -115,7 +111,7 @@ def test_method_trains_and_passes_its_checks(demo_build, method):
 def test_training_reports_progress_and_logs_to_tensorboard(demo_build, method):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out = _out(demo_build, METHODS[method])
+    out = _out(demo_build, METHODS[method].asset)
     steps = json.loads((out / "metrics.json").read_text())["steps"]
     events = EventAccumulator(str(out / "tensorboard")).Reload()
     losses = [e.value for e in events.Scalars("train/loss")]
@@ -139,7 +135,7 @@ def test_training_reports_progress_and_logs_to_tensorboard(demo_build, method):
 def test_output_loads_in_stock_diffusers_and_changes_the_image(demo_build, method):
     from diffusers import StableDiffusionPipeline
 
-    out = _out(demo_build, METHODS[method])
+    out = _out(demo_build, METHODS[method].asset)
     pipe = _stock_pipeline(demo_build.base, method, out)
     prompt = "a photo of <sks> scene" if method == "textual_inversion" else "a photo of sks scene"
     kw = {}
@@ -165,8 +161,8 @@ def test_lineage_manifest_lists_exactly_the_training_rows(demo_build):
     from assets_pipeline.training.output import tensors_digest
 
     index = pd.read_parquet(demo_build.artifacts / "concepts" / demo_build.concept / "vae_latents" / "index.parquet")
-    for method, asset in METHODS.items():
-        out = _out(demo_build, asset)
+    for method, contract in METHODS.items():
+        out = _out(demo_build, contract.asset)
         manifest = json.loads((out / "lineage.json").read_text())
         roles = {"instance", "class"} if method == "dreambooth" else {"instance"}
         expected = {(r.image_sha256, r.role, r.caption) for r in index.itertuples() if r.role in roles}
@@ -190,7 +186,7 @@ def test_trained_outputs_have_the_usual_file_mode(demo_build):
     """safetensors creates its files 0600; every output file gets the mode any other new file gets."""
     from assets_pipeline.store import FILE_MODE
 
-    for asset in METHODS.values():
+    for asset in (contract.asset for contract in METHODS.values()):
         modes = {p.name: oct(p.stat().st_mode & 0o777) for p in _out(demo_build, asset).rglob("*") if p.is_file()}
         assert set(modes.values()) == {oct(FILE_MODE)}, (asset, modes)
 

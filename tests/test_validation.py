@@ -1,7 +1,7 @@
-"""training/validation.py: how much a validation costs, and validation during training: strips of the fixed prompts and seeds every
-``validation_steps`` steps, ``select_best``, resume, and the default (off) leaving training as it was; DreamBooth
-(no prior preservation) on a synthetic 3-photo latents bundle of the embedded SD 1.x model, through the loop and
-write_output."""
+"""training/validation.py: how much a validation costs, and validation during training: strips of the fixed
+prompts and seeds every ``validation_steps`` steps, ``select_best``, resume, and the default (off) leaving training
+as it was; DreamBooth (no prior preservation) on a synthetic 3-photo latents bundle of the embedded SD 1.x model,
+through the loop and write_output."""
 
 from __future__ import annotations
 
