@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from assets_pipeline.models.families import diffusers_class
@@ -128,10 +129,10 @@ def load_components(ref: BaseModelRef, which: Iterable[str]) -> Components:
 
     location = ref.location
     vae_cls = diffusers_class(family.vae_class)
-    scheduler_config = diffusers_class("DDPMScheduler").load_config(location, subfolder="scheduler",
-                                                                    local_files_only=True)
+    scheduler_config = diffusers_class(family.objective.scheduler_class).load_config(
+        location, subfolder="scheduler", local_files_only=True)
     return Components(
-        vae_config=type("VaeConfig", (), vae_cls.load_config(location, subfolder="vae", local_files_only=True)),
+        vae_config=SimpleNamespace(**vae_cls.load_config(location, subfolder="vae", local_files_only=True)),
         scheduler_config=scheduler_config,
         vae=vae_cls.from_pretrained(location, subfolder="vae", local_files_only=True) if "vae" in which else None,
         denoiser=diffusers_class(family.denoiser.model_class).from_pretrained(

@@ -80,8 +80,7 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
         progress = log.debug
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     runtime = Runtime(job.performance, cuda=device.type == "cuda", accumulation=accum, processes=n_procs,
-                      method=job.method, precision=precision, weight_dtype=weight_dtype, cache_dir=job.cache_dir,
-                      progress=progress)
+                      precision=precision, weight_dtype=weight_dtype, cache_dir=job.cache_dir, progress=progress)
 
     # -- prepare: models, data, what trains, placement, speed, optimizer -----------------------------------------
     set_seed(cfg.seed)  # adapter/ControlNet initialization; batches and noise have their own seeded generators

@@ -26,16 +26,17 @@ PROFILE_DIR = "profile"  # performance.profile_steps' trace, under the checkpoin
 
 
 class Runtime:
-    """The speed settings of one run of ``method`` (its name) on one device, ``processes`` data-parallel processes
-    of which this is one; ``accumulation`` is the configured accumulation per process (the micro-batch probe may
-    change it)."""
+    """The speed settings of one run on one device, ``processes`` data-parallel processes of which this is one;
+    ``accumulation`` is the configured accumulation per process (the micro-batch probe may change it)."""
 
-    def __init__(self, perf: Performance, *, cuda: bool, accumulation: int, processes: int, method: str,
-                 precision: str, weight_dtype, cache_dir: str = "", progress: Callable[[str], None] = log.info):
+    def __init__(self, perf: Performance, *, cuda: bool, accumulation: int, processes: int, precision: str,
+                 weight_dtype, cache_dir: str = "", progress: Callable[[str], None] = log.info):
         import torch
 
-        self.perf, self.cuda, self.processes, self.method = perf, cuda, processes, method
+        self.perf, self.cuda, self.processes = perf, cuda, processes
         self.precision, self.weight_dtype, self.cache_dir, self.progress = precision, weight_dtype, cache_dir, progress
+        # What compiled kernels and memory limits depend on besides the model: torch, CUDA, the card.
+        self.signature = compilation.device_signature()
         self.plan = plan(perf, cuda, accumulation)
         backends.configure_backends(cuda, self.plan.cudnn_benchmark)
         # Under mixed precision (autocast) PEFT's input casts are lossless round trips: skipped unless asked for.
@@ -65,8 +66,7 @@ class Runtime:
         # The networks every step runs forward and backward through, trained or frozen (textual inversion's
         # gradients flow through the frozen U-Net): these are compiled, and their structure keys the kernels.
         running = models.networks()
-        sig, network = compilation.device_signature(), compilation.shape_fingerprint(running)
-        self.device_name = sig.get("gpu", "cpu")
+        sig, network = self.signature, compilation.shape_fingerprint(running)
         if not self.casts:
             self._restore_casts = backends.skip_adapter_input_casts(running.values())
         if self.plan.probe_micro_batch:
@@ -140,7 +140,7 @@ class Runtime:
             "channels_last": self.channels_last, "fused_optimizer": self.fused_optimizer(cfg),
             "adapter_input_casts": self.casts, "cudnn_benchmark": self.plan.cudnn_benchmark,
             "optimizer": cfg.optimizer, "attention": self.attention, "precision": self.precision,
-            "device": self.device_name, "num_processes": self.processes,
+            "device": self.signature.get("gpu", "cpu"), "num_processes": self.processes,
         }
         if self.probe is not None:
             stats["micro_batch_probe"] = self.probe
