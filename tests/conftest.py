@@ -19,11 +19,12 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # scripts/test.sh runs one worker per core (pytest-xdist): one torch thread each, and in the processes they
     # start (trainers, Dagster step processes inherit it), or the workers' OpenMP threads spin against each other.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-# The modules that take minutes (each builds concepts through every asset), started first so that no worker is
-# left with one of them at the end while the others idle (the order of the rest is pytest's).
-_LONG_FIRST = ("test_training", "test_sdxl", "test_training_speed", "test_retraining", "test_multiprocess_training",
-               "test_gpu_e2e_script", "test_postgres", "test_relocation", "test_validation_steps", "test_recipes",
-               "test_automation", "test_run_monitoring", "test_lora_variants", "test_k8s_trainer")
+# The modules that take longest (most build concepts through every asset or train), longest first, so that no
+# worker is left with one of them at the end while the others idle (the order of the rest is pytest's).
+_LONG_FIRST = ("test_runtime", "test_training", "test_sdxl", "test_multiprocess_training", "test_postgres",
+               "test_gpu_e2e_script", "test_retraining", "test_relocation", "test_validation", "test_automation",
+               "test_multi_concept", "test_k8s_trainer", "test_run_monitoring", "test_embedded", "test_lora_variants",
+               "test_methods", "test_dataset_assets", "test_executor", "test_resolve", "test_plan", "test_recipes")
 
 
 @pytest.fixture(scope="session")
