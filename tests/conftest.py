@@ -109,6 +109,46 @@ def sdxl_pipe(sdxl_ref):
 
 
 @pytest.fixture(scope="session")
+def flow_root(built_models, tmp_path_factory) -> Path:
+    """An artifact root with the session's embedded SD model linked in and the embedded SD 3.x and Flux.1 built once
+    (read-only, as models_root)."""
+    from assets_pipeline.models.embedded import EMBEDDED_FLUX, EMBEDDED_SD3, ensure_embedded
+
+    root = link_models(built_models, tmp_path_factory.mktemp("flow") / "artifacts")
+    for name in (EMBEDDED_SD3, EMBEDDED_FLUX):
+        ensure_embedded(root / "base_models", name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def sd3_ref(flow_root):
+    from assets_pipeline.models.resolve import resolve_base_model
+
+    return resolve_base_model("embedded-sd3", flow_root)
+
+
+@pytest.fixture(scope="session")
+def flux_ref(flow_root):
+    from assets_pipeline.models.resolve import resolve_base_model
+
+    return resolve_base_model("embedded-flux", flow_root)
+
+
+@pytest.fixture(scope="session")
+def sd3_pipe(sd3_ref):
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline.from_pretrained(sd3_ref.location, local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def flux_pipe(flux_ref):
+    from diffusers import FluxPipeline
+
+    return FluxPipeline.from_pretrained(flux_ref.location, local_files_only=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_pipe(embedded_model_dir):
     from diffusers import StableDiffusionPipeline
 
