@@ -42,6 +42,10 @@ class SD3Denoiser:
     # LyCORIS (LoHa/LoKr) files name diffusers' modules with "lycoris_" (SimpleTuner's layout, which ComfyUI reads).
     kohya_lora = None
     kohya_prefix = "lycoris_"
+    # A ControlNet's conditioning: the image's VAE latents, shifted and scaled as the latents are
+    # (train_controlnet_sd3.py / _flux.py), passed to the ControlNet pipeline as ``control_image``.
+    control_latents = True
+    control_image_argument = "control_image"
 
     def predict(self, transformer, noisy, timesteps, embeds, batch: Any, residuals=None):
         return transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=embeds,
@@ -57,11 +61,15 @@ class SD3Denoiser:
         return [s.to(noisy.dtype) for s in samples]
 
     def controlnet_from(self, transformer, vae_scale_factor: int):
-        """A ControlNet from the transformer's first blocks (train_controlnet_sd3.py: ``from_transformer`` with no
-        extra conditioning channels). ``from_transformer`` edits the config it reads: it is given a copy."""
+        """A ControlNet from the transformer's first blocks (train_controlnet_sd3.py: ``from_transformer``, its
+        default 12 blocks and no extra conditioning channels), never the last, context-only block (its text stream
+        ends there, a ControlNet block's does not). ``from_transformer`` edits the config it reads: it is given a
+        copy."""
         from diffusers import SD3ControlNetModel
 
-        return SD3ControlNetModel.from_transformer(_ConfigCopy(transformer), num_extra_conditioning_channels=0)
+        layers = min(12, transformer.config.num_layers - 1)
+        return SD3ControlNetModel.from_transformer(_ConfigCopy(transformer), num_layers=layers,
+                                                   num_extra_conditioning_channels=0)
 
 
 class FluxDenoiser:
@@ -77,6 +85,10 @@ class FluxDenoiser:
     micro_conditioning = False
     kohya_lora = "flux"  # lora_unet_double_blocks_* / single_blocks_* (training/kohya_flux.py)
     kohya_prefix = "lycoris_"
+    # A ControlNet's conditioning: the image's VAE latents, shifted and scaled as the latents are
+    # (train_controlnet_sd3.py / _flux.py), passed to the ControlNet pipeline as ``control_image``.
+    control_latents = True
+    control_image_argument = "control_image"
     guidance_scale = 3.5  # train_dreambooth_lora_flux.py --guidance_scale's default
 
     @staticmethod

@@ -35,6 +35,10 @@ class UNetDenoiser:
     # prefix of its modules in kohya/LyCORIS files (kohya-ss sd-scripts' networks/lora.py).
     kohya_lora = "sd"
     kohya_prefix = "lora_unet_"
+    # A ControlNet's conditioning: the image itself ([0, 1], its own conditioning encoder), passed to the
+    # ControlNet pipeline as ``image`` (train_controlnet.py).
+    control_latents = False
+    control_image_argument = "image"
 
     def __init__(self, micro_conditioning: bool):
         self.micro_conditioning = micro_conditioning

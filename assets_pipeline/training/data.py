@@ -81,6 +81,9 @@ class TrainingData:
         self.max_lengths = tuple(max_lengths)
         # Conditioning images as uint8 ([0, 255]): a quarter of the memory on the device, exact.
         self.control = None if control is None else [(c * 255).round().to(torch.uint8) for c in control]
+        # Conditioning latents instead (encode_control): per bucket, of each image and of its mirror.
+        self.control_latents: list | None = None
+        self.flip_control_latents: list | None = None
         self.is_class = torch.tensor([r == "class" for r in roles])
         # Each row's place in its bucket's tensors, so a batch gathers on the device from the row index alone.
         seen: dict[int, int] = {}
@@ -196,7 +199,7 @@ class TrainingData:
 
     def to(self, device) -> TrainingData:
         """Move every tensor to ``device`` once: no step copies data from the host afterwards."""
-        for name in ("mean", "std", "flip_mean", "flip_std", "control"):
+        for name in ("mean", "std", "flip_mean", "flip_std", "control", "control_latents", "flip_control_latents"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, [t.to(device) for t in value])
@@ -210,6 +213,27 @@ class TrainingData:
             if value is not None:
                 setattr(self, name, tuple(t.to(device) for t in value))
         return self
+
+    def encode_control(self, vae, scaling_factor: float, shift_factor: float | None, batch_size: int = 8) -> None:
+        """Replace the conditioning images by their VAE latents (the latent distribution's mean), shifted and scaled
+        as training latents are: what a latent-conditioned ControlNet (SD 3.x, Flux) takes (train_controlnet_sd3.py
+        encodes ``conditioning_pixel_values`` in [-1, 1] the same way). With flipped latents in the bundle the
+        mirrored images are encoded too, so a flipped row's conditioning is its mirrored image's latent."""
+        import torch
+
+        def encode(images) -> torch.Tensor:
+            out = []
+            with torch.inference_mode():
+                for s in range(0, len(images), batch_size):
+                    x = images[s : s + batch_size].to(vae.device, vae.dtype) / 127.5 - 1.0
+                    mean = vae.encode(x).latent_dist.mean.float()
+                    out.append((mean if shift_factor is None else mean - shift_factor) * scaling_factor)
+            return torch.cat(out).to(self.device)
+
+        self.control_latents = [encode(c) for c in self.control]
+        if self.flip_mean is not None:
+            self.flip_control_latents = [encode(c.flip(-1)) for c in self.control]
+        self.control = None
 
     def tokenize(self, tokenizers) -> None:
         """Token ids of every caption and of "" (caption dropout), once per tokenizer (the family's order), for
@@ -346,6 +370,10 @@ class TrainingData:
             latents = mean + std * eps
             latents = (latents if shift_factor is None else latents - shift_factor) * scaling_factor
             control = None
+            if self.control_latents is not None:  # a flipped latent takes its mirrored image's latent
+                control = self.control_latents[b][pos]
+                if flip is not None:
+                    control = torch.where(flip[:, None, None, None], self.flip_control_latents[b][pos], control)
             if self.control is not None:  # a flipped latent needs its conditioning image flipped with it
                 control = self.control[b][pos]
                 if flip is not None:

@@ -90,6 +90,7 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
     data = TrainingData.from_bundle(job.latents_dir, job.training_images, lambda c: method.training_caption(c, ctx),
                                     control=job.method == "controlnet",
                                     datasets={d.concept: d.latents_dir for d in job.datasets}).to(device)
+    method.prepare_data(models, data, job)
     trainable = method.prepare(models, cfg, ctx)
     if text:
         data.tokenize(models.tokenizers)  # after prepare: textual inversion adds its token there

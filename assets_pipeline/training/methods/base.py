@@ -183,6 +183,10 @@ class Method:
         return caption
 
     # -- training -----------------------------------------------------------------------------------------------
+    def prepare_data(self, models: Models, data, job) -> None:
+        """Anything the method derives from the training data once, with the base model, before the first step
+        (ControlNet on a latent-conditioned family: the conditioning images' latents)."""
+
     def prepare(self, models: Models, cfg: TrainConfig, ctx: TrainContext) -> list:
         """Mark what trains; return the trainable modules (the loop hands them to accelerate)."""
         raise NotImplementedError
