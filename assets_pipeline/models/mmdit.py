@@ -42,6 +42,7 @@ class SD3Denoiser:
     # LyCORIS (LoHa/LoKr) files name diffusers' modules with "lycoris_" (SimpleTuner's layout, which ComfyUI reads).
     kohya_lora = None
     kohya_prefix = "lycoris_"
+    diffusers_lora_keys = False  # PEFT's own key names, as train_dreambooth_lora_sd3.py saves them
     # A ControlNet's conditioning: the image's VAE latents, shifted and scaled as the latents are
     # (train_controlnet_sd3.py / _flux.py), passed to the ControlNet pipeline as ``control_image``.
     control_latents = True
@@ -85,6 +86,7 @@ class FluxDenoiser:
     micro_conditioning = False
     kohya_lora = "flux"  # lora_unet_double_blocks_* / single_blocks_* (training/kohya_flux.py)
     kohya_prefix = "lycoris_"
+    diffusers_lora_keys = False  # PEFT's own key names, as train_dreambooth_lora_flux.py saves them
     # A ControlNet's conditioning: the image's VAE latents, shifted and scaled as the latents are
     # (train_controlnet_sd3.py / _flux.py), passed to the ControlNet pipeline as ``control_image``.
     control_latents = True

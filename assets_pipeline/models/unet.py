@@ -35,6 +35,8 @@ class UNetDenoiser:
     # prefix of its modules in kohya/LyCORIS files (kohya-ss sd-scripts' networks/lora.py).
     kohya_lora = "sd"
     kohya_prefix = "lora_unet_"
+    # Its LoRA saved with diffusers' own key names (``convert_state_dict_to_diffusers``), as the U-Net scripts save.
+    diffusers_lora_keys = True
     # A ControlNet's conditioning: the image itself ([0, 1], its own conditioning encoder), passed to the
     # ControlNet pipeline as ``image`` (train_controlnet.py).
     control_latents = False

@@ -200,7 +200,8 @@ class LoraMethod(Method):
         diffusers_class(models.family.pipeline_class).save_lora_weights(
             out_dir,
             safe_serialization=True,
-            **{f"{denoiser.component}_lora_layers": convert_state_dict_to_diffusers(sds[denoiser.component]),
+            **{f"{denoiser.component}_lora_layers": convert_state_dict_to_diffusers(sds[denoiser.component])
+               if denoiser.diffusers_lora_keys else sds[denoiser.component],
                f"{denoiser.component}_lora_adapter_metadata": models.denoiser.peft_config["default"].to_dict()},
             **te_kwargs,
         )
