@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import gzip
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,12 +152,46 @@ SPECS.update({
         (_clip(32, 2, 4, 37, 32, 49407, "quick_gelu"), {}), ("<|endoftext|>",), _FLUX_SCHEDULER,
         {"image_encoder": None, "feature_extractor": None}),
 })
+# The real sizes of the flow-matching families (random weights, for the GPU benchmarks): FLUX.1-dev's
+# transformer/config.json and SD 3.5 large's, their 16-channel VAE (vae/config.json), CLIP-L, CLIP-G and T5 v1.1
+# XXL's encoder (text_encoder_2/config.json of FLUX.1-dev, text_encoder_3/ of SD 3.5).
+_REAL_VAE_16 = {**_REAL_VAE, "sample_size": 1024, "latent_channels": 16, "use_quant_conv": False,
+                "use_post_quant_conv": False}
+_T5_XXL = {"vocab_size": 32128, "d_model": 4096, "d_ff": 10240, "d_kv": 64, "num_heads": 64, "num_layers": 24,
+           "feed_forward_proj": "gated-gelu", "dense_act_fn": "gelu_new", "is_gated_act": True,
+           "relative_attention_num_buckets": 32, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
+SPECS.update({
+    "flux": Shapes(
+        "flux", 1024,
+        {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+         "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
+         "guidance_embeds": True, "axes_dims_rope": (16, 56, 56)},
+        {**_REAL_VAE_16, **{k: _FLUX_VAE[k] for k in ("shift_factor", "scaling_factor")}},
+        (_clip(768, 12, 12, 4 * 768, 768, 49407, "quick_gelu"), _T5_XXL), ("<|endoftext|>",), _FLUX_SCHEDULER,
+        {"image_encoder": None, "feature_extractor": None}),
+    "sd35": Shapes(  # SD 3.5 large
+        "sd3", 1024,
+        {"sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 38,
+         "attention_head_dim": 64, "num_attention_heads": 38, "joint_attention_dim": 4096,
+         "caption_projection_dim": 2432, "pooled_projection_dim": 2048, "pos_embed_max_size": 192,
+         "qk_norm": "rms_norm"},
+        {**_REAL_VAE_16, **{k: _SD3_VAE[k] for k in ("shift_factor", "scaling_factor")}},
+        (_clip(768, 12, 12, 4 * 768, 768, 49407, "quick_gelu"), _clip(1280, 32, 20, 4 * 1280, 1280, 0, "gelu"),
+         _T5_XXL),
+        ("<|endoftext|>", "!"), _SD3_SCHEDULER, {"image_encoder": None, "feature_extractor": None}),
+})
 SHAPES = tuple(SPECS)
 RESOLUTION = {name: spec.resolution for name, spec in SPECS.items()}
 # Each published model's parameter count per component (what tests/test_embedded_models.py holds the builds to).
 PARAMETERS = {
     "sd15": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
     "sdxl": {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840},
+    # FLUX.1-dev: the 11.9 B transformer, T5 v1.1 XXL's 4.76 B encoder; SD 3.5 large: the "8.1 B" MMDiT, CLIP-L with
+    # its projection, CLIP-G as SDXL's.
+    "flux": {"transformer": 11_901_408_320, "vae": 83_819_683, "text_encoder": 123_060_480,
+             "text_encoder_2": 4_762_310_656},
+    "sd35": {"transformer": 8_056_627_520, "vae": 83_819_683, "text_encoder": 123_650_304,
+             "text_encoder_2": 694_659_840, "text_encoder_3": 4_762_310_656},
 }
 
 # The embedded sources: source -> (the folder it is built into under base_models/, its shapes). Bump the folder
@@ -239,10 +274,12 @@ def _t5_config() -> dict[str, Any]:
             "is_gated_act": True, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0}
 
 
-def build_pipeline(shapes: str, device: str = "cpu", seed: int = _SEED):
+def build_pipeline(shapes: str, device: str = "cpu", seed: int = _SEED, dtype: str | None = None):
     """The pipeline ``shapes`` names, weights initialized directly on ``device`` (seconds on a GPU, minutes for
-    SD 1.5 on a small CPU; ``meta`` allocates nothing). The denoiser is seeded with ``seed``, the VAE with
-    ``seed + 1``, the text encoders with ``seed + 2``, ``seed + 3``."""
+    SD 1.5 on a small CPU; ``meta`` allocates nothing) in ``dtype`` (None: float32; FLUX.1 at its real size is
+    48 GB in float32, 24 in bfloat16). The denoiser is seeded with ``seed``, the VAE with ``seed + 1``, the text
+    encoders with ``seed + 2``, ``seed + 3``."""
+    import contextlib
     import tempfile
 
     import torch
@@ -251,7 +288,7 @@ def build_pipeline(shapes: str, device: str = "cpu", seed: int = _SEED):
     if shapes not in SPECS:
         raise ValueError(f"shapes must be one of {SHAPES}, got {shapes!r}")
     spec, family = SPECS[shapes], FAMILIES[SPECS[shapes].family]
-    with torch.device(device):
+    with torch.device(device), (_default_dtype(getattr(torch, dtype)) if dtype else contextlib.nullcontext()):
         torch.manual_seed(seed)
         denoiser = diffusers_class(family.denoiser.model_class)(**spec.denoiser)
         torch.manual_seed(seed + 1)
@@ -276,6 +313,18 @@ def build_pipeline(shapes: str, device: str = "cpu", seed: int = _SEED):
     scheduler_class, scheduler_args = spec.scheduler
     return diffusers_class(family.pipeline_class)(**parts, scheduler=diffusers_class(scheduler_class)(**scheduler_args),
                                                   **spec.pipeline)
+
+
+@contextmanager
+def _default_dtype(dtype):
+    import torch
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def build_denoiser(shapes: str):
@@ -307,7 +356,7 @@ def write_model_folder(shapes: str, folder: Path, device: str = "cpu", dtype: st
     folder = Path(folder)
     if (folder / "model_index.json").is_file():
         return folder
-    pipe = build_pipeline(shapes, device)
+    pipe = build_pipeline(shapes, device, dtype=None if dtype == "float32" else dtype)
     pipe.to(dtype=getattr(torch, dtype))
     with atomic_dir(folder) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
