@@ -34,7 +34,7 @@ def spec(family: str) -> str:
     return (f'token = "sks"\nclass_noun = "scene"\nmethods = {json.dumps(list(METHODS))}\n'
             f'[base_model]\nsource = "embedded-{family}"\n{latents}'
             f'[lora]\nmax_train_steps = 2\n{lora}'
-            '[dreambooth]\nmax_train_steps = 2\nnum_class_images = 2\n'
+            '[dreambooth]\nmax_train_steps = 2\nnum_class_images = 2\n[class_images]\nnum_inference_steps = 2\n'
             '[textual_inversion]\nmax_train_steps = 2\n[controlnet]\nmax_train_steps = 2\n')
 
 
