@@ -59,20 +59,19 @@ def _summary(res) -> list[str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from assets_pipeline.demo_data import DEMO_CONCEPT, DEMO_SDXL_CONCEPT, demo_sdxl_files, write_demo_concept
+    from assets_pipeline.demo_data import demo_concepts, write_demo_concept
     from assets_pipeline.partitions.concept_spec import load_concept_spec
     from assets_pipeline.resources import BaseModelResource, PipelineStorage
 
     storage = PipelineStorage()
     t0 = time.time()
-    concepts = [DEMO_CONCEPT] + ([] if args.sd1_only else [DEMO_SDXL_CONCEPT])
-    for concept in concepts:
-        folder = write_demo_concept(storage.data_path(), concept,
-                                    demo_sdxl_files() if concept == DEMO_SDXL_CONCEPT else None)
+    concepts = demo_concepts(args.sd1_only)
+    for concept, files in concepts.items():
+        folder = write_demo_concept(storage.data_path(), concept, files)
         ref = BaseModelResource().resolve(storage.artifact_path(), load_concept_spec(folder))
         print(f"demo concept written: {folder}\n  base model {ref.family}: {ref.kind} at {ref.location}, "
               f"fingerprint {ref.fingerprint[:16]}")
-    for concept, res in build_concepts(concepts):
+    for concept, res in build_concepts(list(concepts)):
         print(f"\nmaterialized for concept {concept!r} (run {res.run_id}):")
         print("\n".join(_summary(res)))
         if not res.success:
@@ -284,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="assets-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="write the demo concepts (SD 1.x and SDXL) and materialize every asset for them")
-    demo.add_argument("--sd1-only", action="store_true", help="only the SD 1.x demo concept (skip sample_sdxl)")
+    demo.add_argument("--sd1-only", action="store_true",
+                      help="only the SD 1.x demo concept (skip sample_sdxl and sample_flux)")
     lineage = sub.add_parser("lineage", help="audit lineage: an output's sources, or the outputs of an image")
     lineage.add_argument("direction", choices=["output", "image"],
                          help="output: list the source photos of an output; image: list outputs trained on it")

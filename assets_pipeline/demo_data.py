@@ -38,6 +38,18 @@ methods = ["lora", "dreambooth", "textual_inversion", "controlnet"]
 [base_model]
 source = "embedded-sdxl"
 """
+# The demo's Flux.1 concept: the same good photos on the embedded tiny Flux.1 (a flow-matching transformer with
+# a T5 encoder), all four methods.
+DEMO_FLUX_CONCEPT = "sample_flux"
+DEMO_FLUX_SPEC = """\
+# The demo's Flux.1 concept: the demo photos on the embedded tiny Flux.1 (see assets_pipeline/demo_data.py).
+token = "sks"
+class_noun = "scene"
+methods = ["lora", "dreambooth", "textual_inversion", "controlnet"]
+
+[base_model]
+source = "embedded-flux"
+"""
 
 
 def _skimage(name: str):
@@ -131,6 +143,17 @@ def demo_sdxl_files() -> dict[str, bytes]:
     files = demo_files()
     keep = {*GOOD_PHOTOS, "astronaut.txt"}
     return {"concept.toml": DEMO_SDXL_SPEC.encode(), **{k: v for k, v in files.items() if k in keep}}
+
+
+def demo_flux_files() -> dict[str, bytes]:
+    """The Flux.1 demo concept: the SDXL demo concept's photos and captions on the embedded Flux.1."""
+    return {**demo_sdxl_files(), "concept.toml": DEMO_FLUX_SPEC.encode()}
+
+
+def demo_concepts(sd1_only: bool = False) -> dict[str, dict[str, bytes] | None]:
+    """The demo's concepts and their files (None: :func:`demo_files`), SD 1.x first."""
+    more = {} if sd1_only else {DEMO_SDXL_CONCEPT: demo_sdxl_files(), DEMO_FLUX_CONCEPT: demo_flux_files()}
+    return {DEMO_CONCEPT: None, **more}
 
 
 def write_demo_concept(data_root: Path, name: str = DEMO_CONCEPT, files: dict[str, bytes] | None = None) -> Path:

@@ -58,9 +58,15 @@ VARIANTS = ("reference", *PLAIN, *PERFORMANCE)
 ROWS = 16  # distinct instance (and class) rows in the synthetic bundle
 
 
-SHAPES = ("tiny", "tiny-sdxl", "sd15", "sdxl")
+SHAPES = ("tiny", "tiny-sdxl", "sd15", "sdxl", "tiny-sd3", "tiny-flux", "sd35", "flux")
 SDXL_SHAPES = ("tiny-sdxl", "sdxl")
 SDXL_REFERENCE_METHODS = ("lora", "dreambooth")  # the reference and plain loops' SDXL conditioning is built for these
+# The flow-matching transformers (SD 3.5 large, FLUX.1-dev; tiny-*: the embedded test models): the reference loop
+# is diffusers' train_dreambooth_lora_sd3.py / _flux.py (and their DreamBooth twins); no plain loops.
+FLOW_SHAPES = ("tiny-sd3", "tiny-flux", "sd35", "flux")
+# Dense bf16 tensor-core peaks (NVIDIA's data sheets, without sparsity), matched against the device's name in order.
+BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4), ("A100", 312.0),
+                    ("L40S", 362.1), ("A10G", 70.0))
 
 
 def model_folder(shapes: str, work: Path, device: str) -> tuple[Path, int]:
@@ -68,7 +74,8 @@ def model_folder(shapes: str, work: Path, device: str) -> tuple[Path, int]:
     ``tiny`` / ``tiny-sdxl`` are the embedded test models, ``sd15`` / ``sdxl`` the real sizes (models/embedded.py)."""
     from assets_pipeline.models.embedded import RESOLUTION, write_model_folder
 
-    return write_model_folder(shapes, work / f"model-{shapes}", device=device), RESOLUTION[shapes]
+    dtype = "bfloat16" if shapes in ("sd35", "flux") else "float32"  # FLUX.1 is 48 GB in float32
+    return write_model_folder(shapes, work / f"model-{shapes}", device=device, dtype=dtype), RESOLUTION[shapes]
 
 
 def synthetic_job(method: str, shapes: str, batch: int, steps: int, variant: str, work: Path, device: str,
@@ -78,6 +85,8 @@ def synthetic_job(method: str, shapes: str, batch: int, steps: int, variant: str
     from PIL import Image
     from safetensors.torch import save_file
 
+    from assets_pipeline.models.embedded import SPECS
+    from assets_pipeline.models.families import get_family
     from assets_pipeline.models.resolve import resolve_base_model
     from assets_pipeline.models.unet import sdxl_add_time_ids
     from assets_pipeline.store import record_digest
@@ -88,8 +97,6 @@ def synthetic_job(method: str, shapes: str, batch: int, steps: int, variant: str
     folder, res = model_folder(shapes, work, device)
     ref = resolve_base_model(str(folder), work / "artifacts", res, None, None)
     vae_cfg = json.loads((folder / "vae" / "config.json").read_text())
-    te_cfgs = [json.loads((folder / sub / "config.json").read_text())
-               for sub in ("text_encoder", "text_encoder_2") if (folder / sub).is_dir()]
     side = res // 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     rows, bundle = [], work / f"latents-{shapes}"
     for role in ("instance", "class"):
@@ -104,16 +111,20 @@ def synthetic_job(method: str, shapes: str, batch: int, steps: int, variant: str
         g = torch.Generator().manual_seed(0)
         n = len(rows)
         square = f"{res}x{res}"  # every row in the square bucket (stages/latents.py's bundle layout)
-        tensors = {f"latent_mean@{square}": torch.randn(n, 4, side, side, generator=g),
-                   f"latent_std@{square}": torch.rand(n, 4, side, side, generator=g) * 0.1,
-                   # SDXL: both encoders' hidden states side by side (models/text.py, PenultimateConcat)
-                   "prompt_embeds": torch.randn(n, 77, sum(c["hidden_size"] for c in te_cfgs), generator=g)}
-        if len(te_cfgs) == 2:  # SDXL: the pooled embedding and the micro-conditioning of an uncropped square photo
-            tensors["pooled_prompt_embeds"] = torch.randn(n, te_cfgs[1]["projection_dim"], generator=g)
+        channels = vae_cfg.get("latent_channels", 4)
+        embeds, pooled = text_shapes(shapes)  # one caption's, as the family's encoders give them
+        tensors = {f"latent_mean@{square}": torch.randn(n, channels, side, side, generator=g),
+                   f"latent_std@{square}": torch.rand(n, channels, side, side, generator=g) * 0.1,
+                   "prompt_embeds": torch.randn(n, *embeds, generator=g)}
+        if pooled is not None:  # SDXL, SD 3.x, Flux: the pooled embedding
+            tensors["pooled_prompt_embeds"] = torch.randn(n, *pooled, generator=g)
+        family = get_family(SPECS[shapes].family)
+        if family.micro_conditioning:  # SDXL: the micro-conditioning of an uncropped square photo
             tensors["add_time_ids"] = sdxl_add_time_ids((res, res), (0, 0), (res, res)).repeat(n, 1)
+        meta = {"text_max_lengths": json.dumps(list(family.text_max_lengths()))} if family.has_sequence_length else {}
         save_file(tensors, str(bundle / "latents.safetensors"),
                   metadata={"image_sha256": json.dumps([r.image_sha256 for r in rows]),
-                            "role": json.dumps([r.role for r in rows]), "bucket": json.dumps([square] * n)})
+                            "role": json.dumps([r.role for r in rows]), "bucket": json.dumps([square] * n), **meta})
         record_digest(bundle / "latents.safetensors")  # trainers refuse a bundle without its digest
         for i in range(ROWS):
             Image.effect_noise((res, res), 64).convert("RGB").save(bundle / f"control-{i}.png")
@@ -127,6 +138,65 @@ def synthetic_job(method: str, shapes: str, batch: int, steps: int, variant: str
                     performance=Performance.from_dict({**PERFORMANCE[variant], "micro_batch": "configured",
                                                        **(performance or {})}),
                     cache_dir=str(work / f"cache-{method}-{batch}"))
+
+
+def meta_pipeline(shapes: str):
+    """The pipeline of ``shapes`` on PyTorch's meta device: its shapes, nothing allocated."""
+    from assets_pipeline.models.embedded import build_pipeline
+
+    return build_pipeline(shapes, "meta")
+
+
+def text_shapes(shapes: str, pipe=None) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """One caption's prompt embedding shape and pooled embedding shape (None without one), as the family's text
+    encoding gives them at its default T5 length (a meta-device forward: no weights)."""
+    import torch
+
+    from assets_pipeline.models.embedded import SPECS
+    from assets_pipeline.models.families import get_family
+    from assets_pipeline.models.text import tokenize
+
+    pipe = pipe or meta_pipeline(shapes)
+    family = get_family(SPECS[shapes].family)
+    ids = tokenize([getattr(pipe, e.tokenizer) for e in family.text_encoders], ["a photo of sks dog"],
+                   family.text_max_lengths())
+    with torch.device("meta"):
+        embeds, pooled = family.encode_prompt([getattr(pipe, e.component) for e in family.text_encoders],
+                                              [i.to("meta") for i in ids])
+    return tuple(embeds.shape[1:]), (tuple(pooled.shape[1:]) if pooled is not None else None)
+
+
+def denoiser_flops_per_image(shapes: str, method: str) -> float | None:
+    """Model FLOPs of one training image through the denoiser: its forward counted by ``FlopCounterMode`` on the
+    meta device at the training resolution, times 2 where the base is frozen (LoRA: the backward computes the
+    activations' gradients) or 3 where it trains (DreamBooth: the weights' gradients too). None for the methods
+    whose trained network is not the denoiser (textual inversion, ControlNet)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from assets_pipeline.models.embedded import RESOLUTION, SPECS
+    from assets_pipeline.models.families import get_family
+
+    if method not in ("lora", "dreambooth"):
+        return None
+    pipe = meta_pipeline(shapes)
+    family = get_family(SPECS[shapes].family)
+    embeds, pooled = text_shapes(shapes, pipe)
+    side = RESOLUTION[shapes] // pipe.vae_scale_factor
+    channels = pipe.vae.config.latent_channels
+    denoiser = getattr(pipe, family.denoiser.component)
+    with torch.device("meta"):
+        batch = type("Batch", (), {"pooled_embeds": torch.zeros(1, *pooled) if pooled else None,
+                                   "time_ids": torch.zeros(1, 6)})()
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            family.denoiser.predict(denoiser, torch.zeros(1, channels, side, side), torch.tensor([500.0]),
+                                    torch.zeros(1, *embeds), batch)
+    return counter.get_total_flops() * (3 if method == "dreambooth" else 2)
+
+
+def bf16_peak_tflops(device_name: str) -> float | None:
+    return next((peak for name, peak in BF16_PEAK_TFLOPS if name in device_name), None)
 
 
 def run_project(method, shapes, batch, steps, variant, work: Path, device: str, performance: dict | None = None,
@@ -291,6 +361,104 @@ def run_reference(method, shapes, batch, steps, work: Path, device: str, variant
             "precision": str(dtype).removeprefix("torch."), "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
 
+def run_reference_flow(method, shapes, batch, steps, work: Path, device: str) -> dict:
+    """The loop of diffusers' train_dreambooth_lora_flux.py / train_dreambooth_lora_sd3.py (LoRA) and
+    train_dreambooth_flux.py / train_dreambooth_sd3.py (DreamBooth, prior preservation: 2 x batch rows), each step
+    as they run it with per-image captions (``custom_instance_prompts``): the VAE encodes the pixels
+    (``(latent - shift_factor) x scaling_factor``), every text encoder (CLIP and T5, at the family's T5 length)
+    encodes the captions, timesteps from ``compute_density_for_timestep_sampling`` (the script's default
+    weighting: Flux ``none``, SD 3 ``logit_normal``), ``(1 - sigma) x latents + sigma x noise``, the transformer's
+    prediction (Flux: packed latents, position ids, guidance 3.5), ``compute_loss_weighting_for_sd3``, MSE against
+    ``noise - latents`` (SD 3: ``--precondition_outputs``, against the latents), backward, clip, AdamW, the loss
+    read. Weights in bf16 on CUDA (the scripts' ``--mixed_precision bf16``), LoRA's parameters in fp32 (their
+    ``cast_training_params``); DreamBooth trains the transformer in fp32 under autocast as those scripts do."""
+    import torch
+    from diffusers.training_utils import (cast_training_params, compute_density_for_timestep_sampling,
+                                          compute_loss_weighting_for_sd3)
+    from peft import LoraConfig
+
+    from assets_pipeline.models.embedded import SPECS
+    from assets_pipeline.models.families import diffusers_class, get_family
+    from assets_pipeline.models.text import tokenize
+
+    if method not in SDXL_REFERENCE_METHODS:
+        raise ValueError(f"the reference loop for {shapes} is built for {SDXL_REFERENCE_METHODS}, not {method}")
+    cuda = device == "cuda"
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    family = get_family(SPECS[shapes].family)
+    flux = family.name == "flux"
+    folder, res = model_folder(shapes, work, device)
+    pipe = diffusers_class(family.pipeline_class).from_pretrained(folder, torch_dtype=dtype)
+    transformer, vae, scheduler = pipe.transformer, pipe.vae, pipe.scheduler
+    encoders = [getattr(pipe, e.component) for e in family.text_encoders]
+    tokenizers = [getattr(pipe, e.tokenizer) for e in family.text_encoders]
+    for module in (vae, *encoders):
+        module.requires_grad_(False).to(device, dtype)
+    if method == "lora":
+        transformer.requires_grad_(False).to(device, dtype)
+        transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                           target_modules=list(family.denoiser.lora_targets)))
+        cast_training_params(transformer, dtype=torch.float32)
+    else:
+        transformer.requires_grad_(True).to(device, torch.float32)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    weighting = "none" if flux else "logit_normal"
+    rows = 2 * batch if method == "dreambooth" else batch
+    g = torch.Generator(device).manual_seed(0)
+    pixels = torch.rand(rows, 3, res, res, device=device, generator=g, dtype=dtype) * 2 - 1
+    captions = [f"a photo of sks dog {i}" for i in range(rows)]
+    shift = vae.config.shift_factor or 0.0
+
+    def step():
+        with torch.no_grad():
+            latents = (vae.encode(pixels).latent_dist.sample() - shift) * vae.config.scaling_factor
+            ids = [t.to(device) for t in tokenize(tokenizers, captions, family.text_max_lengths())]
+            embeds, pooled = family.encode_prompt(encoders, ids)
+        latents = latents.to(dtype)
+        noise = torch.randn_like(latents)
+        u = compute_density_for_timestep_sampling(weighting, rows, logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
+        indices = (u * scheduler.config.num_train_timesteps).long()
+        timesteps = scheduler.timesteps[indices].to(device)
+        sigmas = scheduler.sigmas.to(device, latents.dtype)[indices].reshape(-1, 1, 1, 1)
+        noisy = (1.0 - sigmas) * latents + sigmas * noise
+        batch_ = type("Batch", (), {"pooled_embeds": pooled})()
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            pred = family.denoiser.predict(transformer, noisy, timesteps, embeds.to(dtype), batch_)
+        if flux:
+            target = noise - latents
+        else:  # --precondition_outputs
+            pred, target = pred * (-sigmas) + noisy, latents
+        weights = compute_loss_weighting_for_sd3(weighting, sigmas)
+        per_row = (weights.float() * (pred.float() - target.float()) ** 2).reshape(rows, -1).mean(1)
+        if method == "dreambooth":  # instance half + prior half (prior_loss_weight 1)
+            loss = per_row[:batch].mean() + per_row[batch:].mean()
+        else:
+            loss = per_row.mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach().item()
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+    warmup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    return {"images_per_s": round(rows * steps / elapsed, 2), "warmup_s": round(warmup, 2),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+            "precision": str(dtype).removeprefix("torch."), "device": torch.cuda.get_device_name() if cuda else "cpu"}
+
+
 def run_one(args) -> dict:
     import resource
 
@@ -302,7 +470,9 @@ def run_one(args) -> dict:
     method, variant, batch = args.one.split(",")
     batch = int(batch)
     work = Path(args.workdir)
-    if variant == "reference" or variant in PLAIN:
+    if variant == "reference" and args.shapes in FLOW_SHAPES:
+        out = run_reference_flow(method, args.shapes, batch, args.steps, work, device)
+    elif variant == "reference" or variant in PLAIN:
         out = run_reference(method, args.shapes, batch, args.steps, work, device, variant)
     else:
         out = run_project(method, args.shapes, batch, args.steps, variant, work, device,
@@ -311,7 +481,8 @@ def run_one(args) -> dict:
             variant = f"{variant}[{','.join(args.performance)}]"
     if out["peak_mem_gib"] is None:  # CPU: the process's peak RSS (torch and the libraries included)
         out["peak_mem_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-    return {"method": method, "variant": variant, "batch": batch, "shapes": args.shapes, "steps": args.steps, **out}
+    return {"method": method, "variant": variant, "batch": batch, "shapes": args.shapes, "steps": args.steps,
+            "flops_per_image": denoiser_flops_per_image(args.shapes, method), **out}
 
 
 def parse_settings(pairs: list[str] | None) -> dict:
@@ -332,23 +503,33 @@ def parse_settings(pairs: list[str] | None) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'method':<18} {'batch':>5} {'variant':<22} {'img/s':>8} {'x ref':>6} {'peak GiB':>9} {'warmup s':>9}"]
+    """The runs side by side: img/s, the ratio to the reference loop, peak memory, warm-up, and where the
+    denoiser's FLOPs per image are known, the model TFLOP/s reached and their share of the card's bf16 peak."""
+    lines = [f"{'method':<18} {'batch':>5} {'variant':<22} {'img/s':>8} {'x ref':>6} {'peak GiB':>9} {'warmup s':>9}"
+             f" {'TFLOP/s':>8} {'% peak':>7}"]
     several = len({r.get("shapes") for r in rows}) > 1  # runs of several model sizes: the method says which
     for r in rows:
         ref = next((x for x in rows if x["method"] == r["method"] and x["batch"] == r["batch"]
                     and x.get("shapes") == r.get("shapes") and x["variant"] == "reference"), None)
         ratio = f"{r['images_per_s'] / ref['images_per_s']:.2f}" if ref and r["images_per_s"] else "-"
         method = f"{r['method']} ({r.get('shapes')})" if several else r["method"]
+        tflops = share = "-"
+        if r.get("flops_per_image") and r["images_per_s"]:
+            achieved = r["flops_per_image"] * r["images_per_s"] / 1e12
+            tflops = f"{achieved:.3g}"
+            if peak := bf16_peak_tflops(r.get("device", "")):
+                share = f"{100 * achieved / peak:.1f}"
         lines.append(f"{method:<18} {r['batch']:>5} {r['variant']:<22} {r['images_per_s'] or '-':>8} {ratio:>6} "
-                     f"{r['peak_mem_gib']:>9} {r['warmup_s']:>9}")
+                     f"{r['peak_mem_gib']:>9} {r['warmup_s']:>9} {tflops:>8} {share:>7}")
     return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", choices=SHAPES, default="tiny",
-                    help="tiny / tiny-sdxl: the embedded test models (CPU); sd15 / sdxl: SD 1.5 / SDXL base 1.0 "
-                         "sizes at 512 / 1024 px (GPU)")
+                    help="tiny / tiny-sdxl / tiny-sd3 / tiny-flux: the embedded test models (CPU); sd15 / sdxl / "
+                         "sd35 / flux: SD 1.5 / SDXL base 1.0 / SD 3.5 large / FLUX.1-dev sizes at 512 / 1024 px "
+                         "(GPU; random weights, the model folder written once in bf16)")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16])
     ap.add_argument("--variants", nargs="+", choices=VARIANTS,
@@ -371,7 +552,11 @@ def main() -> int:
     args = ap.parse_args()
     loops = [v for v in args.variants if v == "reference" or v in PLAIN]
     other = [m for m in args.methods if m not in SDXL_REFERENCE_METHODS]
-    if args.shapes in SDXL_SHAPES and loops and other and not (args.one or args.table_from):
+    plain = [v for v in args.variants if v in PLAIN]
+    if args.shapes in FLOW_SHAPES and plain and not args.table_from:
+        ap.error(f"--shapes {args.shapes}: the {'/'.join(plain)} loops are built for the U-Net families; compare "
+                 "the flow-matching transformers' project variants with the reference loop")
+    if args.shapes in (*SDXL_SHAPES, *FLOW_SHAPES) and loops and other and not (args.one or args.table_from):
         ap.error(f"--shapes {args.shapes}: the {'/'.join(loops)} loops are built for "
                  f"{', '.join(SDXL_REFERENCE_METHODS)} only, not {', '.join(other)}; run those methods with the "
                  "project's variants alone")

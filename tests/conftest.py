@@ -21,7 +21,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The modules that take longest (most build concepts through every asset or train), longest first, so that no
 # worker is left with one of them at the end while the others idle (the order of the rest is pytest's).
-_LONG_FIRST = ("test_runtime", "test_training", "test_sdxl", "test_multiprocess_training", "test_postgres",
+_LONG_FIRST = ("test_runtime", "test_training", "test_flow", "test_sdxl", "test_multiprocess_training", "test_postgres",
                "test_gpu_e2e_script", "test_retraining", "test_relocation", "test_validation", "test_automation",
                "test_multi_concept", "test_k8s_trainer", "test_run_monitoring", "test_embedded", "test_lora_variants",
                "test_methods", "test_dataset_assets", "test_executor", "test_resolve", "test_plan", "test_recipes")
@@ -50,7 +50,8 @@ def embedded_model_dir(built_models) -> Path:
 
 
 def link_models(built_models: Path, root: Path) -> Path:
-    """A fresh artifact root (empty caches) with the session's built models hard-linked in."""
+    """A fresh artifact root (empty caches) with the session's built models hard-linked in (those of
+    ``built_models``, or of another root that holds base_models/, e.g. :func:`flow_root`)."""
     shutil.copytree(built_models / "base_models", root / "base_models", copy_function=os.link,
                     ignore=shutil.ignore_patterns(".fingerprints"))
     return root
@@ -106,6 +107,46 @@ def sdxl_pipe(sdxl_ref):
     from diffusers import StableDiffusionXLPipeline
 
     return StableDiffusionXLPipeline.from_pretrained(sdxl_ref.location, local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def flow_root(built_models, tmp_path_factory) -> Path:
+    """An artifact root with the session's embedded SD model linked in and the embedded SD 3.x and Flux.1 built once
+    (read-only, as models_root)."""
+    from assets_pipeline.models.embedded import EMBEDDED_FLUX, EMBEDDED_SD3, ensure_embedded
+
+    root = link_models(built_models, tmp_path_factory.mktemp("flow") / "artifacts")
+    for name in (EMBEDDED_SD3, EMBEDDED_FLUX):
+        ensure_embedded(root / "base_models", name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def sd3_ref(flow_root):
+    from assets_pipeline.models.resolve import resolve_base_model
+
+    return resolve_base_model("embedded-sd3", flow_root)
+
+
+@pytest.fixture(scope="session")
+def flux_ref(flow_root):
+    from assets_pipeline.models.resolve import resolve_base_model
+
+    return resolve_base_model("embedded-flux", flow_root)
+
+
+@pytest.fixture(scope="session")
+def sd3_pipe(sd3_ref):
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline.from_pretrained(sd3_ref.location, local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def flux_pipe(flux_ref):
+    from diffusers import FluxPipeline
+
+    return FluxPipeline.from_pretrained(flux_ref.location, local_files_only=True)
 
 
 @pytest.fixture(scope="session")

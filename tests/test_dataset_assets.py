@@ -177,7 +177,13 @@ def test_latent_bundle_covers_the_quality_subset(demo):
     instance = [s for s, r in zip(bundle.image_sha256, bundle.roles) if r == "instance"]
     assert sorted(instance) == sorted(scores.loc[scores["in_subset"], "image_sha256"])
     latents = sum(len(bundle.latents("latent_mean", b)) for b in bundle.sizes)  # one tensor per bucket
-    assert latents == len(bundle.image_sha256) == bundle.tensors["prompt_embeds"].shape[0]
+    assert latents == len(bundle.image_sha256) == len(bundle.text_rows()) == bundle.per_row("prompt_embeds").shape[0]
+    # Each distinct caption's embedding once (the class images share theirs), each row pointing at its caption's.
+    captions = list(read_table(demo.asset_dir("vae_latents") / "index.parquet")["caption"])
+    assert bundle.tensors["prompt_embeds"].shape[0] == len(set(captions)) < len(captions)
+    rows = bundle.text_rows().tolist()
+    assert all((rows[i] == rows[j]) == (captions[i] == captions[j])
+               for i in range(len(rows)) for j in range(len(rows)))
     assert len(bundle.sizes) == demo.runs[-1].metadata["vae_latents"]["bucket_count"] > 1  # the demo's shapes vary
     assert bundle.meta["resolution"] == demo.runs[-1].metadata["vae_latents"]["resolution"]
 

@@ -107,3 +107,47 @@ def test_sdxl_single_file_round_trip(sdxl_ref, sdxl_pipe, embedded_model_dir, tm
         with torch.no_grad():
             for n in components:
                 getattr(sdxl_pipe, n).load_state_dict(original[n])
+
+
+def test_flow_folders_detected_by_their_transformer(sd3_ref, flux_ref, tmp_path):
+    """A folder with transformer/ instead of unet/: the transformer's class names the family, the pipeline class in
+    model_index.json must agree with it, and such a model is recorded as predicting the flow."""
+    assert (sd3_ref.family, sd3_ref.prediction_type, sd3_ref.kind) == ("sd3", "flow", "embedded")
+    assert (flux_ref.family, flux_ref.prediction_type) == ("flux", "flow")
+    copy = resolve_base_model(str(edited_copy(Path(flux_ref.location), tmp_path / "flux", {})), tmp_path / "art")
+    assert (copy.kind, copy.family, copy.resolution) == ("folder", "flux", 1024)  # the family's default size
+
+    mixed = edited_copy(Path(flux_ref.location), tmp_path / "mixed",
+                        {"model_index.json": {"_class_name": "StableDiffusion3Pipeline"}})
+    with pytest.raises(ValueError, match=r"names StableDiffusion3Pipeline, but .*transformer/config.json is a "
+                                         r"FluxTransformer2DModel \(FluxPipeline's transformer\)"):
+        resolve_base_model(str(mixed), tmp_path / "art")
+    unknown = edited_copy(Path(sd3_ref.location), tmp_path / "qwen",
+                          {"transformer/config.json": {"_class_name": "QwenImageTransformer2DModel"}})
+    with pytest.raises(ValueError, match=r"class 'QwenImageTransformer2DModel'; the families trained here have "
+                                         r"\['FluxTransformer2DModel', 'SD3Transformer2DModel'\]"):
+        resolve_base_model(str(unknown), tmp_path / "art")
+
+
+def test_flow_checkpoints_detected_by_their_blocks(tmp_path):
+    """Original-layout files: Black Forest Labs' Flux (double_blocks, with guidance_in on dev), Stability's SD 3.x
+    (model.diffusion_model.joint_blocks): diffusers' own model types, or the layout's prefix for a small model."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+    from safetensors.torch import save_file
+
+    from assets_pipeline.models.detect import CheckpointKeys
+
+    flux = {"double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(8),
+            "double_blocks.0.img_attn.qkv.weight": torch.zeros(96, 32), "guidance_in.in_layer.bias": torch.zeros(32),
+            "img_in.weight": torch.zeros(32, 64)}
+    save_file(flux, str(tmp_path / "flux1-dev.safetensors"))
+    assert infer_diffusers_model_type(CheckpointKeys.read(tmp_path / "flux1-dev.safetensors")) == "flux-dev"
+    assert detect_checkpoint_family(tmp_path / "flux1-dev.safetensors").name == "flux"
+    sd3 = {"model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias": torch.zeros(4 * 32),
+           "model.diffusion_model.x_embedder.proj.weight": torch.zeros(32, 16, 2, 2)}
+    save_file(sd3, str(tmp_path / "sd3-tiny.safetensors"))
+    assert detect_checkpoint_family(tmp_path / "sd3-tiny.safetensors").name == "sd3"
+    # Flux Fill (384 input channels: image, mask and latents) is a Flux model this pipeline does not train.
+    save_file({**flux, "img_in.weight": torch.zeros(3072, 384)}, str(tmp_path / "fill.safetensors"))
+    with pytest.raises(ValueError, match="model type 'flux-fill'; this pipeline trains"):
+        detect_checkpoint_family(tmp_path / "fill.safetensors")

@@ -50,6 +50,36 @@ def test_real_size_models_have_the_published_shapes_and_run_a_forward(shapes):
     assert pred.shape == latents.shape and pred.device.type == "meta"
 
 
+@pytest.mark.parametrize("shapes", ["flux", "sd35"])
+def test_real_size_flow_models_have_the_published_shapes_and_run_a_training_forward(shapes):
+    """FLUX.1-dev and SD 3.5 large at their real sizes: each component's parameter count, the family's text
+    encoding (T5 at its full sequence length) and its denoiser's training call at 1024 px, on the meta device."""
+    import torch
+
+    from assets_pipeline.models.embedded import PARAMETERS, SPECS, build_pipeline
+    from assets_pipeline.models.families import get_family
+    from assets_pipeline.models.text import tokenize
+
+    pipe = build_pipeline(shapes, "meta")
+    counts = {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in PARAMETERS[shapes]}
+    assert counts == PARAMETERS[shapes]
+    family = get_family(SPECS[shapes].family)
+    encoders = [getattr(pipe, e.component) for e in family.text_encoders]
+    tokenizers = [getattr(pipe, e.tokenizer) for e in family.text_encoders]
+    res = RESOLUTION[shapes]
+    with torch.device("meta"):
+        latents = pipe.vae.encode(torch.randn(1, 3, res, res)).latent_dist.mean
+        assert latents.shape == (1, 16, res // 8, res // 8)
+        ids = [t.to("meta") for t in tokenize(tokenizers, ["a photo of sks dog"], family.text_max_lengths())]
+        embeds, pooled = family.encode_prompt(encoders, ids)
+        t5 = family.text_max_lengths()[-1]
+        assert embeds.shape == (1, t5 + (77 if shapes == "sd35" else 0), 4096)
+        assert pooled.shape == (1, 2048 if shapes == "sd35" else 768)
+        batch = type("Batch", (), {"pooled_embeds": pooled})()
+        pred = family.denoiser.predict(pipe.transformer, latents, torch.tensor([500.0]), embeds, batch)
+    assert pred.shape == latents.shape and pred.device.type == "meta"
+
+
 def test_embedded_build_is_byte_identical_across_builds(embedded_model_dir, tmp_path):
     second = ensure_embedded(tmp_path / "base_models")
     first_files, second_files = files_of(embedded_model_dir), files_of(second)

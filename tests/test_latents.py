@@ -115,7 +115,9 @@ def test_stored_dtype(items, encoders, tmp_path):
     index = compute_latents(items, encoders, RES, LatentConfig(dtype="float16"), lat, txt)
     out = tmp_path / "half.safetensors"
     write_latent_bundle(index, lat, txt, out, {}, encoders.family)
-    assert {t.dtype for t in load_latent_bundle(out).tensors.values()} == {torch.float16}
+    tensors = load_latent_bundle(out).tensors
+    assert {t.dtype for name, t in tensors.items() if name != "text_index"} == {torch.float16}
+    assert tensors["text_index"].dtype == torch.long
 
 
 def test_cache_keys_change_with_every_input(encoders):

@@ -4,8 +4,10 @@ identical), and renders use the scheduler diffusers' training scripts validate w
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from conftest import link_models
 
@@ -39,18 +41,28 @@ def test_base_render_is_cached_and_identical_to_a_fresh_render(built_models, tmp
                 BaseRenders(replace(ref, fingerprint="0" * 64), "cpu", None).key(pairs, 0, 64, 2)}) == 4
 
 
-def test_validation_renders_with_dpm_solver_built_from_the_models_scheduler():
-    from types import SimpleNamespace
-
-    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
+def test_validation_renders_with_the_familys_scheduler(tiny_pipe, flux_pipe):
+    """The DDPM families render with DPM-Solver++ built from the model's scheduler config; the flow-matching ones
+    keep their pipeline's flow-matching Euler scheduler."""
+    from diffusers import (
+        DDPMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline, PNDMScheduler,
+        StableDiffusionPipeline,
+    )
 
     from assets_pipeline.training.render import use_validation_scheduler
 
-    pipe = SimpleNamespace(scheduler=PNDMScheduler(prediction_type="v_prediction", beta_schedule="scaled_linear"))
+    pipe = StableDiffusionPipeline(**{**tiny_pipe.components, "scheduler": PNDMScheduler(
+        prediction_type="v_prediction", beta_schedule="scaled_linear")})
     use_validation_scheduler(pipe)
     assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert pipe.scheduler.config.beta_schedule == "scaled_linear"
-    learned = SimpleNamespace(scheduler=DDPMScheduler(variance_type="learned_range"))
+    learned = StableDiffusionPipeline(**{**tiny_pipe.components, "scheduler": DDPMScheduler(
+        variance_type="learned_range")})
     use_validation_scheduler(learned)  # as train_dreambooth_lora.py: a learned variance is rendered fixed_small
     assert learned.scheduler.config.variance_type == "fixed_small"
+    flux = FluxPipeline(**flux_pipe.components)
+    use_validation_scheduler(flux)
+    assert type(flux.scheduler) is FlowMatchEulerDiscreteScheduler and flux.scheduler is flux_pipe.scheduler
+    with pytest.raises(TypeError, match="SimpleNamespace is not the pipeline of any family"):
+        use_validation_scheduler(SimpleNamespace(scheduler=PNDMScheduler()))

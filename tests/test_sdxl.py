@@ -87,8 +87,13 @@ def test_the_sdxl_bundle_holds_pooled_embeds_and_the_time_ids_of_each_rows_crop(
     assert sdxl_build.mats["vae_latents"]["bucket_count"].value == 3
     n = len(index)
     assert set(index["role"]) == {"instance", "class"}
-    assert bundle.tensors["prompt_embeds"].shape == (n, 77, 32 + 64)  # both encoders' widths, concatenated
-    assert bundle.tensors["pooled_prompt_embeds"].shape == (n, 32)  # the projected encoder's projection_dim
+    # Each distinct caption once: the photos' captions and the class images' one prompt.
+    distinct = index["caption"].nunique()
+    assert distinct < n and bundle.text_rows().tolist() == [list(dict.fromkeys(index["caption"])).index(c)
+                                                            for c in index["caption"]]
+    assert bundle.tensors["prompt_embeds"].shape == (distinct, 77, 32 + 64)  # both encoders' widths, concatenated
+    assert bundle.tensors["pooled_prompt_embeds"].shape == (distinct, 32)  # the projected encoder's projection_dim
+    assert bundle.per_row("prompt_embeds").shape == (n, 77, 32 + 64)
     expected = torch.tensor([[r.original_height, r.original_width, r.crop_top, r.crop_left, r.bucket_height,
                               r.bucket_width] for r in index.itertuples()])
     assert torch.equal(bundle.tensors["add_time_ids"], expected)
@@ -111,10 +116,11 @@ def test_the_sdxl_text_embedding_is_what_the_sdxl_pipeline_encodes(sdxl_build):
     pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_build.ref.location, local_files_only=True)
     row = 0
     embeds, _, pooled, _ = pipe.encode_prompt(index["caption"][row], do_classifier_free_guidance=False)
-    torch.testing.assert_close(bundle.tensors["prompt_embeds"][row], embeds[0].float())
-    torch.testing.assert_close(bundle.tensors["pooled_prompt_embeds"][row], pooled[0].float())
+    prompt_embeds, pooled_embeds = bundle.per_row("prompt_embeds"), bundle.per_row("pooled_prompt_embeds")
+    torch.testing.assert_close(prompt_embeds[row], embeds[0].float())
+    torch.testing.assert_close(pooled_embeds[row], pooled[0].float())
     other = next(i for i, c in enumerate(index["caption"]) if c != index["caption"][row])
-    assert not torch.equal(bundle.tensors["pooled_prompt_embeds"][other], bundle.tensors["pooled_prompt_embeds"][row])
+    assert not torch.equal(pooled_embeds[other], pooled_embeds[row])
 
 
 @pytest.mark.slow

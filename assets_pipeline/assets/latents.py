@@ -68,10 +68,17 @@ def vae_latents(
         else:
             write_latent_bundle(index, latent_cache, text_cache, tmp / "latents.safetensors", {
                 "resolution": resolution, "scaling_factor": enc.scaling_factor,
+                # The flow-matching families' (their VAE's latent shift; the T5 tokens each caption was encoded at).
+                **({"shift_factor": enc.shift_factor} if enc.shift_factor is not None else {}),
+                **({"text_max_lengths": list(enc.family.text_max_lengths(cfg.max_sequence_length))}
+                   if enc.family.has_sequence_length else {}),
                 "base_model_fingerprint": ref.fingerprint, "vae_fingerprint": enc.vae_fingerprint,
                 "text_fingerprint": enc.text_fingerprint,
             }, enc.family, center_crop=cfg.center_crop)
     buckets = bucket_counts(index)
+    # What the text cache holds for this concept: one entry per distinct caption (T5's are the big ones).
+    texts = set(index["text_key"]) | set(index["empty_text_key"].dropna())
+    text_bytes = sum(text_cache.path(k).stat().st_size for k in texts)
     return result(out, table_version(index, ["image_sha256", "role", "latent_key", "text_key"]), len(index), {
         "latents_computed": latent_cache.computed, "latents_cached": latent_cache.cached,
         "text_embeds_computed": text_cache.computed, "text_embeds_cached": text_cache.cached,
@@ -79,6 +86,9 @@ def vae_latents(
         "items_cached": latent_cache.cached + text_cache.cached,
         "items_discarded_corrupt": len(latent_cache.discarded) + len(text_cache.discarded), **restored,
         "bundle_reused": unchanged,
+        "distinct_captions": len(set(index["text_key"])),
+        "text_embeds_bytes": dg.MetadataValue.int(text_bytes),
+        "bundle_bytes": dg.MetadataValue.int((out / "latents.safetensors").stat().st_size),
         "resolution": resolution,
         "buckets": dg.MetadataValue.md(buckets.to_markdown(index=False)),
         "bucket_count": len(buckets),

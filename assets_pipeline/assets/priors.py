@@ -44,7 +44,8 @@ def class_images(
     # accelerator.torch_device() imports torch: only where there are images to make
     df = (generate_class_images(lambda dtype: load_pipeline(ref, torch_dtype=dtype), ref.fingerprint, prompt, count,
                                 ref.resolution, cfg, cache, quick=ref.is_random, device=accelerator.torch_device(),
-                                progress=lambda done, total: context.log.info(f"class images: {done}/{total}"))
+                                progress=lambda done, total: context.log.info(f"class images: {done}/{total}"),
+                                family=ref.model_family)
           if count else pd.DataFrame(columns=CLASS_IMAGE_COLUMNS))
     out = layout.asset_dir(concept, "class_images")
     with atomic_dir(out) as tmp:

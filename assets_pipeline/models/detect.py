@@ -32,24 +32,44 @@ def read_prediction_type(folder: Path) -> str:
 
 
 def detect_folder_family(folder: Path) -> tuple[ModelFamily, str]:
-    """(family, prediction_type) of a diffusers pipeline folder, from model_index.json, unet/config.json and
-    scheduler/scheduler_config.json alone."""
+    """(family, prediction_type) of a diffusers pipeline folder, from model_index.json, the denoiser's config
+    (unet/ or transformer/) and scheduler/scheduler_config.json alone."""
     folder = Path(folder)
     class_name = _read_json(folder / "model_index.json").get("_class_name")
     unet_path = folder / "unet" / "config.json"
+    if not unet_path.is_file() and (folder / "transformer").is_dir():
+        return _transformer_family(folder, class_name)
     unet = _read_json(unet_path)
+    u_nets = [f for f in FAMILIES.values() if f.denoiser.component == "unet"]
     # SDXL's U-Net config says addition_embed_type = "text_time": it takes the micro-conditioning.
     micro = unet.get("addition_embed_type") == "text_time"
-    named_micro = any(f.micro_conditioning and f.pipeline_class == class_name for f in FAMILIES.values())
+    named_micro = any(f.micro_conditioning and f.pipeline_class == class_name for f in u_nets)
     if named_micro and not micro:
         raise ValueError(f"{folder}: model_index.json names {class_name}, but {unet_path} has addition_embed_type "
                          f"= {unet.get('addition_embed_type')!r}, not 'text_time' as that pipeline's U-Net needs")
-    candidates = [f for f in FAMILIES.values() if f.micro_conditioning == micro]
+    candidates = [f for f in u_nets if f.micro_conditioning == micro]
     # Families with the same conditioning differ in their text encoders' width (SD 1.x: 768, SD 2.x: 1024); a
     # width no published model has (the embedded tiny model's 32) is the first such family's: SD 1.x.
     width = unet.get("cross_attention_dim")
     family = next((f for f in candidates if f.cross_attention_dim == width), candidates[0])
     return family, read_prediction_type(folder)
+
+
+def _transformer_family(folder: Path, class_name: str | None) -> tuple[ModelFamily, str]:
+    """A flow-matching family's folder: its transformer's class (transformer/config.json) names the family, and the
+    pipeline class model_index.json names must agree; such a model predicts the flow (no prediction_type)."""
+    path = folder / "transformer" / "config.json"
+    transformer = _read_json(path).get("_class_name")
+    family = next((f for f in FAMILIES.values() if f.denoiser.model_class == transformer), None)
+    if family is None:
+        known = sorted(f.denoiser.model_class for f in FAMILIES.values() if f.denoiser.component == "transformer")
+        raise ValueError(f"{path}: a transformer of class {transformer!r}; the families trained here have {known}")
+    named = [f for f in FAMILIES.values() if f.pipeline_class == class_name]
+    if named and family not in named:
+        raise ValueError(f"{folder}: model_index.json names {class_name}, but {path} is a {transformer} "
+                         f"({family.pipeline_class}'s transformer)")
+    _read_json(folder / "scheduler" / "scheduler_config.json")  # present, as every pipeline folder's is
+    return family, family.default_prediction_type
 
 
 class CheckpointKeys(Mapping):
@@ -109,9 +129,9 @@ def detect_checkpoint_family(path: Path) -> ModelFamily:
                          f"trains {known} (families {sorted(FAMILIES)})")
     # Longest prefix first: SD 1.x's "cond_stage_model.transformer." and SD 2.x's "cond_stage_model.model."
     # do not overlap, but a future family's prefix might extend another's.
-    for family in sorted(FAMILIES.values(), key=lambda f: -len(f.single_file_text_prefix)):
-        if any(k.startswith(family.single_file_text_prefix) for k in keys):
+    for family in sorted(FAMILIES.values(), key=lambda f: -len(f.single_file_prefix)):
+        if any(k.startswith(family.single_file_prefix) for k in keys):
             return family
-    prefixes = [f.single_file_text_prefix for f in FAMILIES.values()]
-    raise ValueError(f"{path}: no text encoder keys under any of {prefixes}; not a Stable Diffusion checkpoint "
-                     f"in the original (LDM/SGM) layout")
+    prefixes = [f.single_file_prefix for f in FAMILIES.values()]
+    raise ValueError(f"{path}: no text encoder keys or transformer blocks under any of {prefixes}; not a Stable "
+                     f"Diffusion or Flux checkpoint in an original (LDM/SGM/BFL) layout")

@@ -83,8 +83,8 @@ class BaseModelRef:
     location: str  # folder or file path, or hub id
     fingerprint: str
     resolution: int
-    family: str  # a key of models.families.FAMILIES: "sd1" | "sd2" | "sdxl"
-    prediction_type: str  # the scheduler's: "epsilon" | "v_prediction" | "sample"
+    family: str  # a key of models.families.FAMILIES: "sd1" | "sd2" | "sdxl" | "sd3" | "flux"
+    prediction_type: str  # the scheduler's: "epsilon" | "v_prediction" | "sample"; "flow" (flow matching)
     single_file_config: str | None = None
 
     @property

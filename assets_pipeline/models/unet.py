@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass
 from typing import Any
 
 EPSILON = "epsilon"
@@ -30,6 +31,16 @@ class UNetDenoiser:
     # convolutions of the ResNet blocks (kohya's conv_dim).
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
     conv_targets = ("conv1", "conv2", "conv_shortcut")
+    # The kohya/A1111 LoRA file's layout for this network (training/methods/lora.py's KOHYA_WRITERS) and the
+    # prefix of its modules in kohya/LyCORIS files (kohya-ss sd-scripts' networks/lora.py).
+    kohya_lora = "sd"
+    kohya_prefix = "lora_unet_"
+    # Its LoRA saved with diffusers' own key names (``convert_state_dict_to_diffusers``), as the U-Net scripts save.
+    diffusers_lora_keys = True
+    # A ControlNet's conditioning: the image itself ([0, 1], its own conditioning encoder), passed to the
+    # ControlNet pipeline as ``image`` (train_controlnet.py).
+    control_latents = False
+    control_image_argument = "image"
 
     def __init__(self, micro_conditioning: bool):
         self.micro_conditioning = micro_conditioning
@@ -84,6 +95,17 @@ def sdxl_add_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, 
     return torch.tensor([[operator.index(v) for pair in pairs for v in pair]], dtype=dtype)
 
 
+@dataclass
+class Noised:
+    """One draw of an objective for a batch: the denoiser's input, its timesteps, what the prediction is compared
+    with, and (flow matching) each row's noise level."""
+
+    noisy: Any
+    timesteps: Any
+    target: Any
+    sigmas: Any = None
+
+
 class DenoisingObjective:
     """DDPM's objective: a timestep per row, the latents noised to it by the scheduler's forward process, and the
     target the scheduler's ``prediction_type`` names: the noise (epsilon) or the velocity (v-prediction, Salimans
@@ -91,11 +113,20 @@ class DenoisingObjective:
     diffusers' scripts."""
 
     scheduler_class = "DDPMScheduler"
+    supports_snr_gamma = True
 
-    def noisy_input(self, scheduler, latents, noise, noise_in, generator):
-        """(noisy latents, timesteps, target): ``noise_in`` is what the latents are noised with (``noise`` unless
-        input perturbation changed it); the target stays ``noise``. The timesteps are drawn from ``generator``
-        after the noise, in diffusers' scripts' order."""
+    def configured(self, cfg) -> DenoisingObjective:
+        """This objective for a training config (``TrainConfig``); ValueError for a setting it has no use for."""
+        if cfg.weighting_scheme is not None:
+            raise ValueError(f"weighting_scheme = {cfg.weighting_scheme!r} is a flow-matching setting (SD 3.x, Flux); "
+                             "this base model is trained with DDPM's objective: unset it (snr_gamma weights the "
+                             "loss here)")
+        return self
+
+    def noisy_input(self, scheduler, latents, noise, noise_in, generator) -> Noised:
+        """``noise_in`` is what the latents are noised with (``noise`` unless input perturbation changed it); the
+        target stays ``noise``. The timesteps are drawn from ``generator`` after the noise, in diffusers' scripts'
+        order."""
         import torch
 
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
@@ -103,16 +134,20 @@ class DenoisingObjective:
         noisy = scheduler.add_noise(latents, noise_in, timesteps)
         v_pred = scheduler.config.prediction_type == V_PREDICTION
         target = scheduler.get_velocity(latents, noise, timesteps) if v_pred else noise
-        return noisy, timesteps, target
+        return Noised(noisy, timesteps, target)
 
-    def loss_weights(self, scheduler, timesteps, snr_gamma: float | None):
+    def prediction(self, pred, noised: Noised):
+        """What the denoiser's output is compared with the target as: itself."""
+        return pred
+
+    def loss_weights(self, scheduler, noised: Noised, snr_gamma: float | None):
         """Min-SNR-gamma weights (Hang et al. 2023) as in diffusers' train_text_to_image.py, or None (unweighted)."""
         if not snr_gamma:
             return None
         import torch
         from diffusers.training_utils import compute_snr
 
-        snr = compute_snr(scheduler, timesteps)
+        snr = compute_snr(scheduler, noised.timesteps)
         weights = torch.stack([snr, snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
         if scheduler.config.prediction_type == V_PREDICTION:
             return weights / (snr + 1)

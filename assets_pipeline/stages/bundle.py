@@ -2,12 +2,15 @@
 reads.
 
 The asset output is one ``latents.safetensors`` plus ``index.parquet``, so a trainer loads a whole concept with
-one read and can never pair a latent with the wrong caption. Bundle layout: ``prompt_embeds`` stacks every row
-in index order; latents of different buckets have different shapes, so each bucket has its own stacked tensors,
+one read and can never pair a latent with the wrong caption. Bundle layout: ``prompt_embeds`` stacks each distinct
+caption's embedding once, in order of first use, and ``text_index`` [N] gives each row's (class images share one
+caption: a Flux caption is 512 x 4096 values, so a hundred copies of one would be gigabytes); bundles from before
+``text_index`` stack every row's (:meth:`LatentBundle.text_rows` reads both); latents of different buckets have different shapes, so each bucket has its own stacked tensors,
 ``latent_mean@<w>x<h>`` and ``latent_std@<w>x<h>`` (+ ``flip_latent_*@<w>x<h>``), holding that bucket's rows in
 index order; the header lists each row's image sha256, role and bucket (:class:`LatentBundle` reads it back).
-An SDXL bundle also holds ``pooled_prompt_embeds`` and ``add_time_ids`` [N, 6] in row order (:func:`add_time_ids`),
-and ``flip_add_time_ids`` with ``random_flip``. ``empty_prompt_embeds`` [1, 77, dim] (SDXL: and
+A family with a pooled embedding (SDXL, SD 3.x, Flux) also gets ``pooled_prompt_embeds``, per distinct caption as
+``prompt_embeds``; SDXL's ``add_time_ids`` [N, 6] are in row order (:func:`add_time_ids`), and
+``flip_add_time_ids`` with ``random_flip``. ``empty_prompt_embeds`` [1, 77, dim] (SDXL: and
 ``empty_pooled_prompt_embeds`` [1, dim]) is the empty caption's embedding, what a trainer with ``caption_dropout``
 trains the dropped rows on without loading a text encoder; it is a text item like any caption's (the index's
 ``empty_text_key``). Bundles from before it have none.
@@ -84,14 +87,17 @@ def write_latent_bundle(index: pd.DataFrame, latent_cache: ItemCache, text_cache
         return torch.stack([load_file(str(cache.path(k)))[name] for k in keys]).contiguous()
 
     buckets = list(zip(index["bucket_width"].astype(int), index["bucket_height"].astype(int)))
-    tensors = {"prompt_embeds": stack(index["text_key"], text_cache, "prompt_embeds")}
+    texts = list(dict.fromkeys(index["text_key"]))  # each distinct caption once
+    where = {k: i for i, k in enumerate(texts)}
+    tensors = {"prompt_embeds": stack(texts, text_cache, "prompt_embeds"),
+               "text_index": torch.tensor([where[k] for k in index["text_key"]], dtype=torch.long)}
     flip = index["flip_latent_key"].notna().all()
     empty = index["empty_text_key"].iloc[:1] if "empty_text_key" in index and index["empty_text_key"].notna().all() \
         else None
     if empty is not None:
         tensors["empty_prompt_embeds"] = stack(empty, text_cache, "prompt_embeds")
     if family.pooled_text:
-        tensors["pooled_prompt_embeds"] = stack(index["text_key"], text_cache, "pooled_prompt_embeds")
+        tensors["pooled_prompt_embeds"] = stack(texts, text_cache, "pooled_prompt_embeds")
         if empty is not None:
             tensors["empty_pooled_prompt_embeds"] = stack(empty, text_cache, "pooled_prompt_embeds")
     if family.micro_conditioning:
@@ -144,6 +150,19 @@ class LatentBundle:
 
     def has(self, name: str) -> bool:
         return all(_tensor_name(name, b) in self.tensors for b in self.sizes)
+
+    def text_rows(self):
+        """Each row's index into ``prompt_embeds`` (and ``pooled_prompt_embeds``): the bundle's ``text_index``, or
+        the row itself in a bundle from before it (one embedding per row)."""
+        import torch
+
+        if "text_index" in self.tensors:
+            return self.tensors["text_index"]
+        return torch.arange(len(self.image_sha256))
+
+    def per_row(self, name: str):
+        """A text tensor (``prompt_embeds``, ``pooled_prompt_embeds``) with one entry per row, in index order."""
+        return self.tensors[name][self.text_rows()]
 
 
 def bundle_meta(path: Path) -> dict[str, Any]:

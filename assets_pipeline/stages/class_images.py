@@ -10,7 +10,9 @@ kernel picked for another batch shape may round differently (MKL's sgemm does on
 a few pixels.
 
 Defaults for a real model trade diffusers' reference settings (train_dreambooth.py: the model's scheduler,
-50 steps, sample batch 4, fp16 on CUDA) for DPM-Solver++ at 25 steps, batches of 16 and bf16 on CUDA.
+50 steps, sample batch 4, fp16 on CUDA) for DPM-Solver++ at 25 steps, batches of 16 and bf16 on CUDA. The
+flow-matching families (SD 3.x, Flux) sample with their own flow-matching Euler scheduler at their pipeline's
+steps and guidance (28; SD 3.x 7.0, Flux 3.5), as train_dreambooth_lora_sd3.py / _flux.py generate class images.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import pandas as pd
 
 from assets_pipeline.concept import config_section
 from assets_pipeline.hashing import digest, sha256_file
+from assets_pipeline.models.families import ModelFamily, get_family
 from assets_pipeline.parallel import image_threads
 from assets_pipeline.store import ItemCache
 
@@ -51,13 +54,17 @@ def _is_int(v: Any) -> bool:
 class ClassImageConfig:
     num_inference_steps: int | None = field(default=None, metadata={"help": (
         "Denoising steps. None = 25 with DPM-Solver++ (Lu et al. 2022, 'DPM-Solver++': high-quality guided "
-        "samples from latent diffusion in 15-20 steps; 25 keeps a margin), 50 with any other scheduler "
-        "(diffusers' default and train_dreambooth.py's), 10 for the embedded random model.")})
-    guidance_scale: float = field(default=7.5, metadata={"help": "Classifier-free guidance (SD's default 7.5)."})
+        "samples from latent diffusion in 15-20 steps; 25 keeps a margin), else the family's pipeline default "
+        "(50 for SD 1.x/2.x/SDXL, diffusers' and train_dreambooth.py's; 28 for SD 3.x and Flux: set 4 for Flux.1 "
+        "schnell), 10 for the embedded random models.")})
+    guidance_scale: float | None = field(default=None, metadata={"help": (
+        "Classifier-free guidance; None = the family's pipeline default (SD 1.x/2.x/SDXL 7.5, SD 3.x 7.0, Flux.1 "
+        "3.5: dev's guidance embedding; schnell has none and ignores it).")})
     scheduler: str | None = field(default=None, metadata={"help": (
-        f"None = {DPM_SOLVER} with algorithm_type 'dpmsolver++' for a real model, the model's own for the "
-        f"embedded one; '{MODEL_SCHEDULER}' = the model's own scheduler (reproduces train_dreambooth.py, PNDM for "
-        "SD 1.5, with 50 steps); or any diffusers scheduler class name, built from the model's scheduler config.")})
+        f"None = {DPM_SOLVER} with algorithm_type 'dpmsolver++' for a real SD 1.x/2.x/SDXL model, the model's own "
+        f"for the embedded ones and the flow-matching families (SD 3.x, Flux); '{MODEL_SCHEDULER}' = the model's "
+        "own scheduler (reproduces train_dreambooth.py, PNDM for SD 1.5, with 50 steps); or any diffusers scheduler "
+        "class name, built from the model's scheduler config.")})
     seed: int = field(default=0, metadata={"help": "Image i uses its own generator seeded seed + i."})
     batch_size: int | str = field(default="auto", metadata={"help": (
         "Images per pipeline call. 'auto' = 16 on CUDA (32 U-Net samples with guidance keep an H100 busy at "
@@ -77,8 +84,8 @@ class ClassImageConfig:
         n = self.num_inference_steps
         _check("num_inference_steps", n is None or (_is_int(n) and n >= 1), n, "a positive integer or unset")
         g = self.guidance_scale
-        _check("guidance_scale", isinstance(g, (int, float)) and not isinstance(g, bool) and g >= 0, g,
-               "a number >= 0 (<= 1 turns guidance off)")
+        _check("guidance_scale", g is None or (isinstance(g, (int, float)) and not isinstance(g, bool) and g >= 0),
+               g, "a number >= 0 (<= 1 turns guidance off) or unset")
         s = self.scheduler
         _check("scheduler", s is None or (isinstance(s, str) and (s == MODEL_SCHEDULER or
                                                                    re.fullmatch(r"[A-Z]\w*Scheduler", s))), s,
@@ -90,14 +97,18 @@ class ClassImageConfig:
         c = self.compile
         _check("compile", isinstance(c, bool) or c == "auto", c, "true, false or 'auto'")
 
-    def sampling(self, device: str, quick: bool) -> Sampling:
-        """The settings that determine the pixels, with 'auto' and None resolved for ``device``."""
-        scheduler = self.scheduler or (MODEL_SCHEDULER if quick else DPM_SOLVER)
-        steps = self.num_inference_steps or (10 if quick else 25 if scheduler == DPM_SOLVER else 50)
+    def sampling(self, device: str, quick: bool, family: ModelFamily | None = None) -> Sampling:
+        """The settings that determine the pixels, with 'auto' and None resolved for ``device`` and the base
+        model's ``family`` (None = SD 1.x's)."""
+        family = family or get_family("sd1")
+        fast = family.validation_scheduler  # the DDPM families' DPM-Solver++; None: the model's own (flow matching)
+        scheduler = self.scheduler or (MODEL_SCHEDULER if quick or fast is None else fast)
+        steps = self.num_inference_steps or (10 if quick else 25 if scheduler == DPM_SOLVER else family.sampling_steps)
+        guidance = family.guidance_scale if self.guidance_scale is None else self.guidance_scale
         dtype = self.dtype
         if dtype == "auto":
             dtype = "bfloat16" if _is_cuda(device) and _cuda_bf16_supported() else "float32"
-        return Sampling(scheduler, steps, float(self.guidance_scale), dtype)
+        return Sampling(scheduler, steps, float(guidance), dtype)
 
     def resolved_batch_size(self, device: str) -> int:
         return self.batch_size if self.batch_size != "auto" else (16 if _is_cuda(device) else 4)
@@ -130,8 +141,8 @@ def _cuda_bf16_supported() -> bool:
 
 
 def class_image_keys(base_fingerprint: str, prompt: str, count: int, resolution: int, cfg: ClassImageConfig,
-                     quick: bool, device: str = "cpu") -> list[tuple[int, str]]:
-    parts = cfg.sampling(device, quick).key_parts()
+                     quick: bool, device: str = "cpu", family: ModelFamily | None = None) -> list[tuple[int, str]]:
+    parts = cfg.sampling(device, quick, family).key_parts()
     return [(cfg.seed + i, digest("class-image", base_fingerprint, prompt, *parts, cfg.seed + i, resolution))
             for i in range(count)]
 
@@ -159,18 +170,18 @@ def _png(img: Any) -> bytes:
 def generate_class_images(
     load_pipeline: Callable[[Any], Any], base_fingerprint: str, prompt: str, count: int, resolution: int,
     cfg: ClassImageConfig, cache: ItemCache, quick: bool, device: str = "cpu",
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None, family: ModelFamily | None = None,
 ) -> pd.DataFrame:
     """Make sure ``count`` class images exist in the cache, loading the pipeline (``load_pipeline(torch_dtype)``)
     only if some are missing. ``progress(done, total)`` is called after each batch."""
     from assets_pipeline.models.load import resolve_device
 
     device = resolve_device(device)
-    keys = class_image_keys(base_fingerprint, prompt, count, resolution, cfg, quick, device)
+    keys = class_image_keys(base_fingerprint, prompt, count, resolution, cfg, quick, device, family)
     missing = set(cache.split([k for _, k in keys]))
     todo = [(seed, key) for seed, key in keys if key in missing]
     if todo:
-        _generate(load_pipeline, prompt, todo, resolution, cfg, cache, quick, device, progress)
+        _generate(load_pipeline, prompt, todo, resolution, cfg, cache, quick, device, progress, family)
     rows = []
     for seed, key in keys:
         path = cache.path(key)
@@ -179,10 +190,10 @@ def generate_class_images(
     return pd.DataFrame(rows, columns=CLASS_IMAGE_COLUMNS)
 
 
-def _generate(load_pipeline, prompt, todo, resolution, cfg, cache, quick, device, progress) -> None:
+def _generate(load_pipeline, prompt, todo, resolution, cfg, cache, quick, device, progress, family) -> None:
     import torch
 
-    sampling = cfg.sampling(device, quick)
+    sampling = cfg.sampling(device, quick, family)
     batch_size = cfg.resolved_batch_size(device)
     compiled = cfg.resolved_compile(device, len(todo))
     pipe = load_pipeline(getattr(torch, sampling.dtype))
@@ -190,7 +201,8 @@ def _generate(load_pipeline, prompt, todo, resolution, cfg, cache, quick, device
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     if compiled:
-        pipe.unet.compile()  # in place: the pipeline keeps its UNet2DConditionModel (config, dtype, device)
+        # In place: the pipeline keeps its denoiser (UNet2DConditionModel or transformer: config, dtype, device).
+        getattr(pipe, (family or get_family("sd1")).denoiser.component).compile()
 
     # PNG encoding costs ~50 ms of CPU per 512 px image, a quarter of the ~180 ms an H100 takes to generate one;
     # zlib releases the GIL, so a few threads encode batch k while the GPU generates batch k + 1.

@@ -6,11 +6,13 @@ Per item, content-addressed:
   scripts do with ``latent_dist.sample()``. Each photo is encoded at its aspect-ratio bucket (stages/buckets.py)
   or, with ``buckets = false``, at the square training crop; a square bucket's key is the square crop's key, so
   the two settings share those items;
-- text embedding: (caption, text-encoder + tokenizer fingerprint, dtype) -> ``last_hidden_state`` [77, dim];
-  for a family with SDXL's text_time conditioning (two encoders), ``prompt_embeds`` = both encoders' penultimate
-  hidden states concatenated [77, dim1 + dim2] plus ``pooled_prompt_embeds`` [dim] (the family's
-  ``encode_prompt``, what ``StableDiffusionXLPipeline.encode_prompt`` gives), keyed by all encoders' and
-  tokenizers' fingerprints.
+- text embedding: (caption, text-encoder + tokenizer fingerprint, dtype; with a T5 encoder its token count) ->
+  ``prompt_embeds`` and, where the family has one, ``pooled_prompt_embeds``: the family's ``encode_prompt``
+  (models/text.py), what its pipeline conditions on: SD 1.x/2.x's ``last_hidden_state`` [77, dim]; SDXL's two
+  encoders' penultimate hidden states concatenated [77, dim1 + dim2] plus the pooled [dim]; SD 3.x's
+  [77 + max_sequence_length, 4096] and Flux's T5 [max_sequence_length, 4096] with their pooled embeddings. Keyed by
+  all encoders' and tokenizers' fingerprints; one entry per distinct caption (class images share one), and the
+  bundle stores each distinct caption once too.
 
 The items are stacked into one bundle per concept by ``stages/bundle.py``, what every trainer reads.
 """
@@ -51,6 +53,10 @@ class LatentConfig:
     random_flip: bool = field(default=False, metadata={"help": "Also cache horizontally flipped latents."})
     dtype: str = field(default="float32", metadata={"help": f"Stored dtype, one of {_DTYPES}."})
     batch_size: int = field(default=8, metadata={"help": "Images per VAE / text-encoder forward pass."})
+    max_sequence_length: int | None = field(default=None, metadata={"help": (
+        "T5 tokens cached per caption (SD 3.x, Flux; CLIP reads 77 whatever this says): None = the family's, what "
+        "its pipeline encodes by default (SD 3.x: 256, Flux: 512). Each token of Flux's is 4096 wide: 512 tokens "
+        "are 4 MiB a caption in bfloat16, so short captions lose nothing at 256 and halve the cache.")})
     buckets: bool = field(default=True, metadata={"help": (
         "Aspect-ratio buckets (stages/buckets.py): each photo trains at the shape nearest its own, at the "
         "resolution's pixel budget; false = square crops. On by default (issue 8): a square crop cuts the head "
@@ -59,6 +65,10 @@ class LatentConfig:
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        n = self.max_sequence_length
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 512):
+            raise ValueError(f"max_sequence_length must be an integer in 1..512 (T5's pipelines read at most 512 "
+                             f"tokens) or unset, got {n!r}")
         if self.resolution is not None and self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8 (the VAE's downsampling), got {self.resolution}")
 
@@ -78,6 +88,7 @@ class Encoders:
     text_fingerprint: str
     family: ModelFamily
     scaling_factor_hint: float | None = None  # from the VAE's config.json, when it can be read without loading
+    shift_factor_hint: float | None = None  # likewise (SD 3.x and Flux VAEs have one; None = none)
     device: str = "cpu"
     loaded: Any = field(default=None, repr=False)
 
@@ -102,6 +113,12 @@ class Encoders:
     def scaling_factor(self) -> float:
         return self.scaling_factor_hint if self.scaling_factor_hint is not None else self.vae.config.scaling_factor
 
+    @property
+    def shift_factor(self) -> float | None:
+        if self.scaling_factor_hint is not None:  # the config was read: its shift (or none) is the hint
+            return self.shift_factor_hint
+        return getattr(self.vae.config, "shift_factor", None)
+
 
 def load_encoders(ref: BaseModelRef, artifact_root: Path, device: str = "cpu") -> Encoders:
     """The base model's frozen VAE, text encoders and tokenizers (loaded on first use, on ``device``), with the
@@ -118,14 +135,15 @@ def load_encoders(ref: BaseModelRef, artifact_root: Path, device: str = "cpu") -
         parts.text_encoders = tuple(e.to(dev).eval() for e in parts.text_encoders)
         return parts
 
-    scaling_factor = None
+    scaling_factor = shift_factor = None
     if ref.kind != "single_file":  # read from the config alone, without loading weights
         vae_config = json.loads((Path(ref.location) / "vae" / "config.json").read_text())
         scaling_factor = vae_config.get("scaling_factor", 0.18215)  # diffusers' AutoencoderKL default
+        shift_factor = vae_config.get("shift_factor")
     text_fp = digest(*(component_fingerprint(ref, name, artifact_root)
                        for e in family.text_encoders for name in (e.component, e.tokenizer)))
     return Encoders(load, vae_fingerprint=component_fingerprint(ref, "vae", artifact_root), text_fingerprint=text_fp,
-                    family=family, scaling_factor_hint=scaling_factor, device=device)
+                    family=family, scaling_factor_hint=scaling_factor, shift_factor_hint=shift_factor, device=device)
 
 
 def concept_buckets(cfg: LatentConfig, resolution: int, max_aspect: float | None = None) -> list[tuple[int, int]]:
@@ -153,7 +171,10 @@ def latent_key(sha: str, enc: Encoders, bucket: int | tuple[int, int], cfg: Late
 
 
 def text_key(caption: str, enc: Encoders, cfg: LatentConfig) -> str:
-    return digest("text-embedding", LATENT_VERSION, caption, enc.text_fingerprint, cfg.dtype)
+    """A family with a T5 encoder keys its tokens too (another max_sequence_length is another embedding); the
+    CLIP-only families' keys are what they always were."""
+    lengths = [list(enc.family.text_max_lengths(cfg.max_sequence_length))] if enc.family.has_sequence_length else []
+    return digest("text-embedding", LATENT_VERSION, caption, enc.text_fingerprint, cfg.dtype, *lengths)
 
 
 def _load_pixels(path: str, flip: bool, bucket: tuple[int, int], center_crop: bool):
@@ -182,14 +203,16 @@ def _encode_pixels(pixels: list, enc: Encoders):
     return dist.mean.float().cpu(), dist.std.float().cpu()
 
 
-def encode_text_entries(captions: list[str], enc: Encoders) -> list[dict]:
-    """Each caption's text-cache entry: {"prompt_embeds"} and, for a family with a pooled embedding (SDXL),
-    "pooled_prompt_embeds" (``ModelFamily.encode_prompt``: what the family's pipeline conditions on)."""
+def encode_text_entries(captions: list[str], enc: Encoders, max_sequence_length: int | None = None) -> list[dict]:
+    """Each caption's text-cache entry: {"prompt_embeds"} and, for a family with a pooled embedding (SDXL, SD 3.x,
+    Flux), "pooled_prompt_embeds" (``ModelFamily.encode_prompt``: what the family's pipeline conditions on); a T5
+    encoder reads ``max_sequence_length`` tokens (None = the family's)."""
     import torch
 
     from assets_pipeline.models.text import tokenize
 
-    ids = [t.to(e.device) for t, e in zip(tokenize(enc.tokenizers, captions), enc.text_encoders)]
+    lengths = enc.family.text_max_lengths(max_sequence_length)
+    ids = [t.to(e.device) for t, e in zip(tokenize(enc.tokenizers, captions, lengths), enc.text_encoders)]
     with torch.inference_mode():
         embeds, pooled = enc.family.encode_prompt(enc.text_encoders, ids)
     if pooled is None:
@@ -273,7 +296,7 @@ def compute_latents(
 
     for s in range(0, len(missing_text), cfg.batch_size):
         keys = missing_text[s : s + cfg.batch_size]
-        entries = encode_text_entries([captions[k] for k in keys], enc)
+        entries = encode_text_entries([captions[k] for k in keys], enc, cfg.max_sequence_length)
         for key, e in zip(keys, entries):
             text_cache.put(key, lambda tmp, e=e: save_file({k: v.to(dtype).contiguous() for k, v in e.items()},
                                                            str(tmp)))

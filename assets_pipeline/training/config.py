@@ -10,10 +10,28 @@ which trains exactly as without it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
-OPTIMIZERS = ("adamw", "adamw_8bit", "prodigy")
+OPTIMIZERS = ("adamw", "adamw_8bit", "prodigy", "adafactor")
 SELECT_BEST = ("none", "clip_i", "clip_t")
+# diffusers' SD3/Flux scripts' --weighting_scheme choices (compute_density_for_timestep_sampling draws uniform
+# timesteps for all but logit_normal and mode; compute_loss_weighting_for_sd3 weights only sigma_sqrt and cosmap).
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "none", "sigma_sqrt", "cosmap")
+
+
+def added_field(default, help: str):
+    """A field added after outputs were trained: it enters a job's identity only when set to something other than
+    its default (:func:`identity_config`), so an output trained before it existed is still the one its job makes."""
+    return field(default=default, metadata={"help": help, "identity_when_set": True})
+
+
+def identity_config(cfg) -> dict:
+    """The config as it enters a job's identity: every field, less :func:`added_field` fields at their default."""
+    out = asdict(cfg)
+    for f in fields(cfg):
+        if f.metadata.get("identity_when_set") and getattr(cfg, f.name) == f.default:
+            del out[f.name]
+    return out
 
 
 @dataclass(frozen=True)
@@ -52,6 +70,16 @@ class TrainConfig:
         "DreamBooth paper's metrics (Ruiz et al. 2022, section 4.1), instead of the last step's: an early stop "
         "chosen after the fact. The chosen step is recorded in metrics.json and lineage.json. 'none' = the last "
         "step.")})
+    # -- flow matching (SD 3.x, Flux) --------------------------------------------------------------------------
+    weighting_scheme: str | None = added_field(None, (
+        f"Flow-matching families only: how training timesteps are drawn and losses weighted, one of "
+        f"{WEIGHTING_SCHEMES} (diffusers' train_dreambooth_lora_sd3.py / _flux.py --weighting_scheme): logit_normal "
+        "(Esser et al. 2024: middle noise levels most often), mode (heavy tails), none (uniform, unweighted), "
+        "sigma_sqrt and cosmap (uniform, weighted). None = the family's: SD 3.x logit_normal, Flux none (each "
+        "script's default). A DDPM family (SD, SDXL) refuses it (use snr_gamma there)."))
+    logit_mean: float = added_field(0.0, "weighting_scheme = logit_normal: the normal's mean (diffusers: 0).")
+    logit_std: float = added_field(1.0, "weighting_scheme = logit_normal: the normal's std (diffusers: 1).")
+    mode_scale: float = added_field(1.29, "weighting_scheme = mode: its scale (diffusers: 1.29).")
     # -- recipes ---------------------------------------------------------------------------------------------
     noise_offset: float = field(default=0.0, metadata={"help": (
         "Adds noise_offset x a per-channel constant (one N(0, 1) draw per sample and channel) to the noise, so the "
@@ -85,7 +113,10 @@ class TrainConfig:
         "'adamw_8bit': bitsandbytes' AdamW8bit (diffusers' scripts' --use_8bit_adam; CUDA only, needs "
         "bitsandbytes): 8-bit optimizer states, a quarter of AdamW's memory. 'prodigy': prodigyopt.Prodigy, "
         "which estimates the step size itself; set learning_rate = 1.0 (diffusers' "
-        "advanced_diffusion_training scripts, --optimizer prodigy).")})
+        "advanced_diffusion_training scripts, --optimizer prodigy). 'adafactor': transformers' Adafactor with a "
+        "fixed learning rate (no relative step or parameter scaling, as kohya-ss sd-scripts and SimpleTuner "
+        "fine-tune Flux with it): factored second moments, a fraction of AdamW's state, for DreamBooth of a "
+        "12 B-parameter transformer.")})
     adam_beta1: float = field(default=0.9, metadata={"help": (
         "beta1 of AdamW, AdamW8bit and Prodigy (torch's default and diffusers' scripts').")})
     adam_beta2: float = field(default=0.999, metadata={"help": (
@@ -131,6 +162,11 @@ class TrainConfig:
         if self.validation_steps < 0:
             raise ValueError(f"validation_steps = {self.validation_steps!r} must be >= 0 (validate every N optimizer "
                              "steps; 0 = off)")
+        if self.weighting_scheme is not None and self.weighting_scheme not in WEIGHTING_SCHEMES:
+            raise ValueError(f"weighting_scheme = {self.weighting_scheme!r} is not one of {WEIGHTING_SCHEMES} "
+                             "(or unset: the family's)")
+        if self.logit_std <= 0:
+            raise ValueError(f"logit_std = {self.logit_std!r} must be > 0")
         if self.select_best not in SELECT_BEST:
             raise ValueError(f"select_best = {self.select_best!r} is not one of {SELECT_BEST}")
         if self.select_best != "none" and not self.validation_steps:

@@ -27,6 +27,7 @@ step's: no device-to-host sync, and a resumed run shuffles as an uninterrupted o
 
 from __future__ import annotations
 
+import json
 from itertools import groupby
 from pathlib import Path
 
@@ -55,15 +56,19 @@ class TrainingData:
     """Rows of cached tensors with their roles, captions and buckets; ``indices`` picks rows, ``draw`` gathers them.
 
     ``sizes[b]`` is bucket b's (width, height) in px; ``mean[b]``/``std[b]`` (and the flips, and ``control[b]``)
-    hold the rows whose ``row_bucket`` is b, in row order. ``embeds`` and the per-row lists are in row order, and
-    so are SDXL's ``pooled`` embeddings and ``time_ids`` (``flip_time_ids``: those of the mirrored crops).
-    ``repeats[i]``: how often row i is drawn per epoch (default once).
-    ``empty_embeds`` [1, 77, dim] (``empty_pooled`` [1, dim]): the empty caption's, for caption dropout."""
+    hold the rows whose ``row_bucket`` is b, in row order. ``embeds`` (and a family's ``pooled`` embeddings) hold
+    each distinct caption's embedding once; row i's is ``embeds[text_row[i]]`` (default: one per row, in row
+    order). The per-row lists are in row order, and so are SDXL's ``time_ids`` (``flip_time_ids``: those of the
+    mirrored crops). ``repeats[i]``: how often row i is drawn per epoch (default once).
+    ``empty_embeds`` [1, 77, dim] (``empty_pooled`` [1, dim]): the empty caption's, for caption dropout.
+    ``max_lengths``: the tokens each text encoder read when the bundle was made (a T5 encoder's
+    max_sequence_length; empty = each tokenizer's own), what :meth:`tokenize` reads too."""
 
     def __init__(self, sizes: list[tuple[int, int]], mean: list, std: list, row_bucket: list[int], embeds,
                  roles: list[str], captions: list[str], control: list | None = None,
                  flip_mean: list | None = None, flip_std: list | None = None, pooled=None, time_ids=None,
-                 flip_time_ids=None, empty_embeds=None, empty_pooled=None, repeats: list[int] | None = None):
+                 flip_time_ids=None, empty_embeds=None, empty_pooled=None, repeats: list[int] | None = None,
+                 text_row=None, max_lengths=()):
         import torch
 
         self.sizes, self.row_bucket = sizes, row_bucket
@@ -72,8 +77,13 @@ class TrainingData:
         self.pooled, self.time_ids, self.flip_time_ids = pooled, time_ids, flip_time_ids
         self.empty_embeds, self.empty_pooled = empty_embeds, empty_pooled
         self.roles, self.captions = roles, captions
+        self.text_row = torch.arange(len(roles)) if text_row is None else text_row
+        self.max_lengths = tuple(max_lengths)
         # Conditioning images as uint8 ([0, 255]): a quarter of the memory on the device, exact.
         self.control = None if control is None else [(c * 255).round().to(torch.uint8) for c in control]
+        # Conditioning latents instead (encode_control): per bucket, of each image and of its mirror.
+        self.control_latents: list | None = None
+        self.flip_control_latents: list | None = None
         self.is_class = torch.tensor([r == "class" for r in roles])
         # Each row's place in its bucket's tensors, so a batch gathers on the device from the row index alone.
         seen: dict[int, int] = {}
@@ -144,7 +154,25 @@ class TrainingData:
             images = [torch.stack([control_image(r, size) for r, b in zip(rows, row_bucket) if b == k])
                       for k, size in enumerate(sizes)]
 
-        def rows_of(name: str, fallback: str | None = None):  # per-row tensors (SDXL's), in row order
+        # Each distinct text embedding of the job's rows once (bundles store each caption once: text_rows), and each
+        # row's index into them: a hundred class images share one embedding on the device too.
+        text_rows = {c: b.text_rows().tolist() for c, b in bundles.items()}
+        texts = list(dict.fromkeys((c, text_rows[c][i]) for c, i in zip(src, idx)))
+        where_text = {t: k for k, t in enumerate(texts)}
+        text_row = torch.tensor([where_text[c, text_rows[c][i]] for c, i in zip(src, idx)], dtype=torch.long)
+        lengths = {c: b.meta.get("text_max_lengths") for c, b in bundles.items()}
+        if len({json.dumps(v) for v in lengths.values()}) > 1:
+            raise TrainingInputError(
+                f"the concepts trained together encoded their captions at different T5 lengths "
+                f"({ {c or 'this concept': v for c, v in lengths.items()} }): set the same [latents] "
+                "max_sequence_length in each one's concept.toml and rematerialize their vae_latents")
+
+        def texts_of(name: str):  # the distinct embeddings, in the order of ``texts``
+            if not any(name in b.tensors for b in bundles.values()):
+                return None
+            return torch.stack([bundles[c].tensors[name][j] for c, j in texts])
+
+        def rows_of(name: str, fallback: str | None = None):  # per-row tensors (SDXL's time ids), in row order
             if not any(name in b.tensors for b in bundles.values()):
                 return None
             return torch.stack([bundles[c].tensors[name if name in bundles[c].tensors else fallback][i]
@@ -152,12 +180,12 @@ class TrainingData:
 
         main = bundles[None].tensors
         return cls(
-            sizes, gather("latent_mean"), gather("latent_std"), row_bucket, rows_of("prompt_embeds"),
+            sizes, gather("latent_mean"), gather("latent_std"), row_bucket, texts_of("prompt_embeds"),
             [r.role for r in rows], [caption_fn(r.caption) for r in rows], images,
             gather("flip_latent_mean") if flip else None, gather("flip_latent_std") if flip else None,
-            rows_of("pooled_prompt_embeds"), rows_of("add_time_ids"), rows_of("flip_add_time_ids", "add_time_ids"),
+            texts_of("pooled_prompt_embeds"), rows_of("add_time_ids"), rows_of("flip_add_time_ids", "add_time_ids"),
             main.get("empty_prompt_embeds"), main.get("empty_pooled_prompt_embeds"),
-            repeats=[r.repeats or 1 for r in rows],
+            repeats=[r.repeats or 1 for r in rows], text_row=text_row, max_lengths=lengths[None] or (),
         )
 
     @property
@@ -171,12 +199,12 @@ class TrainingData:
 
     def to(self, device) -> TrainingData:
         """Move every tensor to ``device`` once: no step copies data from the host afterwards."""
-        for name in ("mean", "std", "flip_mean", "flip_std", "control"):
+        for name in ("mean", "std", "flip_mean", "flip_std", "control", "control_latents", "flip_control_latents"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, [t.to(device) for t in value])
         for name in ("embeds", "is_class", "position", "pooled", "time_ids", "flip_time_ids", "empty_embeds",
-                     "empty_pooled"):
+                     "empty_pooled", "text_row"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
@@ -186,13 +214,34 @@ class TrainingData:
                 setattr(self, name, tuple(t.to(device) for t in value))
         return self
 
+    def encode_control(self, vae, scaling_factor: float, shift_factor: float | None, batch_size: int = 8) -> None:
+        """Replace the conditioning images by their VAE latents (the latent distribution's mean), shifted and scaled
+        as training latents are: what a latent-conditioned ControlNet (SD 3.x, Flux) takes (train_controlnet_sd3.py
+        encodes ``conditioning_pixel_values`` in [-1, 1] the same way). With flipped latents in the bundle the
+        mirrored images are encoded too, so a flipped row's conditioning is its mirrored image's latent."""
+        import torch
+
+        def encode(images) -> torch.Tensor:
+            out = []
+            with torch.inference_mode():
+                for s in range(0, len(images), batch_size):
+                    x = images[s : s + batch_size].to(vae.device, vae.dtype) / 127.5 - 1.0
+                    mean = vae.encode(x).latent_dist.mean.float()
+                    out.append((mean if shift_factor is None else mean - shift_factor) * scaling_factor)
+            return torch.cat(out).to(self.device)
+
+        self.control_latents = [encode(c) for c in self.control]
+        if self.flip_mean is not None:
+            self.flip_control_latents = [encode(c.flip(-1)) for c in self.control]
+        self.control = None
+
     def tokenize(self, tokenizers) -> None:
         """Token ids of every caption and of "" (caption dropout), once per tokenizer (the family's order), for
         runs that encode text each step. The tokenizers are kept for :meth:`shuffled_ids`."""
         from assets_pipeline.models.text import tokenize
 
         self.tokenizers = tuple(tokenizers)
-        ids = tokenize(self.tokenizers, [*self.captions, ""])
+        ids = tokenize(self.tokenizers, [*self.captions, ""], self.max_lengths)
         self.token_ids = tuple(t[:-1].to(self.device) for t in ids)
         self.empty_ids = tuple(t[-1:].to(self.device) for t in ids)
 
@@ -203,7 +252,8 @@ class TrainingData:
         from assets_pipeline.models.text import tokenize
 
         captions = [shuffle_tags(self.captions[r], keep_tokens, generator) for r in rows]
-        return [ids.to(self.device, non_blocking=True) for ids in tokenize(self.tokenizers, captions)]
+        return [ids.to(self.device, non_blocking=True)
+                for ids in tokenize(self.tokenizers, captions, self.max_lengths)]
 
     def check_caption_dropout(self, caption_dropout: float) -> None:
         """Caption dropout needs the empty caption: its token ids (:meth:`tokenize`) or the bundle's embedding."""
@@ -287,11 +337,13 @@ class TrainingData:
         return out
 
     def draw(self, rows: list[int], generator, scaling_factor: float, random_flip: bool, index=None,
-             caption_dropout: float = 0.0, token_ids: list | None = None) -> list[Batch]:
+             caption_dropout: float = 0.0, token_ids: list | None = None,
+             shift_factor: float | None = None) -> list[Batch]:
         """Gather ``rows`` on the device (``index``: the same rows as a device tensor, when the caller made it
         already), one :class:`Batch` per run of rows in the same bucket (one shape, one forward); latents are
         sampled from their cached distribution (``latent_dist.sample()`` in diffusers' scripts) and scaled for
-        the U-Net. ``token_ids``: the rows' token ids to use instead of the tokenized captions (shuffled ones,
+        the denoiser as the family's pipeline scales them: ``(sample - shift_factor) x scaling_factor`` for a
+        VAE with a shift (SD 3.x, Flux: train_dreambooth_lora_sd3.py), else ``sample x scaling_factor``. ``token_ids``: the rows' token ids to use instead of the tokenized captions (shuffled ones,
         :meth:`shuffled_ids`). ``caption_dropout``: each row's chance of the empty caption's conditioning (a
         draw from ``generator`` after the latents' only when > 0, so the draws are unchanged without it)."""
         import torch
@@ -315,8 +367,13 @@ class TrainingData:
             if flip is not None and self.flip_time_ids is not None:  # a mirrored crop's own crop offset
                 time_ids = torch.where(flip[:, None], self.flip_time_ids[sel], time_ids)
             eps = torch.randn(mean.shape, generator=generator, device=self.device, dtype=mean.dtype)
-            latents = (mean + std * eps) * scaling_factor
+            latents = mean + std * eps
+            latents = (latents if shift_factor is None else latents - shift_factor) * scaling_factor
             control = None
+            if self.control_latents is not None:  # a flipped latent takes its mirrored image's latent
+                control = self.control_latents[b][pos]
+                if flip is not None:
+                    control = torch.where(flip[:, None, None, None], self.flip_control_latents[b][pos], control)
             if self.control is not None:  # a flipped latent needs its conditioning image flipped with it
                 control = self.control[b][pos]
                 if flip is not None:
@@ -326,8 +383,9 @@ class TrainingData:
                 ids = tuple(t[start - n : start] for t in token_ids)
             else:
                 ids = None if self.token_ids is None else tuple(t[sel] for t in self.token_ids)
-            embeds = self.embeds[sel]
-            pooled = None if self.pooled is None else self.pooled[sel]
+            text = self.text_row[sel]
+            embeds = self.embeds[text]
+            pooled = None if self.pooled is None else self.pooled[text]
             if caption_dropout:
                 drop = torch.rand(n, generator=generator, device=self.device) < caption_dropout
                 if ids is not None:  # the text encoders run: they encode "" for the dropped rows

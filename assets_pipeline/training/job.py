@@ -15,7 +15,7 @@ from typing import Any
 
 from assets_pipeline.hashing import digest
 from assets_pipeline.models.resolve import BaseModelRef
-from assets_pipeline.training.config import TrainConfig
+from assets_pipeline.training.config import TrainConfig, identity_config
 from assets_pipeline.training.runtime.settings import Performance
 
 # Bump when a field's meaning or the file's layout changes. 1: d663daf and before (no version in the file).
@@ -91,7 +91,7 @@ class TrainJob:
         # settings included), a latent's key covers its crop, bucket and VAE, a text embedding's its encoder.
         # A row's concept and repeats enter only where they are not (this concept, 1): the identity of a job
         # without datasets is the one it always had.
-        return digest(self.method, asdict(self.config), self.base_model.fingerprint,
+        return digest(self.method, identity_config(self.config), self.base_model.fingerprint,
                       [(r.image_sha256, r.role, r.caption, Path(r.control_path or "").name, r.latent_key, r.text_key)
                        + (() if self.row_source(r) == (self.concept, 1) else self.row_source(r))
                        for r in self.training_images])

@@ -86,9 +86,11 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
     set_seed(cfg.seed)  # adapter/ControlNet initialization; batches and noise have their own seeded generators
     text = method.runs_text_encoder(cfg)
     models = Models.load(job.base_model, text)
+    models.objective = models.family.objective.configured(cfg)  # checked with the inputs above
     data = TrainingData.from_bundle(job.latents_dir, job.training_images, lambda c: method.training_caption(c, ctx),
                                     control=job.method == "controlnet",
                                     datasets={d.concept: d.latents_dir for d in job.datasets}).to(device)
+    method.prepare_data(models, data, job)
     trainable = method.prepare(models, cfg, ctx)
     if text:
         data.tokenize(models.tokenizers)  # after prepare: textual inversion adds its token there
@@ -141,7 +143,7 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
             ids = data.shuffled_ids(rows[k], cfg.keep_tokens, seeded_generator("shuffle", cfg.seed, samples[k])) \
                 if cfg.shuffle_caption else None
             parts = data.draw(rows[k], g, models.scaling_factor, cfg.random_flip, index=index[k],
-                              caption_dropout=cfg.caption_dropout, token_ids=ids)
+                              caption_dropout=cfg.caption_dropout, token_ids=ids, shift_factor=models.shift_factor)
             with accelerator.accumulate(*prepared), accelerator.autocast():
                 loss = compute_loss(method, models, parts, cfg, g, weight_dtype, runtime.channels_last)
                 accelerator.backward(loss)

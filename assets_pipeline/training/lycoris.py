@@ -2,7 +2,8 @@
 
 The format, as ComfyUI's ``comfy/lora.py`` and ``comfy/weight_adapter/{loha,lokr}.py`` read it: one prefix per
 network (``lora_unet_``; the text encoder ``lora_te_`` on SD 1.x/2.x, ``lora_te1_``/``lora_te2_`` on SDXL, as
-kohya-ss/sd-scripts' ``networks/lora.py``), the module's diffusers/transformers path with ``.`` as ``_``, then
+kohya-ss/sd-scripts' ``networks/lora.py``; a transformer's ``lycoris_``, SimpleTuner's layout for SD 3.x and Flux
+that ComfyUI's ``comfy/lora.py`` maps), the module's diffusers/transformers path with ``.`` as ``_``, then
 the tensor: ``.hada_w1_a .hada_w1_b .hada_w2_a .hada_w2_b [.hada_t1 .hada_t2]`` (LoHa), ``.lokr_w1`` or
 ``.lokr_w1_a/_b``, ``.lokr_w2`` or ``.lokr_w2_a/_b [.lokr_t2]`` (LoKr), and ``.alpha``. PEFT's tensors have the
 same names, shapes and products (its ``lokr/layer.py`` cites LyCORIS' ``modules/lokr.py``); only the scale
@@ -29,7 +30,7 @@ def kohya_module(prefix: str, module: str) -> str:
     A text encoder's modules are named as in transformers' CLIP before v5 (``text_model.encoder.layers.0...``),
     the names the readers map (ComfyUI: ``lora_te_text_model_encoder_layers_{i}_self_attn_q_proj``); transformers
     5 dropped the ``text_model`` level from CLIPTextModel's module names."""
-    if prefix != PREFIXES_SD["unet"] and not module.startswith("text_model."):
+    if prefix.startswith("lora_te") and not module.startswith("text_model."):
         module = "text_model." + module
     return prefix + module.replace(".", "_")
 

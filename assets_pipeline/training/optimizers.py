@@ -45,6 +45,12 @@ def make_optimizer(cfg: TrainConfig, params: list, fused: bool):
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, **common)
+    if cfg.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # A fixed learning rate, as the Flux fine-tuning recipes use it (relative_step would ignore ours).
+        return Adafactor(params, lr=cfg.learning_rate, scale_parameter=False, relative_step=False,
+                         warmup_init=False, weight_decay=cfg.adam_weight_decay)
     from prodigyopt import Prodigy
 
     if cfg.learning_rate <= 0.1:  # the advanced script's warning: Prodigy's lr multiplies its own estimate
@@ -59,6 +65,10 @@ def make_optimizer(cfg: TrainConfig, params: list, fused: bool):
 def state_bytes(cfg: TrainConfig, params: list) -> int:
     """Bytes of optimizer state the first step allocates (what the micro-batch probe leaves room for): AdamW's two
     fp32 moments per parameter, AdamW8bit's two 8-bit ones, Prodigy's four fp32 tensors (exp_avg, exp_avg_sq, s
-    and the initial weights p0)."""
+    and the initial weights p0), Adafactor's factored second moment (a row and a column per matrix; a vector's
+    full)."""
+    if cfg.optimizer == "adafactor":  # transformers' Adafactor: exp_avg_sq_row (shape[:-1]), _col (shape[:-2] + [-1])
+        return sum(4 * (p.numel() // p.shape[-1] + p.numel() // p.shape[-2] if p.ndim >= 2 else p.numel())
+                   for p in params)
     per_value = {"adamw": 2 * 4, "adamw_8bit": 2 * 1, "prodigy": 4 * 4}[cfg.optimizer]
     return sum(per_value * p.numel() for p in params)

@@ -22,18 +22,21 @@ def pixel_change(image, reference) -> float:
 
 
 def use_validation_scheduler(pipe) -> None:
-    """DPM-Solver++ (multistep) built from the model's scheduler config, as diffusers' training scripts validate
-    (train_dreambooth_lora.py's ``log_validation``, 25 steps; a learned variance is rendered as fixed_small): good
-    samples in 15-25 steps where the model's own scheduler (PNDM for SD 1.5) needs 50."""
-    from diffusers import DPMSolverMultistepScheduler
+    """The scheduler the pipeline's family validates with (``ModelFamily.validation_scheduler``), built from the
+    model's scheduler config. The DDPM families: DPM-Solver++ (multistep), as diffusers' training scripts validate
+    (train_dreambooth_lora.py's ``log_validation``, 25 steps; a learned variance is rendered as fixed_small), good
+    samples in 15-25 steps where the model's own scheduler (PNDM for SD 1.5) needs 50. The flow-matching families
+    keep their pipeline's own (FlowMatchEulerDiscreteScheduler, as train_dreambooth_lora_flux.py validates)."""
+    from assets_pipeline.models.families import diffusers_class, family_of_pipeline
 
-    if isinstance(pipe.scheduler, DPMSolverMultistepScheduler):
+    name = family_of_pipeline(pipe).validation_scheduler
+    if name is None or type(pipe.scheduler).__name__ == name:
         return
     args = {}
     if "variance_type" in pipe.scheduler.config:
         variance = pipe.scheduler.config.variance_type
         args["variance_type"] = "fixed_small" if variance in ("learned", "learned_range") else variance
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, **args)
+    pipe.scheduler = diffusers_class(name).from_config(pipe.scheduler.config, **args)
 
 
 def render(pipe, prompt: str, seed: int, resolution: int, steps: int, **kwargs):

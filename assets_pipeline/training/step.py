@@ -24,7 +24,8 @@ def compute_loss(method: Method, models: Models, parts: list, cfg, generator, we
     only when set, so without them the draws are exactly those of the plain step."""
     import torch
 
-    scheduler, objective = models.noise_scheduler, models.family.objective
+    scheduler = models.noise_scheduler
+    objective = models.objective if models.objective is not None else models.family.objective
     losses, is_class = [], []
     for batch in parts:
         latents = batch.latents.to(weight_dtype)
@@ -38,12 +39,12 @@ def compute_loss(method: Method, models: Models, parts: list, cfg, generator, we
         if cfg.input_perturbation:
             noise_in = noise + cfg.input_perturbation * torch.randn(
                 noise.shape, generator=generator, device=noise.device, dtype=noise.dtype)
-        noisy, timesteps, target = objective.noisy_input(scheduler, latents, noise, noise_in, generator)
+        noised = objective.noisy_input(scheduler, latents, noise, noise_in, generator)
         batch.prompt_embeds = batch.prompt_embeds.to(weight_dtype)
         embeds = method.encode(models, batch).to(weight_dtype)
-        pred = method.predict(models, noisy, timesteps, embeds, batch)
-        row_losses = per_sample_mse(pred, target)
-        if (weights := objective.loss_weights(scheduler, timesteps, cfg.snr_gamma)) is not None:
+        pred = method.predict(models, noised.noisy, noised.timesteps, embeds, batch)
+        row_losses = per_sample_mse(objective.prediction(pred, noised), noised.target)
+        if (weights := objective.loss_weights(scheduler, noised, cfg.snr_gamma)) is not None:
             row_losses = row_losses * weights
         losses.append(row_losses)
         is_class.append(batch.is_class)

@@ -34,7 +34,11 @@ class Models:
     text_encoders: tuple = ()
     tokenizers: tuple = ()
     controlnet: Any = None
+    # What the denoiser is trained to predict, as the job's config sets it up (``objective.configured``); None =
+    # the family's own.
+    objective: Any = None
     scaling_factor: float = 0.18215
+    shift_factor: float | None = None  # the VAE's latent shift (SD 3.x, Flux); None = none (SD, SDXL)
     vae_scale_factor: int = 8
 
     def network(self, name: str):
@@ -80,6 +84,7 @@ class Models:
             noise_scheduler=diffusers_class(family.objective.scheduler_class).from_config(parts.scheduler_config),
             text_encoders=parts.text_encoders or (None,) * family.num_text_encoders, tokenizers=parts.tokenizers,
             scaling_factor=parts.vae_config.scaling_factor,
+            shift_factor=getattr(parts.vae_config, "shift_factor", None),
             vae_scale_factor=2 ** (len(parts.vae_config.block_out_channels) - 1))
 
 
@@ -152,6 +157,11 @@ class Method:
         return ("instance",)
 
     def check_inputs(self, ctx: TrainContext, cfg: TrainConfig) -> None:
+        try:
+            ctx.model_family.objective.configured(cfg)
+        except ValueError as e:
+            raise TrainingInputError(f"[{self.name}] for concept {ctx.concept!r} on a {ctx.family} base model: {e}") \
+                from e
         if ctx.num_instance_images < MIN_IMAGES:
             raise TrainingInputError(
                 f"{self.name} for concept {ctx.concept!r} needs at least {MIN_IMAGES} photos in the quality subset, "
@@ -173,6 +183,10 @@ class Method:
         return caption
 
     # -- training -----------------------------------------------------------------------------------------------
+    def prepare_data(self, models: Models, data, job) -> None:
+        """Anything the method derives from the training data once, with the base model, before the first step
+        (ControlNet on a latent-conditioned family: the conditioning images' latents)."""
+
     def prepare(self, models: Models, cfg: TrainConfig, ctx: TrainContext) -> list:
         """Mark what trains; return the trainable modules (the loop hands them to accelerate)."""
         raise NotImplementedError

@@ -1,5 +1,9 @@
 """ControlNet (Zhang et al. 2023): a trainable copy of the U-Net encoder joined through zero convolutions
 (``ControlNetModel.from_unet``), trained on (conditioning image, caption, latent) triples; the U-Net is frozen.
+SD 3.x and Flux: a copy of the transformer's first blocks (``SD3ControlNetModel`` / ``FluxControlNetModel``
+``from_transformer``, as train_controlnet_sd3.py / _flux.py build it), conditioned on the conditioning image's VAE
+latents (encoded once before training: :meth:`ControlNetMethod.prepare_data`), and validated through the family's
+ControlNet pipeline with ``control_image``.
 
 Default lr 1e-5 from diffusers' examples/controlnet/train_controlnet.py. The base model's family builds the
 ControlNet from its denoiser and says how the two are called together (``models/unet.py``). Saved with
@@ -44,6 +48,17 @@ class ControlNetMethod(Method):
         models.controlnet.train()
         return ["controlnet"]
 
+    def prepare_data(self, models: Models, data, job) -> None:
+        """A family whose ControlNet is conditioned on latents (SD 3.x, Flux): every conditioning image (and its
+        mirror, for flipped rows) encoded once by the base model's VAE before training, which is then freed."""
+        if not models.family.denoiser.control_latents:
+            return
+        from assets_pipeline.models.load import load_components
+
+        vae = load_components(job.base_model, ("vae",)).vae.to(data.device).eval()
+        data.encode_control(vae, models.scaling_factor, models.shift_factor)
+        del vae
+
     def predict(self, models: Models, noisy_latents, timesteps, prompt_embeds, batch):
         denoiser = models.family.denoiser
         residuals = denoiser.control(models.controlnet, noisy_latents, timesteps, prompt_embeds, batch, batch.control)
@@ -65,7 +80,7 @@ class ControlNetMethod(Method):
         from PIL import Image
 
         paths = ctx.extra["control_paths"]
-        return {"image": Image.open(paths[index % len(paths)]).convert("RGB")}
+        return {ctx.model_family.denoiser.control_image_argument: Image.open(paths[index % len(paths)]).convert("RGB")}
 
 
 register(ControlNetMethod())

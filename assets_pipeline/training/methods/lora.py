@@ -137,10 +137,19 @@ def module_scales(model) -> dict[str, tuple[float, int]]:
             if isinstance(m, LycorisLayer)}
 
 
-def kohya_prefixes(networks) -> dict[str, str]:
-    from assets_pipeline.training.lycoris import PREFIXES_SD, PREFIXES_SDXL
+def kohya_prefixes(family) -> dict[str, str]:
+    """Each network's prefix in kohya/LyCORIS files: the denoiser's (``lora_unet_``; a transformer's LyCORIS
+    ``lycoris_``), the text encoders' ``lora_te_`` for a family with one, else ``lora_te1_``, ``lora_te2_``, ...
+    (kohya-ss sd-scripts: SDXL's, SD 3.x's and Flux's)."""
+    names = family.text_encoder_names
+    te = {names[0]: "lora_te_"} if len(names) == 1 else {n: f"lora_te{i + 1}_" for i, n in enumerate(names)}
+    return {family.denoiser.component: family.denoiser.kohya_prefix, **te}
 
-    return PREFIXES_SDXL if "text_encoder_2" in networks else PREFIXES_SD
+
+def text_encoders_trained(family, cfg: LoraConfig) -> list:
+    """The text encoders ``train_text_encoder`` puts a LoRA on: the family's CLIP encoders (SDXL's and SD 3.x's
+    two, Flux's one); T5 stays frozen, as in diffusers' SD3/Flux LoRA scripts."""
+    return [e for e in family.text_encoders if e.trains_lora] if cfg.train_text_encoder else []
 
 
 class LoraMethod(Method):
@@ -156,25 +165,24 @@ class LoraMethod(Method):
         models.denoiser.requires_grad_(False)
         models.denoiser.add_adapter(peft_config(cfg, denoiser.lora_targets, denoiser.conv_targets))
         trainable = [denoiser.component]
-        if cfg.train_text_encoder:  # every encoder of the family (SDXL: both)
-            for spec, encoder in zip(models.family.text_encoders, models.text_encoders):
-                encoder.requires_grad_(False)
-                encoder.add_adapter(peft_config(cfg, spec.lora_targets))
-                trainable.append(spec.component)
+        for spec in text_encoders_trained(models.family, cfg):  # SDXL, SD 3.x: both CLIP encoders
+            encoder = models.network(spec.component)
+            encoder.requires_grad_(False)
+            encoder.add_adapter(peft_config(cfg, spec.lora_targets))
+            trainable.append(spec.component)
         return trainable
 
     def save(self, models: Models, load_base, out_dir: Path, cfg: LoraConfig, ctx: TrainContext):
         from peft.utils import get_peft_model_state_dict
 
-        networks = [models.family.denoiser.component] + (
-            list(models.family.text_encoder_names) if cfg.train_text_encoder else [])
+        networks = [models.family.denoiser.component] + [e.component for e in text_encoders_trained(models.family, cfg)]
         sds = {n: get_peft_model_state_dict(models.network(n)) for n in networks}
         if cfg.variant in ("loha", "lokr"):
             return self._save_lycoris(models, out_dir, sds)
         return self._save_lora(models, out_dir, cfg, sds)
 
     def _save_lora(self, models: Models, out_dir: Path, cfg: LoraConfig, sds: dict):
-        from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+        from diffusers.utils import convert_state_dict_to_diffusers
         from safetensors.torch import save_file
 
         from assets_pipeline.models.families import diffusers_class
@@ -192,23 +200,19 @@ class LoraMethod(Method):
         diffusers_class(models.family.pipeline_class).save_lora_weights(
             out_dir,
             safe_serialization=True,
-            **{f"{denoiser.component}_lora_layers": convert_state_dict_to_diffusers(sds[denoiser.component]),
+            **{f"{denoiser.component}_lora_layers": convert_state_dict_to_diffusers(sds[denoiser.component])
+               if denoiser.diffusers_lora_keys else sds[denoiser.component],
                f"{denoiser.component}_lora_adapter_metadata": models.denoiser.peft_config["default"].to_dict()},
             **te_kwargs,
         )
-        if cfg.variant == "dora":
-            # No kohya file: A1111's and ComfyUI's ``dora_scale`` normalizes the weight per input channel
+        writer = KOHYA_WRITERS.get(denoiser.kohya_lora)
+        if cfg.variant == "dora" or writer is None:
+            # No kohya file for DoRA: A1111's and ComfyUI's ``dora_scale`` normalizes the weight per input channel
             # (LyCORIS' convention, comfy/weight_adapter/base.py weight_decompose), PEFT's magnitude per output
             # channel; no file of theirs holds this DoRA, and diffusers drops kohya ``dora_scale`` keys anyway.
+            # None for a family whose LoRAs those tools read in diffusers' layout (SD 3.x).
             return [out_dir / DIFFUSERS_FILE]
-        peft_sd = {f"{name}.{k}": v for name, sd in sds.items() for k, v in sd.items()}
-        kohya = {_kohya_te_key(k, kohya_prefixes(sds)): v  # maps text_encoder_2. to lora_te2_
-                 for k, v in convert_state_dict_to_kohya(peft_sd).items()}
-        for k in kohya:
-            if k.endswith(".alpha"):  # the converter writes alpha = rank; ours may differ (convs: conv_alpha)
-                conv = k.startswith("lora_unet_") and k.split(".")[0].endswith(denoiser.conv_targets)
-                alpha = float((cfg.conv_alpha or cfg.conv_rank) if conv else (cfg.alpha or cfg.rank))
-                kohya[k] = kohya[k].new_tensor(alpha, dtype=kohya[k].dtype if kohya[k].is_floating_point() else None)
+        kohya = writer(models, cfg, sds)
         save_file({k: v.contiguous() for k, v in kohya.items()}, str(out_dir / KOHYA_FILE))
         return [out_dir / DIFFUSERS_FILE, out_dir / KOHYA_FILE]
 
@@ -219,7 +223,7 @@ class LoraMethod(Method):
 
         scales = {n: module_scales(models.network(n)) for n in sds}
         configs = {n: models.network(n).peft_config["default"].to_dict() for n in sds}
-        kohya = peft_to_kohya(sds, kohya_prefixes(sds), scales)
+        kohya = peft_to_kohya(sds, kohya_prefixes(models.family), scales)
         save_file(kohya, str(out_dir / KOHYA_FILE))
         (out_dir / PEFT_CONFIG_FILE).write_text(json.dumps(configs, indent=2, sort_keys=True, default=list))
         return [out_dir / KOHYA_FILE]
@@ -242,13 +246,14 @@ def load_lycoris(pipe, out_dir: Path) -> None:
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from assets_pipeline.models.families import family_of_pipeline
     from assets_pipeline.training.lycoris import kohya_to_peft
 
     configs = json.loads((out_dir / PEFT_CONFIG_FILE).read_text())
     for name, config in configs.items():
         inject_adapter_in_model(PeftConfig.from_peft_type(**config), getattr(pipe, name))
     scales = {name: module_scales(getattr(pipe, name)) for name in configs}
-    sds = kohya_to_peft(load_file(str(out_dir / KOHYA_FILE)), kohya_prefixes(configs), scales)
+    sds = kohya_to_peft(load_file(str(out_dir / KOHYA_FILE)), kohya_prefixes(family_of_pipeline(pipe)), scales)
     for name, sd in sds.items():
         if missing := sorted(get_peft_model_state_dict(getattr(pipe, name)).keys() - sd.keys()):
             raise ValueError(f"{out_dir / KOHYA_FILE} lacks {len(missing)} of {name}'s adapter tensors, e.g. "
@@ -256,6 +261,44 @@ def load_lycoris(pipe, out_dir: Path) -> None:
         result = set_peft_model_state_dict(getattr(pipe, name), sd)
         if result.unexpected_keys:
             raise ValueError(f"{out_dir / KOHYA_FILE}: {name} has no place for {result.unexpected_keys[:3]}")
+
+
+def _kohya_sd(models: Models, cfg: LoraConfig, sds: dict) -> dict:
+    """The kohya/A1111 file of a U-Net LoRA (and its text encoders'): diffusers' ``convert_state_dict_to_kohya``,
+    text-encoder names as A1111/ComfyUI read them, and alphas as trained."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    denoiser = models.family.denoiser
+    peft_sd = {f"{name}.{k}": v for name, sd in sds.items() for k, v in sd.items()}
+    kohya = {_kohya_te_key(k, kohya_prefixes(models.family)): v  # maps text_encoder_2. to lora_te2_
+             for k, v in convert_state_dict_to_kohya(peft_sd).items()}
+    for k in kohya:
+        if k.endswith(".alpha"):  # the converter writes alpha = rank; ours may differ (convs: conv_alpha)
+            conv = k.startswith("lora_unet_") and k.split(".")[0].endswith(denoiser.conv_targets)
+            alpha = float((cfg.conv_alpha or cfg.conv_rank) if conv else (cfg.alpha or cfg.rank))
+            kohya[k] = kohya[k].new_tensor(alpha, dtype=kohya[k].dtype if kohya[k].is_floating_point() else None)
+    return kohya
+
+
+def _kohya_flux(models: Models, cfg: LoraConfig, sds: dict) -> dict:
+    """The kohya-ss layout of a Flux LoRA (``training/kohya_flux.py``) plus its CLIP encoder's (``lora_te1_``)."""
+    import torch
+
+    from assets_pipeline.training.kohya_flux import flux_lora_to_kohya
+
+    name = models.family.denoiser.component
+    out_features = {n.removesuffix(".base_layer"): m.out_features for n, m in models.denoiser.named_modules()
+                    if isinstance(m, torch.nn.Linear)}
+    scale = (cfg.alpha or cfg.rank) / cfg.rank
+    kohya = flux_lora_to_kohya(sds[name], {m.rpartition(".lora_")[0]: scale for m in sds[name]}, out_features)
+    if text := {n: sd for n, sd in sds.items() if n != name}:
+        kohya.update(_kohya_sd(models, cfg, text))
+    return kohya
+
+
+# The kohya/A1111 LoRA file of each denoiser layout (``kohya_lora`` of models/unet.py's and models/mmdit.py's
+# denoisers); a denoiser without one gets the diffusers file only.
+KOHYA_WRITERS = {"sd": _kohya_sd, "flux": _kohya_flux}
 
 
 def _kohya_te_key(key: str, prefixes: dict[str, str]) -> str:

@@ -13,6 +13,13 @@ a row is learned in both text encoders; prompts are re-encoded every step as the
 under ``clip_l`` and ``clip_g`` (the SDXL embedding format A1111 and ComfyUI read; diffusers loads each row with
 ``load_textual_inversion(state_dict["clip_l"], token=..., text_encoder=pipe.text_encoder,
 tokenizer=pipe.tokenizer)`` and ``clip_g`` likewise into ``text_encoder_2``/``tokenizer_2``).
+
+SD 3.x and Flux: the token in each CLIP encoder and in T5, as the pivotal tuning of diffusers'
+train_dreambooth_lora_flux_advanced.py learns it (there beside a LoRA; here alone), every encoder re-encoding the
+prompts each step; ``<concept>.safetensors`` holds a row per encoder (``clip_l``, ``clip_g``, ``t5``; that script's
+keys). Flux's pipeline loads each row with ``load_textual_inversion`` as SDXL's does; SD 3.x's has no
+textual-inversion loader, so :func:`add_token_row` (the README's few lines) adds each row to its tokenizer and
+encoder.
 """
 
 from __future__ import annotations
@@ -69,7 +76,9 @@ class TextualInversionMethod(Method):
                 raise ValueError(f"the {spec.tokenizer} already has {placeholder(ctx)!r}; choose another token")
             init_word = cfg.initializer_token or ctx.class_noun or "photo"
             init_ids = tok.encode(init_word, add_special_tokens=False)
-            te.resize_token_embeddings(len(tok), mean_resizing=False)  # the new row is set just below
+            # The new row is set just below. Never fewer rows than the encoder has: T5's embedding is padded past
+            # its tokenizer (32128 rows for 32100 tokens), and its new token takes one of those spare rows.
+            te.resize_token_embeddings(max(len(tok), te.get_input_embeddings().num_embeddings), mean_resizing=False)
             placeholder_id = tok.convert_tokens_to_ids(placeholder(ctx))
             emb = te.get_input_embeddings().weight
             with torch.no_grad():
@@ -127,13 +136,30 @@ class TextualInversionMethod(Method):
 
         rows = load_file(str(out_dir / f"{ctx.concept}.safetensors"))
         for spec in encoders:
-            pipe.load_textual_inversion(rows[spec.embedding_key], token=placeholder(ctx),
-                                        text_encoder=getattr(pipe, spec.component),
-                                        tokenizer=getattr(pipe, spec.tokenizer))
+            tokenizer, encoder = getattr(pipe, spec.tokenizer), getattr(pipe, spec.component)
+            if hasattr(pipe, "load_textual_inversion"):  # SDXL's, Flux's: diffusers' loader, per encoder
+                pipe.load_textual_inversion(rows[spec.embedding_key], token=placeholder(ctx), text_encoder=encoder,
+                                            tokenizer=tokenizer)
+            else:  # SD 3.x's pipeline has no loader: what the README shows
+                add_token_row(tokenizer, encoder, placeholder(ctx), rows[spec.embedding_key])
         return pipe
 
     def validation_prompt(self, ctx: TrainContext) -> str:
         return f"a photo of {placeholder(ctx)} {ctx.class_noun}".strip()
+
+
+def add_token_row(tokenizer, text_encoder, token: str, row) -> None:
+    """Add ``token`` to ``tokenizer`` with the embedding ``row`` ([1, dim]) in ``text_encoder``: what
+    ``load_textual_inversion`` does, for a pipeline without it (StableDiffusion3Pipeline), shown in the README."""
+    import torch
+
+    if tokenizer.add_tokens(token) != 1:
+        raise ValueError(f"the tokenizer already has {token!r}")
+    rows = text_encoder.get_input_embeddings().num_embeddings
+    text_encoder.resize_token_embeddings(max(len(tokenizer), rows), mean_resizing=False)
+    with torch.no_grad():
+        weight = text_encoder.get_input_embeddings().weight
+        weight[tokenizer.convert_tokens_to_ids(token)] = row.reshape(-1).to(weight.device, weight.dtype)
 
 
 register(TextualInversionMethod())

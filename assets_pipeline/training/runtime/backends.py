@@ -48,7 +48,8 @@ def flash_attention_status(modules: dict[str, Any], dtype) -> str:
     processors, head_dims = set(), set()
     for m in modules.values():
         for sub in m.modules():
-            if type(sub).__name__ == "Attention" and hasattr(sub, "processor"):
+            # diffusers' Attention (U-Nets, SD 3.x's joint blocks) and FluxAttention: a processor, to_q and heads
+            if hasattr(sub, "processor") and hasattr(sub, "to_q") and hasattr(sub, "heads"):
                 processors.add(type(sub.processor).__name__)
                 head_dims.add(sub.to_q.out_features // sub.heads)
     if not head_dims:

@@ -63,7 +63,8 @@ def choose_micro_batch(job, method, models, data, cfg, effective: int, roles, pa
     def try_batch(b: int) -> None:
         g = seeded_generator("micro-batch-probe", device=data.device)
         # The largest bucket of each role: every other bucket's micro-batch needs less memory.
-        parts = data.draw(data.largest_indices(roles, b), g, models.scaling_factor, cfg.random_flip)
+        parts = data.draw(data.largest_indices(roles, b), g, models.scaling_factor, cfg.random_flip,
+                           shift_factor=models.shift_factor)
         try:
             with torch.autocast(data.device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
                 loss = compute_loss(method, models, parts, cfg, g, weight_dtype, channels_last)
