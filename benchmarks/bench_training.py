@@ -6,6 +6,17 @@
     python benchmarks/bench_training.py --shapes sd15 --methods lora --variants reference project-compiled
     python benchmarks/bench_training.py --shapes sd15 --methods lora --variants project-eager \
         --performance adapter_input_casts=on                                       # A/B one speed setting
+    python benchmarks/bench_training.py --shapes flux --methods lora --batch-sizes 1 4 \
+        --variants reference project-eager project-compiled                      # GPU: FLUX.1-dev at 1024 px
+    python benchmarks/bench_training.py --shapes flux --methods lora --batch-sizes 1 --variants project-compiled \
+        --config base_quantization=nf4 gradient_checkpointing=true                # LoRA over a 4-bit base
+    python benchmarks/bench_training.py --shapes sd35 --methods dreambooth --batch-sizes 1 --variants project-eager \
+        --config optimizer=adafactor gradient_checkpointing=true                  # DreamBooth's memory options
+
+``--shapes flux`` / ``sd35`` write the random-weight model folder once in bf16 (FLUX.1: 33 GB with T5, minutes);
+the table adds the model TFLOP/s of the denoiser (forward FLOPs counted on the meta device, x2 for a frozen base,
+x3 for a trained one), their share of the card's dense bf16 peak, and the denoiser's stored GiB (a quantized
+base: its packed weights).
 
 Variants (each run in its own process, so peak memory is that run's alone):
 - ``reference``: the loop of diffusers' example scripts (train_dreambooth_lora.py, train_dreambooth.py,
@@ -79,7 +90,7 @@ def model_folder(shapes: str, work: Path, device: str) -> tuple[Path, int]:
 
 
 def synthetic_job(method: str, shapes: str, batch: int, steps: int, variant: str, work: Path, device: str,
-                  performance: dict | None = None):
+                  performance: dict | None = None, config: dict | None = None):
     """A trainer job over a random latents bundle for the model folder of ``shapes`` (both made once)."""
     import torch
     from PIL import Image
@@ -130,7 +141,7 @@ def synthetic_job(method: str, shapes: str, batch: int, steps: int, variant: str
             Image.effect_noise((res, res), 64).convert("RGB").save(bundle / f"control-{i}.png")
     m = get_method(method)
     cfg = m.config_cls(**{**m.default_config(ROWS, quick=False), "max_train_steps": steps + 1,
-                          "train_batch_size": batch, "checkpointing_steps": 10**9})
+                          "train_batch_size": batch, "checkpointing_steps": 10**9, **(config or {})})
     run = work / "runs" / f"{method}-{variant}-{batch}-{os.getpid()}"
     return TrainJob(concept="bench", method=method, config=cfg, base_model=ref, latents_dir=str(bundle),
                     output_dir=str(run / "out"), checkpoint_dir=str(run / "ckpt"), token="sks", class_noun="dog",
@@ -200,15 +211,16 @@ def bf16_peak_tflops(device_name: str) -> float | None:
 
 
 def run_project(method, shapes, batch, steps, variant, work: Path, device: str, performance: dict | None = None,
-                profile_out: str | None = None) -> dict:
+                profile_out: str | None = None, config: dict | None = None) -> dict:
     from assets_pipeline.training.checkpoints import checkpoint_root
     from assets_pipeline.training.loop import train
     from assets_pipeline.training.runtime import PROFILE_DIR
 
-    job = synthetic_job(method, shapes, batch, steps, variant, work, device, performance)
+    job = synthetic_job(method, shapes, batch, steps, variant, work, device, performance, config)
     state = train(job, progress=lambda msg: None)
     s = state.stats
     out = {"images_per_s": s["images_per_s"], "warmup_s": s["warmup_s"], "peak_mem_gib": s["peak_mem_gib"],
+           "denoiser_gib": s.get("denoiser_gib"),
            "compile_cache": s["compile_cache"], "compile_cache_io_s": s["compile_cache_io_s"],
            "channels_last": s["channels_last"], "cudnn_benchmark": s["cudnn_benchmark"],
            "attention": s["attention"], "precision": s["precision"], "device": s["device"]}
@@ -476,37 +488,57 @@ def run_one(args) -> dict:
         out = run_reference(method, args.shapes, batch, args.steps, work, device, variant)
     else:
         out = run_project(method, args.shapes, batch, args.steps, variant, work, device,
-                          parse_settings(args.performance), args.profile_out)
-        if args.performance:  # the row says which settings it changed: "project-eager[adapter_input_casts=on]"
-            variant = f"{variant}[{','.join(args.performance)}]"
+                          parse_settings(args.performance), args.profile_out, parse_pairs(args.config))
+        changed = [*(args.performance or []), *(args.config or [])]
+        if changed:  # the row says which settings it changed: "project-eager[adapter_input_casts=on]"
+            variant = f"{variant}[{','.join(changed)}]"
     if out["peak_mem_gib"] is None:  # CPU: the process's peak RSS (torch and the libraries included)
         out["peak_mem_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     return {"method": method, "variant": variant, "batch": batch, "shapes": args.shapes, "steps": args.steps,
             "flops_per_image": denoiser_flops_per_image(args.shapes, method), **out}
 
 
-def parse_settings(pairs: list[str] | None) -> dict:
-    """``KEY=VALUE`` performance settings (training/runtime/settings.py); values are JSON where they parse."""
-    from assets_pipeline.training.runtime.settings import Performance
-
+def parse_pairs(pairs: list[str] | None, option: str = "--config") -> dict:
+    """``KEY=VALUE`` pairs; values are JSON where they parse (true, 4, 1e-4), else strings."""
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise SystemExit(f"--performance {pair!r}: expected KEY=VALUE, e.g. adapter_input_casts=on")
+            raise SystemExit(f"{option} {pair!r}: expected KEY=VALUE, e.g. adapter_input_casts=on")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
             out[key] = value
+    return out
+
+
+def parse_settings(pairs: list[str] | None) -> dict:
+    """``KEY=VALUE`` performance settings (training/runtime/settings.py)."""
+    from assets_pipeline.training.runtime.settings import Performance
+
+    out = parse_pairs(pairs, "--performance")
     Performance.from_dict(out)  # an unknown key or a bad value fails here, before any run
     return out
+
+
+def check_method_config(methods, pairs: list[str] | None) -> None:
+    """Each method's config takes the ``--config`` settings (an unknown key or a bad value fails before any run)."""
+    from assets_pipeline.training.methods import get_method
+
+    config = parse_pairs(pairs)
+    for method in methods:
+        m = get_method(method)
+        try:
+            m.config_cls(**{**m.default_config(ROWS, quick=False), **config})
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"--config for {method}: {e}") from e
 
 
 def table(rows: list[dict]) -> str:
     """The runs side by side: img/s, the ratio to the reference loop, peak memory, warm-up, and where the
     denoiser's FLOPs per image are known, the model TFLOP/s reached and their share of the card's bf16 peak."""
     lines = [f"{'method':<18} {'batch':>5} {'variant':<22} {'img/s':>8} {'x ref':>6} {'peak GiB':>9} {'warmup s':>9}"
-             f" {'TFLOP/s':>8} {'% peak':>7}"]
+             f" {'TFLOP/s':>8} {'% peak':>7} {'denoiser GiB':>12}"]
     several = len({r.get("shapes") for r in rows}) > 1  # runs of several model sizes: the method says which
     for r in rows:
         ref = next((x for x in rows if x["method"] == r["method"] and x["batch"] == r["batch"]
@@ -520,7 +552,7 @@ def table(rows: list[dict]) -> str:
             if peak := bf16_peak_tflops(r.get("device", "")):
                 share = f"{100 * achieved / peak:.1f}"
         lines.append(f"{method:<18} {r['batch']:>5} {r['variant']:<22} {r['images_per_s'] or '-':>8} {ratio:>6} "
-                     f"{r['peak_mem_gib']:>9} {r['warmup_s']:>9} {tflops:>8} {share:>7}")
+                     f"{r['peak_mem_gib']:>9} {r['warmup_s']:>9} {tflops:>8} {share:>7} {r.get('denoiser_gib') or '-':>12}")
     return "\n".join(lines)
 
 
@@ -542,6 +574,10 @@ def main() -> int:
     ap.add_argument("--performance", nargs="+", metavar="KEY=VALUE",
                     help="performance settings for the project's variants on top of theirs (training/runtime/settings.py), "
                          "e.g. adapter_input_casts=on; the rows' variant names show them")
+    ap.add_argument("--config", nargs="+", metavar="KEY=VALUE",
+                    help="method config for the project's variants (what a concept.toml section sets), e.g. "
+                         "base_quantization=nf4 gradient_checkpointing=true optimizer=adafactor; the rows' variant "
+                         "names show them")
     ap.add_argument("--profile-out", help="with --performance profile_steps=N: copy each project run's profile "
                                           "(trace.json.gz, ops.txt, summary.json) to DIR/<method>-<variant>-<batch>")
     ap.add_argument("--json-out", help="also write every run's JSON line to this file")
@@ -568,6 +604,7 @@ def main() -> int:
         print(json.dumps(run_one(args)), flush=True)
         return 0
     parse_settings(args.performance)
+    check_method_config(args.methods, args.config)
     work = Path(args.workdir)
     rows = []
     for method in args.methods:
@@ -580,6 +617,7 @@ def main() -> int:
                 cmd = [sys.executable, __file__, "--one", f"{method},{variant},{b}", "--shapes", args.shapes,
                        "--steps", str(args.steps), "--device", args.device, "--workdir", args.workdir,
                        *(["--performance", *args.performance] if args.performance else []),
+                       *(["--config", *args.config] if args.config else []),
                        *(["--profile-out", args.profile_out] if args.profile_out else [])]
                 try:
                     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.run_timeout)

@@ -44,7 +44,9 @@ PYEOF
 fi
 
 # What the project imports that the machine lacks (their dependencies are found from their metadata).
-ROOTS="diffusers dagster dagster-pipes dagster-shared open_clip_torch controlnet_aux"
+# torchao: LoRA's base_quantization float8/int8 (bitsandbytes, for nf4, is a ~100 MB wheel: install it on the
+# machine's image rather than carry it).
+ROOTS="diffusers dagster dagster-pipes dagster-shared open_clip_torch controlnet_aux torchao"
 # name==version, not from constraints.txt: huggingface-hub 1.33.0 meets diffusers 0.42 (>=1.32) and the machine's
 # transformers 5.17 (<2.0; our pin 2.4.0 needs a newer transformers); typing-extensions 4.16.0 is pydantic
 # 2.14's minimum (pure Python, backward compatible by design).

@@ -38,6 +38,10 @@ SHAPES=${BENCH_SHAPES:-sd15}  # tiny: the same parts on the embedded test model 
 B="$PY benchmarks/bench_training.py --shapes $SHAPES --steps 10 --workdir $WORK --json-out $OUT/training.jsonl"
 XL=$([ "$SHAPES" = tiny ] && echo tiny-sdxl || echo sdxl)  # SDXL base 1.0's sizes at 1024 px (tiny: the embedded SDXL)
 BX="$PY benchmarks/bench_training.py --shapes $XL --steps 10 --workdir $WORK --json-out $OUT/training.jsonl"
+FL=$([ "$SHAPES" = tiny ] && echo tiny-flux || echo flux)  # FLUX.1-dev's sizes at 1024 px (tiny: the embedded Flux)
+S3=$([ "$SHAPES" = tiny ] && echo tiny-sd3 || echo sd35)  # SD 3.5 large's
+BF="$PY benchmarks/bench_training.py --shapes $FL --steps 10 --workdir $WORK --json-out $OUT/training.jsonl"
+B3="$PY benchmarks/bench_training.py --shapes $S3 --steps 10 --workdir $WORK --json-out $OUT/training.jsonl"
 run_part() {
   case $1 in
     lora_b16) part lora_b16 360 $B --methods lora --batch-sizes 16 --run-timeout 170 \
@@ -81,8 +85,19 @@ run_part() {
     # SDXL LoRA at 1024 px, batch 4: the SDXL script's loop (prompt encoded once, fp32 VAE every step) vs. ours.
     sdxl_lora) part sdxl_lora 300 $BX --methods lora --batch-sizes 4 --run-timeout 240 \
                  --variants reference project-eager ;;
+    # FLUX.1-dev LoRA at 1024 px: train_dreambooth_lora_flux.py's loop (VAE, CLIP and T5 every step) vs. ours, at
+    # batch 1 and 4 (the first run writes the 33 GB bf16 model folder: minutes).
+    flux_lora) part flux_lora 900 $BF --methods lora --batch-sizes 1 4 --run-timeout 600 \
+                 --variants reference project-eager project-compiled ;;
+    # LoRA over a quantized transformer, batch 1: peak memory against a 24 GB card (float8: torchao, nf4: bnb).
+    flux_qlora) part flux_qlora 600 bash -c "$BF --methods lora --batch-sizes 1 --variants project-eager \
+                  --config base_quantization=nf4 gradient_checkpointing=true \
+                  && $BF --methods lora --batch-sizes 1 --variants project-eager --config base_quantization=float8" ;;
+    # SD 3.5 large DreamBooth with the memory options (Adafactor, gradient checkpointing), batch 1.
+    sd35_db) part sd35_db 600 $B3 --methods dreambooth --batch-sizes 1 --run-timeout 500 --variants project-eager \
+               --config optimizer=adafactor gradient_checkpointing=true ;;
     *) echo "unknown part $1 (lora_b16 methods_b16 db_compiled lora_full db_full class_images encoders b4 lora_plain" \
-            "lora_eager_ab first_step_ab lora_profile sdxl_lora)"; return 2 ;;
+            "lora_eager_ab first_step_ab lora_profile sdxl_lora flux_lora flux_qlora sd35_db)"; return 2 ;;
   esac
 }
 # Parts in order of importance; name some to run only those (e.g. when device time is short).

@@ -24,9 +24,10 @@ METHODS = ("lora", "dreambooth", "textual_inversion", "controlnet")
 ASSETS = {"lora": "lora_adapter", "dreambooth": "dreambooth_model", "textual_inversion": "textual_inversion_embedding",
           "controlnet": "controlnet_model"}
 # SD 3.x: LoRA on its CLIP encoders too, T5 cached at 64 tokens (its pipeline's default is 256) and flipped latents
-# (so ControlNet encodes mirrored conditioning images); Flux at its family's defaults (512 T5 tokens).
+# (so ControlNet encodes mirrored conditioning images); Flux at its family's defaults (512 T5 tokens), its LoRA over
+# a float8-quantized transformer (training/quantization.py).
 EXTRA = {"sd3": ("[latents]\nmax_sequence_length = 64\nrandom_flip = true\n", "train_text_encoder = true\n"),
-         "flux": ("", "")}
+         "flux": ("", 'base_quantization = "float8"\n')}
 
 
 def spec(family: str) -> str:
@@ -76,6 +77,11 @@ def test_all_four_methods_train_on_the_family_and_pass_their_checks(flow_build):
         lineage = json.loads((flow_build.out[method] / "lineage.json").read_text())
         assert lineage["base_model"]["family"] == flow_build.family
     assert flow_build.mats["vae_latents"]["base_model_family"].value == flow_build.family
+    # The frozen transformer the LoRA trained over: float8 on Flux (a byte a linear weight), fp32 on SD 3.x, as
+    # the DreamBooth's trained one.
+    lora_gib = flow_build.mats["lora_adapter"]["denoiser_gib"].value
+    full_gib = flow_build.mats["dreambooth_model"]["denoiser_gib"].value
+    assert (lora_gib < 0.5 * full_gib) if flow_build.family == "flux" else lora_gib == full_gib
 
 
 def test_the_bundle_holds_each_caption_once_at_the_t5_length_with_the_vaes_shift(flow_build):

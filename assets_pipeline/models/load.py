@@ -51,13 +51,15 @@ def render_dtype():
     return torch.float32
 
 
-def load_pipeline(ref: BaseModelRef, torch_dtype: Any = None):
+def load_pipeline(ref: BaseModelRef, torch_dtype: Any = None, **components):
     """The base model as its family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, ...).
-    ``torch_dtype`` None keeps each component's saved dtype (what an output folder built on the base keeps)."""
+    ``torch_dtype`` None keeps each component's saved dtype (what an output folder built on the base keeps);
+    ``components``: parts already loaded, used in place of the model's (diffusers' component overrides)."""
     cls = diffusers_class(ref.model_family.pipeline_class)
     quiet_progress_bars()
     # diffusers 0.42 names it dtype (torch_dtype is deprecated there, to be removed in 1.0)
     kwargs: dict[str, Any] = {"dtype": torch_dtype} if torch_dtype is not None else {}
+    kwargs.update(components)
     if ref.kind == "single_file":
         if ref.single_file_config:
             kwargs["config"] = ref.single_file_config
@@ -108,15 +110,24 @@ class Components:
     tokenizers: tuple | None = None
 
 
-def load_components(ref: BaseModelRef, which: Iterable[str]) -> Components:
-    """The parts of ``ref`` named in ``which`` (see :data:`COMPONENTS`), in the dtype they were saved in."""
+def load_components(ref: BaseModelRef, which: Iterable[str], denoiser_kwargs: dict | None = None) -> Components:
+    """The parts of ``ref`` named in ``which`` (see :data:`COMPONENTS`), in the dtype they were saved in;
+    ``denoiser_kwargs``: more arguments for the denoiser's ``from_pretrained`` / ``from_single_file`` (a
+    quantization config and the dtype it loads in: training/quantization.py)."""
     which = set(which)
     if unknown := which - set(COMPONENTS):
         raise ValueError(f"unknown components {sorted(unknown)}; known: {list(COMPONENTS)}")
     quiet_progress_bars()
     family = ref.model_family
+    denoiser_cls = diffusers_class(family.denoiser.model_class)
     if ref.kind == "single_file":
-        pipe = load_pipeline(ref)
+        overrides = {}
+        if denoiser_kwargs and "denoiser" in which:  # the denoiser from the same file, loaded as asked
+            config = {"config": ref.single_file_config, "subfolder": family.denoiser.component} \
+                if ref.single_file_config else {}
+            overrides[family.denoiser.component] = denoiser_cls.from_single_file(
+                ref.location, local_files_only=True, **config, **denoiser_kwargs)
+        pipe = load_pipeline(ref, **overrides)
         return Components(
             vae_config=pipe.vae.config, scheduler_config=pipe.scheduler.config,
             vae=pipe.vae if "vae" in which else None,
@@ -135,8 +146,8 @@ def load_components(ref: BaseModelRef, which: Iterable[str]) -> Components:
         vae_config=SimpleNamespace(**vae_cls.load_config(location, subfolder="vae", local_files_only=True)),
         scheduler_config=scheduler_config,
         vae=vae_cls.from_pretrained(location, subfolder="vae", local_files_only=True) if "vae" in which else None,
-        denoiser=diffusers_class(family.denoiser.model_class).from_pretrained(
-            location, subfolder=family.denoiser.component, local_files_only=True) if "denoiser" in which else None,
+        denoiser=denoiser_cls.from_pretrained(location, subfolder=family.denoiser.component, local_files_only=True,
+                                              **(denoiser_kwargs or {})) if "denoiser" in which else None,
         text_encoders=tuple(getattr(transformers, e.model_class).from_pretrained(
             location, subfolder=e.component, local_files_only=True) for e in family.text_encoders)
         if "text_encoders" in which else None,

@@ -26,8 +26,8 @@ def _pipes(stack: ExitStack):
     return stack.enter_context(open_dagster_pipes())
 
 
-SPEED_KEYS = ("images_per_s", "warmup_s", "train_s", "peak_mem_gib", "micro_batch", "gradient_accumulation",
-              "compile", "compile_cache", "compile_cache_io_s", "cudnn_benchmark", "attention", "num_processes")
+SPEED_KEYS = ("images_per_s", "warmup_s", "train_s", "peak_mem_gib", "denoiser_gib", "micro_batch",
+              "gradient_accumulation", "compile", "compile_cache", "compile_cache_io_s", "cudnn_benchmark", "attention", "num_processes")
 
 
 def _images_table(job) -> str:

@@ -20,6 +20,8 @@ from assets_pipeline.training.methods import get_method
 from assets_pipeline.training.methods.base import Method, Models, TrainContext
 from assets_pipeline.training.optimizers import check_optimizer, make_optimizer
 from assets_pipeline.training.plan import train_context
+from assets_pipeline.training.quantization import (check_quantization, loading_kwargs, quantize_loaded,
+                                                   quantized_bytes)
 from assets_pipeline.training.runtime import Runtime
 from assets_pipeline.training.step import compute_loss, per_process_batch, place_networks
 from assets_pipeline.training.validation import StepValidation, validation_due
@@ -72,6 +74,8 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
     method.check_inputs(ctx, cfg)
     cpu = job.device == "cpu" or (job.device == "auto" and not torch.cuda.is_available())
     check_optimizer(cfg, cuda=not cpu, section=job.method)
+    quantize = getattr(cfg, "base_quantization", None)  # LoRA's frozen base quantized (training/quantization.py)
+    check_quantization(quantize, cuda=not cpu, section=job.method)
     ckpt_root = checkpoint_root(job)
     accelerator, precision = make_accelerator(job, cpu, ckpt_root)
     n_procs, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
@@ -85,7 +89,9 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
     # -- prepare: models, data, what trains, placement, speed, optimizer -----------------------------------------
     set_seed(cfg.seed)  # adapter/ControlNet initialization; batches and noise have their own seeded generators
     text = method.runs_text_encoder(cfg)
-    models = Models.load(job.base_model, text)
+    models = Models.load(job.base_model, text, loading_kwargs(quantize, weight_dtype))
+    if quantize:
+        models.denoiser = quantize_loaded(models.denoiser, quantize, weight_dtype, device)
     models.objective = models.family.objective.configured(cfg)  # checked with the inputs above
     data = TrainingData.from_bundle(job.latents_dir, job.training_images, lambda c: method.training_caption(c, ctx),
                                     control=job.method == "controlnet",
@@ -185,6 +191,8 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
     # -- unwrap: the trained modules as the method saves them -----------------------------------------------------
     stats = runtime.finish(timer, images_per_step=micro * len(roles) * accum * n_procs, micro=micro,
                            accumulation=accum, cfg=cfg)
+    # The frozen or trained denoiser's weights as stored (a quantized base: its packed weights and scales).
+    stats["denoiser_gib"] = round(quantized_bytes(models.denoiser) / 2**30, 4)
     if job.log_with:
         accelerator.end_training()
     accelerator.wait_for_everyone()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from assets_pipeline.training.methods.base import Method, Models
+from assets_pipeline.training.quantization import is_quantized
 
 
 def per_sample_mse(pred, target):
@@ -61,7 +62,10 @@ def place_networks(models: Models, trainable: list[str], device, weight_dtype, c
         if name not in trainable:  # frozen means no weight gradients at all (textual inversion's U-Net too)
             module.requires_grad_(False)
         fully_trained = name in trainable and all(p.requires_grad for p in module.parameters())
-        module.to(device, dtype=torch.float32 if fully_trained else weight_dtype)
+        if is_quantized(module):  # loaded in its dtype (training/quantization.py), which cannot change now
+            module.to(device)
+        else:
+            module.to(device, dtype=torch.float32 if fully_trained else weight_dtype)
         if name in trainable:
             cast_training_params(module, dtype=torch.float32)
             if cfg.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):

@@ -70,15 +70,17 @@ class Models:
         return {name: module for name, module in named.items() if module is not None}
 
     @classmethod
-    def load(cls, ref, with_text_encoders: bool) -> Models:
+    def load(cls, ref, with_text_encoders: bool, denoiser_kwargs: dict | None = None) -> Models:
         """The denoiser, the training noise scheduler (the family objective's, from the pipeline's scheduler
         config, as diffusers' scripts build it), the VAE's scaling numbers and the tokenizers of the resolved base
-        model ``ref``; the text encoders only when a method runs them."""
+        model ``ref``; the text encoders only when a method runs them. ``denoiser_kwargs``: how the denoiser
+        loads (a quantized base: training/quantization.py)."""
         from assets_pipeline.models.families import diffusers_class
         from assets_pipeline.models.load import load_components
 
         family = ref.model_family
-        parts = load_components(ref, ("denoiser", "tokenizers", *(("text_encoders",) if with_text_encoders else ())))
+        parts = load_components(ref, ("denoiser", "tokenizers", *(("text_encoders",) if with_text_encoders else ())),
+                                denoiser_kwargs)
         return cls(
             family=family, denoiser=parts.denoiser,
             noise_scheduler=diffusers_class(family.objective.scheduler_class).from_config(parts.scheduler_config),
