@@ -72,7 +72,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"demo concept written: {folder}\n  base model {ref.family}: {ref.kind} at {ref.location}, "
               f"fingerprint {ref.fingerprint[:16]}")
     for concept, res in build_concepts(list(concepts)):
-        print(f"\nmaterialized for concept {concept!r} (run {res.run_id}):")
+        run = _instance().get_run_stats(res.run_id)
+        took = f" in {run.end_time - run.start_time:.0f} s" if run.start_time and run.end_time else ""
+        print(f"\nmaterialized for concept {concept!r}{took} (run {res.run_id}):")
         print("\n".join(_summary(res)))
         if not res.success:
             return 1

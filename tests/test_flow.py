@@ -68,6 +68,7 @@ def flow_build(request, tmp_path_factory, flow_root):
     return SimpleNamespace(family=family, storage=storage, mats=mats, checks=checks, ref=ref, out=out)
 
 
+@pytest.mark.slow
 def test_all_four_methods_train_on_the_family_and_pass_their_checks(flow_build):
     assert flow_build.ref.family == flow_build.family
     for method, asset in ASSETS.items():
@@ -84,6 +85,7 @@ def test_all_four_methods_train_on_the_family_and_pass_their_checks(flow_build):
     assert (lora_gib < 0.5 * full_gib) if flow_build.family == "flux" else lora_gib == full_gib
 
 
+@pytest.mark.slow
 def test_the_bundle_holds_each_caption_once_at_the_t5_length_with_the_vaes_shift(flow_build):
     from assets_pipeline.assets.common import read_upstream
     from assets_pipeline.stages.bundle import load_latent_bundle
@@ -203,6 +205,7 @@ def test_every_output_opens_in_the_familys_stock_pipeline_and_changes_the_image(
         assert change > 0, f"{method} renders the base model's image"
 
 
+@pytest.mark.slow
 def test_the_lora_files_hold_the_transformer_and_clip_loras(flow_build):
     from safetensors.torch import load_file
 
