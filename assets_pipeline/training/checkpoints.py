@@ -3,7 +3,9 @@
 Checkpoints are accelerate states (models, optimizer, LR schedule, RNG, and the EMA with use_ema) plus the loss
 history, under ``<checkpoint_dir>/<job identity[:16]>/step-N/``: a job resumes only from its own identity's. A
 checkpoint is written as ``.step-N.tmp/`` and renamed into place once every process has saved its part, so a
-``step-N/`` folder is whole.
+``step-N/`` folder is whole when written; ``files.json`` lists each of its files' sizes, and resuming checks them
+(and every safetensors file's header against its length), so a checkpoint damaged since (truncated by a full disk
+or a copy) is skipped with a warning for the one before it, or a fresh start.
 """
 
 from __future__ import annotations
@@ -78,9 +80,66 @@ def job_lock(job: TrainJob, progress: Callable[[str], None] = log.info) -> Itera
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def latest_checkpoint(root: Path) -> tuple[int, Path] | None:
+FILES = "files.json"  # a checkpoint's files and their sizes, written last
+
+
+def checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """The job's complete checkpoints, newest first."""
     done = [(int(p.name.split("-")[1]), p) for p in root.glob("step-*") if (p / "losses.json").is_file()]
-    return max(done) if done else None
+    return sorted(done, reverse=True)
+
+
+def latest_checkpoint(root: Path) -> tuple[int, Path] | None:
+    found = checkpoints(root)
+    return found[0] if found else None
+
+
+def _sizes(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != FILES}
+
+
+def safetensors_damage(path: Path) -> str | None:
+    """Why a safetensors file cannot be whole (its header unreadable, or its tensors' extent not its length), or
+    None: the format's own framing, checked without reading the tensors."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 + n:
+                return f"{size} bytes, shorter than its {n}-byte header"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        return f"unreadable header: {e}"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        return f"{size} bytes where its header describes {8 + n + end}"
+    return None
+
+
+def checkpoint_damage(path: Path) -> str | None:
+    """Why the checkpoint ``path`` cannot be resumed from, or None: a file listed in its ``files.json`` missing
+    or of another size, a safetensors file not matching its header, an unreadable loss history."""
+    listed = path / FILES
+    if listed.is_file():  # checkpoints from before files.json get the header checks only
+        try:
+            expected = json.loads(listed.read_text())
+        except (OSError, ValueError) as e:
+            return f"{FILES} unreadable: {e}"
+        actual = _sizes(path)
+        for rel, size in expected.items():
+            if rel not in actual:
+                return f"{rel} is missing"
+            if actual[rel] != size:
+                return f"{rel} has {actual[rel]} bytes, {size} were written"
+    for f in sorted(path.rglob("*.safetensors")):
+        if why := safetensors_damage(f):
+            return f"{f.relative_to(path)}: {why}"
+    try:
+        json.loads((path / "losses.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"losses.json unreadable: {e}"
+    return None
 
 
 def save_checkpoint(accelerator, root: Path, step: int, losses: list[float], keep: int, validation=None) -> None:
@@ -94,6 +153,7 @@ def save_checkpoint(accelerator, root: Path, step: int, losses: list[float], kee
         (tmp / "losses.json").write_text(json.dumps(losses))
         if validation is not None:
             validation.save_into(tmp)
+        (tmp / FILES).write_text(json.dumps(_sizes(tmp)))
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -106,10 +166,17 @@ def resume(accelerator, root: Path, ema=None,
     """(first step to train, the losses so far, the checkpoint) from the job's latest checkpoint, or a fresh start.
     Every process reads the same checkpoint (rank 0 removed half-written ones under the job lock, before the
     collectives in prepare() that the other ranks waited on); each restores its own RNG state file."""
-    latest = latest_checkpoint(root)
-    if latest is None:
-        return 0, [], None
-    start, path = latest
+    for start, path in checkpoints(root):
+        if why := checkpoint_damage(path):
+            log.warning("skipping damaged checkpoint %s: %s", path, why)
+            progress(f"WARNING: skipping damaged checkpoint {path} ({why}); resuming from an earlier one, or from "
+                     "the start")
+            continue
+        return _load(accelerator, start, path, ema, progress)
+    return 0, [], None
+
+
+def _load(accelerator, start: int, path: Path, ema, progress) -> tuple[int, list, Path]:
     accelerator.load_state(str(path))
     if ema is not None:
         ema.to(accelerator.device)  # accelerate loads custom objects onto the CPU

@@ -137,8 +137,9 @@ class TrainConfig:
         "(train_dreambooth_lora_sd15_advanced.py's default). Ignored unless optimizer = 'prodigy'.")})
 
     def __post_init__(self) -> None:
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
+                and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
         for name in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "steps_per_image"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -29,6 +29,41 @@ from assets_pipeline.training.validation import StepValidation, validation_due
 log = logging.getLogger(__name__)
 
 
+class DivergedTraining(RuntimeError):
+    """Training produced a non-finite loss or non-finite weights: it stops, and nothing it made is saved."""
+
+
+def _remedy(job: TrainJob) -> str:
+    lr = job.config.learning_rate
+    return (f"Nothing from this run was saved or made current. Lower [{job.method}] learning_rate in "
+            f"{job.concept}/concept.toml (it is {lr:g}; try {lr / 10:g}), keep max_grad_norm set (it is "
+            f"{job.config.max_grad_norm}), or train in bf16/fp32 instead of fp16")
+
+
+def check_losses(values: list[float], done: int, steps: int, lr: float, job: TrainJob) -> None:
+    """Stop at the first non-finite loss among the steps logged up to ``done``, naming the step, loss and
+    learning rate: a diverged run never reaches a checkpoint or an output."""
+    import math
+
+    bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+    if bad is not None:
+        step = done - len(values) + bad + 1
+        raise DivergedTraining(f"{job.method} training of concept {job.concept!r} diverged: step {step}/{steps} "
+                               f"has loss {values[bad]} (learning rate {lr:.3g}). " + _remedy(job))
+
+
+def check_weights(params: list, steps: int, job: TrainJob) -> None:
+    """Refuse trained weights with a non-finite value (a loss can stay finite while a weight overflows)."""
+    import torch
+
+    with torch.no_grad():
+        bad = sum(int((~torch.isfinite(p)).sum()) for p in params)
+    if bad:
+        total = sum(p.numel() for p in params)
+        raise DivergedTraining(f"{job.method} training of concept {job.concept!r} ended after {steps} steps with "
+                               f"{bad} of {total} trained values non-finite. " + _remedy(job))
+
+
 @dataclass
 class TrainState:
     method: Method
@@ -173,6 +208,7 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
             losses.extend(new)
             pending = []
             lr = lr_scheduler.get_last_lr()[0]
+            check_losses(new, done, steps, lr, job)  # before this step's checkpoint: none holds diverged weights
             progress(f"step {done}/{steps} ({100 * done // steps}%) loss {losses[-1]:.5f} lr {lr:.2e}"
                      + timer.eta(done))
             if job.log_with:
@@ -200,5 +236,6 @@ def train(job: TrainJob, progress: Callable[[str], None] = log.info) -> TrainSta
         models.set_network(name, accelerator.unwrap_model(models.network(name)))
     if ema is not None:  # the output is the average: copied into the trained weights the method then saves
         ema.copy_to(params)
+    check_weights(params, steps, job)
     return TrainState(method, cfg, ctx, models, losses, steps, start, accelerator.is_main_process, n_procs, stats,
                       validation.summary() if validation is not None else None)
