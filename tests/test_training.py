@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -407,3 +408,48 @@ def test_an_output_is_reusable_only_when_intact_and_from_the_same_job_and_code(d
     assert not force_requested({}) and force_requested({"assets_pipeline/force_retrain": "TRUE"})
     with pytest.raises(ValueError, match="expected 'true' or 'false'"):
         force_requested({"assets_pipeline/force_retrain": "yes please"})
+
+
+def test_a_run_that_ends_takes_its_trainer_with_it_and_makes_nothing_current(demo_build):
+    """Issue 28, point 1, through the model asset and the trainer resource: while the trainer runs, the run is
+    marked failed (what run monitoring does when a run worker is killed); the trainer dies within the watch's poll,
+    the step fails naming the run's status, and current.json still names the earlier output."""
+    import threading
+    import time
+
+    import dagster as dg
+
+    from assets_pipeline.definitions import ASSETS, CHECKS
+    from assets_pipeline.resources.run_watch import children
+    from assets_pipeline.training.reuse import FORCE_RETRAIN_TAG
+
+    asset_dir = demo_build.artifacts / "concepts" / demo_build.concept / "lora_adapter"
+    current = (asset_dir / "current.json").read_text()
+    before_children = set(children(os.getpid()))
+    out = {}
+
+    def materialize():
+        out["res"] = dg.materialize([*ASSETS, *CHECKS], selection=dg.AssetSelection.assets("lora_adapter"),
+                                    partition_key=demo_build.concept, instance=demo_build.instance,
+                                    resources=demo_build.resources, tags={FORCE_RETRAIN_TAG: "true"},
+                                    raise_on_error=False)
+
+    thread = threading.Thread(target=materialize)
+    thread.start()
+    deadline = time.time() + 120
+    while not (trainers := [p for p in children(os.getpid()) if p not in before_children]):
+        assert thread.is_alive() and time.time() < deadline, "no trainer process started"
+        time.sleep(0.05)
+    run = demo_build.instance.get_runs(limit=1)[0]
+    assert run.status == dg.DagsterRunStatus.STARTED
+    demo_build.instance.report_run_failed(run)
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    res = out["res"]
+    assert not res.success
+    failure = next(e for e in res.all_events if e.event_type_value == "STEP_FAILURE")
+    assert f"run {run.run_id} ended (FAILURE) while its trainer ran" in str(failure.event_specific_data.error)
+    assert not res.get_asset_materialization_events()
+    assert (asset_dir / "current.json").read_text() == current
+    assert not any(Path(f"/proc/{p}").exists() and "State:\tZ" not in Path(f"/proc/{p}/status").read_text()
+                   for p in trainers)

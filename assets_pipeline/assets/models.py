@@ -15,6 +15,7 @@ from assets_pipeline.assets.priors import class_images
 from assets_pipeline.partitions.definitions import concepts_partitions
 from assets_pipeline.retention import human_bytes, prune_asset
 from assets_pipeline.resources import BaseModelResource, ClipScorerResource, PipelineStorage, TrainerLauncher
+from assets_pipeline.resources.run_watch import ensure_run_active
 from assets_pipeline.store import write_json_atomic
 from assets_pipeline.training.methods import get_method, method_names
 from assets_pipeline.training.plan import CODE_VERSION, plan_job, train_context
@@ -122,7 +123,9 @@ def build_model_asset(method_name: str) -> dg.AssetsDefinition:
         clean_stale_temporaries(context, storage, concept, method.asset_name, caches=("base_renders", "check_results"))
         job_path = asset_dir / f".job-{context.run_id}.json"
         job.save(job_path)
-        yield from trainer.launch(context, job_path).get_results()
+        invocation = trainer.launch(context, job_path)
+        ensure_run_active(context)  # a run that ended meanwhile (its worker killed) makes nothing current
+        yield from invocation.get_results()
         # The version folder's name, relative to this folder: the artifact root can move.
         write_json_atomic(asset_dir / CURRENT, {"path": Path(job.output_dir).name, "run_id": context.run_id})
         for p in prune_asset(asset_dir, Path(job.output_dir), storage.keep_weight_versions):

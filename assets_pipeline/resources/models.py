@@ -240,6 +240,8 @@ class TrainerLauncher(dg.ConfigurableResource):
             return run_pod(context, self.k8s, command, env, gpus_for(self.k8s, self.num_processes, self.device),
                            job_path)
         from assets_pipeline.resources.pipes import WholeLineTempFileMessageReader
+        from assets_pipeline.resources.run_watch import trainer_dies_with_run
 
         client = dg.PipesSubprocessClient(env=env, message_reader=WholeLineTempFileMessageReader())
-        return client.run(context=context, command=self.command(job_path), cwd=os.getcwd())
+        with trainer_dies_with_run(context):  # a run that ends (its worker killed) takes its trainer with it
+            return client.run(context=context, command=self.command(job_path), cwd=os.getcwd())

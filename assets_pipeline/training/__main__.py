@@ -42,8 +42,11 @@ def _images_table(job) -> str:
 def _die_with_launcher() -> None:
     """Under ``accelerate launch`` (torchrun) each process trains in its own session, so a launcher killed hard
     (SIGKILL of its process group, a Dagster run terminated) would leave them training on, holding the GPUs
-    and the job lock. Linux's parent-death signal ends each with its launcher (prctl(2), PR_SET_PDEATHSIG)."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+    and the job lock; a trainer launched by a Dagster step (Pipes) likewise outlived a killed step process.
+    Linux's parent-death signal ends each with its launcher (prctl(2), PR_SET_PDEATHSIG). A run that ends while
+    its step lives on is the step's to notice (resources/run_watch.py)."""
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or "DAGSTER_PIPES_CONTEXT" in os.environ
+    if not launched or not sys.platform.startswith("linux"):
         return
     import ctypes
     import signal
