@@ -54,3 +54,17 @@ def test_trained_weights_with_a_non_finite_value_are_refused():
     broken = [torch.zeros(3, 4), torch.tensor([1.0, float("nan"), float("inf"), 2.0, 3.0])]
     with pytest.raises(DivergedTraining, match=r"ended after 10 steps with 2 of 17 trained values non-finite"):
         check_weights(broken, 10, job)
+
+
+@pytest.mark.parametrize("section,setting,expected", [
+    ("lora", "seed = 99999999999999999999", r"seed must be an integer in 0\.\.4294967295"),
+    ("lora", "seed = -1", r"seed must be an integer in 0\.\.4294967295"),
+    ("latents", "resolution = 100000", r"resolution must be a multiple of 8 .* in 64\.\.4096 px"),
+    ("latents", "resolution = 0", r"resolution must be a multiple of 8 .* in 64\.\.4096 px.*got 0"),
+])
+def test_values_that_parse_but_cannot_train_are_refused_where_the_concept_is_read(section, setting, expected):
+    """Issue 28, point 6 (in part): each refused naming the file, section, key, value and the allowed range."""
+    from assets_pipeline.partitions.concept_spec import parse_concept_toml
+
+    with pytest.raises(ValueError, match=rf"c/concept.toml \[{section}\]: {expected}"):
+        parse_concept_toml("c", f'token = "sks"\nmethods = ["lora"]\n[{section}]\n{setting}\n')

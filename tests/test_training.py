@@ -453,3 +453,30 @@ def test_a_run_that_ends_takes_its_trainer_with_it_and_makes_nothing_current(dem
     assert (asset_dir / "current.json").read_text() == current
     assert not any(Path(f"/proc/{p}").exists() and "State:\tZ" not in Path(f"/proc/{p}/status").read_text()
                    for p in trainers)
+
+
+def test_a_lost_current_json_is_found_again_among_the_kept_versions(demo_build):
+    """Issue 28, point 7: current.json deleted, an intact output of the identical job on disk: it is reused and
+    made current again, no training."""
+    import dagster as dg
+
+    from assets_pipeline.definitions import ASSETS, CHECKS
+    from assets_pipeline.resources import TrainerLauncher
+
+    class NoTraining(TrainerLauncher):
+        def launch(self, context, job_path):
+            raise AssertionError(f"trained although an identical output is kept ({job_path})")
+
+    pointer = demo_build.artifacts / "concepts" / demo_build.concept / "lora_adapter" / "current.json"
+    named = json.loads(pointer.read_text())["path"]
+    pointer.unlink()
+    res = dg.materialize([*ASSETS, *CHECKS], selection=dg.AssetSelection.assets("lora_adapter"),
+                         partition_key=demo_build.concept, instance=demo_build.instance,
+                         resources={**demo_build.resources, "trainer": NoTraining(device="cpu")})
+    assert res.success
+    mat = res.get_asset_materialization_events()[0].materialization
+    assert mat.metadata["reused"].value is True and mat.metadata["path"].value.endswith(named)
+    restored = json.loads(pointer.read_text())
+    assert restored == {"path": named, "run_id": res.run_id}
+    logged = [entry.user_message for entry in demo_build.instance.all_logs(res.run_id)]
+    assert any(f"{named}, kept among the versions, is an intact output of this same job" in m for m in logged)

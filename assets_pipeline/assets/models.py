@@ -20,7 +20,8 @@ from assets_pipeline.store import write_json_atomic
 from assets_pipeline.training.methods import get_method, method_names
 from assets_pipeline.training.plan import CODE_VERSION, plan_job, train_context
 from assets_pipeline.training.reuse import (
-    CURRENT, FORCE_RETRAIN_TAG, current_output, find_reusable, force_requested, output_views, reuse_metadata,
+    CURRENT, FORCE_RETRAIN_TAG, current_output, find_reusable, find_reusable_version, force_requested, output_views,
+    reuse_metadata,
 )
 from assets_pipeline.training.validation import step_views
 
@@ -102,7 +103,15 @@ def build_model_asset(method_name: str) -> dg.AssetsDefinition:
             context.add_asset_metadata({"datasets": dg.MetadataValue.md(datasets_table(job))})
         previous = current_output(layout, concept, method.asset_name)
         reuse, why = find_reusable(previous, job, CODE_VERSION)
-        if force_requested(context.run_tags):
+        forced = force_requested(context.run_tags)
+        if reuse is None and not forced:  # an identical output kept among the versions (current.json lost or moved)
+            kept = find_reusable_version(layout.asset_dir(concept, method.asset_name), job, CODE_VERSION, previous)
+            if kept is not None:
+                write_json_atomic(layout.asset_dir(concept, method.asset_name) / CURRENT,
+                                  {"path": kept.path.name, "run_id": context.run_id})
+                reuse, why = kept, (f"{why}, but {kept.path.name}, kept among the versions, is an intact output of "
+                                    f"this same job (run {kept.lineage.get('run_id')}): made current again")
+        if forced:
             context.log.info(f"{FORCE_RETRAIN_TAG}=true: training although {why}")
         elif reuse is not None:
             context.log.info(f"reusing {reuse.path}: {why}; no training (tag {FORCE_RETRAIN_TAG}=true forces one)")

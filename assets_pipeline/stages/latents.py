@@ -69,8 +69,10 @@ class LatentConfig:
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 512):
             raise ValueError(f"max_sequence_length must be an integer in 1..512 (T5's pipelines read at most 512 "
                              f"tokens) or unset, got {n!r}")
-        if self.resolution is not None and self.resolution % 8:
-            raise ValueError(f"resolution must be a multiple of 8 (the VAE's downsampling), got {self.resolution}")
+        r = self.resolution
+        if r is not None and (not isinstance(r, int) or isinstance(r, bool) or not 64 <= r <= 4096 or r % 8):
+            raise ValueError(f"resolution must be a multiple of 8 (the VAE's downsampling) in 64..{4096} px (SD 1.x "
+                             f"trains at 512, SDXL / SD 3.x / Flux.1 at 1024; unset = the base model's), got {r!r}")
 
 
 @dataclass

@@ -137,6 +137,9 @@ class TrainConfig:
         "(train_dreambooth_lora_sd15_advanced.py's default). Ignored unless optimizer = 'prodigy'.")})
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**32):
+            raise ValueError(f"seed must be an integer in 0..{2**32 - 1} (accelerate's set_seed seeds NumPy too, "
+                             f"which takes 32 bits), got {self.seed}")
         if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
                 and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")

@@ -82,6 +82,21 @@ def find_reusable(out: Path | None, job: TrainJob, code_version: str) -> tuple[R
     return Reuse(out, lineage, metrics), f"identical job already trained by run {lineage.get('run_id')}"
 
 
+def find_reusable_version(asset_dir: Path, job: TrainJob, code_version: str, skip: Path | None) -> Reuse | None:
+    """An intact output of the same job and code among the asset's kept version folders, newest first, other
+    than ``skip`` (the current one, already asked): a deleted or re-pointed ``current.json`` does not cost a
+    training while an identical output is on disk. Versions whose weights were pruned are not intact."""
+    if not asset_dir.is_dir():
+        return None
+    versions = sorted((p for p in asset_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and p != skip),
+                      key=lambda p: p.name, reverse=True)  # folder names start with their UTC timestamp
+    for folder in versions:
+        reuse, _ = find_reusable(folder, job, code_version)
+        if reuse is not None:
+            return reuse
+    return None
+
+
 def reuse_metadata(reuse: Reuse) -> dict[str, Any]:
     """Materialization metadata for a reused output besides its views: which run trained it, its key numbers."""
     speed = reuse.metrics.get("training_speed") or {}
