@@ -236,6 +236,29 @@ def run_project(method, shapes, batch, steps, variant, work: Path, device: str, 
     return out
 
 
+def time_steps(step, rows: int, steps: int, cuda: bool, dtype) -> dict:
+    """One warm-up ``step()``, then ``steps`` timed ones: images/s (``rows`` a step), the warm-up's seconds, the
+    peak CUDA memory, the precision and the device."""
+    import torch
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+    warmup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    return {"images_per_s": round(rows * steps / elapsed, 2), "warmup_s": round(warmup, 2),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+            "precision": str(dtype).removeprefix("torch."), "device": torch.cuda.get_device_name() if cuda else "cpu"}
+
+
 def run_reference(method, shapes, batch, steps, work: Path, device: str, variant: str = "reference") -> dict:
     """The example scripts' step: encode pixels and prompt, noise, predict, MSE, backward, clip, AdamW. The
     ``plain-*`` variants: the same step on latents and embeddings encoded once, no loss read per step.
@@ -355,22 +378,7 @@ def run_reference(method, shapes, batch, steps, work: Path, device: str, variant
             return loss.detach()
         return loss.detach().item()  # the scripts log the loss every step (a host sync)
 
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    step()
-    if cuda:
-        torch.cuda.synchronize()
-    warmup = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
-    return {"images_per_s": round(rows * steps / elapsed, 2), "warmup_s": round(warmup, 2),
-            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-            "precision": str(dtype).removeprefix("torch."), "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    return time_steps(step, rows, steps, cuda, dtype)
 
 
 def run_reference_flow(method, shapes, batch, steps, work: Path, device: str) -> dict:
@@ -453,22 +461,7 @@ def run_reference_flow(method, shapes, batch, steps, work: Path, device: str) ->
         optimizer.zero_grad(set_to_none=True)
         return loss.detach().item()
 
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    step()
-    if cuda:
-        torch.cuda.synchronize()
-    warmup = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t0
-    return {"images_per_s": round(rows * steps / elapsed, 2), "warmup_s": round(warmup, 2),
-            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-            "precision": str(dtype).removeprefix("torch."), "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    return time_steps(step, rows, steps, cuda, dtype)
 
 
 def run_one(args) -> dict:
