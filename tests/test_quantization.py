@@ -5,6 +5,7 @@ put over quantized linears). Training through Dagster with a float8 base: tests/
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -96,3 +97,46 @@ def test_what_a_quantized_base_refuses_before_any_model_loads(monkeypatch):
         parse_concept_toml("c", base + 'base_quantization = "int8"\nvariant = "loha"\n')
     spec = parse_concept_toml("c", base + 'base_quantization = "nf4"\n')  # valid where read; the trainer checks CUDA
     assert spec.overrides["lora"]["base_quantization"] == "nf4"
+
+
+def test_lora_targets_flux_single_blocks_mlp_and_output_when_asked(flux_ref):
+    """[lora] target_modules: Flux.1's single blocks' MLP and output projections (diffusers' --lora_layers), which
+    the kohya file fuses into linear1 / linear2; a name the transformer lacks is refused with the setting."""
+    from assets_pipeline.training.methods import get_method
+    from assets_pipeline.training.methods.base import TrainContext
+    from peft.utils import get_peft_model_state_dict
+
+    method = get_method("lora")
+    ctx = TrainContext(concept="c", token="sks", class_noun="dog", resolution=64, num_instance_images=3, family="flux")
+    targets = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "proj_mlp", "proj_out"]
+    cfg = method.config_cls(**{**method.default_config(3, quick=True), "target_modules": targets})
+    models = Models.load(flux_ref, False)
+    method.prepare(models, cfg, ctx)
+    single = models.denoiser.single_transformer_blocks[0]
+    assert type(single.proj_mlp).__name__ == "Linear" and hasattr(single.proj_mlp, "lora_A")
+    assert hasattr(single.proj_out, "lora_A") and not hasattr(models.denoiser.transformer_blocks[0].ff.net[2], "lora_A")
+    from assets_pipeline.training.methods.lora import KOHYA_WRITERS
+
+    kohya = KOHYA_WRITERS["flux"](models, cfg, {"transformer": get_peft_model_state_dict(models.denoiser)})
+    assert any(k.startswith("lora_unet_single_blocks_0_linear1.") for k in kohya)
+    assert any(k.startswith("lora_unet_single_blocks_0_linear2.") for k in kohya)
+    # "proj_out" is also the transformer's last projection: BFL's final_layer.linear, which diffusers reads back.
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    assert "lora_unet_final_layer_linear.lora_down.weight" in kohya
+    back = _convert_kohya_flux_lora_to_diffusers({k: v.clone() for k, v in kohya.items()
+                                                   if k.startswith("lora_unet_final_layer_linear")})
+    peft = get_peft_model_state_dict(models.denoiser)
+    assert torch.equal(back["proj_out.lora_A.weight"], peft["proj_out.lora_A.weight"])
+    assert torch.equal(back["proj_out.lora_B.weight"], peft["proj_out.lora_B.weight"])  # scale 1 (alpha = rank)
+    # With alpha = 2 x rank, the scale is folded into up (diffusers ignores this module's alpha).
+    doubled = KOHYA_WRITERS["flux"](models, dataclasses.replace(cfg, alpha=2.0 * cfg.rank),
+                                    {"transformer": get_peft_model_state_dict(models.denoiser)})
+    assert float(doubled["lora_unet_final_layer_linear.alpha"]) == cfg.rank
+    assert torch.allclose(doubled["lora_unet_final_layer_linear.lora_up.weight"], 2 * peft["proj_out.lora_B.weight"])
+
+    bad = method.config_cls(**{**method.default_config(3, quick=True), "target_modules": ["attn.to_qq"]})
+    with pytest.raises(TrainingInputError, match=r"\[lora\] target_modules = \['attn.to_qq'\].*not found"):
+        method.prepare(Models.load(flux_ref, False), bad, ctx)
+    with pytest.raises(ValueError, match="target_modules must be a list of module names"):
+        method.config_cls(target_modules="proj_mlp")

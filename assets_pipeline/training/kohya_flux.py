@@ -44,10 +44,13 @@ def _fused_modules(modules: set[str]) -> dict[str, tuple[str, ...]]:
     ``modules`` (diffusers paths with a LoRA) belongs to."""
     out: dict[str, tuple[str, ...]] = {}
     for module in modules:
+        if module == "proj_out":  # the transformer's last projection: BFL's final_layer.linear
+            out["lora_unet_final_layer_linear"] = ("proj_out",)
+            continue
         parts = module.split(".")
         if len(parts) < 3 or parts[0] not in ("transformer_blocks", "single_transformer_blocks"):
-            raise ValueError(f"{module}: a LoRA outside Flux's transformer blocks has no kohya name here "
-                             "(train the blocks' projections: the default targets)")
+            raise ValueError(f"{module}: a LoRA outside Flux's transformer blocks (and its final proj_out) has no "
+                             "kohya name here (train the blocks' projections: the default targets)")
         i, local = parts[1], ".".join(parts[2:])
         table, kind = (DOUBLE, "double") if parts[0] == "transformer_blocks" else (SINGLE, "single")
         name = next((k for k, members in table.items() if local in members), None)
@@ -90,7 +93,10 @@ def flux_lora_to_kohya(state_dict: dict[str, Any], scales: dict[str, float],
             if m in lora:
                 up[row : row + out_features[m], k * r : (k + 1) * r] = lora[m]["lora_B"]
             row += out_features[m]
+        s = scale.pop()
+        if name == "lora_unet_final_layer_linear":  # diffusers' converter drops this module's alpha: the scale
+            up, s = up * s, 1.0                      # goes into up, and alpha = rank reads the same everywhere
         out[f"{name}.lora_down.weight"] = down.contiguous()
         out[f"{name}.lora_up.weight"] = up.contiguous()
-        out[f"{name}.alpha"] = torch.tensor(scale.pop() * r * len(members), dtype=ref.dtype)
+        out[f"{name}.alpha"] = torch.tensor(s * r * len(members), dtype=ref.dtype)
     return out

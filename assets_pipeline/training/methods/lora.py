@@ -24,7 +24,7 @@ from pathlib import Path
 
 from assets_pipeline.training.config import TrainConfig, added_field
 from assets_pipeline.training.methods.registry import register
-from assets_pipeline.training.methods.base import Method, Models, TrainContext
+from assets_pipeline.training.methods.base import Method, Models, TrainContext, TrainingInputError
 
 VARIANTS = ("lora", "dora", "loha", "lokr")
 DIFFUSERS_FILE = "pytorch_lora_weights.safetensors"
@@ -59,6 +59,11 @@ class LoraConfig(TrainConfig):
         "multidatabackend). Each brings its quality subset with its own captions, so its own token (the one in "
         "its concept.toml), and is built by its own concept's dataset assets; its latents must come from the same "
         "base model. Lineage lists every photo with the concept it came from.")})
+    target_modules: tuple[str, ...] = added_field((), (
+        "The denoiser's modules LoRA adapts: PEFT target_modules (module names or name suffixes), e.g. Flux.1's "
+        "single blocks' MLP and output too: ['attn.to_q', 'attn.to_k', 'attn.to_v', 'attn.to_out.0', 'proj_mlp', "
+        "'proj_out'] (diffusers' --lora_layers). Empty = the family's default: the attention projections (SD 3.x; "
+        "Flux.1 adds the feed-forward layers, as train_dreambooth_lora_flux.py; SD/SDXL: to_q/k/v/out)."))
     base_quantization: str | None = added_field(None, (
         "The frozen denoiser's linear weights quantized while the LoRA trains over them (QLoRA): 'float8' or "
         "'int8' (torchao weight-only, CPU or GPU), 'nf4' (bitsandbytes 4-bit, CUDA only). FLUX.1's 12 B transformer "
@@ -89,6 +94,11 @@ class LoraConfig(TrainConfig):
         if self.repeats < 1:
             raise ValueError(f"repeats must be >= 1 (how often each photo is seen per epoch), got {self.repeats}")
         object.__setattr__(self, "datasets", tuple(check_datasets(self.datasets)))
+        targets = self.target_modules
+        if isinstance(targets, str) or not all(isinstance(t, str) and t.strip() for t in targets):
+            raise ValueError(f"target_modules must be a list of module names, e.g. ['attn.to_q', 'proj_mlp'], "
+                             f"got {targets!r}")
+        object.__setattr__(self, "target_modules", tuple(targets))
 
 
 DATASET_KEYS = {"concept": str, "repeats": int}
@@ -176,7 +186,15 @@ class LoraMethod(Method):
     def prepare(self, models: Models, cfg: LoraConfig, ctx: TrainContext) -> list[str]:
         denoiser = models.family.denoiser
         models.denoiser.requires_grad_(False)
-        models.denoiser.add_adapter(peft_config(cfg, denoiser.lora_targets, denoiser.conv_targets))
+        targets = cfg.target_modules or denoiser.lora_targets
+        try:
+            models.denoiser.add_adapter(peft_config(cfg, targets, denoiser.conv_targets))
+        except ValueError as e:
+            if "not found in the base model" not in str(e):
+                raise
+            raise TrainingInputError(f"[lora] target_modules = {list(cfg.target_modules)}: {e} (the "
+                                     f"{models.family.name} {denoiser.model_class}'s module names; unset for "
+                                     f"{list(denoiser.lora_targets)})") from e
         trainable = [denoiser.component]
         for spec in text_encoders_trained(models.family, cfg):  # SDXL, SD 3.x: both CLIP encoders
             encoder = models.network(spec.component)
