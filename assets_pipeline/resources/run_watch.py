@@ -80,7 +80,8 @@ def kill_trees(roots: list[int]) -> list[int]:
 def trainer_dies_with_run(context, interval_s: float = 2.0) -> Iterator[None]:
     """Run the body (which launches and waits for a trainer) while a thread polls the run's status every
     ``interval_s``; when the run has ended, every process the body started (and each below it) is killed and the
-    step fails with :class:`RunEnded`. Linux only (the process tree is read from /proc); elsewhere the body runs unwatched."""
+    step fails with :class:`RunEnded`. Linux only (the process tree is read from /proc); elsewhere the body runs
+    unwatched."""
     if not Path("/proc/self/task").is_dir():
         yield
         return

@@ -27,7 +27,8 @@ def _pipes(stack: ExitStack):
 
 
 SPEED_KEYS = ("images_per_s", "warmup_s", "train_s", "peak_mem_gib", "denoiser_gib", "micro_batch",
-              "gradient_accumulation", "compile", "compile_cache", "compile_cache_io_s", "cudnn_benchmark", "attention", "num_processes")
+              "gradient_accumulation", "compile", "compile_cache", "compile_cache_io_s", "cudnn_benchmark",
+              "attention", "num_processes")
 
 
 def _images_table(job) -> str:
