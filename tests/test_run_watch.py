@@ -25,11 +25,11 @@ time.sleep(float(sys.argv[2]))
 
 
 class Instance:
-    def __init__(self):
-        self.status = dg.DagsterRunStatus.STARTED
+    def __init__(self, status=dg.DagsterRunStatus.STARTED):
+        self.status = status
 
     def get_run_by_id(self, run_id):
-        return SimpleNamespace(status=self.status)
+        return SimpleNamespace(status=self.status) if self.status is not None else None
 
 
 def _alive(pid: int) -> bool:
@@ -74,6 +74,15 @@ def test_a_run_under_way_leaves_its_trainer_alone(tmp_path):
     with trainer_dies_with_run(context, interval_s=0.05):
         proc = subprocess.run([sys.executable, "-c", TRAINER, str(tmp_path / "c.pid"), "0.5"], timeout=60)
     assert proc.returncode == 0
+
+
+def test_an_asset_invoked_outside_a_run_is_not_watched(tmp_path):
+    """No run record (the asset called directly): the trainer runs to its end and nothing is refused."""
+    context = SimpleNamespace(instance=Instance(status=None), run_id="none")
+    with trainer_dies_with_run(context, interval_s=0.05):
+        proc = subprocess.run([sys.executable, "-c", TRAINER, str(tmp_path / "c.pid"), "0.3"], timeout=60)
+    assert proc.returncode == 0
+    ensure_run_active(context)
 
 
 def test_an_ended_run_makes_nothing_current():

@@ -35,11 +35,12 @@ def run_status(context) -> dg.DagsterRunStatus | None:
 
 
 def ensure_run_active(context) -> None:
-    """Raise :class:`RunEnded` when the step's run is no longer under way (its output must not become current)."""
+    """Raise :class:`RunEnded` when the step's run is no longer under way (its output must not become current).
+    A step with no run record (an asset invoked directly, outside a run) has nothing to check."""
     status = run_status(context)
-    if status not in ACTIVE:
-        raise RunEnded(description=f"run {context.run_id} ended ({status.value if status else 'deleted'}) while this "
-                                   "step ran: its trainer's output is not made current")
+    if status is not None and status not in ACTIVE:
+        raise RunEnded(description=f"run {context.run_id} ended ({status.value}) while this step ran: its trainer's "
+                                   "output is not made current")
 
 
 def children(pid: int) -> list[int]:
@@ -82,7 +83,7 @@ def trainer_dies_with_run(context, interval_s: float = 2.0) -> Iterator[None]:
     ``interval_s``; when the run has ended, every process the body started (and each below it) is killed and the
     step fails with :class:`RunEnded`. Linux only (the process tree is read from /proc); elsewhere the body runs
     unwatched."""
-    if not Path("/proc/self/task").is_dir():
+    if not Path("/proc/self/task").is_dir() or run_status(context) is None:  # no /proc, or no run to watch
         yield
         return
     stop, ended = threading.Event(), {}
@@ -91,7 +92,7 @@ def trainer_dies_with_run(context, interval_s: float = 2.0) -> Iterator[None]:
     def watch() -> None:
         while not stop.wait(interval_s):
             status = run_status(context)
-            if status in ACTIVE:
+            if status is None or status in ACTIVE:
                 continue
             ended["status"] = status
             ended["killed"] = kill_trees([p for p in children(os.getpid()) if p not in before])
@@ -114,7 +115,6 @@ def trainer_dies_with_run(context, interval_s: float = 2.0) -> Iterator[None]:
 
 
 def _ended(context, ended: dict) -> RunEnded:
-    status = ended["status"]
     return RunEnded(description=(
-        f"run {context.run_id} ended ({status.value if status else 'deleted'}) while its trainer ran: stopped the "
+        f"run {context.run_id} ended ({ended['status'].value}) while its trainer ran: stopped the "
         f"trainer (processes {ended['killed']}); nothing it made is current"))
