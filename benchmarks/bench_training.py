@@ -487,8 +487,7 @@ def run_one(args) -> dict:
             variant = f"{variant}[{','.join(changed)}]"
     if out["peak_mem_gib"] is None:  # CPU: the process's peak RSS (torch and the libraries included)
         out["peak_mem_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-    return {"method": method, "variant": variant, "batch": batch, "shapes": args.shapes, "steps": args.steps,
-            "flops_per_image": denoiser_flops_per_image(args.shapes, method), **out}
+    return {"method": method, "variant": variant, "batch": batch, "shapes": args.shapes, "steps": args.steps, **out}
 
 
 def parse_pairs(pairs: list[str] | None, option: str = "--config") -> dict:
@@ -601,6 +600,7 @@ def main() -> int:
     work = Path(args.workdir)
     rows = []
     for method in args.methods:
+        flops = denoiser_flops_per_image(args.shapes, method)  # once per method, not in every run's process
         for b in args.batch_sizes:
             shutil.rmtree(work / f"cache-{method}-{b}", ignore_errors=True)  # the cold run starts cold
             for variant in args.variants:
@@ -621,7 +621,7 @@ def main() -> int:
                     print(json.dumps({"method": method, "variant": variant, "batch": b, "error": proc.stderr[-2000:]}),
                           flush=True)
                     continue
-                line = proc.stdout.strip().splitlines()[-1]
+                line = json.dumps({**json.loads(proc.stdout.strip().splitlines()[-1]), "flops_per_image": flops})
                 print(line, flush=True)
                 rows.append(json.loads(line))
                 if args.json_out:
