@@ -12,7 +12,10 @@ half-written file where a reader (or a cache lookup) would take it for a complet
 Integrity: every cache entry, and every output file that a later run reuses instead of rewriting, has a
 ``<name>.sha256`` sidecar written after it. A lookup re-hashes the entry; a missing, truncated or overwritten
 one is logged with its path, discarded and recomputed. Hard links share one inode, so a file is verified
-before it is linked anywhere: a corrupted entry is never spread into other outputs.
+before it is linked anywhere: a corrupted entry is never spread into other outputs. Damage made in place after
+linking (a tool writing through one of the names) reaches every name of the inode at once: a damaged entry is
+therefore set aside (``<entry>.damaged``), and when it is recomputed every other name of the damaged inode under
+``concepts/`` (the dataset folders of every concept that linked it) is replaced by a link to the repaired entry.
 """
 
 from __future__ import annotations
@@ -176,6 +179,43 @@ def link_or_copy(src: Path, dst: Path, verify: bool = True) -> None:
         shutil.copy2(src, dst)
 
 
+DAMAGED_SUFFIX = ".damaged"  # a discarded cache entry kept (same inode) until its other names are repaired
+
+
+def other_names(path: Path, under: Path) -> list[Path]:
+    """The other names (hard links) of ``path``'s inode below ``under``. The walk compares the inode numbers the
+    directory entries carry (no stat per file) and stops once it has found every link the inode counts."""
+    st = path.stat()
+    wanted = st.st_nlink - 1
+    found: list[Path] = []
+    stack = [under]
+    while stack and len(found) < wanted:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except FileNotFoundError:  # a folder replaced meanwhile (atomic_dir): its new contents are fresh links
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(Path(entry.path))
+            elif (entry.inode() == st.st_ino and entry.is_file(follow_symlinks=False)
+                  and entry.stat(follow_symlinks=False).st_dev == st.st_dev and Path(entry.path) != path):
+                found.append(Path(entry.path))
+    return found
+
+
+def replace_with_link(src: Path, dst: Path) -> None:
+    """Atomically make ``dst`` a name of ``src`` (a copy where links are not possible)."""
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 @dataclass
 class ItemCache:
     """A content-addressed store of items of one kind: the key is a digest of everything that determines the
@@ -188,6 +228,7 @@ class ItemCache:
     computed: int = field(default=0, init=False)
     cached: int = field(default=0, init=False)
     discarded: list[str] = field(default_factory=list, init=False)  # "<path>: <why>" of each bad entry found
+    repaired: list[str] = field(default_factory=list, init=False)  # other names of a damaged entry, relinked
     # The stages call it from several threads (assets_pipeline/parallel.py): entries are distinct files written
     # atomically; the counts are updated under this lock.
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
@@ -223,9 +264,27 @@ class ItemCache:
             digest = sha256_file(tmp)
         # Written after the entry: a crash in between leaves an entry without a digest, which reads as missing.
         write_bytes_atomic(digest_path(target), (digest + "\n").encode())
+        repaired = self._repair_links(target)
         with self._lock:
             self.computed += 1
+            self.repaired += repaired
         return target
+
+    def _repair_links(self, target: Path) -> list[str]:
+        """Point every other name of the damaged inode set aside for ``target`` (see :meth:`_valid`) at the new
+        entry, its digest sidecar with it; then drop the damaged inode. Returns the names repaired."""
+        damaged = target.with_name(target.name + DAMAGED_SUFFIX)
+        if not damaged.exists():
+            return []
+        names = other_names(damaged, self.root / "concepts")
+        for name in names:
+            replace_with_link(target, name)
+            replace_with_link(digest_path(target), digest_path(name))
+        if names:
+            log.warning("repaired %d other link(s) of damaged cache entry %s: %s", len(names), target,
+                        ", ".join(map(str, names)))
+        damaged.unlink(missing_ok=True)
+        return [str(n) for n in names]
 
     def _valid(self, key: str) -> bool:
         """Whether the entry exists and matches its digest; a bad one is logged, counted and removed."""
@@ -236,10 +295,14 @@ class ItemCache:
         if why is None:
             return True
         log.warning("discarding cache entry %s: %s; recomputing it", target, why)
-        self.discarded.append(f"{target}: {why}")
-        # Unlinking drops only this name: other outputs hard-linked to the same inode keep theirs, and the
-        # recomputed entry is a new inode.
-        target.unlink(missing_ok=True)
+        with self._lock:
+            self.discarded.append(f"{target}: {why}")
+        # The recomputed entry is a new inode. Outputs hard-linked to the damaged one share its damage: the damaged
+        # inode is kept aside under a name no lookup reads, so that put() can find those links and repair them.
+        if target.stat().st_nlink > 1:
+            os.replace(target, target.with_name(target.name + DAMAGED_SUFFIX))
+        else:
+            target.unlink(missing_ok=True)
         digest_path(target).unlink(missing_ok=True)
         return False
 
@@ -248,6 +311,8 @@ class ItemCache:
         out = {"items_computed": self.computed, "items_cached": self.cached}
         if self.discarded:
             out["items_discarded_corrupt"] = len(self.discarded)
+        if self.repaired:
+            out["links_repaired"] = len(self.repaired)
         return out
 
 

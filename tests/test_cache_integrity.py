@@ -118,7 +118,9 @@ def test_a_truncated_latents_bundle_stops_training_with_its_path_and_a_rerun_reb
     assert mats["vae_latents"]["bundle_reused"] is True  # intact again: linked forward
 
 
-def test_a_truncated_decoded_photo_is_re_decoded_and_never_linked_into_a_dataset(world):
+def test_a_truncated_decoded_photo_is_re_decoded_and_repaired_in_every_dataset_that_linked_it(world):
+    """Issue 28, point 3: damage written through one link reaches every name of the inode; rebuilding one asset
+    used to restore the cache entry as a new file and leave every other dataset folder's link truncated."""
     from PIL import Image
 
     scores = json.loads((_asset(world, "clip_scored_images") / "imagefolder" / "metadata.jsonl")
@@ -128,19 +130,45 @@ def test_a_truncated_decoded_photo_is_re_decoded_and_never_linked_into_a_dataset
     cache_entry = next(p for p in (world.layout.root / "cache" / "images").rglob("*.png")
                        if os.path.samefile(p, linked))
     damaged_inode = cache_entry.stat().st_ino
+    names = [p for p in (world.layout.root / "concepts").rglob(scores["file_name"]) if os.path.samefile(p, linked)]
+    assert len(names) >= 3  # captioned, filtered, clip-scored (and control) datasets share the inode
     truncate(linked)
     assert check_file(cache_entry) is not None
 
-    _, mats = world.materialize(dg.AssetSelection.assets("captioned_images", "filtered_images",
-                                                         "clip_scored_images", "control_images"))
-    assert mats["captioned_images"]["images_restored"] == 1  # the first reader repairs it ...
+    # Only the first reader is rebuilt: the others' folders are repaired through the cache entry's repair.
+    _, mats = world.materialize(dg.AssetSelection.assets("captioned_images"))
+    assert mats["captioned_images"]["images_restored"] == 1
+    assert mats["captioned_images"]["links_repaired"] == len(names)  # its own (about to be rewritten) among them
+    assert check_file(cache_entry) is None and cache_entry.stat().st_ino != damaged_inode
+    assert not list((world.layout.root / "cache" / "images").rglob("*.damaged"))
+    for name in names:
+        assert check_file(name) is None, name
+        assert os.path.samefile(name, cache_entry)
+        with Image.open(name) as img:
+            img.load()  # a complete PNG in every dataset folder, rebuilt or not
+
+    _, mats = world.materialize(dg.AssetSelection.assets("filtered_images", "clip_scored_images", "control_images"))
     assert all(mats[a]["images_restored"] == 0 for a in ("filtered_images", "clip_scored_images", "control_images"))
-    assert check_file(cache_entry) is None and cache_entry.stat().st_ino != damaged_inode  # ... as a new inode
-    for asset in ("captioned_images", "filtered_images", "clip_scored_images"):
-        new = _asset(world, asset) / "imagefolder" / scores["file_name"]
-        if new.exists():
-            with Image.open(new) as img:
-                img.load()  # a complete PNG in every dataset folder rebuilt after the damage
+
+
+def test_a_damaged_shared_entry_is_repaired_under_every_concept_that_links_it(tmp_path):
+    cache = ItemCache(tmp_path, "images", ".png")
+    png = encode(photo("coffee", (32, 32)), "PNG")
+    src = cache.put("ef56", lambda tmp: Path(tmp).write_bytes(png))
+    names = [tmp_path / "concepts" / c / "captioned_images" / "imagefolder" / "x.png" for c in ("a", "b", "c")]
+    for name in names:
+        link_or_copy(src, name)
+    (tmp_path / "concepts" / "d").mkdir()
+    (tmp_path / "concepts" / "d" / "x.png").write_bytes(png)  # same bytes, its own inode: left alone
+    truncate(names[1])
+    assert all(check_file(n) is not None for n in names)
+
+    path = cache.get_or_create("ef56", lambda tmp: Path(tmp).write_bytes(png))
+    assert cache.discarded and sorted(cache.repaired) == sorted(map(str, names))
+    assert cache.counts()["links_repaired"] == 3
+    for name in names:
+        assert name.read_bytes() == png and check_file(name) is None and os.path.samefile(name, path)
+    assert not path.with_name(path.name + ".damaged").exists()
 
 
 def test_a_garbage_clip_score_is_discarded_and_recomputed(world):

@@ -33,10 +33,13 @@ def restore_images(context: dg.AssetExecutionContext, storage: PipelineStorage, 
     one from its photo (stages.ingest.restore_decoded). Returns metadata: how many were restored."""
     from assets_pipeline.stages.ingest import restore_decoded
 
-    restored = restore_decoded(df, storage.concept_dir(concept), storage.layout().cache("images", ".png"))
+    cache = storage.layout().cache("images", ".png")
+    restored = restore_decoded(df, storage.concept_dir(concept), cache)
     for path in restored:
         context.log.warning(f"decoded image {path} was missing or corrupt: discarded and re-decoded from its photo")
-    return {"images_restored": len(restored)}
+    for path in cache.repaired:
+        context.log.warning(f"{path} shared the damaged decoded image: replaced by the re-decoded one")
+    return {"images_restored": len(restored), "links_repaired": len(cache.repaired)}
 
 
 def clean_stale_temporaries(context: dg.AssetExecutionContext, storage: PipelineStorage, concept: str,
