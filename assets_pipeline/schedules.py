@@ -60,6 +60,7 @@ def plan_retraining(storage: PipelineStorage, base_model: BaseModelResource, cli
                 job = plan_job(layout, ref, spec, name, run_id="schedule", data_root=storage.data_path(),
                                launch=trainer.launch_settings(), scorer=clip_scorer.settings())
                 method.check_inputs(train_context(job), job.config)
+                method.check_model(ref, job.config, concept)
             except TrainingInputError as e:
                 decisions.append(RetrainDecision(concept, name, method.asset_name, False, str(e)))
                 continue

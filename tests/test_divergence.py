@@ -61,6 +61,8 @@ def test_trained_weights_with_a_non_finite_value_are_refused():
     ("lora", "seed = -1", r"seed must be an integer in 0\.\.4294967295"),
     ("latents", "resolution = 100000", r"resolution must be a multiple of 8 .* in 64\.\.4096 px"),
     ("latents", "resolution = 0", r"resolution must be a multiple of 8 .* in 64\.\.4096 px.*got 0"),
+    ("lora", "rank = 100000", r"rank must be an integer in 1\.\.3072, got 100000: a rank above a layer's width"),
+    ("lora", "conv_rank = 5000", r"conv_rank must be an integer in 0\.\.3072, got 5000"),
 ])
 def test_values_that_parse_but_cannot_train_are_refused_where_the_concept_is_read(section, setting, expected):
     """Issue 28, point 6 (in part): each refused naming the file, section, key, value and the allowed range."""
@@ -68,3 +70,24 @@ def test_values_that_parse_but_cannot_train_are_refused_where_the_concept_is_rea
 
     with pytest.raises(ValueError, match=rf"c/concept.toml \[{section}\]: {expected}"):
         parse_concept_toml("c", f'token = "sks"\nmethods = ["lora"]\n[{section}]\n{setting}\n')
+
+
+def test_a_lora_rank_wider_than_the_base_models_layers_is_refused_before_training(embedded_model_dir):
+    """Issue 28, point 6: the bound from the model's shapes (its config on the meta device, no weights read)."""
+    from assets_pipeline.models.resolve import resolve_base_model
+    from assets_pipeline.training.methods import get_method
+    from assets_pipeline.training.methods.base import TrainingInputError
+    from assets_pipeline.training.methods.lora import LoraConfig, narrowest_layer
+
+    ref = resolve_base_model("embedded", embedded_model_dir.parents[1])
+    method = get_method("lora")
+    name, width = narrowest_layer(ref, ("to_q", "to_k", "to_v", "to_out.0"))
+    assert 0 < width < 3072 and name.endswith(("to_q", "to_k", "to_v", "to_out.0"))
+    method.check_model(ref, LoraConfig(rank=width), "c")  # the widest rank that means something
+    with pytest.raises(TrainingInputError, match=rf"c/concept.toml \[lora\]: rank = {width + 1} is wider than the "
+                                                 rf"narrowest layer it adapts in base model 'embedded' \(.*, width "
+                                                 rf"{width}\).*use rank in 1\.\.{width}"):
+        method.check_model(ref, LoraConfig(rank=width + 1), "c")
+    conv_name, conv_width = narrowest_layer(ref, (), ("conv1", "conv2", "conv_shortcut"))
+    with pytest.raises(TrainingInputError, match=rf"conv_rank = {conv_width + 1} is wider.*{conv_name}"):
+        method.check_model(ref, LoraConfig(conv_rank=conv_width + 1), "c")

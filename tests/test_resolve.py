@@ -188,7 +188,19 @@ def test_a_concepts_base_model_section_wins_for_that_concept_only(models_root, m
     ]:
         with pytest.raises(ConceptSpecError, match=message):
             parse_concept_toml("xl", 'token = "sks"\n' + text)
-    missing = parse_concept_toml("xl", 'token = "sks"\n[base_model]\nsource = "/no/such/model.safetensors"\n')
+    # Issue 28, point 12: a model that is not there is refused where the concept is read, not at its first stage.
+    for source, message in [
+        ("/no/such/model.safetensors", "single-file checkpoint /no/such/model.safetensors does not exist"),
+        ("/no/such/folder", "source = '/no/such/folder' does not exist: expected one of"),
+        (str(models_root), "is a folder but not a diffusers pipeline"),
+    ]:
+        with pytest.raises(ConceptSpecError, match=rf"xl/concept.toml \[base_model\]: .*{message}"):
+            parse_concept_toml("xl", f'token = "sks"\n[base_model]\nsource = "{source}"\n')
+    with pytest.raises(ConceptSpecError, match="single_file_config = '/cfg' is not a diffusers folder"):
+        parse_concept_toml("xl", 'token = "sks"\n[base_model]\nsource = "x/y"\nsingle_file_config = "/cfg"\n')
+    assert parse_concept_toml("xl", 'token = "sks"\n[base_model]\nsource = "org/model"\n')  # a hub id: at resolve
+    # A model removed after the concept was read (its snapshot still names it): resolving says which.
+    missing = dataclasses.replace(plain, overrides={"base_model": {"source": "/no/such/model.safetensors"}})
     with pytest.raises(FileNotFoundError, match="/no/such/model.safetensors"):
         deployment.resolve(models_root, missing)
 

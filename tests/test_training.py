@@ -480,3 +480,44 @@ def test_a_lost_current_json_is_found_again_among_the_kept_versions(demo_build):
     assert restored == {"path": named, "run_id": res.run_id}
     logged = [entry.user_message for entry in demo_build.instance.all_logs(res.run_id)]
     assert any(f"{named}, kept among the versions, is an intact output of this same job" in m for m in logged)
+
+
+def test_an_output_a_blocking_check_failed_on_is_never_reused(demo_build):
+    """Issue 28, point 2: NaN weights (as an older version saved them) reused by every rerun. Once weights_finite
+    fails on an output, it is marked, and the next build trains again instead of reusing it."""
+    import dagster as dg
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from assets_pipeline.definitions import ASSETS, CHECKS
+    from assets_pipeline.hashing import sha256_file
+    from assets_pipeline.training.reuse import CHECKS_FAILED, SUMS_FILE
+
+    pointer = demo_build.artifacts / "concepts" / demo_build.concept / "lora_adapter" / "current.json"
+    out = pointer.parent / json.loads(pointer.read_text())["path"]
+    weights = out / "pytorch_lora_weights.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, weights)
+    # SHA256SUMS rewritten as well: the file is intact as written, only its values are not finite.
+    sums = (out / SUMS_FILE).read_text().splitlines()
+    (out / SUMS_FILE).write_text("".join(
+        f"{sha256_file(weights)}  {line.split('  ', 1)[1]}\n" if line.endswith(weights.name) else line + "\n"
+        for line in sums))
+
+    def build():
+        res = dg.materialize([*ASSETS, *CHECKS], selection=dg.AssetSelection.assets("lora_adapter"),
+                             partition_key=demo_build.concept, instance=demo_build.instance,
+                             resources=demo_build.resources, raise_on_error=False)
+        checks = {c.check_name: c for c in res.get_asset_check_evaluations()}
+        return res.get_asset_materialization_events()[0].materialization, checks
+
+    mat, checks = build()
+    assert mat.metadata["reused"].value is True and not checks["weights_finite"].passed
+    failed = json.loads((out / CHECKS_FAILED).read_text())
+    assert json.loads(failed["weights_finite"]["metadata"]["nonfinite_values"]) == {
+        weights.name: tensors[name].numel()}
+    mat, checks = build()
+    assert mat.metadata["reused"].value is False and checks["weights_finite"].passed
+    assert json.loads(pointer.read_text())["path"] != out.name

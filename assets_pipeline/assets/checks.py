@@ -9,7 +9,7 @@ from assets_pipeline.partitions.definitions import concepts_partitions
 from assets_pipeline.resources import AcceleratorResource, BaseModelResource, PipelineStorage
 from assets_pipeline.training.methods import get_method, method_names
 from assets_pipeline.training.plan import training_rows
-from assets_pipeline.training.reuse import current_output
+from assets_pipeline.training.reuse import current_output, record_failed_check
 
 
 CHANGE_CHECK_VERSION = 2  # bump when changes_base_output measures differently (2: DPM-Solver++ renders)
@@ -31,10 +31,13 @@ def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
         high, fp16 overflow) fails here before anyone loads the output. Blocking."""
         from assets_pipeline.training.verify import nonfinite_tensors
 
-        counts = nonfinite_tensors(_output(storage, context.partition_key))
+        out = _output(storage, context.partition_key)
+        counts = nonfinite_tensors(out)
         bad = {k: v for k, v in counts.items() if v}
-        return dg.AssetCheckResult(passed=not bad, metadata={"files_checked": len(counts),
-                                                             "nonfinite_values": json.dumps(bad)})
+        metadata = {"files_checked": len(counts), "nonfinite_values": json.dumps(bad)}
+        if bad:  # never reused: the next build trains again
+            record_failed_check(out, "weights_finite", context.run.run_id, metadata)
+        return dg.AssetCheckResult(passed=not bad, metadata=metadata)
 
     @dg.asset_check(asset=asset, name="changes_base_output", partitions_def=concepts_partitions)
     def changes_base_output(context: dg.AssetCheckExecutionContext, storage: PipelineStorage,
@@ -97,8 +100,11 @@ def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
             expected += [{**asdict(r), "concept": d["concept"]}
                          for r in training_rows(layout, d["concept"], ("instance",), control=False)]
         extra, missing = manifest_difference(out, expected)
-        return dg.AssetCheckResult(passed=not extra and not missing, metadata={
-            "images_listed": len(manifest["training_images"]), "unexpected": len(extra), "missing": len(missing)})
+        metadata = {"images_listed": len(manifest["training_images"]), "unexpected": len(extra),
+                    "missing": len(missing)}
+        if extra or missing:  # never reused: the next build trains again
+            record_failed_check(out, "manifest_lists_training_images", context.run.run_id, metadata)
+        return dg.AssetCheckResult(passed=not extra and not missing, metadata=metadata)
 
     return [weights_finite, changes_base_output, manifest_lists_training_images]
 

@@ -126,6 +126,7 @@ def build_model_asset(method_name: str) -> dg.AssetsDefinition:
             context.log.info(f"training: {why}")
         check_training_inputs(context, storage, job)
         method.check_inputs(train_context(job), job.config)  # refuse here, with the reason, before a process starts
+        method.check_model(job.base_model, job.config, concept)
         asset_dir = Path(job.output_dir).parent
         asset_dir.mkdir(parents=True, exist_ok=True)
         # The trainer's base renders and the checks' results are cache kinds its training and checks write.

@@ -122,6 +122,32 @@ class ConceptBaseModelConfig:
             raise ValueError("single_file_config is set but source is empty: it applies to a single-file source")
 
 
+def check_source(source: str, single_file_config: str | None = None) -> None:
+    """Refuse a base model ``source`` that :func:`resolve_base_model` could never resolve, without resolving it
+    (nothing is built, read or downloaded): a path that does not exist, a folder that is not a diffusers pipeline,
+    a checkpoint that is not a file, a ``single_file_config`` that is not a folder. A ValueError says which and
+    what is expected. Hub ids ('org/name') are left to the resolution (the hub cache is read then)."""
+    if not source or source in EMBEDDED_MODELS:
+        return
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ValueError(f"source = {source!r} is a folder but not a diffusers pipeline (no model_index.json): "
+                             "point it at a saved pipeline folder (save_pretrained) or a checkpoint file")
+    elif path.suffix in _WEIGHT_SUFFIXES:
+        if not path.is_file():
+            raise ValueError(f"source = {source!r}: single-file checkpoint {path} does not exist")
+    elif source.count("/") != 1 or path.is_absolute() or source.startswith((".", "~")) or path.exists():
+        raise ValueError(
+            f"source = {source!r} does not exist: expected one of {sorted(EMBEDDED_MODELS)}, a diffusers folder, a "
+            f"checkpoint file ({', '.join(_WEIGHT_SUFFIXES)}) or a hub id 'org/name'")
+    if single_file_config is not None:
+        config = Path(single_file_config).expanduser()
+        if not (config / "model_index.json").is_file():
+            raise ValueError(f"single_file_config = {single_file_config!r} is not a diffusers folder (no "
+                             f"model_index.json in {config})")
+
+
 def resolve_base_model(
     source: str,
     artifact_root: Path,

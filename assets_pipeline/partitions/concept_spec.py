@@ -71,6 +71,13 @@ def parse_concept_toml(name: str, text: str) -> ConceptSpec:
         if not isinstance(v, dict):
             raise ConceptSpecError(f"concept {name!r}: [{k}] must be a table of overrides")
         check_section(k, v, f"{name}/{SPEC_FILE} [{k}]")
+    if "base_model" in overrides:  # a missing model is found now, not when the first stage tries to load it
+        from assets_pipeline.models.resolve import check_source
+
+        try:
+            check_source(overrides["base_model"].get("source", ""), overrides["base_model"].get("single_file_config"))
+        except ValueError as e:
+            raise ConceptSpecError(f"{name}/{SPEC_FILE} [base_model]: {e}") from e
     return ConceptSpec(
         name=name,
         token=str(raw["token"]),

@@ -3,8 +3,8 @@
 A model asset asks :func:`find_reusable` before it launches the trainer. The current output is reused when it
 was trained from the same job identity (method, resolved config, base model fingerprint, the exact training
 rows and captions) by the same code version, and its weights still match the digests written beside them.
-Anything else (another identity, an older code version, a damaged or incomplete folder) trains again, and the
-reason is logged.
+Anything else (another identity, an older code version, a damaged or incomplete folder, an output a blocking
+check failed on) trains again, and the reason is logged.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ CURRENT = "current.json"  # {"path": <version folder name>}: the asset's current
 # Files training/output.py writes into every output folder.
 METRICS_FILE = "metrics.json"
 SUMS_FILE = "SHA256SUMS"  # whole-file digests of the weights, in `sha256sum -c` format
+CHECKS_FAILED = "checks_failed.json"  # {check name: {run_id, metadata}}: blocking checks this output failed
 LOSS_PLOT = "loss.png"
 GRID_FILE = "validation/grid.png"  # every validation prompt and seed, base vs trained, labeled
 # The key numbers a reused materialization repeats, so Dagster's plots across materializations stay continuous.
@@ -69,6 +70,10 @@ def find_reusable(out: Path | None, job: TrainJob, code_version: str) -> tuple[R
         sums = dict(reversed(line.split("  ", 1)) for line in (out / SUMS_FILE).read_text().splitlines() if line)
     except (OSError, ValueError) as e:
         return None, f"current output {out} is incomplete or unreadable ({e})"
+    if (out / CHECKS_FAILED).is_file():
+        failed = read_failed_checks(out)
+        return None, (f"blocking check(s) {', '.join(sorted(failed))} failed on {out} (run "
+                      f"{', '.join(sorted({str(v.get('run_id')) for v in failed.values()}))}): never reused")
     if lineage.get("job_identity") != job.identity():
         return None, "training inputs changed"  # rows, captions, resolved config or base model
     if lineage.get("code_version") != code_version:
@@ -80,6 +85,26 @@ def find_reusable(out: Path | None, job: TrainJob, code_version: str) -> tuple[R
         if not path.is_file() or sha256_file(path) != expected:
             return None, f"current output's {path} is missing or damaged (sha256 differs from {SUMS_FILE})"
     return Reuse(out, lineage, metrics), f"identical job already trained by run {lineage.get('run_id')}"
+
+
+def read_failed_checks(out: Path) -> dict[str, dict]:
+    """The blocking checks recorded as failed on an output (:func:`record_failed_check`). A damaged record still
+    marks the output as failed: it only loses the detail."""
+    path = out / CHECKS_FAILED
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        return {f"(unreadable {path}: {e})": {}}
+
+
+def record_failed_check(out: Path, check: str, run_id: str, metadata: dict[str, Any]) -> None:
+    """Mark ``out`` as failed by the blocking ``check``: reuse never takes it again (the job trains anew)."""
+    from assets_pipeline.store import write_json_atomic
+
+    failed = {k: v for k, v in read_failed_checks(out).items() if not k.startswith("(unreadable")}
+    write_json_atomic(out / CHECKS_FAILED, {**failed, check: {"run_id": run_id, "metadata": metadata}})
 
 
 def find_reusable_version(asset_dir: Path, job: TrainJob, code_version: str, skip: Path | None) -> Reuse | None:

@@ -171,6 +171,11 @@ class Method:
                 "the [quality]/[scoring] settings in concept.toml"
             )
 
+    def check_model(self, ref, cfg: TrainConfig, concept: str) -> None:
+        """Settings checked against the base model's shapes (``ref``: a resolved BaseModelRef; its configs only,
+        no weights read), before a trainer starts: a :class:`TrainingInputError` naming the setting if one cannot
+        apply to this model. Nothing by default."""
+
     def needs_text_encoder(self, cfg: TrainConfig) -> bool:
         """The method itself runs the text encoder(s) (trains them, or a token in them)."""
         return False

@@ -80,12 +80,15 @@ class LoraConfig(TrainConfig):
         if self.base_quantization is not None and self.variant != "lora":
             raise ValueError(f"base_quantization = {self.base_quantization!r} works with variant 'lora' only (PEFT's "
                              f"LoRA layers over quantized linears), got variant {self.variant!r}")
-        if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        for key in ("rank", "conv_rank"):
+            value, low = getattr(self, key), 1 if key == "rank" else 0
+            if not low <= value <= MAX_RANK:
+                raise ValueError(
+                    f"{key} must be an integer in {low}..{MAX_RANK}, got {value}: a rank above a layer's width "
+                    f"adds nothing, and {MAX_RANK} is the widest layer a LoRA adapts in any supported model (FLUX.1's "
+                    "3072); the base model's own layers bound it further when a training is planned")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {', '.join(map(repr, VARIANTS))}, got {self.variant!r}")
-        if self.conv_rank < 0:
-            raise ValueError(f"conv_rank must be >= 0 (0 = no conv adapters), got {self.conv_rank}")
         if self.dropout and self.variant in ("loha", "lokr"):
             raise ValueError(f"dropout = {self.dropout} applies to variant 'lora'/'dora' only: PEFT's LoHa/LoKr "
                              f"have no input dropout; set dropout = 0 for variant {self.variant!r}")
@@ -99,6 +102,43 @@ class LoraConfig(TrainConfig):
             raise ValueError(f"target_modules must be a list of module names, e.g. ['attn.to_q', 'proj_mlp'], "
                              f"got {targets!r}")
         object.__setattr__(self, "target_modules", tuple(targets))
+
+
+MAX_RANK = 3072  # FLUX.1's hidden width: no supported denoiser has a wider layer to adapt (min of in and out)
+
+
+def narrowest_layer(ref, targets, conv_targets=()) -> tuple[str, int] | None:
+    """(name, width) of the narrowest layer a LoRA on ``targets`` (linears; ``conv_targets``: convolutions) adapts
+    in ``ref``'s denoiser, width = min(in, out) (a conv's input counts its kernel), found by building the denoiser
+    from its config on the meta device (no weights read, no memory). None where no config is at hand (a single
+    file without ``single_file_config``), or when no layer matches."""
+    import torch
+
+    from assets_pipeline.models.families import diffusers_class
+
+    denoiser = ref.model_family.denoiser
+    location = ref.single_file_config if ref.kind == "single_file" else ref.location
+    if not location:
+        return None
+    cls = diffusers_class(denoiser.model_class)
+    config = cls.load_config(location, subfolder=denoiser.component, local_files_only=True)
+    with torch.device("meta"):
+        model = cls.from_config(config)
+
+    def matches(name, names):
+        return any(name == t or name.endswith("." + t) for t in names)
+
+    widths = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and matches(name, targets):
+            widths.append((min(module.in_features, module.out_features), name))
+        elif isinstance(module, torch.nn.Conv2d) and matches(name, conv_targets):
+            kernel = module.kernel_size[0] * module.kernel_size[1]
+            widths.append((min(module.in_channels * kernel, module.out_channels), name))
+    if not widths:
+        return None
+    width, name = min(widths)
+    return name, width
 
 
 DATASET_KEYS = {"concept": str, "repeats": int}
@@ -182,6 +222,19 @@ class LoraMethod(Method):
 
     def needs_text_encoder(self, cfg: LoraConfig) -> bool:
         return cfg.train_text_encoder
+
+    def check_model(self, ref, cfg: LoraConfig, concept: str) -> None:
+        denoiser = ref.model_family.denoiser
+        conv = denoiser.conv_targets if cfg.conv_rank else ()
+        for key, targets, convs in (("rank", cfg.target_modules or denoiser.lora_targets, ()),
+                                    ("conv_rank", (), conv)):
+            value = getattr(cfg, key)
+            narrowest = narrowest_layer(ref, targets, convs) if value else None
+            if narrowest is not None and value > narrowest[1]:
+                raise TrainingInputError(
+                    f"{concept}/concept.toml [lora]: {key} = {value} is wider than the narrowest layer it adapts in "
+                    f"base model {ref.source!r} ({narrowest[0]}, width {narrowest[1]}): a rank above a layer's width "
+                    f"adds nothing but memory; use {key} in 1..{narrowest[1]}")
 
     def prepare(self, models: Models, cfg: LoraConfig, ctx: TrainContext) -> list[str]:
         denoiser = models.family.denoiser
