@@ -521,3 +521,73 @@ def test_an_output_a_blocking_check_failed_on_is_never_reused(demo_build):
     mat, checks = build()
     assert mat.metadata["reused"].value is False and checks["weights_finite"].passed
     assert json.loads(pointer.read_text())["path"] != out.name
+
+
+def test_a_second_run_of_a_job_in_training_waits_without_its_slot_and_reuses_that_output(demo_build, tmp_path):
+    """Issue 28, point 4: a second run of a job another run was training held a gpu slot idle while its trainer
+    waited on the job lock, then trained again to a second version. Now the step sees the lock taken before it
+    launches anything, gives its slot back (a retry: Dagster frees a pool slot while a step waits to retry), and
+    on retry reuses what the first run wrote."""
+    import shutil
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import dagster as dg
+
+    from assets_pipeline.definitions import ASSETS, CHECKS
+    from assets_pipeline.resources import TrainerLauncher
+
+    class NoTraining(TrainerLauncher):
+        def launch(self, context, job_path):
+            raise AssertionError(f"trained although the same job was being trained ({job_path})")
+
+    asset_dir = demo_build.artifacts / "concepts" / demo_build.concept / "lora_adapter"
+    pointer = asset_dir / "current.json"
+    current = asset_dir / json.loads(pointer.read_text())["path"]
+    identity = json.loads((current / "lineage.json").read_text())["job_identity"]
+    lock = asset_dir / ".checkpoints" / f"{identity[:16]}.lock"
+    # The "first run": it holds the job's lock, and its output is not there yet.
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    versions = [p for p in asset_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    for p in versions:
+        p.rename(aside / p.name)
+    pointer.unlink()
+    lock.parent.mkdir(exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys\n"
+        f"f = open({str(lock)!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0)\n"
+        "f.write(':\\nfirst-run\\n'); f.flush(); print('held', flush=True); sys.stdin.read()\n")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    before = {r.run_id for r in demo_build.instance.get_runs()}
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(res=dg.materialize(
+        [*ASSETS, *CHECKS], selection=dg.AssetSelection.assets("lora_adapter"), partition_key=demo_build.concept,
+        instance=demo_build.instance, resources={**demo_build.resources, "trainer": NoTraining(device="cpu")},
+        raise_on_error=False)))
+    thread.start()
+    try:
+        deadline = time.time() + 120
+        while True:  # until the step has given its slot back to wait for a retry
+            runs = [r for r in demo_build.instance.get_runs() if r.run_id not in before]
+            if runs and any(e.dagster_event and e.dagster_event.event_type_value == "STEP_UP_FOR_RETRY"
+                            for e in demo_build.instance.all_logs(runs[0].run_id)):
+                break
+            assert thread.is_alive() and time.time() < deadline
+            time.sleep(0.1)
+        # The first run finishes: its output appears, its trainer lets go of the lock.
+        for p in versions:
+            (aside / p.name).rename(p)
+    finally:
+        holder.communicate(timeout=30)
+    thread.join(timeout=120)
+    res = out["res"]
+    assert res.success
+    mat = res.get_asset_materialization_events()[0].materialization
+    assert mat.metadata["reused"].value is True and mat.metadata["path"].value == str(current)
+    logged = [e.user_message for e in demo_build.instance.all_logs(res.run_id)]
+    assert any("run first-run is training this same job" in m and "gives its gpu slot back" in m for m in logged)
+    assert json.loads(pointer.read_text())["path"] == current.name

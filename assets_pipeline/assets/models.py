@@ -17,6 +17,7 @@ from assets_pipeline.retention import human_bytes, prune_asset
 from assets_pipeline.resources import BaseModelResource, ClipScorerResource, PipelineStorage, TrainerLauncher
 from assets_pipeline.resources.run_watch import ensure_run_active
 from assets_pipeline.store import write_json_atomic
+from assets_pipeline.training.checkpoints import lock_holder, lock_path
 from assets_pipeline.training.methods import get_method, method_names
 from assets_pipeline.training.plan import CODE_VERSION, plan_job, train_context
 from assets_pipeline.training.reuse import (
@@ -27,6 +28,9 @@ from assets_pipeline.training.validation import step_views
 
 INPUT_ASSETS = (raw_images, clip_scored_images, class_images, control_images, vae_latents)
 DATASET_INPUTS = (raw_images, clip_scored_images, vae_latents)  # what a concept trained in as a dataset gives
+# A second run of a job another run is training gives its gpu slot back and retries (Dagster frees a step's pool
+# slot while it waits to retry), then reuses the first's output: waits of 10, 20, 40, 60, 60 ... s, ~16 h in all.
+LOCK_RETRY_S, LOCK_RETRY_MAX_S, LOCK_RETRIES = 10, 60, 1000
 VIEW_KINDS = {"md": dg.MetadataValue.md, "path": dg.MetadataValue.path, "int": dg.MetadataValue.int,
               "float": dg.MetadataValue.float}  # the kinds of step_views' (kind, value) pairs
 
@@ -124,6 +128,12 @@ def build_model_asset(method_name: str) -> dg.AssetsDefinition:
             return
         else:
             context.log.info(f"training: {why}")
+        if (holder := lock_holder(job)) is not None:
+            wait = min(LOCK_RETRY_S * 2 ** context.retry_number, LOCK_RETRY_MAX_S)
+            context.log.info(f"run {holder} is training this same job ({lock_path(job)}): this step gives its gpu "
+                             f"slot back and retries in {wait} s, then reuses that output (or resumes from its "
+                             "checkpoints if that training failed)")
+            raise dg.RetryRequested(max_retries=LOCK_RETRIES, seconds_to_wait=wait)
         check_training_inputs(context, storage, job)
         method.check_inputs(train_context(job), job.config)  # refuse here, with the reason, before a process starts
         method.check_model(job.base_model, job.config, concept)

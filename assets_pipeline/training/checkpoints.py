@@ -41,23 +41,50 @@ def remove_stale_trainer_temporaries(job: TrainJob) -> list[Path]:
     return removed
 
 
+def lock_path(job: TrainJob) -> Path:
+    return Path(job.checkpoint_dir) / f"{job.identity()[:16]}.lock"
+
+
+def lock_holder(job: TrainJob) -> str | None:
+    """Which run's trainer holds ``job``'s lock (:func:`job_lock`; the run id it wrote there), or None when the
+    lock is free. A probe: it takes the lock and gives it back at once (a trainer starting at that instant waits
+    for it a moment)."""
+    import fcntl
+
+    path = lock_path(job)
+    try:
+        f = open(path)
+    except FileNotFoundError:
+        return None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lines = path.read_text().splitlines()
+            return lines[1] if len(lines) > 1 and lines[1] else "an unknown run"
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
 @contextmanager
 def job_lock(job: TrainJob, progress: Callable[[str], None] = log.info) -> Iterator[None]:
     """One trainer at a time per job identity: they share a checkpoint folder, and a second one writing into it
     would corrupt the first's states. A second trainer waits, then resumes or retrains. An OS file lock
     (flock), so a killed trainer releases it at once, and whoever takes it next removes what that one left
     half-written (:func:`remove_stale_trainer_temporaries`). Under ``accelerate launch`` only rank 0 takes it and
-    writes its launch into the file; the other ranks wait until they read their own launch there, not at their
-    first collective (which would time out, after 30 minutes, while another trainer holds the lock)."""
+    writes its launch (and its run id, for :func:`lock_holder`) into the file; the other ranks wait until they
+    read their own launch there, not at their first collective (which would time out, after 30 minutes, while
+    another trainer holds the lock). A model asset asks :func:`lock_holder` before it launches a trainer, so a
+    second run of the same job waits without a GPU slot (assets/models.py)."""
     import fcntl
     import os
     import time
 
-    path = Path(job.checkpoint_dir) / f"{job.identity()[:16]}.lock"
+    path = lock_path(job)
     # A launch: its rendezvous address (a free port per launch on this machine) and torchrun run id.
     launch = ":".join(os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"))
     if os.environ.get("RANK", "0") != "0":
-        while not (path.is_file() and path.read_text() == launch):
+        while not (path.is_file() and path.read_text().split("\n")[0] == launch):
             time.sleep(0.5)
         yield
         return
@@ -70,7 +97,7 @@ def job_lock(job: TrainJob, progress: Callable[[str], None] = log.info) -> Itera
                      "waiting for it to finish")
             fcntl.flock(f, fcntl.LOCK_EX)
         f.truncate(0)
-        f.write(launch)
+        f.write(f"{launch}\n{job.lineage.get('run_id', '')}\n")
         f.flush()
         try:
             for stale in remove_stale_trainer_temporaries(job):
