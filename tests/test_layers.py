@@ -16,7 +16,8 @@ LAYERS = [
     ("stages", {"stages"}),
     ("training", {"training"}),
     ("concept partitions and resources", {"partitions", "resources"}),
-    ("the Dagster layer", {"assets", "automation", "jobs", "schedules", "sensors", "definitions", "preload", "cli"}),
+    ("the Dagster layer", {"assets", "automation", "jobs", "schedules", "sensors", "definitions", "preload", "cli",
+                           "postgres"}),
 ]
 
 
