@@ -198,7 +198,8 @@ class TrainerLauncher(dg.ConfigurableResource):
         from assets_pipeline.training.plan import Launch
 
         return Launch(device=self.device, mixed_precision=self.mixed_precision,
-                      performance=self.performance_settings(), log_with=self.tracker())
+                      performance=self.performance_settings(), log_with=self.tracker(),
+                      num_processes=self.num_processes)
 
     def command(self, job_path: Path) -> list[str]:
         import sys
