@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "assets_pipeline"
 # Lowest first. A module's layer is named by the first part of its path inside the package.
 LAYERS = [
     ("ground floor", {"concept", "config_types", "hashing", "paths", "store", "tables", "parallel", "imaging",
-                      "lineage", "cleanup", "retention", "demo_data"}),
+                      "lineage", "cleanup", "retention", "demo_data", "display"}),
     ("base models", {"models"}),
     ("stages", {"stages"}),
     ("training", {"training"}),
