@@ -17,7 +17,7 @@ LAYERS = [
     ("training", {"training"}),
     ("concept partitions and resources", {"partitions", "resources"}),
     ("the Dagster layer", {"assets", "automation", "jobs", "schedules", "sensors", "definitions", "preload", "cli",
-                           "postgres"}),
+                           "postgres", "pools"}),
 ]
 
 
