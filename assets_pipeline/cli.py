@@ -1,6 +1,7 @@
 """Command line: ``assets-pipeline demo`` builds the demo concept end to end through Dagster;
 ``assets-pipeline lineage output|image TARGET`` audits lineage in either direction;
-``assets-pipeline concept remove NAME`` removes a concept whose folder is gone."""
+``assets-pipeline concept remove NAME`` removes a concept whose folder is gone;
+``assets-pipeline slots [free RUN_ID]`` says who holds the pool slots, and frees a dead run's."""
 
 from __future__ import annotations
 
@@ -25,21 +26,22 @@ def _instance():
 _QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 
-def build_concepts(concepts: list[str], selection=None) -> list[tuple[str, object]]:
-    """Register ``concepts`` as partitions on the local instance and materialize the asset graph for each."""
-    import dagster as dg
+# The job the demo's runs are: its name, not Dagster's `__ephemeral_asset_job__` (what `dagster.materialize` runs),
+# is what the UI's run list shows, with the concept's partition and the assets each run materialized.
+DEMO_JOB = "train_concept"
 
-    from assets_pipeline.definitions import ASSETS, CHECKS, default_resources
+
+def build_concepts(concepts: list[str], asset_selection=None) -> list[tuple[str, object]]:
+    """Register ``concepts`` as partitions on the local instance and run the ``train_concept`` job for each: every
+    asset and check (``asset_selection``: those asset keys only), in this process."""
+    from assets_pipeline.definitions import defs
     from assets_pipeline.partitions.definitions import concepts_partitions
 
     instance = _instance()
     instance.add_dynamic_partitions(concepts_partitions.name, concepts)
-    results = []
-    for concept in concepts:
-        res = dg.materialize([*ASSETS, *CHECKS], selection=selection, partition_key=concept, instance=instance,
-                             resources=default_resources(), run_config=_QUIET)
-        results.append((concept, res))
-    return results
+    job = defs.resolve_job_def(DEMO_JOB)
+    return [(concept, job.execute_in_process(partition_key=concept, instance=instance, run_config=_QUIET,
+                                             asset_selection=asset_selection)) for concept in concepts]
 
 
 def _summary(res) -> list[str]:
@@ -49,7 +51,8 @@ def _summary(res) -> list[str]:
         md = {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
         counts = ""
         if "items_computed" in md:
-            counts = f"  computed {md['items_computed']}, cached {md['items_cached']}"
+            counts = f"  computed {md['items_computed']}, cached {md['items_cached']}" + (
+                f", not cached {md['items_not_cached']}" if "items_not_cached" in md else "")
         lines.append(f"  {mat.asset_key.to_user_string():<28} rows {md.get('dagster/row_count', '-'):>3}"
                      f"{counts}\n      -> {md.get('path')}")
     for check in res.get_asset_check_evaluations():
@@ -281,6 +284,25 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_slots(args: argparse.Namespace) -> int:
+    """Who holds the instance's pool slots (the gpu pool), since when, and how to free them; or free a run's."""
+    from assets_pipeline.pools import free_run_slots, report, resolve_run_id
+
+    with _instance() as instance:
+        if args.action != "free":
+            print("\n".join(report(instance, args.pool)))
+            return 0
+        try:
+            run_id = resolve_run_id(instance, args.run_id)
+            freed = free_run_slots(instance, run_id, force=args.force)
+        except ValueError as e:
+            print(f"assets-pipeline slots free: {e}", file=sys.stderr)
+            return 2
+        for h in freed:
+            print(f"freed  pool {h.pool}: the slot of run {h.run_id}, step {h.step_key!r}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="assets-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -304,9 +326,17 @@ def main(argv: list[str] | None = None) -> int:
                        help="versions per output whose weights are kept (default: the storage resource's "
                             "keep_weight_versions, 2)")
     prune.add_argument("--dry-run", action="store_true", help="print what would be pruned; delete nothing")
+    slots = sub.add_parser("slots", help="who holds the instance's pool slots (the gpu pool) and since when; "
+                                         "free those of a run that is gone")
+    slots.add_argument("--pool", action="append", help="only this pool (repeatable; default: every pool)")
+    free = slots.add_subparsers(dest="action").add_parser(
+        "free", help="free the slots of a run that ended, or (--force) of one still STARTED whose process is gone")
+    free.add_argument("run_id", help="the run (its id, or the start of it as the UI shows it)")
+    free.add_argument("--force", action="store_true",
+                      help="the run is still STARTED but its process is gone: mark it failed, then free its slots")
     args = parser.parse_args(argv)
     return {"demo": cmd_demo, "lineage": cmd_lineage, "concept": cmd_concept_remove,
-            "prune": cmd_prune}[args.command](args)
+            "prune": cmd_prune, "slots": cmd_slots}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from assets_pipeline.assets.priors import class_images
 from assets_pipeline.assets.dataset_checks import DATASET_CHECKS
 from assets_pipeline.automation import dataset_automation_sensor
 from assets_pipeline.jobs import build_concept_job, ingest_concept_job, train_concept_job, train_models_job
+from assets_pipeline.pools import pool_slot_sensor
 from assets_pipeline.schedules import retrain_schedule
 from assets_pipeline.resources import (
     AcceleratorResource, BaseModelResource, CaptionerResource, ClipScorerResource, PipelineStorage, TrainerLauncher,
@@ -67,7 +68,7 @@ defs = dg.Definitions(
     assets=ASSETS,
     asset_checks=CHECKS,
     jobs=[ingest_concept_job, build_concept_job, train_concept_job, train_models_job],
-    sensors=[concept_folder_sensor, dataset_automation_sensor],
+    sensors=[concept_folder_sensor, dataset_automation_sensor, pool_slot_sensor],
     schedules=[retrain_schedule],
     resources=default_resources(),
     executor=step_executor(),

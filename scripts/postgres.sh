@@ -19,8 +19,8 @@ cd "$(dirname "$0")/.."
 PORT=${ASSETS_PIPELINE_PG_PORT:-55432}
 DIR=${ASSETS_PIPELINE_PG_DIR:-${TMPDIR:-/tmp}/assets-pipeline-postgres-$PORT}
 DB=dagster
-# The driver is named: SQLAlchemy 2.1 takes a bare postgresql:// for psycopg 3; dagster-postgres installs psycopg2.
-URL="postgresql+psycopg2://postgres@127.0.0.1:$PORT/$DB"
+# The usual form: the team profile's storages (assets_pipeline/postgres.py) name the installed driver, psycopg2.
+URL="postgresql://postgres@127.0.0.1:$PORT/$DB"
 
 die() { echo "postgres.sh: $*" >&2; exit 1; }
 

@@ -46,6 +46,9 @@ def test_jobs_sensors_and_schedule_are_registered():
     # the folder sensor only ingests; declarative automation rebuilds what the ingest invalidates
     assert defs.resolve_sensor_def("concept_folder_sensor").job_name == "ingest_concept"
     assert defs.resolve_sensor_def("dataset_automation") is not None
+    # tells a run waiting for a pool slot who holds it (assets_pipeline/pools.py); requests no runs
+    slots = defs.resolve_sensor_def("pool_slot_sensor")
+    assert slots.default_status == dg.DefaultSensorStatus.RUNNING and not slots.targets
     assert defs.resolve_schedule_def("retrain_schedule").job_name == "train_models"
 
 

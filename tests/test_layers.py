@@ -11,12 +11,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "assets_pipeline"
 # Lowest first. A module's layer is named by the first part of its path inside the package.
 LAYERS = [
     ("ground floor", {"concept", "config_types", "hashing", "paths", "store", "tables", "parallel", "imaging",
-                      "lineage", "cleanup", "retention", "demo_data"}),
+                      "lineage", "cleanup", "retention", "demo_data", "display"}),
     ("base models", {"models"}),
     ("stages", {"stages"}),
     ("training", {"training"}),
     ("concept partitions and resources", {"partitions", "resources"}),
-    ("the Dagster layer", {"assets", "automation", "jobs", "schedules", "sensors", "definitions", "preload", "cli"}),
+    ("the Dagster layer", {"assets", "automation", "jobs", "schedules", "sensors", "definitions", "preload", "cli",
+                           "postgres", "pools"}),
 ]
 
 

@@ -80,3 +80,42 @@ def test_the_demo_concepts_plan_the_jobs_and_cache_keys_recorded_before_the_resh
             asset = get_method(method).asset_name
             job = plan_for(storage, ref, spec, method)
             assert job.identity() == recorded["job_identities"][f"{asset}[{concept}]"], (concept, method)
+
+
+@pytest.mark.parametrize("method", ["lora", "dreambooth", "textual_inversion", "controlnet"])
+def test_several_processes_split_the_default_batch_and_refuse_an_explicit_one_that_cannot_split(method):
+    """Issue 28, point 14: ``num_processes: 2`` with a concept that sets no batch trains (1 x 2: one micro-batch per
+    process and step); one process keeps the default config exactly (the identities recorded above); a batch the
+    concept sets is kept as set, and one that cannot be split is refused with the message that says what to do."""
+    from dataclasses import asdict
+
+    from assets_pipeline.concept import ConceptSpec
+    from assets_pipeline.resources import TrainerLauncher
+    from assets_pipeline.training.plan import Launch, method_config
+    from assets_pipeline.training.step import per_process_batch
+
+    spec = ConceptSpec(name="c", token="sks", class_noun="dog", methods=(method,))
+    one = method_config(spec, method, 5, quick=False)
+    assert (one.train_batch_size, one.gradient_accumulation_steps) == (1, 1)
+    assert asdict(method_config(spec, method, 5, False, TrainerLauncher().launch_settings())) == asdict(one)
+    launch = TrainerLauncher(num_processes=2, device="cpu").launch_settings()
+    assert launch.num_processes == 2
+    two = method_config(spec, method, 5, quick=False, launch=launch)
+    assert (two.train_batch_size, two.gradient_accumulation_steps) == (1, 2)
+    assert asdict(two) == {**asdict(one), "gradient_accumulation_steps": 2}  # nothing else changes
+    assert per_process_batch(two.train_batch_size, two.gradient_accumulation_steps, 2) == (1, 1)
+    # The least multiple: 3 and 4 processes; a default batch that already divides is kept (4 = 2 x 2 on 2).
+    assert method_config(spec, method, 5, False, Launch(num_processes=3)).gradient_accumulation_steps == 3
+    assert method_config(spec, method, 5, False, Launch(num_processes=4)).gradient_accumulation_steps == 4
+    # Run-time overrides (the tests', the benchmarks') that set a batch count as set too.
+    assert method_config(spec, method, 5, False, launch, {"train_batch_size": 4}).gradient_accumulation_steps == 1
+
+    for section in ({"train_batch_size": 1}, {"gradient_accumulation_steps": 1}, {"train_batch_size": 3}):
+        explicit = ConceptSpec(name="c", token="sks", class_noun="dog", methods=(method,),
+                               overrides={method: section})
+        cfg = method_config(explicit, method, 5, quick=False, launch=launch)
+        assert {k: getattr(cfg, k) for k in section} == section
+        assert cfg.gradient_accumulation_steps * cfg.train_batch_size in (1, 3)  # kept as set
+        with pytest.raises(ValueError, match=r"cannot be split over 2 processes: make it a multiple of 2 \(e\.g\. "
+                                             r"gradient_accumulation_steps = 2\) or train with fewer processes"):
+            per_process_batch(cfg.train_batch_size, cfg.gradient_accumulation_steps, 2)

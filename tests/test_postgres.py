@@ -120,7 +120,12 @@ def test_profile_is_the_local_one_on_postgres_with_one_training_run_per_gpu(pg_h
     from assets_pipeline.jobs import TRAINING_RUN_TAGS
 
     team, local = yaml.safe_load(PROFILE.read_text()), yaml.safe_load(LOCAL_PROFILE.read_text())
-    assert team["storage"] == {"postgres": {"postgres_url": {"env": "DAGSTER_PG_URL"}}}
+    storage = {"postgres_url": {"env": "DAGSTER_PG_URL"}}  # normalized by assets_pipeline/postgres.py
+    assert "storage" not in team and [(team[k]["module"], team[k]["class"], team[k]["config"]) for k in (
+        "run_storage", "event_log_storage", "schedule_storage")] == [
+        ("assets_pipeline.postgres", "PostgresRunStorage", storage),
+        ("assets_pipeline.postgres", "PostgresEventLogStorage", storage),
+        ("assets_pipeline.postgres", "PostgresScheduleStorage", storage)]
     assert team["run_monitoring"] == local["run_monitoring"]
     assert team["concurrency"]["pools"] == local["concurrency"]["pools"]
     assert team["concurrency"]["runs"]["max_concurrent_runs"] == local["concurrency"]["runs"]["max_concurrent_runs"]
@@ -140,6 +145,24 @@ def test_profile_is_the_local_one_on_postgres_with_one_training_run_per_gpu(pg_h
         queue = instance.get_concurrency_config().run_queue_config
         assert queue.tag_concurrency_limits == [{"key": tag, "limit": 1}] and queue.max_concurrent_runs == 4
         assert instance.run_monitoring_enabled and instance.event_log_storage.supports_global_concurrency_limits
+
+
+def test_the_usual_url_forms_open_the_team_instance(postgres_server, tmp_path, monkeypatch):
+    """$DAGSTER_PG_URL as people write it (postgresql://, postgres://) or with the driver named: each opens the
+    same database through the shipped profile, which writes and reads it (SQLAlchemy 2.1 alone takes a bare
+    postgresql:// for psycopg 3, not installed, and does not know postgres://)."""
+    home = write_home(tmp_path / "dagster_home")
+    with database(postgres_server, "url_forms") as url:
+        rest = url.split("://", 1)[1]
+        assert url.startswith("postgresql://")  # scripts/postgres.sh prints the usual form
+        for scheme in ("postgresql", "postgres", "postgresql+psycopg2"):
+            monkeypatch.setenv("DAGSTER_PG_URL", f"{scheme}://{rest}")
+            with dg.DagsterInstance.from_config(str(home)) as instance:
+                assert instance.run_storage.postgres_url == f"postgresql+psycopg2://{rest}"
+                instance.add_dynamic_partitions("concepts", [scheme.replace("+", "_")])
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            assert sorted(instance.get_dynamic_partitions("concepts")) == [
+                "postgres", "postgresql", "postgresql_psycopg2"]
 
 
 def test_dataset_half_materializes_on_postgres(pg_home, tmp_path, built_models):

@@ -5,6 +5,7 @@ import json
 
 import dagster as dg
 
+from assets_pipeline.display import shown
 from assets_pipeline.partitions.definitions import concepts_partitions
 from assets_pipeline.resources import AcceleratorResource, BaseModelResource, PipelineStorage
 from assets_pipeline.training.methods import get_method, method_names
@@ -13,6 +14,24 @@ from assets_pipeline.training.reuse import current_output, record_failed_check
 
 
 CHANGE_CHECK_VERSION = 2  # bump when changes_base_output measures differently (2: DPM-Solver++ renders)
+
+
+def change_result(change: float, measured_before: bool) -> dg.AssetCheckResult:
+    """changes_base_output's result: passed on the measured change (above 0), shown rounded, with what its
+    metadata means."""
+    return dg.AssetCheckResult(passed=change > 0, description=change_description(measured_before), metadata={
+        "mean_abs_change": shown(change), "measured_before": measured_before})
+
+
+def change_description(measured_before: bool) -> str:
+    """What changes_base_output's metadata means, shown with each of its results."""
+    return ("mean_abs_change: the mean absolute pixel difference (0 to 1) between what the base model and this "
+            "output render for the same validation prompt and seed; passed when above 0. measured_before: "
+            + ("true: these same weights (their SHA256SUMS), base model, prompt, conditioning images and device "
+               "were measured by an earlier check, and that measurement was read from the check_results cache "
+               "instead of rendering again." if measured_before else
+               "false: rendered and measured by this check (the result is cached under check_results, so a later "
+               "check of the same weights reads it instead of rendering again)."))
 
 
 def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
@@ -74,9 +93,7 @@ def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
         path = results.get_or_create(key, lambda tmp: tmp.write_text(json.dumps({
             "mean_abs_change": change_versus_base(method, ref, out, ctx, device=device,
                                                   base_renders=renders)})))
-        change = json.loads(path.read_text())["mean_abs_change"]
-        return dg.AssetCheckResult(passed=change > 0, metadata={
-            "mean_abs_change": change, "measured_before": results.cached > 0})
+        return change_result(json.loads(path.read_text())["mean_abs_change"], measured_before=results.cached > 0)
 
     @dg.asset_check(asset=asset, name="manifest_lists_training_images", blocking=True,
                     partitions_def=concepts_partitions)

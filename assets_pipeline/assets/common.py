@@ -9,6 +9,7 @@ import dagster as dg
 import pandas as pd
 
 from assets_pipeline.concept import ConceptSpec
+from assets_pipeline.display import shown
 from assets_pipeline.resources import PipelineStorage
 from assets_pipeline.tables import read_asset_table, write_asset_table
 
@@ -60,7 +61,8 @@ def clean_stale_temporaries(context: dg.AssetExecutionContext, storage: Pipeline
 
 
 def table_preview(df: pd.DataFrame, columns: list[str], rows: int = 10) -> dg.MetadataValue:
-    return dg.MetadataValue.md(df[columns].head(rows).to_markdown(index=False) if len(df) else "_empty_")
+    """The first ``rows`` of ``df`` as Markdown, floats to 4 significant digits (the table keeps them whole)."""
+    return dg.MetadataValue.md(df[columns].head(rows).map(shown).to_markdown(index=False) if len(df) else "_empty_")
 
 
 def image_preview(layout, paths) -> dg.MetadataValue:

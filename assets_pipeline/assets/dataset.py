@@ -12,6 +12,7 @@ from assets_pipeline.assets.common import (
     restore_images, result, save_table, spec_from_snapshot, table_preview,
 )
 from assets_pipeline.automation import rebuild_on_change, rebuild_on_code_change
+from assets_pipeline.display import shown
 from assets_pipeline.hashing import digest
 from assets_pipeline.partitions.concept_spec import load_concept_spec
 from assets_pipeline.partitions.definitions import concepts_partitions
@@ -73,7 +74,13 @@ def captioned_images(
     accelerator: AcceleratorResource, base_model: BaseModelResource,
 ) -> dg.MaterializeResult:
     """A caption per photo: sidecar .txt > captioner model > 'a photo of {token} {class_noun}'. Captions longer
-    than the base model's text encoder reads are warned about, one by one (it truncates them)."""
+    than the base model's text encoder reads are warned about, one by one (it truncates them).
+
+    Metadata: `captions_from_sidecar` / `_model` / `_template` say where each row's caption came from. Only
+    model captions are worth caching (a captioner forward pass each): `items_computed` counts those the captioner
+    wrote now, `items_cached` those read from the caption cache, and `items_not_cached` the sidecar and template
+    captions, which are read or written on every build at no cost; the three add up to the rows. Without a
+    captioner (the `captioner` resource unset, or `use_captioner = false`) every row is not cached."""
     from assets_pipeline.models.load import load_tokenizers
     from assets_pipeline.stages.captions import CaptionConfig, caption_images, overlong_captions
 
@@ -104,7 +111,7 @@ def captioned_images(
                             f"{textwrap.shorten(r.cut, 160, placeholder=' ...')!r}")
     sources = df["caption_source"].value_counts().to_dict()
     return result(out, table_version(df, ["image_sha256", "caption"]), len(df), {
-        **cache.counts(), **restored,
+        **cache.counts(), "items_not_cached": int((df["caption_source"] != "model").sum()), **restored,
         **{f"captions_from_{k}": int(sources.get(k, 0)) for k in ("sidecar", "model", "template")},
         "captions_truncated": len(overlong),
         "caption_token_limit": limit,
@@ -178,7 +185,7 @@ def clip_scored_images(
         **cache.counts(), **restored,
         "scored": len(df),
         "scorer_is_random": scorer.is_random,
-        "mean_clip_score": float(df["clip_score"].mean()) if len(df) else 0.0,
+        "mean_clip_score": shown(float(df["clip_score"].mean())) if len(df) else 0.0,
         "preview": table_preview(df.sort_values("clip_score", ascending=False),
                                  ["source_path", "clip_score", "in_subset", "reason"], rows=20),
     })

@@ -82,13 +82,33 @@ def check_training_inputs(context: dg.AssetExecutionContext, storage: PipelineSt
             raise CorruptFile(path, f"{why}; rematerialize {asset} for concept {owner!r} to rebuild it")
 
 
+TRAINED_OUTPUT = """Trained in its own process (the `trainer` resource; one slot of the `gpu` pool) from the concept's
+vae_latents, only when the concept's `methods` request it, and only when its job (training rows and captions,
+resolved config, base model, code version) differs from the current output's: an identical job reuses the output
+(`reused`, `reused_from_run_id`). Each training writes a version folder under
+`artifacts/concepts/<concept>/{asset}/` (`path`), with `lineage.json`, `metrics.json` and the validation images;
+`current.json` names the current one. Metadata: `clip_t` (CLIP-T: how well the validation images match their
+prompts), `clip_i` (CLIP-I: how alike they are to the training photos), `mean_abs_change_vs_base` (mean pixel
+change from the base model's images, 0 to 1), `final_loss`, `steps`, the training speed, `method_config` (the
+resolved config) and the loss curve and validation grid. Checks: weights_finite, changes_base_output and
+manifest_lists_training_images."""
+
+
+def model_asset_description(method) -> str:
+    """The UI's description of a model asset: what the method trains and how its output loads (its class's
+    docstring), then what every model asset does and reports."""
+    import inspect
+
+    return inspect.cleandoc(method.__doc__) + "\n\n" + TRAINED_OUTPUT.format(asset=method.asset_name)
+
+
 def build_model_asset(method_name: str) -> dg.AssetsDefinition:
     method = get_method(method_name)
     deps = [vae_latents, clip_scored_images, class_images] + ([control_images] if method_name == "controlnet" else [])
 
     @dg.asset(name=method.asset_name, partitions_def=concepts_partitions, group_name="models",
               code_version=CODE_VERSION, deps=deps, pool="gpu", output_required=False,
-              kinds={"pytorch", "diffusers"}, description=(method.__doc__ or method.name))
+              kinds={"pytorch", "diffusers"}, description=model_asset_description(method))
     def _model(context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource,
                clip_scorer: ClipScorerResource, trainer: TrainerLauncher):
         concept = context.partition_key

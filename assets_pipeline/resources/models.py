@@ -144,7 +144,8 @@ class TrainerLauncher(dg.ConfigurableResource):
     training: ``python -m assets_pipeline.training`` for one process, ``accelerate launch`` for several GPUs.
     The same job file runs on Kubernetes through dagster-k8s's PipesK8sClient."""
 
-    num_processes: int = Field(default=1, description="Processes (GPUs) for data-parallel training.")
+    num_processes: int = Field(default=1, description="Processes (GPUs) for data-parallel training. A concept "
+                               "that sets no batch trains one they can split (1 x N gradient accumulation steps).")
     accelerate_config_file: str | None = Field(default=None, description="`accelerate config` file to use.")
     device: str = Field(default="auto", description="'auto' (CUDA if present), 'cpu' or 'cuda'.")
     mixed_precision: str = Field(default="auto", description="'auto' (bf16 where supported), 'no', 'fp16', 'bf16'.")
@@ -198,7 +199,8 @@ class TrainerLauncher(dg.ConfigurableResource):
         from assets_pipeline.training.plan import Launch
 
         return Launch(device=self.device, mixed_precision=self.mixed_precision,
-                      performance=self.performance_settings(), log_with=self.tracker())
+                      performance=self.performance_settings(), log_with=self.tracker(),
+                      num_processes=self.num_processes)
 
     def command(self, job_path: Path) -> list[str]:
         import sys

@@ -66,8 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     from assets_pipeline.training.checkpoints import checkpoint_root, job_lock
     from assets_pipeline.training.loop import train
     from assets_pipeline.training.output import write_output
-    from assets_pipeline.training.reuse import output_views
-    from assets_pipeline.training.validation import step_views
 
     parser = argparse.ArgumentParser(prog="python -m assets_pipeline.training", description=__doc__)
     parser.add_argument("--job", required=True, type=Path, help="job JSON written by a model asset")
@@ -92,25 +90,35 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"wrote {job.output_dir}: CLIP-T {result['clip_t']:.4f}, CLIP-I {result['clip_i']:.4f}, "
                  f"mean change vs base {result['mean_abs_change_vs_base']:.4f}")
         if pipes:
-            pipes.report_asset_materialization(
-                metadata={
-                    **{k: {"raw_value": v, "type": t}
-                       for k, (t, v) in output_views(Path(job.output_dir), result["preview_md"]).items()},
-                    # validation_steps: the strips per step and the chosen step's numbers (none without it)
-                    **{k: {"raw_value": v, "type": t} for k, (t, v) in step_views(Path(job.output_dir)).items()},
-                    "training_images": {"raw_value": _images_table(job), "type": "md"},
-                    **{k: result[k] for k in ("clip_t", "clip_i", "mean_abs_change_vs_base", "final_loss", "steps",
-                                              "lineage_sha256", "scorer_is_random")},
-                    "resumed_from_step": state.resumed_from,
-                    "base_model_family": job.base_model.family,
-                    "reused": False,
-                    # Speed of this training (None where not measured, e.g. a run of one step).
-                    **{k: v for k, v in state.stats.items() if k in SPEED_KEYS and v is not None},
-                    "dagster/row_count": len(job.training_images),
-                },
-                data_version=result["weights_version"],
-            )
+            pipes.report_asset_materialization(metadata=materialization_metadata(job, state, result),
+                                               data_version=result["weights_version"])
     return 0
+
+
+def materialization_metadata(job, state, result: dict) -> dict:
+    """What the model asset's materialization shows of a finished training: the output's views, its key numbers
+    (rounded for display: metrics.json keeps them whole) and the training's speed."""
+    from assets_pipeline.display import shown_metadata
+    from assets_pipeline.training.reuse import output_views
+    from assets_pipeline.training.validation import step_views
+
+    return {
+        **{k: {"raw_value": v, "type": t}
+           for k, (t, v) in output_views(Path(job.output_dir), result["preview_md"]).items()},
+        # validation_steps: the strips per step and the chosen step's numbers (none without it)
+        **{k: {"raw_value": v, "type": t} for k, (t, v) in step_views(Path(job.output_dir)).items()},
+        "training_images": {"raw_value": _images_table(job), "type": "md"},
+        **shown_metadata({
+            **{k: result[k] for k in ("clip_t", "clip_i", "mean_abs_change_vs_base", "final_loss", "steps",
+                                      "lineage_sha256", "scorer_is_random")},
+            "resumed_from_step": state.resumed_from,
+            "base_model_family": job.base_model.family,
+            "reused": False,
+            # Speed of this training (None where not measured, e.g. a run of one step).
+            **{k: v for k, v in state.stats.items() if k in SPEED_KEYS and v is not None},
+        }),
+        "dagster/row_count": len(job.training_images),
+    }
 
 
 if __name__ == "__main__":

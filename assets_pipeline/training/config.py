@@ -191,6 +191,24 @@ class TrainConfig:
         return min(self.max_scaled_steps, max(self.min_train_steps, self.steps_per_image * num_images))
 
 
+BATCH_FIELDS = ("train_batch_size", "gradient_accumulation_steps")
+
+
+def batch_for_processes(cfg: TrainConfig, set_keys, num_processes: int) -> dict:
+    """Overrides that let ``num_processes`` data-parallel processes split the default effective batch
+    (``train_batch_size x gradient_accumulation_steps``, which each optimizer step averages over; 1 x 1 by default):
+    where the concept's section sets neither of :data:`BATCH_FIELDS` (``set_keys``: the keys it sets) and the
+    default does not divide by ``num_processes``, the accumulation steps grow to the least multiple that does
+    (1 x 1 on 2 processes: 1 x 2, one micro-batch per process and step, as diffusers' scripts run by default).
+    The chosen value is the job's config like any other (its identity, lineage.json). A batch the concept sets
+    is kept as set: one that cannot be split is refused by :func:`training.step.per_process_batch`."""
+    if num_processes <= 1 or set(BATCH_FIELDS) & set(set_keys):
+        return {}
+    effective = cfg.train_batch_size * cfg.gradient_accumulation_steps
+    factor = num_processes // math.gcd(effective, num_processes)
+    return {"gradient_accumulation_steps": cfg.gradient_accumulation_steps * factor} if factor > 1 else {}
+
+
 def quick_steps(num_images: int) -> int:
     """Step count for the embedded random-weight model: enough to exercise every path, quick on a CPU."""
     return max(4, min(8, 2 * math.ceil(num_images / 2)))

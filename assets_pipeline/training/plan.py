@@ -18,6 +18,7 @@ from assets_pipeline.models.resolve import BaseModelRef
 from assets_pipeline.paths import project_root
 from assets_pipeline.store import SPEC_SNAPSHOT, ArtifactLayout
 from assets_pipeline.tables import read_asset_table
+from assets_pipeline.training.config import batch_for_processes
 from assets_pipeline.training.job import DatasetSource, TrainingRow, TrainJob
 from assets_pipeline.training.methods import get_method
 from assets_pipeline.training.methods.base import TrainContext, TrainingInputError
@@ -38,6 +39,9 @@ class Launch:
     mixed_precision: str = "auto"
     performance: Performance = field(default_factory=Performance)
     log_with: str = ""
+    # Data-parallel processes. Not in the identity either; it only picks the batch of a concept that sets none
+    # (training/config.batch_for_processes), and that batch is in the config.
+    num_processes: int = 1
 
 
 def git_commit() -> str | None:
@@ -104,11 +108,25 @@ def dataset_source(layout: ArtifactLayout, data_root: Path, ref: BaseModelRef, c
     return DatasetSource(other, spec.token, spec.class_noun, repeats, str(latents)), rows
 
 
+def method_config(spec: ConceptSpec, method_name: str, n_images: int, quick: bool, launch: Launch = Launch(),
+                  overrides: dict | None = None):
+    """The resolved config of ``method_name`` for ``spec``'s concept: the method's defaults for ``n_images`` and
+    the base model (``quick``: the embedded random one), the concept's [method] overrides, then ``overrides``;
+    with several processes (``launch``), a batch they can split where neither of those sets one
+    (:func:`training.config.batch_for_processes`). A batch set that cannot be split is refused at launch."""
+    method = get_method(method_name)
+    cfg = spec.config(method.name, method.config_cls(**method.default_config(n_images, quick=quick)))
+    if overrides:
+        cfg = method.config_cls(**{**asdict(cfg), **overrides})
+    return replace(cfg, **batch_for_processes(cfg, {*spec.section(method.name), *(overrides or {})},
+                                              launch.num_processes))
+
+
 def plan_job(layout: ArtifactLayout, ref: BaseModelRef, spec: ConceptSpec, method_name: str, *, run_id: str,
              data_root: Path, launch: Launch = Launch(), scorer: dict | None = None,
              input_versions: dict | None = None, overrides: dict | None = None) -> TrainJob:
-    """The trainer's job for one concept and method: resolved config (method defaults for this dataset size and
-    base model, then the concept's [method] overrides, then ``overrides``), the exact training rows, lineage.
+    """The trainer's job for one concept and method: resolved config (:func:`method_config`), the exact training
+    rows, lineage.
     ``scorer``: the CLIP scorer's settings for validation (ClipScorerResource's model_name and pretrained)."""
     method = get_method(method_name)
     concept = spec.name
@@ -116,9 +134,7 @@ def plan_job(layout: ArtifactLayout, ref: BaseModelRef, spec: ConceptSpec, metho
     listed = spec.config(method.name, method.config_cls())  # the datasets it lists, before sizing steps
     sources = [dataset_source(layout, data_root, ref, concept, d, method.name) for d in getattr(listed, "datasets", ())]
     n_images = int((index["role"] == "instance").sum()) + sum(len(rows) for _, rows in sources)
-    cfg = spec.config(method.name, method.config_cls(**method.default_config(n_images, quick=ref.is_random)))
-    if overrides:
-        cfg = method.config_cls(**{**asdict(cfg), **overrides})
+    cfg = method_config(spec, method.name, n_images, ref.is_random, launch, overrides)
     rows = training_rows(layout, concept, method.batch_roles(cfg), control=method.name == "controlnet")
     if sources or getattr(cfg, "repeats", 1) != 1:  # each row names its concept and repeats (lineage, sampling)
         rows = [replace(r, concept=concept, repeats=cfg.repeats) for r in rows]

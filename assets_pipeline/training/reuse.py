@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from assets_pipeline.display import shown_metadata
 from assets_pipeline.hashing import digest, sha256_file
 from assets_pipeline.lineage import LINEAGE_FILE
 from assets_pipeline.store import ArtifactLayout
@@ -123,15 +124,16 @@ def find_reusable_version(asset_dir: Path, job: TrainJob, code_version: str, ski
 
 
 def reuse_metadata(reuse: Reuse) -> dict[str, Any]:
-    """Materialization metadata for a reused output besides its views: which run trained it, its key numbers."""
+    """Materialization metadata for a reused output besides its views: which run trained it, its key numbers
+    (rounded for display, as the trainer reported them)."""
     speed = reuse.metrics.get("training_speed") or {}
-    return {
+    return shown_metadata({
         "reused": True,
         "reused_from_run_id": reuse.lineage.get("run_id"),
         **{k: reuse.metrics[k] for k in KEY_NUMBERS if reuse.metrics.get(k) is not None},
         **({"images_per_s": speed["images_per_s"]} if speed.get("images_per_s") is not None else {}),
         "dagster/row_count": len(reuse.lineage.get("training_images", [])),
-    }
+    })
 
 
 def output_views(out: Path, grid_md: str | None = None) -> dict[str, tuple[str, Any]]:

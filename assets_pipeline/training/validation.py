@@ -24,6 +24,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from assets_pipeline.display import shown
+
 STEPS_DIR = "validation_steps"  # in the checkpoint folder while training, then in the output
 RECORDS = "records.json"
 BEST_DIR = "best"
@@ -291,5 +293,5 @@ def step_views(out: Path) -> dict[str, tuple[str, Any]]:
     if selected is not None:
         chosen = next(r for r in table["steps"] if r["step"] == selected)
         views["selected_step"] = ("int", selected)
-        views.update({f"selected_{k}": ("float", chosen[k]) for k in ("clip_t", "clip_i") if k in chosen})
+        views.update({f"selected_{k}": ("float", shown(chosen[k])) for k in ("clip_t", "clip_i") if k in chosen})
     return views

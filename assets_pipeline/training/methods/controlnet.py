@@ -30,6 +30,12 @@ class ControlNetConfig(TrainConfig):
 
 
 class ControlNetMethod(Method):
+    """ControlNet (Zhang et al. 2023): a trainable copy of the denoiser's encoder (of its first transformer
+    blocks for SD 3.x and Flux), joined through zero convolutions and conditioned on each photo's Canny edge
+    image (the control_images asset); the base model is frozen. Output: a ControlNet folder, which loads with
+    `ControlNetModel.from_pretrained(folder)` (`SD3ControlNetModel`, `FluxControlNetModel`) into the family's
+    ControlNet pipeline, e.g. `StableDiffusionControlNetPipeline`, given an edge image (`image`; `control_image`
+    for SD 3.x and Flux)."""
     name = "controlnet"
     asset_name = "controlnet_model"
     config_cls = ControlNetConfig

@@ -31,6 +31,11 @@ class DreamBoothConfig(TrainConfig):
 
 
 class DreamBoothMethod(Method):
+    """DreamBooth (Ruiz et al. 2022): the whole denoiser fine-tuned on the concept's photos captioned with its
+    token ("a photo of sks dog"), with the prior-preservation loss on the class_images asset's renders of the
+    class noun, so that "a photo of a dog" keeps meaning any dog. Output: a complete pipeline folder of the base
+    model's family (the base model's size), which loads with `StableDiffusionPipeline.from_pretrained(folder)`
+    (`StableDiffusionXLPipeline`, `StableDiffusion3Pipeline`, `FluxPipeline` for the other families)."""
     name = "dreambooth"
     asset_name = "dreambooth_model"
     config_cls = DreamBoothConfig

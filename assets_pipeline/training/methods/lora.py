@@ -216,6 +216,12 @@ def text_encoders_trained(family, cfg: LoraConfig) -> list:
 
 
 class LoraMethod(Method):
+    """A LoRA adapter (Hu et al. 2021) for the concept's token: small low-rank weights on the base model's
+    denoiser attention (the U-Net's, or the transformer's), optionally on its text encoders too; DoRA, LoHa and
+    LoKr through `[lora] variant`, and other concepts trained into the same adapter through `[[lora.datasets]]`.
+    Output (a few MB): `pytorch_lora_weights.safetensors`, which loads with `pipe.load_lora_weights(folder)` into
+    the base model's pipeline, and `kohya_lora.safetensors` for A1111 and ComfyUI (LoHa/LoKr: that file only,
+    with `peft_config.json`)."""
     name = "lora"
     asset_name = "lora_adapter"
     config_cls = LoraConfig

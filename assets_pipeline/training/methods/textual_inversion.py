@@ -51,6 +51,10 @@ def placeholder(ctx: TrainContext) -> str:
 
 
 class TextualInversionMethod(Method):
+    """Textual inversion (Gal et al. 2022): one new word, `<token>`, learned as an embedding row in each text
+    encoder; the base model itself is frozen. Prompt with `<token>`. Output (a few KB):
+    `learned_embeds.safetensors` (one per text encoder), which loads with `pipe.load_textual_inversion(file)`,
+    and `<concept>.safetensors` for A1111's and ComfyUI's embeddings folders."""
     name = "textual_inversion"
     asset_name = "textual_inversion_embedding"
     config_cls = TextualInversionConfig
