@@ -113,12 +113,12 @@ def test_lineage_image_finds_outputs_of_a_paths_earlier_content_and_of_a_removed
     ('[lora]\ntrain_text_encoder = "no"', "train_text_encoder = 'no' is str, expected a boolean"),
     ('[latents]\ncenter_crop = "false"', "[latents]: center_crop = 'false' is str, expected a boolean"),
     ("[dreambooth]\nrnak = 4", "[dreambooth]: unknown keys ['rnak']"),
-    ("[lora]\nrank = 0", "[lora]: rank must be >= 1"),
+    ("[lora]\nrank = 0", "[lora]: rank must be an integer in 1..3072, got 0"),
     ('[class_images]\ndtype = "fp8"', "[class_images]: [class_images] dtype = 'fp8' is invalid"),
     # LoRA variants (test_lora_variants.py)
     ('[lora]\nvariant = "lycoris"', "[lora]: variant must be one of 'lora', 'dora', 'loha', 'lokr', got 'lycoris'"),
     ('[lora]\nvariant = "loha"\ndropout = 0.1', "dropout = 0.1 applies to variant 'lora'/'dora' only"),
-    ("[lora]\nconv_rank = -1", "[lora]: conv_rank must be >= 0"),
+    ("[lora]\nconv_rank = -1", "[lora]: conv_rank must be an integer in 0..3072, got -1"),
     ("[lora]\nvariant = 3", "[lora]: variant = 3 is int, expected a string"),
 ])
 def test_concept_toml_values_are_type_checked_when_the_concept_is_read(data_root, section, expected):
