@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import uuid
@@ -74,6 +75,45 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
+
+
+# What a file that is not a regular file is, by its stat.S_IS* test (a folder is not "special": callers name it).
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                  (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def special_kind(mode: int) -> str | None:
+    """What a FIFO, socket or device is, in words, from its ``st_mode``; None for a regular file or a folder."""
+    return next((kind for test, kind in _SPECIAL_KINDS if test(mode)), None)
+
+
+class NotRegularFile(OSError):
+    """A path that is a FIFO, socket, device or folder where a regular file was expected; it was not opened."""
+
+    def __init__(self, path: Path, kind: str):
+        super().__init__(f"{path} is {kind}, not a regular file: not opened")
+        self.path = path
+        self.kind = kind
+
+
+def _kind(mode: int) -> str | None:
+    """None for a regular file, else what it is in words."""
+    if stat.S_ISREG(mode):
+        return None
+    return special_kind(mode) or ("a folder" if stat.S_ISDIR(mode) else "of an unknown file type")
+
+
+def read_regular_file(path: Path) -> bytes:
+    """The bytes of the regular file at ``path`` (links followed). Anything else raises :class:`NotRegularFile`
+    unopened: opening a FIFO to read blocks until a writer comes, and opening a device can act on it. The file is
+    opened non-blocking and checked again, so one swapped for a FIFO after the first check cannot hang the read.
+    Other failures (missing, a link loop, no permission) are the usual OSError."""
+    if kind := _kind(os.stat(path).st_mode):
+        raise NotRegularFile(path, kind)
+    with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+        if kind := _kind(os.fstat(f.fileno()).st_mode):
+            raise NotRegularFile(path, kind)
+        return f.read()
 
 
 @contextmanager
