@@ -116,6 +116,50 @@ def read_regular_file(path: Path) -> bytes:
         return f.read()
 
 
+class UnreadableFile(ValueError):
+    """A project file (a manifest, a pointer, a record) that cannot be read or is not what it should be. The
+    message names the file, what is wrong with it and what to do."""
+
+    def __init__(self, path: Path, why: str, remedy: str):
+        super().__init__(f"{path}: {why}; {remedy}")
+        self.path = Path(path)
+        self.why = why
+        self.remedy = remedy
+
+
+def read_text(path: Path, remedy: str) -> str:
+    """A project file's UTF-8 text, or :class:`UnreadableFile` naming it, why, and ``remedy`` (what to do)."""
+    try:
+        data = read_regular_file(path)
+    except NotRegularFile as e:
+        raise UnreadableFile(path, f"{e.kind}, not a regular file", remedy) from None
+    except OSError as e:
+        raise UnreadableFile(path, f"cannot be read ({e.strerror or e})", remedy) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UnreadableFile(path, f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})",
+                             remedy) from None
+
+
+def read_json(path: Path, remedy: str, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A project JSON file holding an object with (at least) ``keys``, or :class:`UnreadableFile` naming it,
+    what is wrong (unreadable, empty, cut short, not an object, keys missing) and ``remedy``."""
+    text = read_text(path, remedy)
+    if not text.strip():
+        raise UnreadableFile(path, "empty (a write that never finished, or a full disk)", remedy)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UnreadableFile(path, f"not valid JSON, damaged or cut short ({e})", remedy) from None
+    if not isinstance(obj, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(obj), "a number")
+        raise UnreadableFile(path, f"holds {kind}, expected a JSON object", remedy)
+    if missing := [k for k in keys if k not in obj]:
+        raise UnreadableFile(path, f"lacks the key(s) {missing}", remedy)
+    return obj
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` (a file) in one rename."""
@@ -321,7 +365,10 @@ class ArtifactLayout:
     def spec(self, concept: str) -> ConceptSpec:
         """The concept spec as ``raw_images`` captured it (``SPEC_SNAPSHOT``), so every asset of one build agrees
         on it."""
-        return ConceptSpec.from_json(json.loads((self.asset_dir(concept, "raw_images") / SPEC_SNAPSHOT).read_text()))
+        raw = read_json(self.asset_dir(concept, "raw_images") / SPEC_SNAPSHOT,
+                        f"rematerialize raw_images for concept {concept!r} to write it again",
+                        keys=("name", "token", "class_noun", "methods", "overrides"))
+        return ConceptSpec.from_json(raw)
 
     def cache(self, kind: str, ext: str) -> ItemCache:
         return ItemCache(self.root, kind, ext)
