@@ -7,11 +7,47 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
 from assets_pipeline.paths import project_root
+
+# Control characters (Unicode category Cc: C0, DEL, C1) and lone surrogates (an undecodable byte of a file name).
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def printable(text: object) -> str:
+    """``text`` as it may go to a terminal: control characters (ESC, BEL, NUL, newlines, ...) and lone surrogates
+    escaped as repr escapes them (``\\x1b``), the rest (accents, other scripts) as is. A caption or file name is
+    stored with its bytes; only what is printed is escaped, so no file can move the cursor, clear the screen or
+    retitle the terminal of whoever audits it."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+
+
+def _printable_table(table):
+    """Every text cell of ``table`` passed through :func:`printable`."""
+    return table.map(lambda v: printable(v) if isinstance(v, str) else v)
+
+
+def _json_records(table) -> str:
+    """``table`` as JSON records. pandas escapes every control character but DEL; that one too, so the JSON
+    printed holds none (the value read back is the same)."""
+    return table.to_json(orient="records").replace("\x7f", "\\u007f")
+
+
+class _Warnings:
+    """Prints each warning of a command to stderr, one line each, and counts them: a command that had to skip a
+    damaged record says so in its exit status (1)."""
+
+    def __init__(self, command: str):
+        self.command = command
+        self.count = 0
+
+    def __call__(self, message: str) -> None:
+        self.count += 1
+        print(f"assets-pipeline {self.command}: warning: {printable(message)}", file=sys.stderr)
 
 
 def _instance():
@@ -89,51 +125,65 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
+    """Exit status 0: answered; 1: answered, but a damaged record was skipped (a warning names it), so the answer
+    may be incomplete; 2: no answer (the one-line error says why)."""
     import pandas as pd
 
     from assets_pipeline.hashing import sha256_file
     from assets_pipeline.lineage import audit_output, is_sha256, outputs_trained_on, source_of
     from assets_pipeline.resources import PipelineStorage
     from assets_pipeline.retention import human_bytes, pruned_record
+    from assets_pipeline.store import UnreadableFile
 
     storage = PipelineStorage()
+    warn = _Warnings("lineage")
     pd.set_option("display.width", 200)
     pd.set_option("display.max_colwidth", 80)
     if args.direction == "output":
         try:
             table = audit_output(Path(args.target), storage.data_path())
-        except FileNotFoundError as e:
-            print(f"assets-pipeline lineage: {e}", file=sys.stderr)
+        except (FileNotFoundError, UnreadableFile) as e:
+            print(f"assets-pipeline lineage: {printable(e)}", file=sys.stderr)
             return 2
         # The concept of each photo, where the output was trained on several (LoRA's datasets).
         several = "concept" in table and table["concept"].nunique() > 1
         cols = [c for c in ("concept", "source_path", "image_sha256", "role", "status", "clip_score", "blur_variance",
                             "caption") if c in table and (c != "concept" or several)]
-        print(table[cols].to_string(index=False) if args.format == "table" else table.to_json(orient="records"))
+        print(_printable_table(table[cols]).to_string(index=False) if args.format == "table"
+              else _json_records(table))
         changed = table[table["status"].isin(["missing", "changed"])]
         if len(changed):
             print(f"\n{len(changed)} source photo(s) missing or changed since training", file=sys.stderr)
         target = Path(args.target)
-        if (pruned := pruned_record(target if target.is_dir() else target.parent)) is not None:
-            print(f"this output's weights were pruned on {pruned['pruned_at']} ({len(pruned['files'])} files, "
-                  f"{human_bytes(pruned['bytes'])}); its lineage is kept", file=sys.stderr)
-        return 0
+        try:
+            pruned = pruned_record(target if target.is_dir() else target.parent)
+        except UnreadableFile as e:
+            warn(f"{e}; whether this output's weights were pruned is unknown")
+            pruned = None
+        if pruned is not None:
+            print(f"this output's weights were pruned on {printable(pruned['pruned_at'])} ({len(pruned['files'])} "
+                  f"files, {human_bytes(pruned['bytes'])}); its lineage is kept", file=sys.stderr)
+        return 1 if warn.count else 0
     # image: by its content (a file, or a sha256) and, for a path under the data root, by that path's history.
     path = Path(args.target)
     sha = sha256_file(path) if path.is_file() else args.target.lower() if is_sha256(args.target) else None
     source = None if is_sha256(args.target) else source_of(path, storage.data_path())
     if sha is None and source is None:
-        print(f"assets-pipeline lineage: {args.target!r} is neither an existing file, a sha256, nor a path inside "
-              f"the data root {storage.data_path()}", file=sys.stderr)
+        print(f"assets-pipeline lineage: {printable(repr(args.target))} is neither an existing file, a sha256, nor a "
+              f"path inside the data root {printable(storage.data_path())}", file=sys.stderr)
         return 2
-    table = outputs_trained_on(storage.artifact_path(), sha, source)
-    print(table.to_string(index=False) if args.format == "table" else table.to_json(orient="records"))
+    table = outputs_trained_on(storage.artifact_path(), sha, source, warn=warn)
+    print(_printable_table(table).to_string(index=False) if args.format == "table" else _json_records(table))
     if table.empty:
         print("no trained output lists this image", file=sys.stderr)
     elif (table["match"] != "content").any():
-        print(f"{args.target}: this path's content changed since some outputs were trained on it (rows whose "
-              "match starts with 'path:')" if sha else f"{args.target} no longer exists; outputs trained on it "
-              "are listed", file=sys.stderr)
+        print(f"{printable(args.target)}: this path's content changed since some outputs were trained on it (rows "
+              "whose match starts with 'path:')" if sha else f"{printable(args.target)} no longer exists; outputs "
+              "trained on it are listed", file=sys.stderr)
+    if warn.count:
+        print(f"assets-pipeline lineage: {warn.count} damaged record(s) skipped (warnings above): outputs they "
+              "describe may be missing from this answer", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -222,7 +272,7 @@ def cmd_concept_remove(args: argparse.Namespace) -> int:
                 shutil.rmtree(layout.inside(path))
             elif why is None and not args.dry_run:
                 layout.inside(path).unlink()
-            print(f"{'kept' if why else verb:<12}  {path}  ({size}){f': {why}' if why else ''}")
+            print(f"{'kept' if why else verb:<12}  {printable(path)}  ({size}){f': {why}' if why else ''}")
         if concept_dir.is_dir() and all(why is None for _, why in plan):
             if not args.dry_run:
                 concept_dir.rmdir()
@@ -233,7 +283,7 @@ def cmd_concept_remove(args: argparse.Namespace) -> int:
             print(f"{verb:<12}  partition {name!r} of {concepts_partitions.name!r} (its run history stays)")
     if (layout.root / "cache").is_dir():
         print(f"{'kept':<12}  {layout.root / 'cache'}: content-addressed caches are shared between concepts")
-    for other in listed_by(storage, name):
+    for other in listed_by(storage, name, _Warnings("concept remove")):
         print(f"note: concept {other!r} trains {name!r} into its LoRA ([[lora.datasets]] in {other}/concept.toml): "
               "its next training is refused until that entry is removed; its current output is kept",
               file=sys.stderr)
@@ -242,28 +292,36 @@ def cmd_concept_remove(args: argparse.Namespace) -> int:
     return 0
 
 
-def listed_by(storage, name: str) -> list[str]:
-    """The concepts whose concept.toml, as their last ingest read it, lists ``name`` in [[lora.datasets]]."""
+def listed_by(storage, name: str, warn) -> list[str]:
+    """The concepts whose concept.toml, as their last ingest read it, lists ``name`` in [[lora.datasets]]; a
+    damaged snapshot is skipped with a warning (``warn``) naming it."""
     from assets_pipeline.assets.common import spec_from_snapshot
-    from assets_pipeline.store import SPEC_SNAPSHOT
+    from assets_pipeline.store import SPEC_SNAPSHOT, UnreadableFile
 
     out = []
     for snapshot in sorted((storage.artifact_path() / "concepts").glob(f"*/raw_images/{SPEC_SNAPSHOT}")):
         other = snapshot.parent.parent.name
-        datasets = spec_from_snapshot(storage, other).section("lora").get("datasets", [])
+        try:
+            datasets = spec_from_snapshot(storage, other).section("lora").get("datasets", [])
+        except UnreadableFile as e:
+            warn(f"{e}; whether concept {other!r} trains {name!r} into its LoRA is unknown")
+            continue
         if any(isinstance(d, dict) and d.get("concept") == name for d in datasets):
             out.append(other)
     return out
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    """Apply the retention policy to every model asset of every concept (what each training does for its own)."""
-    from assets_pipeline.training.reuse import current_output
+    """Apply the retention policy to every model asset of every concept (what each training does for its own).
+    Exit status 1 when a damaged record (a warning names it) kept some versions from being considered."""
+    from assets_pipeline.lineage import current_version
     from assets_pipeline.resources import PipelineStorage
     from assets_pipeline.retention import human_bytes, prune_asset
+    from assets_pipeline.store import UnreadableFile
     from assets_pipeline.training.methods import get_method, method_names
 
     storage = PipelineStorage()
+    warn = _Warnings("prune")
     keep = args.keep if args.keep is not None else storage.keep_weight_versions
     if keep < 1:
         print(f"assets-pipeline prune: --keep {keep}: at least 1 (the current version is always kept)",
@@ -273,14 +331,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
     total = 0
     for concept in sorted(p.name for p in concepts.iterdir() if p.is_dir()) if concepts.is_dir() else []:
         for name in method_names():
-            asset = get_method(name).asset_name
-            current = current_output(storage.layout(), concept, asset)
-            for p in prune_asset(storage.layout().asset_dir(concept, asset), current, keep, dry_run=args.dry_run):
+            asset_dir = storage.layout().asset_dir(concept, get_method(name).asset_name)
+            try:
+                current = current_version(asset_dir)
+            except UnreadableFile as e:  # which version must keep its weights is unknown: none is pruned
+                warn(f"{e}; until then no version of {asset_dir} is pruned")
+                continue
+            for p in prune_asset(asset_dir, current, keep, dry_run=args.dry_run, warn=warn):
                 total += p.bytes
-                print(f"{'would prune' if args.dry_run else 'pruned'}  {p.folder}  ({len(p.files)} weights files, "
-                      f"{human_bytes(p.bytes)})")
+                print(f"{'would prune' if args.dry_run else 'pruned'}  {printable(p.folder)}  ({len(p.files)} weights "
+                      f"files, {human_bytes(p.bytes)})")
     print(f"{'would free' if args.dry_run else 'freed'} {human_bytes(total)}; newest {keep} version(s) of each "
           "output keep their weights, every version keeps its lineage")
+    if warn.count:
+        print(f"assets-pipeline prune: {warn.count} damaged record(s) skipped (warnings above)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -335,8 +400,14 @@ def main(argv: list[str] | None = None) -> int:
     free.add_argument("--force", action="store_true",
                       help="the run is still STARTED but its process is gone: mark it failed, then free its slots")
     args = parser.parse_args(argv)
-    return {"demo": cmd_demo, "lineage": cmd_lineage, "concept": cmd_concept_remove,
-            "prune": cmd_prune, "slots": cmd_slots}[args.command](args)
+    from assets_pipeline.store import UnreadableFile
+
+    try:
+        return {"demo": cmd_demo, "lineage": cmd_lineage, "concept": cmd_concept_remove,
+                "prune": cmd_prune, "slots": cmd_slots}[args.command](args)
+    except UnreadableFile as e:  # a project file the command needs: one line naming it and what to do
+        print(f"assets-pipeline {args.command}: {printable(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

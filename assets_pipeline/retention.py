@@ -8,14 +8,15 @@ never are. A pruned folder gets a ``PRUNED.json`` saying when and what was remov
 
 from __future__ import annotations
 
-import json
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from assets_pipeline.lineage import LINEAGE_FILE, PRUNED_FILE
-from assets_pipeline.store import write_json_atomic
+from assets_pipeline.lineage import LINEAGE_FILE, PRUNED_FILE, Warn, read_manifest
+from assets_pipeline.store import UnreadableFile, read_json, write_json_atomic
 
+log = logging.getLogger(__name__)
 DEFAULT_KEEP = 2  # the current version and the one before it: enough to roll back one retrain
 
 
@@ -27,8 +28,13 @@ class Pruned:
 
 
 def pruned_record(folder: Path) -> dict | None:
+    """The record of a version whose weights were pruned, None for one never pruned; a damaged record is
+    :class:`UnreadableFile` naming it and what to do."""
     path = Path(folder) / PRUNED_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.exists() and not path.is_symlink():
+        return None
+    return read_json(path, "restore it from a backup, or delete it: `assets-pipeline prune` then records this "
+                     "version again, without the original date and size", keys=("pruned_at", "files", "bytes"))
 
 
 def versions(asset_dir: Path) -> list[Path]:
@@ -39,11 +45,13 @@ def versions(asset_dir: Path) -> list[Path]:
                   if p.is_dir() and not p.name.startswith(".") and (p / LINEAGE_FILE).is_file())
 
 
-def prune_asset(asset_dir: Path, current: Path | None, keep: int = DEFAULT_KEEP, dry_run: bool = False) -> list[Pruned]:
+def prune_asset(asset_dir: Path, current: Path | None, keep: int = DEFAULT_KEEP, dry_run: bool = False,
+                warn: Warn = log.warning) -> list[Pruned]:
     """Delete the weights of every version older than the newest ``keep``, never ``current``'s.
 
     The weights are the files the version's ``lineage.json`` lists under ``weights`` (the files the output was
-    trained into, whatever the method's layout); a diffusers folder left empty by that is removed too.
+    trained into, whatever the method's layout); a diffusers folder left empty by that is removed too. A version
+    whose ``lineage.json`` or ``PRUNED.json`` is damaged keeps its weights, with a warning (``warn``) naming it.
     """
     if keep < 1:
         raise ValueError(f"keep = {keep}: at least the newest version's weights must be kept (keep >= 1)")
@@ -52,9 +60,13 @@ def prune_asset(asset_dir: Path, current: Path | None, keep: int = DEFAULT_KEEP,
     for folder in found[:-keep]:
         if current is not None and folder.resolve() == Path(current).resolve():
             continue
-        if pruned_record(folder) is not None:
+        try:
+            if pruned_record(folder) is not None:
+                continue
+            manifest = read_manifest(folder)
+        except UnreadableFile as e:
+            warn(f"{e}; until then the weights of {folder.name} are not pruned")
             continue
-        manifest = json.loads((folder / LINEAGE_FILE).read_text())
         files = [rel for rel in sorted(manifest.get("weights", {})) if (folder / rel).is_file()]
         size = sum((folder / rel).stat().st_size for rel in files)
         if not dry_run:

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import uuid
@@ -77,6 +78,89 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
+
+
+# What a file that is not a regular file is, by its stat.S_IS* test (a folder is not "special": callers name it).
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                  (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def special_kind(mode: int) -> str | None:
+    """What a FIFO, socket or device is, in words, from its ``st_mode``; None for a regular file or a folder."""
+    return next((kind for test, kind in _SPECIAL_KINDS if test(mode)), None)
+
+
+class NotRegularFile(OSError):
+    """A path that is a FIFO, socket, device or folder where a regular file was expected; it was not opened."""
+
+    def __init__(self, path: Path, kind: str):
+        super().__init__(f"{path} is {kind}, not a regular file: not opened")
+        self.path = path
+        self.kind = kind
+
+
+def _kind(mode: int) -> str | None:
+    """None for a regular file, else what it is in words."""
+    if stat.S_ISREG(mode):
+        return None
+    return special_kind(mode) or ("a folder" if stat.S_ISDIR(mode) else "of an unknown file type")
+
+
+def read_regular_file(path: Path) -> bytes:
+    """The bytes of the regular file at ``path`` (links followed). Anything else raises :class:`NotRegularFile`
+    unopened: opening a FIFO to read blocks until a writer comes, and opening a device can act on it. The file is
+    opened non-blocking and checked again, so one swapped for a FIFO after the first check cannot hang the read.
+    Other failures (missing, a link loop, no permission) are the usual OSError."""
+    if kind := _kind(os.stat(path).st_mode):
+        raise NotRegularFile(path, kind)
+    with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+        if kind := _kind(os.fstat(f.fileno()).st_mode):
+            raise NotRegularFile(path, kind)
+        return f.read()
+
+
+class UnreadableFile(ValueError):
+    """A project file (a manifest, a pointer, a record) that cannot be read or is not what it should be. The
+    message names the file, what is wrong with it and what to do."""
+
+    def __init__(self, path: Path, why: str, remedy: str):
+        super().__init__(f"{path}: {why}; {remedy}")
+        self.path = Path(path)
+        self.why = why
+        self.remedy = remedy
+
+
+def read_text(path: Path, remedy: str) -> str:
+    """A project file's UTF-8 text, or :class:`UnreadableFile` naming it, why, and ``remedy`` (what to do)."""
+    try:
+        data = read_regular_file(path)
+    except NotRegularFile as e:
+        raise UnreadableFile(path, f"{e.kind}, not a regular file", remedy) from None
+    except OSError as e:
+        raise UnreadableFile(path, f"cannot be read ({e.strerror or e})", remedy) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UnreadableFile(path, f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})",
+                             remedy) from None
+
+
+def read_json(path: Path, remedy: str, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A project JSON file holding an object with (at least) ``keys``, or :class:`UnreadableFile` naming it,
+    what is wrong (unreadable, empty, cut short, not an object, keys missing) and ``remedy``."""
+    text = read_text(path, remedy)
+    if not text.strip():
+        raise UnreadableFile(path, "empty (a write that never finished, or a full disk)", remedy)
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UnreadableFile(path, f"not valid JSON, damaged or cut short ({e})", remedy) from None
+    if not isinstance(obj, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(obj), "a number")
+        raise UnreadableFile(path, f"holds {kind}, expected a JSON object", remedy)
+    if missing := [k for k in keys if k not in obj]:
+        raise UnreadableFile(path, f"lacks the key(s) {missing}", remedy)
+    return obj
 
 
 @contextmanager
@@ -346,7 +430,10 @@ class ArtifactLayout:
     def spec(self, concept: str) -> ConceptSpec:
         """The concept spec as ``raw_images`` captured it (``SPEC_SNAPSHOT``), so every asset of one build agrees
         on it."""
-        return ConceptSpec.from_json(json.loads((self.asset_dir(concept, "raw_images") / SPEC_SNAPSHOT).read_text()))
+        raw = read_json(self.asset_dir(concept, "raw_images") / SPEC_SNAPSHOT,
+                        f"rematerialize raw_images for concept {concept!r} to write it again",
+                        keys=("name", "token", "class_noun", "methods", "overrides"))
+        return ConceptSpec.from_json(raw)
 
     def cache(self, kind: str, ext: str) -> ItemCache:
         return ItemCache(self.root, kind, ext)

@@ -5,6 +5,7 @@ roots."""
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,113 @@ def test_well_typed_overrides_pass_and_ints_are_valid_floats(data_root):
                                          '[class_images]\nbatch_size = "auto"\ncompile = true\n')
     spec = load_concept_spec(folder)
     assert spec.section("lora") == {"rank": 8, "learning_rate": 1, "alpha": 4}
+
+
+def _control_characters(text: str) -> list[str]:
+    """The control characters (Unicode category Cc) of printed text, its line breaks aside."""
+    return [c for c in text if unicodedata.category(c) == "Cc" and c != "\n"]
+
+
+def test_lineage_never_prints_the_control_characters_of_a_caption_or_file_name(audit_world, capsys):
+    """Issue 28, point 10: ESC, BEL and NUL in a sidecar caption were kept, and `lineage output` printed them raw
+    (a caption could clear the screen or retitle the terminal of whoever audits it). Printed, they are escaped as
+    repr escapes them; the manifest keeps them, and the JSON output reads back to the same text."""
+    from assets_pipeline.cli import main
+
+    _, _, old, _ = audit_world
+    caption = "a photo of sks\x1b[2J\x1b]0;owned\x07 dog\x00\x7f\x9b"
+    name = "gone\x1b[31m.jpg"
+    manifest = json.loads((old / "lineage.json").read_text())
+    manifest["training_images"][0]["caption"] = caption
+    manifest["training_images"][1]["source_path"] = name
+    (old / "lineage.json").write_text(json.dumps(manifest))
+
+    assert main(["lineage", "output", str(old)]) == 0
+    out = capsys.readouterr()
+    assert _control_characters(out.out + out.err) == []
+    assert "a photo of sks\\x1b[2J\\x1b]0;owned\\x07 dog\\x00\\x7f\\x9b" in out.out
+    assert "gone\\x1b[31m.jpg" in out.out
+    assert main(["lineage", "output", str(old), "--format", "json"]) == 0
+    out = capsys.readouterr()
+    assert _control_characters(out.out + out.err) == []
+    rows = json.loads(out.out)
+    assert (rows[0]["caption"], rows[1]["source_path"]) == (caption, name)
+    assert main(["lineage", "image", "2" * 64]) == 0
+    out = capsys.readouterr()
+    assert _control_characters(out.out + out.err) == [] and "gone\\x1b[31m.jpg" in out.out
+    assert json.loads((old / "lineage.json").read_text())["training_images"][0]["caption"] == caption
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda text: text[: len(text) // 2], "not valid JSON, damaged or cut short"),
+    (lambda text: "", "empty"),
+    (lambda text: "[]", "holds an array, expected a JSON object"),
+    (lambda text: '{"concept": "dog"}', "lacks the key(s) ['method', 'training_images']"),
+], ids=["truncated", "empty", "a_list", "keys_missing"])
+def test_a_damaged_lineage_json_is_skipped_with_a_warning_and_the_other_outputs_still_answer(
+        audit_world, capsys, damage, why):
+    """Issue 28, point 11: one truncated lineage.json broke `lineage image` for every photo (a traceback). It is
+    now left out with a warning naming it and what to do, the others answer, and the exit status (1) says the
+    answer may be incomplete; `lineage output` on the damaged output is a one-line error."""
+    from assets_pipeline.cli import main
+
+    _, _, old, _ = audit_world
+    damaged = _manifest(old.parent / "v3", "dog", [{"image_sha256": "1" * 64, "source_path": "a.jpg"}])
+    path = damaged / "lineage.json"
+    path.write_text(damage(path.read_text()))
+    assert main(["lineage", "image", "1" * 64, "--format", "json"]) == 1
+    out = capsys.readouterr()
+    assert [r["output"] for r in json.loads(out.out)] == [str(old)]
+    warning, summary = out.err.strip().splitlines()
+    assert warning.startswith(f"assets-pipeline lineage: warning: {path}: {why}")
+    assert "restore it from a backup" in warning and "this output is left out" in warning
+    assert "1 damaged record(s) skipped" in summary and "may be missing from this answer" in summary
+    assert main(["lineage", "output", str(damaged)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"assets-pipeline lineage: {path}: {why}") and "\n" not in err
+
+
+def test_a_damaged_current_json_leaves_current_unknown_in_lineage_image(audit_world, capsys):
+    """Issue 28, point 11: a truncated current.json broke `lineage image` (a traceback). The outputs are listed,
+    `current` is unknown (null) for that asset's, and a warning names the file and how to rewrite it."""
+    from assets_pipeline.cli import main
+
+    _, _, old, _ = audit_world
+    pointer = old.parent / "current.json"
+    pointer.write_text('{"path": "v')
+    assert main(["lineage", "image", "1" * 64, "--format", "json"]) == 1
+    out = capsys.readouterr()
+    assert [(r["output"], r["current"]) for r in json.loads(out.out)] == [(str(old), None)]
+    warning = out.err.splitlines()[0]
+    assert warning.startswith(f"assets-pipeline lineage: warning: {pointer}: not valid JSON")
+    assert "rematerialize lora_adapter for concept 'dog'" in warning and "which version of it is current" in warning
+    pointer.write_text(json.dumps({"path": old.name}))
+    assert main(["lineage", "image", "1" * 64, "--format", "json"]) == 0
+    assert [r["current"] for r in json.loads(capsys.readouterr().out)] == [True]
+
+
+def test_a_concept_toml_that_is_not_utf8_or_not_a_file_names_the_file_and_the_concept(data_root):
+    """Issue 28, point 11: a concept.toml saved as Latin-1 gave a bare UnicodeDecodeError naming neither the file
+    nor the concept; one that is a FIFO was reported missing. Both now say which file, what is wrong and what to
+    do, where the concept is read (raw_images) and by the folder sensor's scan."""
+    import os
+
+    from assets_pipeline.partitions.concept_spec import load_concept_spec
+    from assets_pipeline.partitions.discovery import scan_concepts
+
+    folder = data_root / "dog"
+    folder.mkdir()
+    spec = folder / "concept.toml"
+    text = 'token = "sks"\nclass_noun = "chien de berger fran\xe7ais"\n'
+    spec.write_bytes(text.encode("latin-1"))
+    offset = text.index("\xe7")
+    with pytest.raises(ConceptSpecError) as e:
+        load_concept_spec(folder)
+    message = str(e.value)
+    assert message.startswith(f"concept 'dog': {spec}: not UTF-8 text (byte 0xe7 at offset {offset})")
+    assert "re-save it as UTF-8" in message
+    assert scan_concepts(data_root).invalid == {"dog": f"concept.toml is not usable: {message}"}
+    spec.unlink()
+    os.mkfifo(spec)
+    with pytest.raises(ConceptSpecError, match=r"concept.toml: a named pipe \(FIFO\), not a regular file; make it"):
+        load_concept_spec(folder)

@@ -184,6 +184,79 @@ def test_dangling_symlink_is_a_reject_not_a_crash(data_root, image_cache):
     assert list(res.manifest["source_path"]) == ["good.png"]
 
 
+def test_fifo_and_socket_are_rejected_unopened(data_root, image_cache):
+    """Issue 28, point 9: a FIFO named pipe.jpg hung raw_images forever (reading it waits for a writer). Now a
+    FIFO or a socket is a reject with its reason, never opened: a watcher that would feed any reader of the FIFOs
+    (and so unblock the old code, to fail here rather than hang) finds none."""
+    import socket
+    import threading
+
+    folder = write_concept(data_root, "c", {"good.png": GOOD})
+    fifos = [folder / "pipe.jpg", folder / "pipe.txt"]
+    for fifo in fifos:
+        os.mkfifo(fifo)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(folder / "sock.png"))
+    fed, stop = [], threading.Event()
+
+    def feed_readers():  # opening a FIFO to write, non-blocking, succeeds only while someone has it open to read
+        while not stop.is_set():
+            for fifo in fifos:
+                try:
+                    fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                except OSError:
+                    continue
+                fed.append(fifo.name)
+                os.write(fd, b"hello")
+                os.close(fd)
+            stop.wait(0.01)
+
+    watcher = threading.Thread(target=feed_readers, daemon=True)
+    watcher.start()
+    try:
+        res = ingest(folder, data_root, image_cache)
+    finally:
+        stop.set()
+        watcher.join()
+        sock.close()
+    assert fed == []
+    assert codes(res) == {"pipe.jpg": "special_file", "pipe.txt": "special_file", "sock.png": "special_file"}
+    reasons = dict(zip(res.rejects["source_path"], res.rejects["reason"]))
+    assert reasons["pipe.jpg"].startswith("a named pipe (FIFO), not a regular file: not opened")
+    assert reasons["sock.png"].startswith("a socket, not a regular file: not opened")
+    assert list(res.manifest["source_path"]) == ["good.png"]
+
+
+def test_symlink_loops_are_rejected_not_a_crash(data_root, image_cache):
+    """Issue 28, point 9: a symbolic link loop failed the whole step (RuntimeError: Symlink loop)."""
+    folder = write_concept(data_root, "c", {"good.png": GOOD})
+    (folder / "self.jpg").symlink_to(folder / "self.jpg")
+    (folder / "ping.png").symlink_to(folder / "pong.png")
+    (folder / "pong.png").symlink_to(folder / "ping.png")
+    (folder / "loop.txt").symlink_to(folder / "loop.txt")
+    res = ingest(folder, data_root, image_cache)
+    assert codes(res) == {"self.jpg": "symlink_loop", "ping.png": "symlink_loop", "pong.png": "symlink_loop",
+                          "loop.txt": "symlink_loop"}
+    assert all(r.startswith("symbolic link loop (Too many levels of symbolic links): not read")
+               for r in res.rejects["reason"])
+    assert list(res.manifest["source_path"]) == ["good.png"]
+
+
+def test_a_device_is_rejected_unopened(tmp_path, image_cache, monkeypatch):
+    """A link to a device (here /dev/null, inside a data root of '/') is named as one and never opened."""
+    folder = write_concept(tmp_path / "data", "c", {"good.png": GOOD})
+    (folder / "null.png").symlink_to("/dev/null")
+    opened: list[str] = []
+    real_os_open = os.open
+    monkeypatch.setattr(os, "open", lambda path, *a, **kw: opened.append(str(path)) or real_os_open(path, *a, **kw))
+    res = ingest(folder, Path("/"), image_cache)
+    monkeypatch.undo()
+    assert codes(res) == {"null.png": "special_file"}
+    assert res.rejects["reason"][0].startswith("a character device, not a regular file: not opened")
+    assert str(folder / "null.png") not in opened and "/dev/null" not in opened
+    assert str(folder / "good.png") in opened  # the spy sees the reads ingest makes
+
+
 # ---- unusual but valid images decode correctly -----------------------------------------------------------------
 
 

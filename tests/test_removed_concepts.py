@@ -123,6 +123,18 @@ def test_removing_a_concept_another_lora_lists_says_so(home, capsys):
     assert "concept 'other' trains 'rusty' into its LoRA ([[lora.datasets]] in other/concept.toml)" in err
 
 
+def test_a_damaged_snapshot_of_another_concept_is_a_warning_after_the_removal(home, capsys):
+    """Issue 28, point 11: whether another concept's LoRA lists the removed one is read from its raw_images
+    snapshot; a damaged one is a warning naming it (and what to do), not a traceback after the removal."""
+    snapshot_path = home["art"] / "concepts" / "other" / "raw_images" / "concept.json"
+    snapshot_path.write_text('{"name": "other", "tok')
+    assert remove("rusty") == 0
+    assert partitions() == ["other"]
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"assets-pipeline concept remove: warning: {snapshot_path}: not valid JSON")
+    assert "rematerialize raw_images for concept 'other'" in err and "\n" not in err
+
+
 def test_dry_run_removes_nothing(home, capsys):
     before = snapshot(home["art"])
     assert remove("rusty", "--with-trained-outputs", "--dry-run") == 0

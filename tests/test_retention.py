@@ -91,3 +91,46 @@ def test_cli_prunes_every_output_and_lineage_marks_pruned_versions(asset_dir, mo
     assert "a.png" in captured.out and "weights were pruned" in captured.err
     assert (first / PRUNED_FILE).is_file()
     assert main(["prune", "--keep", "0"]) == 2
+
+
+def test_a_version_with_a_damaged_record_keeps_its_weights_and_the_others_are_pruned(asset_dir):
+    """Issue 28, point 11: a damaged lineage.json or PRUNED.json of one version is skipped with a warning naming
+    it; the other versions are pruned as usual."""
+    old = versions(asset_dir)
+    (old[0] / "lineage.json").write_text('{"concept": "rex", "weig')
+    (old[1] / PRUNED_FILE).write_text("")
+    warnings: list[str] = []
+    pruned = prune_asset(asset_dir, current=old[-1], keep=1, warn=warnings.append)
+    assert [p.folder for p in pruned] == [old[2]]
+    assert [len(list(f.rglob("*.safetensors"))) for f in old] == [2, 2, 0, 2]
+    assert len(warnings) == 2
+    assert warnings[0].startswith(f"{old[0] / 'lineage.json'}: not valid JSON, damaged or cut short")
+    assert "restore it from a backup" in warnings[0] and f"the weights of {old[0].name} are not pruned" in warnings[0]
+    assert warnings[1].startswith(f"{old[1] / PRUNED_FILE}: empty") and "or delete it" in warnings[1]
+
+
+def test_prune_skips_an_output_whose_current_json_is_damaged_and_prunes_the_others(asset_dir, monkeypatch, capsys):
+    """Issue 28, point 11: a truncated current.json broke `prune` (a traceback). Which version must keep its
+    weights is unknown, so none of that output's is pruned, with a warning naming the file and what to do; the
+    other outputs are pruned, and the exit status (1) says something was skipped."""
+    from assets_pipeline.cli import main
+
+    root = asset_dir.parents[2]
+    other = asset_dir.parent / "dreambooth_model"
+    for stamp in ("20261101T000000Z", "20261102T000000Z", "20261103T000000Z"):
+        make_version(other, stamp)
+    (other / "current.json").write_text(json.dumps({"path": versions(other)[-1].name}))
+    pointer = asset_dir / "current.json"
+    pointer.write_text('{"path": "2026')
+    monkeypatch.setenv("ASSETS_PIPELINE_ARTIFACTS", str(root))
+    monkeypatch.setenv("ASSETS_PIPELINE_DATA", str(root.parent / "data"))
+    assert main(["prune", "--keep", "1"]) == 1
+    out = capsys.readouterr()
+    assert [pruned_record(f) is not None for f in versions(other)] == [True, True, False]
+    assert not any(pruned_record(f) for f in versions(asset_dir))
+    assert all(len(list(f.rglob("*.safetensors"))) == 2 for f in versions(asset_dir))
+    warning, summary = out.err.strip().splitlines()
+    assert warning.startswith(f"assets-pipeline prune: warning: {pointer}: not valid JSON, damaged or cut short")
+    assert "rematerialize lora_adapter for concept 'rex'" in warning and "no version of" in warning
+    assert "1 damaged record(s) skipped" in summary
+    assert out.out.count("pruned  ") == 2

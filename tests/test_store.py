@@ -61,3 +61,37 @@ def test_table_version_ignores_row_order_and_unlisted_columns():
     assert table_version(a, ["image_sha256", "caption"]) == table_version(b, ["image_sha256", "caption"])
     c = a.assign(caption=["x", "z"])
     assert table_version(a, ["image_sha256", "caption"]) != table_version(c, ["image_sha256", "caption"])
+
+
+@pytest.mark.parametrize("content, why", [
+    (b'{"path": "2026', "not valid JSON, damaged or cut short (Unterminated string"),
+    (b"", "empty (a write that never finished, or a full disk)"),
+    (b"  \n", "empty"),
+    (b"null", "holds null, expected a JSON object"),
+    (b'{"other": 1}', "lacks the key(s) ['path']"),
+    (b'{"path": "caf\xe9"}', "not UTF-8 text (byte 0xe9 at offset 13)"),
+    (None, "cannot be read (No such file or directory)"),
+    ("fifo", "a named pipe (FIFO), not a regular file"),
+    ("folder", "a folder, not a regular file"),
+], ids=["truncated", "empty", "blank", "null", "key_missing", "not_utf8", "missing", "fifo", "folder"])
+def test_read_json_names_the_file_what_is_wrong_and_what_to_do(tmp_path, content, why):
+    """Issue 28, point 11: the one reader of the project's JSON records. Every failure is an UnreadableFile whose
+    message is '<file>: <what is wrong>; <remedy>'; a FIFO is never opened (it would block)."""
+    import os
+
+    from assets_pipeline.store import UnreadableFile, read_json
+
+    path = tmp_path / "current.json"
+    if content == "fifo":
+        os.mkfifo(path)
+    elif content == "folder":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(UnreadableFile) as e:
+        read_json(path, "write it again", keys=("path",))
+    assert str(e.value).startswith(f"{path}: {why}") and str(e.value).endswith("; write it again")
+    assert e.value.path == path and isinstance(e.value, ValueError)
+    path.rmdir() if content == "folder" else path.unlink(missing_ok=True)
+    path.write_text('\ufeff{"path": "v1", "run_id": "r"}')  # a byte order mark, as some editors save, is fine
+    assert read_json(path, "write it again", keys=("path",)) == {"path": "v1", "run_id": "r"}

@@ -591,3 +591,33 @@ def test_a_second_run_of_a_job_in_training_waits_without_its_slot_and_reuses_tha
     logged = [e.user_message for e in demo_build.instance.all_logs(res.run_id)]
     assert any("run first-run is training this same job" in m and "gives its gpu slot back" in m for m in logged)
     assert json.loads(pointer.read_text())["path"] == current.name
+
+
+def test_a_damaged_current_json_is_recovered_as_a_lost_one(demo_build):
+    """Issue 28, point 11: a truncated current.json failed the model asset with a bare JSONDecodeError. It is now
+    a warning naming the file, and recovered as a lost one is: the intact kept output of the identical job is made
+    current again, no training."""
+    import dagster as dg
+
+    from assets_pipeline.definitions import ASSETS, CHECKS
+    from assets_pipeline.resources import TrainerLauncher
+
+    class NoTraining(TrainerLauncher):
+        def launch(self, context, job_path):
+            raise AssertionError(f"trained although an identical output is kept ({job_path})")
+
+    pointer = demo_build.artifacts / "concepts" / demo_build.concept / "lora_adapter" / "current.json"
+    named = json.loads(pointer.read_text())["path"]
+    pointer.write_text(pointer.read_text()[:12])
+    res = dg.materialize([*ASSETS, *CHECKS], selection=dg.AssetSelection.assets("lora_adapter"),
+                         partition_key=demo_build.concept, instance=demo_build.instance,
+                         resources={**demo_build.resources, "trainer": NoTraining(device="cpu")})
+    assert res.success
+    mat = res.get_asset_materialization_events()[0].materialization
+    assert mat.metadata["reused"].value is True and mat.metadata["path"].value.endswith(named)
+    assert json.loads(pointer.read_text()) == {"path": named, "run_id": res.run_id}
+    logged = [entry.user_message for entry in demo_build.instance.all_logs(res.run_id)]
+    assert any(m.startswith(f"{pointer}: not valid JSON, damaged or cut short") and "this run rewrites it" in m
+               for m in logged)
+    assert any(f"{pointer} is damaged (not valid JSON" in m and f"{named}, kept among the versions" in m
+               for m in logged)

@@ -6,6 +6,7 @@ import json
 import dagster as dg
 
 from assets_pipeline.display import shown
+from assets_pipeline.lineage import read_manifest
 from assets_pipeline.partitions.definitions import concepts_partitions
 from assets_pipeline.resources import AcceleratorResource, BaseModelResource, PipelineStorage
 from assets_pipeline.training.methods import get_method, method_names
@@ -77,7 +78,7 @@ def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
         layout = storage.layout()
         spec = layout.spec(concept)
         ref = base_model.resolve(layout.root, spec)
-        manifest = json.loads((out / "lineage.json").read_text())
+        manifest = read_manifest(out)
         ctx = render_context(layout, spec, manifest["base_model"], control=method.name == "controlnet")
         controls = ctx.extra["control_paths"]
         device = accelerator.torch_device()
@@ -108,7 +109,7 @@ def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
 
         concept = context.partition_key
         out = _output(storage, concept)
-        manifest = json.loads((out / "lineage.json").read_text())
+        manifest = read_manifest(out)
         cfg = method.config_cls(**manifest["method_config"])
         layout = storage.layout()
         expected = [{**asdict(r), "concept": concept}

@@ -16,7 +16,7 @@ from assets_pipeline.partitions.definitions import concepts_partitions
 from assets_pipeline.retention import human_bytes, prune_asset
 from assets_pipeline.resources import BaseModelResource, ClipScorerResource, PipelineStorage, TrainerLauncher
 from assets_pipeline.resources.run_watch import ensure_run_active
-from assets_pipeline.store import write_json_atomic
+from assets_pipeline.store import UnreadableFile, write_json_atomic
 from assets_pipeline.training.checkpoints import lock_holder, lock_path
 from assets_pipeline.training.methods import get_method, method_names
 from assets_pipeline.training.plan import CODE_VERSION, plan_job, train_context
@@ -125,8 +125,16 @@ def build_model_asset(method_name: str) -> dg.AssetsDefinition:
         context.add_asset_metadata({"method_config": dg.MetadataValue.json(asdict(job.config))})
         if job.datasets:
             context.add_asset_metadata({"datasets": dg.MetadataValue.md(datasets_table(job))})
-        previous = current_output(layout, concept, method.asset_name)
+        try:
+            previous = current_output(layout, concept, method.asset_name)
+            damaged = None
+        except UnreadableFile as e:  # as a lost current.json: recovered among the kept versions, or trained again
+            context.log.warning(f"{e.path}: {e.why}; this run rewrites it (an intact kept version of the same job is "
+                                "made current again, else it trains)")
+            previous, damaged = None, e
         reuse, why = find_reusable(previous, job, CODE_VERSION)
+        if damaged is not None:
+            why = f"{damaged.path} is damaged ({damaged.why})"
         forced = force_requested(context.run_tags)
         if reuse is None and not forced:  # an identical output kept among the versions (current.json lost or moved)
             kept = find_reusable_version(layout.asset_dir(concept, method.asset_name), job, CODE_VERSION, previous)
@@ -168,7 +176,7 @@ def build_model_asset(method_name: str) -> dg.AssetsDefinition:
         yield from invocation.get_results()
         # The version folder's name, relative to this folder: the artifact root can move.
         write_json_atomic(asset_dir / CURRENT, {"path": Path(job.output_dir).name, "run_id": context.run_id})
-        for p in prune_asset(asset_dir, Path(job.output_dir), storage.keep_weight_versions):
+        for p in prune_asset(asset_dir, Path(job.output_dir), storage.keep_weight_versions, warn=context.log.warning):
             context.log.info(f"pruned the weights of {p.folder.name} ({human_bytes(p.bytes)}; newest "
                              f"{storage.keep_weight_versions} kept): its lineage, metrics and validation images stay")
         # A concurrent run of this asset removes a job file quiet for an hour (cleanup.GRACE_S); the trainer

@@ -37,6 +37,7 @@ from assets_pipeline.concept import (
     SECTIONS, SPEC_FILE, ConceptSpec, ConceptSpecError, registered_sections, validate_concept_key,
 )
 from assets_pipeline.config_types import type_errors
+from assets_pipeline.store import UnreadableFile, read_text
 
 
 def section_configs() -> dict[str, type]:
@@ -90,9 +91,14 @@ def parse_concept_toml(name: str, text: str) -> ConceptSpec:
 def load_concept_spec(concept_dir: Path) -> ConceptSpec:
     name = validate_concept_key(concept_dir.name)
     spec_path = concept_dir / SPEC_FILE
-    if not spec_path.is_file():
+    if not spec_path.exists() and not spec_path.is_symlink():
         raise ConceptSpecError(f"concept {name!r}: missing {SPEC_FILE} in {concept_dir}")
-    return parse_concept_toml(name, spec_path.read_text(encoding="utf-8"))
+    try:
+        text = read_text(spec_path, "make it a regular file of UTF-8 text (re-save it as UTF-8); until then the "
+                                    "concept is not built")
+    except UnreadableFile as e:
+        raise ConceptSpecError(f"concept {name!r}: {e}") from None
+    return parse_concept_toml(name, text)
 
 
 def check_section(section: str, overrides: dict[str, Any], where: str) -> None:

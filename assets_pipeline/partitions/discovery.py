@@ -50,12 +50,13 @@ def scan_concepts(data_root: Path) -> ConceptScan:
                 "not a valid concept name (1-64 of a-z 0-9 _ -, starting with a letter or digit); rename the folder"
             )
             continue
-        if not (entry / "concept.toml").is_file():
+        spec = entry / "concept.toml"
+        if not spec.exists() and not spec.is_symlink():
             invalid[entry.name] = "no concept.toml (it needs at least token = \"...\")"
             continue
         try:
             load_concept_spec(entry)
-        except (ConceptSpecError, UnicodeDecodeError) as e:  # reported each tick until fixed; never built
+        except ConceptSpecError as e:  # reported each tick until fixed; never built
             invalid[entry.name] = f"concept.toml is not usable: {e}"
             continue
         concepts[entry.name] = folder_digest(entry)

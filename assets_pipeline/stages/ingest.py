@@ -6,6 +6,7 @@ content-addressed cache, so re-ingesting the same photo decodes nothing. The sou
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import warnings
@@ -17,7 +18,7 @@ import pandas as pd
 from assets_pipeline.hashing import digest, sha256_bytes
 from assets_pipeline.parallel import image_threads, thread_map
 from assets_pipeline.concept import SPEC_FILE
-from assets_pipeline.store import ItemCache
+from assets_pipeline.store import ItemCache, NotRegularFile, read_regular_file, special_kind
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CAPTION_SUFFIX = ".txt"
@@ -131,15 +132,30 @@ def _read_caption(path: Path, max_chars: int) -> str:
 
 
 def _read_bytes(path: Path, max_bytes: int | None = None) -> bytes:
-    """The file's bytes, or a reject: too large (checked before reading), or unreadable (a dangling link, a file
-    removed mid-scan, one we may not read)."""
+    """The file's bytes, or a reject: too large (checked before reading), not a regular file (a FIFO, socket or
+    device: never opened), a symbolic link loop, or unreadable (a dangling link, a file removed mid-scan, one we
+    may not read)."""
     try:
         size = path.stat().st_size
         if max_bytes is not None and size > max_bytes:
             raise RejectedFile("file_too_large", f"file too large: {size:,} bytes > {max_bytes:,}")
-        return path.read_bytes()
+        return read_regular_file(path)  # a FIFO, socket or device raises NotRegularFile, unopened
+    except NotRegularFile as e:
+        raise _not_regular(e.kind) from None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _link_loop(e) from None
         raise RejectedFile("unreadable", f"cannot read the file: {e.strerror or e}") from None
+
+
+def _not_regular(kind: str) -> RejectedFile:
+    return RejectedFile("special_file", f"{kind}, not a regular file: not opened; photos and captions must be "
+                        "regular files")
+
+
+def _link_loop(e: OSError) -> RejectedFile:
+    return RejectedFile("symlink_loop", f"symbolic link loop ({e.strerror}): not read; point the link at a photo or "
+                        "remove it")
 
 
 def _walk(concept_dir: Path):
@@ -193,6 +209,14 @@ def ingest_concept(
         rel = path.relative_to(concept_dir)
         if rel.as_posix() == SPEC_FILE:
             continue
+        try:  # what the entry is, links followed; nothing is opened before it is known to be a regular file
+            mode = os.stat(path).st_mode
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                r = _link_loop(e)
+                reject(path, r.code, r.reason)
+                continue
+            mode = None  # a dangling link, or removed meanwhile: reading it says why
         real = path.resolve()
         if not real.is_relative_to(root):
             reject(path, "outside_data_root", f"outside the data root: links to {real}; not read")
@@ -202,6 +226,10 @@ def ingest_concept(
             continue
         if any(part.startswith(".") for part in rel.parts):
             reject(path, "hidden", "hidden file, ignored")
+            continue
+        if mode is not None and (kind := special_kind(mode)):
+            r = _not_regular(kind)
+            reject(path, r.code, r.reason)
             continue
         suffix = path.suffix.lower()
         if suffix == CAPTION_SUFFIX:

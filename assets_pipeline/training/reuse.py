@@ -16,12 +16,12 @@ from typing import Any
 
 from assets_pipeline.display import shown_metadata
 from assets_pipeline.hashing import digest, sha256_file
-from assets_pipeline.lineage import LINEAGE_FILE
+from assets_pipeline.lineage import CURRENT_FILE, LINEAGE_FILE, current_version
 from assets_pipeline.store import ArtifactLayout
 from assets_pipeline.training.job import TrainJob
 
 FORCE_RETRAIN_TAG = "assets_pipeline/force_retrain"
-CURRENT = "current.json"  # {"path": <version folder name>}: the asset's current output among kept versions
+CURRENT = CURRENT_FILE  # {"path": <version folder name>}: the asset's current output among kept versions
 # Files training/output.py writes into every output folder.
 METRICS_FILE = "metrics.json"
 SUMS_FILE = "SHA256SUMS"  # whole-file digests of the weights, in `sha256sum -c` format
@@ -46,10 +46,9 @@ class Reuse:
 
 
 def current_output(layout: ArtifactLayout, concept: str, asset_name: str) -> Path | None:
-    """The version folder an asset's ``current.json`` names, or None before its first output."""
-    pointer = layout.asset_dir(concept, asset_name) / CURRENT
-    # Relative to the pointer's folder (an absolute path, written by an older version, is kept as is).
-    return pointer.parent / json.loads(pointer.read_text())["path"] if pointer.is_file() else None
+    """The version folder an asset's ``current.json`` names, or None before its first output; a damaged one is
+    :class:`~assets_pipeline.store.UnreadableFile` naming it and what to do (``lineage.current_version``)."""
+    return current_version(layout.asset_dir(concept, asset_name))
 
 
 def force_requested(tags: dict[str, str]) -> bool:
