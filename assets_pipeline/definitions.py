@@ -27,15 +27,19 @@ CHECKS = [*DATASET_CHECKS, *MODEL_CHECKS]
 
 
 # How runs launched from the UI, the CLI, sensors and schedules execute their steps ($ASSETS_PIPELINE_EXECUTOR):
-# - "forkserver" (default): one process per step (a crash, or the memory a GPU step held, ends with its process),
-#   each forked from a server that imported the heavy libraries once per run (assets_pipeline/preload.py), not a
-#   fresh interpreter importing them again per step (Dagster's default, "spawn").
-#   `dagster._utils.test` is what a step process imports to rebuild the job from its code pointer (Dagster's
-#   storage layer, SQLAlchemy: ~1 s per step otherwise); a private path, so it is its own entry: multiprocessing
-#   skips a preload module that fails to import, and a Dagster that moved it only loses that second.
-# - "in_process": every step in the run worker, one after another: no process per step and each library imported
-#   once, at first use (fastest for small builds); a step's GPU memory is returned to the driver when it ends
-#   (assets/common.release_gpu_memory), but a crash in any step ends the whole run.
+# - "in_process" (default): every step in the run worker, one after another: each library imported once, at first
+#   use, and no process per step (issue 28, point 16: within 1.5x of diffusers' own script on the overhead
+#   benchmark, a no-op rebuild under 10 s). The work that can crash a process is already outside it: each trainer
+#   is a process of its own (a trainer that crashes fails its step; the run's other steps go on), and a step's GPU
+#   memory is returned to the driver when it ends (assets/common.release_gpu_memory). A run worker that does die
+#   (OOM-killed, say) fails its run, and the instance retries such a run once from its failure
+#   (dagster_home/dagster.yaml: run_retries), the steps already done kept.
+# - "forkserver": one process per step (a crash, or the memory a step held, ends with its process), each forked
+#   from a server that imported the heavy libraries once per run (assets_pipeline/preload.py), not a fresh
+#   interpreter importing them again per step (Dagster's default, "spawn"); ~1 s per step and the preload's ~12 s
+#   per run more. `dagster._utils.test` is what a step process imports to rebuild the job from its code pointer
+#   (Dagster's storage layer, SQLAlchemy: ~1 s per step otherwise); a private path, so it is its own entry:
+#   multiprocessing skips a preload module that fails to import, and a Dagster that moved it only loses that second.
 # `dagster.materialize` and `execute_in_process` (the demo, tests) always run in-process.
 EXECUTOR_ENV = "ASSETS_PIPELINE_EXECUTOR"
 EXECUTORS = {
@@ -44,10 +48,11 @@ EXECUTORS = {
         name="forkserver_executor"),
     "in_process": dg.in_process_executor,
 }
+DEFAULT_EXECUTOR = "in_process"
 
 
 def step_executor() -> dg.ExecutorDefinition:
-    name = os.environ.get(EXECUTOR_ENV, "forkserver")
+    name = os.environ.get(EXECUTOR_ENV, DEFAULT_EXECUTOR)
     if name not in EXECUTORS:
         raise ValueError(f"${EXECUTOR_ENV} = {name!r}; expected one of {sorted(EXECUTORS)}")
     return EXECUTORS[name]

@@ -8,7 +8,7 @@ shortcuts), same photos, same steps and batch. Prints one JSON line per measurem
   newer than the installed wheel.
 - ``build``: ``dagster asset materialize --select '*lora_adapter'`` for a new concept, from scratch (fresh
   instance, fresh artifact root: every item computed), as a user's run from the UI or CLI executes it: the
-  job's executor (``--executor``: ``$ASSETS_PIPELINE_EXECUTOR``, forkserver or in_process), a run worker
+  job's executor (``--executor``: ``$ASSETS_PIPELINE_EXECUTOR``, in_process or forkserver), a run worker
   process, the trainer through Pipes, then the asset checks.
 - ``noop``: the same command again with nothing changed (every asset reuses its caches, the model its output).
 - ``per_step``: each step's wall time in the build, from the run's event log.
@@ -118,7 +118,8 @@ def main() -> None:
     ap.add_argument("--photos", type=int, default=6, help="how many of the demo's 6 good photos")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--executor", default="forkserver", help="$ASSETS_PIPELINE_EXECUTOR: forkserver, in_process")
+    ap.add_argument("--executor", default="in_process",
+                    help="$ASSETS_PIPELINE_EXECUTOR: in_process (the default), forkserver")
     ap.add_argument("--workdir", type=Path, help="kept afterwards (default: a temporary folder, removed)")
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-overhead-"))

@@ -104,6 +104,7 @@ def test_a_killed_run_worker_takes_its_trainer_with_it_and_makes_nothing_current
     config = copy.deepcopy(yaml.safe_load((REPO / "dagster_home" / "dagster.yaml").read_text()))
     config["run_monitoring"].update(poll_interval_seconds=1, free_slots_after_run_end_seconds=2)
     config["run_queue"] = {"dequeue_interval_seconds": 1}
+    config["run_retries"] = {"enabled": False}  # the retry of a dead run: the test below
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -141,5 +142,97 @@ def test_a_killed_run_worker_takes_its_trainer_with_it_and_makes_nothing_current
             materialized = [e for e in instance.all_logs(run_id) if e.dagster_event
                             and e.dagster_event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION]
             assert materialized == []
+        finally:
+            kill_group(daemon)
+
+
+RETRY_CODE = '''
+import os
+import signal
+from pathlib import Path
+
+import dagster as dg
+
+WORK = Path({work!r})
+
+
+def _count(name):
+    path = WORK / name
+    path.write_text(str(int(path.read_text()) + 1 if path.exists() else 1))
+    return int(path.read_text())
+
+
+@dg.asset
+def photos():
+    _count("photos")
+
+
+@dg.asset(deps=[photos])
+def latents():
+    if _count("latents") == 1:  # the first time, the run worker dies (what an OOM kill does)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dg.asset(deps=[latents])
+def model():
+    _count("model")
+
+
+@dg.asset
+def failing():
+    raise RuntimeError("a step that fails is not a crash: no retry for this")
+
+
+defs = dg.Definitions(assets=[photos, latents, model, failing], jobs=[
+    dg.define_asset_job("build", [photos, latents, model], executor_def=dg.in_process_executor),
+    dg.define_asset_job("fails", [failing], executor_def=dg.in_process_executor),
+])
+'''
+
+
+def test_a_run_whose_worker_died_is_retried_once_from_its_failure(tmp_path):
+    """The default executor runs steps in the run worker: one that dies (here: SIGKILL from inside a step) fails
+    the run; the shipped instance retries it once, from its failure (the steps done are not run again). A run
+    whose step failed (an exception) is not retried."""
+    import subprocess
+
+    import dagster as dg
+
+    config = copy.deepcopy(yaml.safe_load((REPO / "dagster_home" / "dagster.yaml").read_text()))
+    assert config["run_retries"] == {"enabled": True, "max_retries": 1, "retry_on_asset_or_op_failure": False}
+    config["run_monitoring"].update(poll_interval_seconds=1, free_slots_after_run_end_seconds=2)
+    config["run_queue"] = {"dequeue_interval_seconds": 1}
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (tmp_path / "defs.py").write_text(RETRY_CODE.format(work=str(tmp_path)))
+    (tmp_path / "workspace.yaml").write_text(yaml.safe_dump(
+        {"load_from": [{"python_file": {"relative_path": "defs.py", "location_name": "defs",
+                                         "working_directory": str(tmp_path)}}]}))
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    log = tmp_path / "daemon.log"
+    build, fails = "dddddddd-0000-4000-8000-000000000004", "eeeeeeee-0000-4000-8000-000000000005"
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        daemon = start_daemon(tmp_path / "workspace.yaml", env, log)
+        try:
+            for job, run_id in (("build", build), ("fails", fails)):
+                res = subprocess.run([str(BIN / "dagster"), "job", "launch", "-w", "workspace.yaml", "-j", job,
+                                      "--run-id", run_id], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                     timeout=120)
+                assert res.returncode == 0, res.stdout + res.stderr
+
+            def retry_of(run_id):
+                return next((r for r in instance.get_runs() if r.tags.get("dagster/parent_run_id") == run_id), None)
+
+            retry = wait_for("the retry to succeed", lambda: (r := retry_of(build)) is not None
+                             and r.status == dg.DagsterRunStatus.SUCCESS and r, 120, log)
+            assert instance.get_run_by_id(build).status == dg.DagsterRunStatus.FAILURE
+            assert retry.tags.get("dagster/retry_number") == "1"
+            counts = {n: int((tmp_path / n).read_text()) for n in ("photos", "latents", "model")}
+            assert counts == {"photos": 1, "latents": 2, "model": 1}  # from its failure: photos not run again
+            wait_for("the failing run to fail", lambda: instance.get_run_by_id(fails).status
+                     == dg.DagsterRunStatus.FAILURE, 60, log)
+            time.sleep(5)  # five daemon ticks: no retry of a run whose step failed
+            assert retry_of(fails) is None
         finally:
             kill_group(daemon)

@@ -72,6 +72,8 @@ def _test_instance_config() -> dict:
     # Timing only (shipped: poll every 30 s, free slots 60 s after the run ended; the queue's default 5 s).
     config["run_monitoring"].update(poll_interval_seconds=1, free_slots_after_run_end_seconds=2)
     config["run_queue"] = {"dequeue_interval_seconds": 1}
+    # The killed run would be retried (run_retries, tests/test_orphaned_trainer.py): this test is about its slot.
+    config["run_retries"] = {"enabled": False}
     return config
 
 
