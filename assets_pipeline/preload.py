@@ -2,8 +2,9 @@
 
 Dagster's default executor starts every step with ``spawn``: a fresh interpreter that imports torch, diffusers,
 transformers, open_clip, pandas and this project again (seconds per step, most of a small build's time). The
-project's default executor (``EXECUTORS["forkserver"]`` in ``assets_pipeline/definitions.py``) uses the
-``forkserver`` start method instead and preloads this module there: each step is then a fork of a process that
+project's process-per-step executor (``ASSETS_PIPELINE_EXECUTOR=forkserver``: ``EXECUTORS["forkserver"]`` in
+``assets_pipeline/definitions.py``; the default runs steps in the run worker) uses the ``forkserver`` start method
+instead and preloads this module there: each step is then a fork of a process that
 has imported them all, and still its own process (a crash, or the memory a GPU step used, ends with it).
 
 Imports only: a fork server must not have started threads or touched a GPU. The classes are named so that
