@@ -7,24 +7,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 from pathlib import Path
 
+from assets_pipeline.display import printable
 from assets_pipeline.paths import project_root
-
-# Control characters (Unicode category Cc: C0, DEL, C1) and lone surrogates (an undecodable byte of a file name).
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
-
-
-def printable(text: object) -> str:
-    """``text`` as it may go to a terminal: control characters (ESC, BEL, NUL, newlines, ...) and lone surrogates
-    escaped as repr escapes them (``\\x1b``), the rest (accents, other scripts) as is. A caption or file name is
-    stored with its bytes; only what is printed is escaped, so no file can move the cursor, clear the screen or
-    retitle the terminal of whoever audits it."""
-    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
-
 
 def _printable_table(table):
     """Every text cell of ``table`` passed through :func:`printable`."""

@@ -253,3 +253,24 @@ def test_a_concept_toml_that_is_not_utf8_or_not_a_file_names_the_file_and_the_co
     os.mkfifo(spec)
     with pytest.raises(ConceptSpecError, match=r"concept.toml: a named pipe \(FIFO\), not a regular file; make it"):
         load_concept_spec(folder)
+
+
+def test_raw_images_never_logs_the_control_characters_of_a_file_name(data_root, storage):
+    """Issue 28, point 10, in the run log (printed to the terminal by `dagster asset materialize`): a rejected
+    file's name is escaped as repr escapes it."""
+    import dagster as dg
+
+    from assets_pipeline.definitions import ASSETS, default_resources
+    from helpers import encode, photo, write_concept
+
+    name = "x\x1b]0;owned\x07\x1b[2J.jpg"
+    write_concept(data_root, "esc", {"a.png": encode(photo("coffee", (64, 64)), "PNG"), name: b"not a photo"},
+                  'token = "sks"\nmethods = ["lora"]\n')
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("concepts", ["esc"])
+        res = dg.materialize(ASSETS, selection="raw_images", partition_key="esc", instance=instance,
+                             resources={**default_resources(), "storage": storage})
+        messages = [e.user_message for e in instance.all_logs(res.run_id)]
+    rejected = [m for m in messages if m.startswith("rejected x")]
+    assert rejected and all(_control_characters(m) == [] for m in rejected)
+    assert "x\\x1b]0;owned\\x07\\x1b[2J.jpg" in rejected[0]

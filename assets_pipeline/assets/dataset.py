@@ -12,7 +12,7 @@ from assets_pipeline.assets.common import (
     restore_images, result, save_table, spec_from_snapshot, table_preview,
 )
 from assets_pipeline.automation import rebuild_on_change, rebuild_on_code_change
-from assets_pipeline.display import shown
+from assets_pipeline.display import printable, shown
 from assets_pipeline.hashing import digest
 from assets_pipeline.partitions.concept_spec import load_concept_spec
 from assets_pipeline.partitions.definitions import concepts_partitions
@@ -55,7 +55,7 @@ def raw_images(context: dg.AssetExecutionContext, storage: PipelineStorage) -> d
         save_table(storage, res.rejects, tmp / "rejects.parquet")
         write_json_atomic(tmp / SPEC_SNAPSHOT, dataclasses.asdict(spec))
     for r in res.rejects.itertuples():
-        context.log.warning(f"rejected {r.source_path}: {r.reason}")
+        context.log.warning(printable(f"rejected {r.source_path}: {r.reason}"))  # names from a folder
     version_cols = [c for c in MANIFEST_COLUMNS if c != "decoded_path"]
     return result(
         out, digest(table_version(res.manifest, version_cols), dataclasses.asdict(spec)), len(res.manifest), {
@@ -106,8 +106,8 @@ def captioned_images(
     limit = tokenizer.model_max_length
     overlong = overlong_captions(df, tokenizer)
     for r in overlong.itertuples():
-        context.log.warning(f"{r.caption_source} caption of {r.source_path} is {r.tokens} tokens, over the text "
-                            f"encoder's {limit} (start and end included): it is truncated, never seeing "
+        context.log.warning(f"{r.caption_source} caption of {printable(r.source_path)} is {r.tokens} tokens, over "
+                            f"the text encoder's {limit} (start and end included): it is truncated, never seeing "
                             f"{textwrap.shorten(r.cut, 160, placeholder=' ...')!r}")
     sources = df["caption_source"].value_counts().to_dict()
     return result(out, table_version(df, ["image_sha256", "caption"]), len(df), {
@@ -144,7 +144,7 @@ def filtered_images(
         save_table(storage, df, tmp / "filtered.parquet")
         write_imagefolder(tmp / "imagefolder", _imagefolder_rows(kept))
     for r in df[~df["kept"]].itertuples():
-        context.log.info(f"dropped {r.source_path}: {r.reason}")
+        context.log.info(printable(f"dropped {r.source_path}: {r.reason}"))
     return result(out, table_version(kept, ["image_sha256", "caption"]), len(kept), {
         **cache.counts(), **restored,
         "dropped": int((~df["kept"]).sum()),
