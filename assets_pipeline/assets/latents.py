@@ -33,7 +33,7 @@ def vae_latents(
     from assets_pipeline.stages.latents import load_encoders
     from assets_pipeline.stages.curation import QualityConfig
     from assets_pipeline.stages.bundle import bucket_counts, write_latent_bundle
-    from assets_pipeline.stages.latents import LatentConfig, compute_latents
+    from assets_pipeline.stages.latents import LatentConfig, bundle_header, compute_latents
 
     concept = context.partition_key
     spec = spec_from_snapshot(storage, concept)
@@ -66,15 +66,8 @@ def vae_latents(
         if unchanged:
             link_or_copy(bundle, tmp / "latents.safetensors")
         else:
-            write_latent_bundle(index, latent_cache, text_cache, tmp / "latents.safetensors", {
-                "resolution": resolution, "scaling_factor": enc.scaling_factor,
-                # The flow-matching families' (their VAE's latent shift; the T5 tokens each caption was encoded at).
-                **({"shift_factor": enc.shift_factor} if enc.shift_factor is not None else {}),
-                **({"text_max_lengths": list(enc.family.text_max_lengths(cfg.max_sequence_length))}
-                   if enc.family.has_sequence_length else {}),
-                "base_model_fingerprint": ref.fingerprint, "vae_fingerprint": enc.vae_fingerprint,
-                "text_fingerprint": enc.text_fingerprint,
-            }, enc.family, center_crop=cfg.center_crop)
+            write_latent_bundle(index, latent_cache, text_cache, tmp / "latents.safetensors",
+                                bundle_header(enc, ref, cfg, resolution), enc.family, center_crop=cfg.center_crop)
     buckets = bucket_counts(index)
     # What the text cache holds for this concept: one entry per distinct caption (T5's are the big ones).
     texts = set(index["text_key"]) | set(index["empty_text_key"].dropna())

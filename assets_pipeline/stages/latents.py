@@ -148,6 +148,20 @@ def load_encoders(ref: BaseModelRef, artifact_root: Path, device: str = "cpu") -
                     family=family, scaling_factor_hint=scaling_factor, shift_factor_hint=shift_factor, device=device)
 
 
+def bundle_header(enc: Encoders, ref: BaseModelRef, cfg: LatentConfig, resolution: int) -> dict[str, Any]:
+    """What a concept's bundle records besides its rows (``write_latent_bundle``'s ``meta``): its resolution, the
+    VAE's scaling (and, for the flow-matching families, shift) factor, the T5 tokens each caption was encoded at,
+    and the fingerprints of the models it came from."""
+    return {
+        "resolution": resolution, "scaling_factor": enc.scaling_factor,
+        **({"shift_factor": enc.shift_factor} if enc.shift_factor is not None else {}),
+        **({"text_max_lengths": list(enc.family.text_max_lengths(cfg.max_sequence_length))}
+           if enc.family.has_sequence_length else {}),
+        "base_model_fingerprint": ref.fingerprint, "vae_fingerprint": enc.vae_fingerprint,
+        "text_fingerprint": enc.text_fingerprint,
+    }
+
+
 def concept_buckets(cfg: LatentConfig, resolution: int, max_aspect: float | None = None) -> list[tuple[int, int]]:
     """The sizes a concept's photos train at: the bucket set for ``resolution`` up to the quality filter's aspect
     limit (``max_aspect``, None = QualityConfig's default), or the square alone when buckets are off. Every

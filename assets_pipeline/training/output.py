@@ -54,6 +54,45 @@ def tensors_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+# The version of the manifest's "reproduction" section (what `assets-pipeline reproduce` reads).
+REPRODUCTION_FORMAT = 1
+
+
+def _stored(path: str | None, artifact_root: Path | None) -> str | None:
+    """A file the job names, as the manifest records it: relative to the artifact root (which can move)."""
+    if not path or artifact_root is None:
+        return path or None
+    try:
+        return Path(path).resolve().relative_to(artifact_root.resolve()).as_posix()
+    except ValueError:
+        return path
+
+
+def reproduction_record(job: TrainJob, state: TrainState) -> dict[str, Any]:
+    """What the manifest records so that the output can be trained again from it alone (``assets-pipeline
+    reproduce``, training/reproduce.py), besides what it lists for the audit: the job's settings that are not in
+    the method's config, the base model as resolved, each row's decoded image and cache keys (in the order of
+    ``training_images``), the precision it trained in, and the code that trained it."""
+    from assets_pipeline.training.plan import code_identity
+
+    root = Path(job.cache_dir).parent if job.cache_dir else None
+    return {
+        "format": REPRODUCTION_FORMAT,
+        "base_model": asdict(job.base_model),
+        "job": {"token": job.token, "class_noun": job.class_noun,
+                "mixed_precision": state.stats.get("precision") or job.mixed_precision,
+                "trained_on": state.stats.get("device"),
+                "performance": job.performance.to_dict(),
+                "validation_inference_steps": job.validation_inference_steps,
+                "validation_seeds": list(job.validation_seeds),
+                "scorer": {k: v for k, v in job.scorer.items() if k != "artifact_root"}},
+        "rows": [{"image_sha256": r.image_sha256, "decoded": _stored(r.decoded_path, root),
+                  "latent_key": r.latent_key, "text_key": r.text_key, "control": _stored(r.control_path, root)}
+                 for r in job.training_images],
+        "code": code_identity(),
+    }
+
+
 def lineage_manifest(job: TrainJob, state: TrainState, weights: list[Path], root: Path) -> dict[str, Any]:
     return {
         **job.lineage,
@@ -79,6 +118,7 @@ def lineage_manifest(job: TrainJob, state: TrainState, weights: list[Path], root
         **({"validation_during_training": {
             "every": state.validation["every"], "select_best": state.validation["select_best"],
             "selected_step": (state.validation["best"] or {}).get("step")}} if state.validation else {}),
+        "reproduction": reproduction_record(job, state),
     }
 
 

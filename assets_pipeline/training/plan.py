@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
+from functools import cache
 from pathlib import Path
 
 from assets_pipeline.concept import ConceptSpec
@@ -50,6 +51,54 @@ def git_commit() -> str | None:
                               check=True).stdout.strip() or None
     except (OSError, subprocess.CalledProcessError):
         return None  # not a git checkout (an installed wheel): recorded as null, not guessed
+
+
+# The libraries whose versions decide a trained output's numbers, besides this package's own code.
+LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "peft", "safetensors")
+
+
+def _version(distribution: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
+
+
+@cache
+def source_digest() -> str:
+    """sha256 over this package's Python sources (each file's path and bytes): the code that ran, also where no git
+    commit is known (an installed wheel) or the checkout has uncommitted changes."""
+    from assets_pipeline.hashing import digest, sha256_file
+
+    package = Path(__file__).resolve().parents[1]
+    return digest([(p.relative_to(package).as_posix(), sha256_file(p)) for p in sorted(package.rglob("*.py"))])
+
+
+def code_identity() -> dict[str, object]:
+    """What a trained output records of the code that trained it (``assets-pipeline reproduce`` compares it with
+    the code that reproduces it): this package's version and source digest, and its numeric libraries' versions.
+    The git commit is recorded beside it, when the job is planned (:func:`git_commit`)."""
+    return {"package_version": _version("assets-pipeline"), "source_sha256": source_digest(),
+            "libraries": {name: _version(name) for name in LIBRARIES}}
+
+
+def preprocessing(layout: ArtifactLayout, specs: list[ConceptSpec]) -> dict[str, dict]:
+    """How each concept's training bundle was made, per concept a job trains on (its own, then its datasets'): the
+    [latents] settings, the quality filter's aspect limit (which sets the buckets) and the bundle's digest. With
+    the photos' sha256 and captions this is what re-derives the bundle (``assets-pipeline reproduce``)."""
+    from assets_pipeline.stages.curation import QualityConfig
+    from assets_pipeline.stages.latents import LatentConfig
+    from assets_pipeline.store import digest_path
+
+    out = {}
+    for spec in specs:
+        recorded = digest_path(layout.asset_dir(spec.name, "vae_latents") / "latents.safetensors")
+        out[spec.name] = {"latents": asdict(spec.config("latents", LatentConfig())),
+                          "max_aspect_ratio": spec.config("quality", QualityConfig()).max_aspect_ratio,
+                          "bundle_sha256": recorded.read_text().strip() if recorded.is_file() else None}
+    return out
 
 
 def training_rows(layout: ArtifactLayout, concept: str, roles: tuple[str, ...], control: bool) -> list[TrainingRow]:
@@ -148,7 +197,8 @@ def plan_job(layout: ArtifactLayout, ref: BaseModelRef, spec: ConceptSpec, metho
         checkpoint_dir=str(asset_dir / ".checkpoints"),
         token=spec.token, class_noun=spec.class_noun, training_images=tuple(rows),
         lineage={"asset": method.asset_name, "code_version": CODE_VERSION, "run_id": run_id,
-                 "git_commit": git_commit(), "input_data_versions": input_versions or {}, "created_at": stamp},
+                 "git_commit": git_commit(), "input_data_versions": input_versions or {}, "created_at": stamp,
+                 "preprocessing": preprocessing(layout, [spec, *(layout.spec(s.concept) for s, _ in sources)])},
         scorer={**(scorer or {"model_name": "embedded", "pretrained": None}), "artifact_root": str(layout.root)},
         device=launch.device, mixed_precision=launch.mixed_precision, performance=launch.performance,
         cache_dir=str(layout.root / "cache"), log_with=launch.log_with,
