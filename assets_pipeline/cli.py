@@ -1,7 +1,8 @@
 """Command line: ``assets-pipeline demo`` builds the demo concept end to end through Dagster;
 ``assets-pipeline lineage output|image TARGET`` audits lineage in either direction;
 ``assets-pipeline concept remove NAME`` removes a concept whose folder is gone;
-``assets-pipeline slots [free RUN_ID]`` says who holds the pool slots, and frees a dead run's."""
+``assets-pipeline slots [free RUN_ID]`` says who holds the pool slots, and frees a dead run's;
+``assets-pipeline reproduce OUTPUT_DIR`` trains an output again from its manifest and compares the weights."""
 
 from __future__ import annotations
 
@@ -356,6 +357,40 @@ def cmd_slots(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """Train an output again from its manifest alone (training/reproduce.py): ``identical`` and 0, or the largest
+    difference per tensor and 1; 2 with the reasons when an input is missing or changed."""
+    from assets_pipeline.resources import PipelineStorage
+    from assets_pipeline.training.reproduce import ReproductionError, reproduce
+
+    storage = PipelineStorage()
+
+    def progress(line: str) -> None:
+        print(printable(line), file=sys.stderr, flush=True)
+
+    try:
+        report = reproduce(Path(args.output), storage.data_path(), storage.artifact_path(),
+                           scratch_parent=Path(args.scratch) if args.scratch else None, keep=args.keep,
+                           allow_code_change=args.allow_code_change, base_model_source=args.base_model,
+                           progress=progress)
+    except ReproductionError as e:  # paths, captions and names come from files: escaped for the terminal
+        print(f"assets-pipeline reproduce: cannot reproduce {printable(args.output)}:", file=sys.stderr)
+        print("\n".join(f"  {printable(p)}" for p in e.problems), file=sys.stderr)
+        return 2
+    for note in report.notes:
+        print(f"note: {printable(note)}", file=sys.stderr)
+    if report.scratch:
+        print(f"kept the scratch folder {printable(report.scratch)}", file=sys.stderr)
+    if report.identical:
+        print("identical")
+        return 0
+    print(f"differs: {len(report.differences)} of {report.tensors} tensors (largest absolute difference per tensor)")
+    for d in report.differences:
+        print(printable(f"  {d.file}  {d.tensor}  " + (f"{d.max_abs_diff:.6g}" if d.max_abs_diff is not None
+                                                         else d.why)))
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="assets-pipeline", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -387,12 +422,22 @@ def main(argv: list[str] | None = None) -> int:
     free.add_argument("run_id", help="the run (its id, or the start of it as the UI shows it)")
     free.add_argument("--force", action="store_true",
                       help="the run is still STARTED but its process is gone: mark it failed, then free its slots")
+    reproduce = sub.add_parser("reproduce", help="train a trained output again from its manifest alone and compare "
+                               "the weights: 'identical' (exit 0) or the largest difference per tensor (exit 1)")
+    reproduce.add_argument("output", help="the output's version folder (it holds lineage.json)")
+    reproduce.add_argument("--scratch", default=None,
+                           help="folder to work in (a new folder inside it; default: inside the artifact root)")
+    reproduce.add_argument("--keep", action="store_true", help="keep the scratch folder (default: removed)")
+    reproduce.add_argument("--allow-code-change", action="store_true",
+                           help="train even though the code or libraries differ from those that trained the output")
+    reproduce.add_argument("--base-model", default=None,
+                           help="the base model's folder or file, if it moved since (its fingerprint must match)")
     args = parser.parse_args(argv)
     from assets_pipeline.store import UnreadableFile
 
     try:
         return {"demo": cmd_demo, "lineage": cmd_lineage, "concept": cmd_concept_remove,
-                "prune": cmd_prune, "slots": cmd_slots}[args.command](args)
+                "prune": cmd_prune, "slots": cmd_slots, "reproduce": cmd_reproduce}[args.command](args)
     except UnreadableFile as e:  # a project file the command needs: one line naming it and what to do
         print(f"assets-pipeline {args.command}: {printable(e)}", file=sys.stderr)
         return 2
