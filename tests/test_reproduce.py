@@ -178,6 +178,7 @@ def test_changed_code_or_base_model_is_refused_before_any_work(world, capsys):
 
 
 def test_a_manifest_from_before_reproduction_says_what_it_lacks(tmp_path, monkeypatch, capsys):
+    """So does a damaged one, and a folder that is no output."""
     from assets_pipeline.cli import main
 
     out = tmp_path / "artifacts" / "concepts" / CONCEPT / "lora_adapter" / "20260101T000000Z-run"
@@ -193,6 +194,9 @@ def test_a_manifest_from_before_reproduction_says_what_it_lacks(tmp_path, monkey
                  "reproduction.code"):
         assert part in err
     assert "concept (" not in err and "train the output again" in err
+    (out / "lineage.json").write_text('{"concept": "rex", "meth')  # cut short
+    assert main(["reproduce", str(out)]) == 2
+    assert "lineage.json: not valid JSON, damaged or cut short" in capsys.readouterr().err
     assert main(["reproduce", str(tmp_path / "nothing")]) == 2
     assert "not a trained output" in capsys.readouterr().err
     assert not list((tmp_path / "artifacts").glob(".reproduce-*"))

@@ -22,7 +22,6 @@ folder (a new folder inside ``scratch_parent``, by default the artifact root), r
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -35,10 +34,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from assets_pipeline import lineage
 from assets_pipeline.hashing import sha256_file
 from assets_pipeline.lineage import LINEAGE_FILE
 from assets_pipeline.models.resolve import BaseModelRef
-from assets_pipeline.store import check_file, link_or_copy
+from assets_pipeline.store import UnreadableFile, check_file, link_or_copy
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,9 @@ def read_manifest(output: Path) -> dict[str, Any]:
         raise ReproductionError([f"{output} is not a trained output: no {LINEAGE_FILE} in it (give a version folder "
                                  "under <artifact root>/concepts/<concept>/<asset>/)"])
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ReproductionError([f"{path} cannot be read: {e}"]) from e
+        manifest = lineage.read_manifest(Path(output))
+    except UnreadableFile as e:  # damaged, not JSON, the audit's keys missing
+        raise ReproductionError([str(e)]) from e
     missing = []
     for key, what in REQUIRED.items():
         node: Any = manifest
