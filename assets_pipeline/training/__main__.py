@@ -121,5 +121,17 @@ def materialization_metadata(job, state, result: dict) -> dict:
     }
 
 
+def exit_now(code: int) -> None:
+    """End the trainer without the interpreter's teardown: with torch, diffusers and transformers loaded it takes
+    1.6-1.9 s (measured on the 2-core development machine), paid by every training on the path to its step's end.
+    Everything the trainer made is complete by now: outputs renamed into place, the job lock released, the
+    trackers ended (``end_training``), the Pipes session closed; only the standard streams and log handlers are
+    left to flush. A trainer that raised exits the usual way, its traceback printed."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
