@@ -206,11 +206,17 @@ def test_captioned_images_warns_per_truncated_caption_and_counts_them(storage, d
                              instance=instance, resources={**default_resources(), "storage": storage})
         assert res.success
         warnings = [e.user_message for e in instance.all_logs(res.run_id) if e.level == logging.WARNING]
-    [mat] = [e.materialization for e in res.get_asset_materialization_events()
-             if e.materialization.asset_key.to_user_string() == "captioned_images"]
-    assert mat.metadata["captions_truncated"].value == 1
-    assert mat.metadata["caption_token_limit"].value == 77
-    truncated = [w for w in warnings if "tokens, over the text encoder's" in w]
-    assert len(truncated) == 1
-    assert "sidecar caption of long.png is 122 tokens, over the text encoder's 77" in truncated[0]
-    assert "never seeing 'light a photo of sks dog" in truncated[0]
+        # Again, nothing changed: the count comes from the caption_lengths cache (no tokenizer loaded), the same.
+        again = dg.materialize(ASSETS, selection=["captioned_images"], partition_key="rusty", instance=instance,
+                               resources={**default_resources(), "storage": storage})
+        warnings_again = [e.user_message for e in instance.all_logs(again.run_id) if e.level == logging.WARNING]
+    for run, logged in ((res, warnings), (again, warnings_again)):
+        [mat] = [e.materialization for e in run.get_asset_materialization_events()
+                 if e.materialization.asset_key.to_user_string() == "captioned_images"]
+        assert mat.metadata["captions_truncated"].value == 1
+        assert mat.metadata["caption_token_limit"].value == 77
+        truncated = [w for w in logged if "tokens, over the text encoder's" in w]
+        assert len(truncated) == 1
+        assert "sidecar caption of long.png is 122 tokens, over the text encoder's 77" in truncated[0]
+        assert "never seeing 'light a photo of sks dog" in truncated[0]
+    assert len(list((storage.layout().root / "cache" / "caption_lengths").rglob("*.json"))) == 1

@@ -81,8 +81,7 @@ def captioned_images(
     wrote now, `items_cached` those read from the caption cache, and `items_not_cached` the sidecar and template
     captions, which are read or written on every build at no cost; the three add up to the rows. Without a
     captioner (the `captioner` resource unset, or `use_captioner = false`) every row is not cached."""
-    from assets_pipeline.models.load import load_tokenizers
-    from assets_pipeline.stages.captions import CaptionConfig, caption_images, overlong_captions
+    from assets_pipeline.stages.captions import CaptionConfig, caption_images
 
     concept = context.partition_key
     spec = spec_from_snapshot(storage, concept)
@@ -90,7 +89,7 @@ def captioned_images(
     cfg = spec.config("captions", CaptionConfig())
     model = captioner.load(layout.root, accelerator.device, cfg.max_new_tokens) if cfg.use_captioner else None
     cache = layout.cache("captions", ".txt")
-    clean_stale_temporaries(context, storage, concept, "captioned_images", caches=(cache.kind,))
+    clean_stale_temporaries(context, storage, concept, "captioned_images", caches=(cache.kind, "caption_lengths"))
     manifest = read_upstream(storage, concept, "raw_images", "manifest.parquet")
     restored = restore_images(context, storage, concept, manifest)
     df = caption_images(manifest, spec, cache, model, cfg)
@@ -102,9 +101,7 @@ def captioned_images(
     if len(missing_token):
         context.log.warning(f"{len(missing_token)} captions lack the token {spec.token!r}: "
                             f"{list(missing_token['source_path'])}")
-    tokenizer = load_tokenizers(base_model.resolve(layout.root, spec))[0]
-    limit = tokenizer.model_max_length
-    overlong = overlong_captions(df, tokenizer)
+    overlong, limit = _overlong(layout, base_model.resolve(layout.root, spec), df)
     for r in overlong.itertuples():
         context.log.warning(f"{r.caption_source} caption of {printable(r.source_path)} is {r.tokens} tokens, over "
                             f"the text encoder's {limit} (start and end included): it is truncated, never seeing "
@@ -117,6 +114,32 @@ def captioned_images(
         "caption_token_limit": limit,
         "preview": table_preview(df, ["source_path", "caption_source", "caption"]),
     })
+
+
+def _overlong(layout, ref, df):
+    """(the captions the text encoder truncates, its token limit). The count is cached per tokenizer and set of
+    captions (``caption_lengths``), so a rebuild with nothing changed loads neither transformers nor the
+    tokenizer (~2 s of a no-op rebuild)."""
+    import json
+
+    import pandas as pd
+
+    from assets_pipeline.hashing import digest
+    from assets_pipeline.models.load import load_tokenizers
+    from assets_pipeline.models.resolve import component_fingerprint
+    from assets_pipeline.stages.captions import OVERLONG_COLUMNS, overlong_captions
+
+    key = digest("overlong_captions", component_fingerprint(ref, ref.model_family.text_encoders[0].tokenizer,
+                                                            layout.root),
+                 df[["source_path", "caption_source", "caption"]].values.tolist())
+
+    def count(tmp):
+        tokenizer = load_tokenizers(ref)[0]
+        rows = overlong_captions(df, tokenizer).to_dict("records")
+        tmp.write_text(json.dumps({"limit": tokenizer.model_max_length, "rows": rows}, ensure_ascii=False))
+
+    found = json.loads(layout.cache("caption_lengths", ".json").get_or_create(key, count).read_text())
+    return pd.DataFrame(found["rows"], columns=OVERLONG_COLUMNS), found["limit"]
 
 
 @dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="1", deps=[captioned_images],
