@@ -455,9 +455,9 @@ def test_a_run_that_ends_takes_its_trainer_with_it_and_makes_nothing_current(dem
                    for p in trainers)
 
 
-def test_a_lost_current_json_is_found_again_among_the_kept_versions(demo_build):
-    """Issue 28, point 7: current.json deleted, an intact output of the identical job on disk: it is reused and
-    made current again, no training."""
+def _rebuild_lora_reusing(demo, named: str):
+    """lora_adapter materialized again with a launcher that fails the test if asked to train: it must reuse the
+    kept version ``named`` and make it current. Returns the run's log messages."""
     import dagster as dg
 
     from assets_pipeline.definitions import ASSETS, CHECKS
@@ -467,18 +467,24 @@ def test_a_lost_current_json_is_found_again_among_the_kept_versions(demo_build):
         def launch(self, context, job_path):
             raise AssertionError(f"trained although an identical output is kept ({job_path})")
 
-    pointer = demo_build.artifacts / "concepts" / demo_build.concept / "lora_adapter" / "current.json"
-    named = json.loads(pointer.read_text())["path"]
-    pointer.unlink()
+    pointer = demo.artifacts / "concepts" / demo.concept / "lora_adapter" / "current.json"
     res = dg.materialize([*ASSETS, *CHECKS], selection=dg.AssetSelection.assets("lora_adapter"),
-                         partition_key=demo_build.concept, instance=demo_build.instance,
-                         resources={**demo_build.resources, "trainer": NoTraining(device="cpu")})
+                         partition_key=demo.concept, instance=demo.instance,
+                         resources={**demo.resources, "trainer": NoTraining(device="cpu")})
     assert res.success
     mat = res.get_asset_materialization_events()[0].materialization
     assert mat.metadata["reused"].value is True and mat.metadata["path"].value.endswith(named)
-    restored = json.loads(pointer.read_text())
-    assert restored == {"path": named, "run_id": res.run_id}
-    logged = [entry.user_message for entry in demo_build.instance.all_logs(res.run_id)]
+    assert json.loads(pointer.read_text()) == {"path": named, "run_id": res.run_id}
+    return [entry.user_message for entry in demo.instance.all_logs(res.run_id)]
+
+
+def test_a_lost_current_json_is_found_again_among_the_kept_versions(demo_build):
+    """Issue 28, point 7: current.json deleted, an intact output of the identical job on disk: it is reused and
+    made current again, no training."""
+    pointer = demo_build.artifacts / "concepts" / demo_build.concept / "lora_adapter" / "current.json"
+    named = json.loads(pointer.read_text())["path"]
+    pointer.unlink()
+    logged = _rebuild_lora_reusing(demo_build, named)
     assert any(f"{named}, kept among the versions, is an intact output of this same job" in m for m in logged)
 
 
@@ -599,26 +605,10 @@ def test_a_damaged_current_json_is_recovered_as_a_lost_one(demo_build):
     """Issue 28, point 11: a truncated current.json failed the model asset with a bare JSONDecodeError. It is now
     a warning naming the file, and recovered as a lost one is: the intact kept output of the identical job is made
     current again, no training."""
-    import dagster as dg
-
-    from assets_pipeline.definitions import ASSETS, CHECKS
-    from assets_pipeline.resources import TrainerLauncher
-
-    class NoTraining(TrainerLauncher):
-        def launch(self, context, job_path):
-            raise AssertionError(f"trained although an identical output is kept ({job_path})")
-
     pointer = demo_build.artifacts / "concepts" / demo_build.concept / "lora_adapter" / "current.json"
     named = json.loads(pointer.read_text())["path"]
     pointer.write_text(pointer.read_text()[:12])
-    res = dg.materialize([*ASSETS, *CHECKS], selection=dg.AssetSelection.assets("lora_adapter"),
-                         partition_key=demo_build.concept, instance=demo_build.instance,
-                         resources={**demo_build.resources, "trainer": NoTraining(device="cpu")})
-    assert res.success
-    mat = res.get_asset_materialization_events()[0].materialization
-    assert mat.metadata["reused"].value is True and mat.metadata["path"].value.endswith(named)
-    assert json.loads(pointer.read_text()) == {"path": named, "run_id": res.run_id}
-    logged = [entry.user_message for entry in demo_build.instance.all_logs(res.run_id)]
+    logged = _rebuild_lora_reusing(demo_build, named)
     assert any(m.startswith(f"{pointer}: not valid JSON, damaged or cut short") and "this run rewrites it" in m
                for m in logged)
     assert any(f"{pointer} is damaged (not valid JSON" in m and f"{named}, kept among the versions" in m
