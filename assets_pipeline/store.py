@@ -358,9 +358,10 @@ class ItemCache:
         """Point every other name of the damaged inode set aside for ``target`` (see :meth:`_valid`) at the new
         entry, its digest sidecar with it; then drop the damaged inode. Returns the names repaired."""
         damaged = target.with_name(target.name + DAMAGED_SUFFIX)
-        if not damaged.exists():
+        try:
+            names = other_names(damaged, self.root / "concepts")
+        except FileNotFoundError:  # none set aside (or another process repaired them meanwhile)
             return []
-        names = other_names(damaged, self.root / "concepts")
         for name in names:
             replace_with_link(target, name)
             replace_with_link(digest_path(target), digest_path(name))
@@ -383,10 +384,13 @@ class ItemCache:
             self.discarded.append(f"{target}: {why}")
         # The recomputed entry is a new inode. Outputs hard-linked to the damaged one share its damage: the damaged
         # inode is kept aside under a name no lookup reads, so that put() can find those links and repair them.
-        if target.stat().st_nlink > 1:
-            os.replace(target, target.with_name(target.name + DAMAGED_SUFFIX))
-        else:
-            target.unlink(missing_ok=True)
+        try:
+            if target.stat().st_nlink > 1:
+                os.replace(target, target.with_name(target.name + DAMAGED_SUFFIX))
+            else:
+                target.unlink()
+        except FileNotFoundError:  # another process found it first and set it aside
+            pass
         digest_path(target).unlink(missing_ok=True)
         return False
 
