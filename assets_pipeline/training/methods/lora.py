@@ -18,6 +18,7 @@ configs that :meth:`LoraMethod.load_pipeline` injects before loading the file ba
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,7 +108,8 @@ class LoraConfig(TrainConfig):
 MAX_RANK = 3072  # FLUX.1's hidden width: no supported denoiser has a wider layer to adapt (min of in and out)
 
 
-def narrowest_layer(ref, targets, conv_targets=()) -> tuple[str, int] | None:
+@functools.lru_cache(maxsize=32)  # per base model and targets: the schedule asks for every concept
+def narrowest_layer(ref, targets: tuple[str, ...], conv_targets: tuple[str, ...] = ()) -> tuple[str, int] | None:
     """(name, width) of the narrowest layer a LoRA on ``targets`` (linears; ``conv_targets``: convolutions) adapts
     in ``ref``'s denoiser, width = min(in, out) (a conv's input counts its kernel), found by building the denoiser
     from its config on the meta device (no weights read, no memory). None where no config is at hand (a single
@@ -235,7 +237,7 @@ class LoraMethod(Method):
         for key, targets, convs in (("rank", cfg.target_modules or denoiser.lora_targets, ()),
                                     ("conv_rank", (), conv)):
             value = getattr(cfg, key)
-            narrowest = narrowest_layer(ref, targets, convs) if value else None
+            narrowest = narrowest_layer(ref, tuple(targets), tuple(convs)) if value else None
             if narrowest is not None and value > narrowest[1]:
                 raise TrainingInputError(
                     f"{concept}/concept.toml [lora]: {key} = {value} is wider than the narrowest layer it adapts in "
