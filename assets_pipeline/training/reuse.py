@@ -92,11 +92,14 @@ def read_failed_checks(out: Path) -> dict[str, dict]:
     marks the output as failed: it only loses the detail."""
     path = out / CHECKS_FAILED
     try:
-        return json.loads(path.read_text())
+        failed = json.loads(path.read_text())
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:
         return {f"(unreadable {path}: {e})": {}}
+    if not isinstance(failed, dict) or not all(isinstance(v, dict) for v in failed.values()):
+        return {f"(unreadable {path}: not an object of check records)": {}}
+    return failed
 
 
 def record_failed_check(out: Path, check: str, run_id: str, metadata: dict[str, Any]) -> None:
