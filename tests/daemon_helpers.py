@@ -104,3 +104,17 @@ def launched(*procs: subprocess.Popen) -> None:
     for proc in procs:
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, f"dagster job launch failed ({' '.join(proc.args)}):\n{out}"
+
+
+def daemon_home(tmp_path: Path, config: dict, code: str, location: str = "defs") -> tuple[Path, dict]:
+    """A DAGSTER_HOME under ``tmp_path`` with ``config`` as its dagster.yaml, ``code`` as the code location
+    ``<location>.py`` and a workspace.yaml that loads it. Returns (workspace path, environment for the processes)."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (tmp_path / f"{location}.py").write_text(code)
+    workspace = tmp_path / "workspace.yaml"
+    workspace.write_text(yaml.safe_dump(
+        {"load_from": [{"python_file": {"relative_path": f"{location}.py", "location_name": location,
+                                         "working_directory": str(tmp_path)}}]}))
+    return workspace, {**os.environ, "DAGSTER_HOME": str(home)}

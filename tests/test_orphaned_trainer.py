@@ -12,7 +12,6 @@ stops the trainer); in process the step dies with the worker (the parent-death s
 
 from __future__ import annotations
 
-import copy
 import os
 import signal
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon_helpers import BIN, kill_group, start_daemon, wait_for
+from daemon_helpers import daemon_home, kill_group, launch, launched, start_daemon, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -75,6 +74,14 @@ defs = dg.Definitions(assets=[model], jobs=[
 '''
 
 
+def _shipped_config() -> dict:
+    """The shipped dagster.yaml with only its timing values shortened, so a dead run is failed within seconds."""
+    config = yaml.safe_load((REPO / "dagster_home" / "dagster.yaml").read_text())
+    config["run_monitoring"].update(poll_interval_seconds=1, free_slots_after_run_end_seconds=2)
+    config["run_queue"] = {"dequeue_interval_seconds": 1}
+    return config
+
+
 def _parent(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
@@ -101,31 +108,17 @@ def _alive(pid: int) -> bool:
 def test_a_killed_run_worker_takes_its_trainer_with_it_and_makes_nothing_current(tmp_path, executor):
     import dagster as dg
 
-    config = copy.deepcopy(yaml.safe_load((REPO / "dagster_home" / "dagster.yaml").read_text()))
-    config["run_monitoring"].update(poll_interval_seconds=1, free_slots_after_run_end_seconds=2)
-    config["run_queue"] = {"dequeue_interval_seconds": 1}
+    config = _shipped_config()
     config["run_retries"] = {"enabled": False}  # the retry of a dead run: the test below
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (tmp_path / "trainer.py").write_text(TRAINER)
-    (tmp_path / "defs.py").write_text(CODE.format(work=str(tmp_path), executor=executor))
-    (tmp_path / "workspace.yaml").write_text(yaml.safe_dump(
-        {"load_from": [{"python_file": {"relative_path": "defs.py", "location_name": "defs",
-                                         "working_directory": str(tmp_path)}}]}))
-    env = {**os.environ, "DAGSTER_HOME": str(home),
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    workspace, env = daemon_home(tmp_path, config, CODE.format(work=str(tmp_path), executor=executor))
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     log = tmp_path / "daemon.log"
     run_id = "cccccccc-0000-4000-8000-000000000003"
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        daemon = start_daemon(tmp_path / "workspace.yaml", env, log)
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        daemon = start_daemon(workspace, env, log)
         try:
-            import subprocess
-
-            res = subprocess.run([str(BIN / "dagster"), "job", "launch", "-w", "workspace.yaml", "-j", "train",
-                                  "--run-id", run_id], cwd=tmp_path, env=env, capture_output=True, text=True,
-                                 timeout=120)
-            assert res.returncode == 0, res.stdout + res.stderr
+            launched(launch(workspace, env, "train", run_id))
             wait_for("the trainer to start", lambda: (tmp_path / "trainer.pid").is_file()
                      and (tmp_path / "trainer.pid").read_text(), 120, log)
             trainer = int((tmp_path / "trainer.pid").read_text())
@@ -195,33 +188,17 @@ def test_a_run_whose_worker_died_is_retried_once_from_its_failure(tmp_path):
     """The default executor runs steps in the run worker: one that dies (here: SIGKILL while a step runs) fails
     the run; the shipped instance retries it once, from its failure (the steps done are not run again). A run
     whose step failed (an exception) is not retried."""
-    import subprocess
-
     import dagster as dg
 
-    config = copy.deepcopy(yaml.safe_load((REPO / "dagster_home" / "dagster.yaml").read_text()))
+    config = _shipped_config()
     assert config["run_retries"] == {"enabled": True, "max_retries": 1, "retry_on_asset_or_op_failure": False}
-    config["run_monitoring"].update(poll_interval_seconds=1, free_slots_after_run_end_seconds=2)
-    config["run_queue"] = {"dequeue_interval_seconds": 1}
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (tmp_path / "defs.py").write_text(RETRY_CODE.format(work=str(tmp_path)))
-    (tmp_path / "workspace.yaml").write_text(yaml.safe_dump(
-        {"load_from": [{"python_file": {"relative_path": "defs.py", "location_name": "defs",
-                                         "working_directory": str(tmp_path)}}]}))
-    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    workspace, env = daemon_home(tmp_path, config, RETRY_CODE.format(work=str(tmp_path)))
     log = tmp_path / "daemon.log"
     build, fails = "dddddddd-0000-4000-8000-000000000004", "eeeeeeee-0000-4000-8000-000000000005"
-    with dg.DagsterInstance.from_config(str(home)) as instance:
-        daemon = start_daemon(tmp_path / "workspace.yaml", env, log)
+    with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        daemon = start_daemon(workspace, env, log)
         try:
-            for job, run_id in (("build", build), ("fails", fails)):
-                res = subprocess.run([str(BIN / "dagster"), "job", "launch", "-w", "workspace.yaml", "-j", job,
-                                      "--run-id", run_id], cwd=tmp_path, env=env, capture_output=True, text=True,
-                                     timeout=120)
-                assert res.returncode == 0, res.stdout + res.stderr
-
+            launched(launch(workspace, env, "build", build), launch(workspace, env, "fails", fails))
             wait_for("the build run to reach latents", lambda: (tmp_path / "worker.pid").is_file()
                      and (tmp_path / "worker.pid").read_text(), 120, log)
             os.kill(int((tmp_path / "worker.pid").read_text()), signal.SIGKILL)  # in process: the run worker

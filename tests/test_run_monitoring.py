@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon_helpers import BIN, kill_group, start_daemon, wait_for
+from daemon_helpers import BIN, daemon_home, kill_group, start_daemon, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -81,15 +81,9 @@ def test_killed_run_worker_fails_the_run_and_frees_its_gpu_slot(tmp_path):
     import dagster as dg
 
     config = _test_instance_config()
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     pid_file = tmp_path / "run_worker.pid"
-    (tmp_path / "gpu_defs.py").write_text(CODE.format(pid_file=str(pid_file)))
-    (tmp_path / "workspace.yaml").write_text(yaml.safe_dump(
-        {"load_from": [{"python_file": {"relative_path": "gpu_defs.py", "location_name": "gpu_defs",
-                                         "working_directory": str(tmp_path)}}]}))
-    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    workspace, env = daemon_home(tmp_path, config, CODE.format(pid_file=str(pid_file)), location="gpu_defs")
+    home = Path(env["DAGSTER_HOME"])
     daemon_log = tmp_path / "daemon.log"
 
     def launch(job: str, run_id: str) -> None:
@@ -109,7 +103,7 @@ def test_killed_run_worker_fails_the_run_and_frees_its_gpu_slot(tmp_path):
         def gpu_slot_holders():
             return instance.event_log_storage.get_concurrency_info("gpu").active_run_ids
 
-        daemon = start_daemon(tmp_path / "workspace.yaml", env, daemon_log)
+        daemon = start_daemon(workspace, env, daemon_log)
         try:
             hold_id, quick_id = "aaaaaaaa-0000-4000-8000-000000000001", "bbbbbbbb-0000-4000-8000-000000000002"
             launch("hold_job", hold_id)

@@ -90,14 +90,16 @@ def find_reusable(out: Path | None, job: TrainJob, code_version: str) -> tuple[R
 def read_failed_checks(out: Path) -> dict[str, dict]:
     """The blocking checks recorded as failed on an output (:func:`record_failed_check`). A damaged record still
     marks the output as failed: it only loses the detail."""
+    from assets_pipeline.store import UnreadableFile, read_json
+
     path = out / CHECKS_FAILED
-    try:
-        failed = json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.exists():
         return {}
-    except (OSError, ValueError) as e:
-        return {f"(unreadable {path}: {e})": {}}
-    if not isinstance(failed, dict) or not all(isinstance(v, dict) for v in failed.values()):
+    try:
+        failed = read_json(path, "the output stays marked; delete the version folder to discard it")
+    except UnreadableFile as e:
+        return {f"(unreadable {path}: {e.why})": {}}
+    if not all(isinstance(v, dict) for v in failed.values()):
         return {f"(unreadable {path}: not an object of check records)": {}}
     return failed
 
