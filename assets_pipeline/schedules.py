@@ -39,6 +39,7 @@ def plan_retraining(storage: PipelineStorage, base_model: BaseModelResource, cli
     from assets_pipeline.training.methods import get_method
     from assets_pipeline.training.methods.base import TrainingInputError
     from assets_pipeline.training.plan import CODE_VERSION, plan_job, train_context
+    from assets_pipeline.store import UnreadableFile
     from assets_pipeline.training.reuse import current_output, find_reusable
 
     layout = storage.layout()
@@ -65,7 +66,13 @@ def plan_retraining(storage: PipelineStorage, base_model: BaseModelResource, cli
                 decisions.append(RetrainDecision(concept, name, method.asset_name, False, str(e)))
                 continue
             identity = job.identity()
-            out = current_output(layout, concept, method.asset_name)
+            try:
+                out = current_output(layout, concept, method.asset_name)
+            except UnreadableFile as e:  # one concept's damaged pointer: its run repairs it; the others go on
+                decisions.append(RetrainDecision(concept, name, method.asset_name, True, f"{e.path}: {e.why}; its "
+                                                 "run rewrites it (an intact kept version of the same job is made "
+                                                 "current again, else it trains)", identity))
+                continue
             # The same test the model asset applies before it trains, so a scheduled run is never a no-op reuse.
             reuse, why = find_reusable(out, job, CODE_VERSION)
             if reuse is not None:

@@ -442,5 +442,9 @@ class ArtifactLayout:
     def cache(self, kind: str, ext: str) -> ItemCache:
         return ItemCache(self.root, kind, ext)
 
+    def cache_root(self) -> Path:
+        """Every cache's folder: the item caches', and the compilers' (a training job's ``cache_dir``)."""
+        return self.root / "cache"
+
     def base_models_dir(self) -> Path:
         return self.root / "base_models"

@@ -87,6 +87,24 @@ def test_schedule_skips_up_to_date_and_unready_concepts(world):
     assert not plan[("tiny", "lora")].retrain and "at least 3" in plan[("tiny", "lora")].reason
 
 
+def test_a_damaged_current_json_retrains_that_output_and_the_tick_decides_the_other_concepts(world):
+    """Issue 28, point 11: one damaged record does not fail the schedule's whole tick."""
+    from assets_pipeline.schedules import plan_retraining
+
+    pointer = world.storage.layout().asset_dir("rusty", "lora_adapter") / "current.json"
+    intact = pointer.read_bytes()
+    pointer.write_bytes(intact[: len(intact) // 2])
+    try:
+        plan = {(d.concept, d.method): d for d in plan_retraining(
+            world.storage, world.resources["base_model"], world.resources["clip_scorer"],
+            world.resources["trainer"], ["rusty", "tiny"])}
+    finally:
+        pointer.write_bytes(intact)
+    assert plan[("rusty", "lora")].retrain and str(pointer) in plan[("rusty", "lora")].reason
+    assert "made current again" in plan[("rusty", "lora")].reason
+    assert not plan[("tiny", "lora")].retrain and "at least 3" in plan[("tiny", "lora")].reason
+
+
 def test_changed_photos_retrain_only_that_concept_and_history_stays_auditable(world):
     from assets_pipeline.hashing import sha256_file
     from assets_pipeline.lineage import audit_output, outputs_trained_on

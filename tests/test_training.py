@@ -108,6 +108,33 @@ def test_method_trains_and_passes_its_checks(demo_build, method):
     assert isinstance(md["steps"], dg.IntMetadataValue) and md["reused"].value is False
 
 
+def test_a_build_hands_its_first_training_to_a_trainer_started_ahead_and_a_rebuild_starts_none(demo_build):
+    """Issue 28, point 16: the build's raw_images found new inputs, so a trainer process was started then and
+    imported its libraries while the dataset steps ran; the first model step handed it its job (its training is
+    checked by every test on this build), the later ones started their own; none is left running. A rebuild with
+    nothing changed starts none."""
+    import re
+
+    import dagster as dg
+
+    from assets_pipeline.definitions import ASSETS, CHECKS
+    from test_spare_trainer import _alive
+
+    messages = [e.user_message for e in demo_build.instance.all_logs(demo_build.res.run_id)]
+    started = [m for m in messages if "started a trainer process ahead (pid " in m]
+    assert len(started) == 1, started
+    pid = int(re.search(r"\(pid (\d+)\)", started[0]).group(1))
+    assert len([m for m in messages if f"ahead (pid {pid}) takes this job" in m]) == 1
+    assert not _alive(pid)
+    res = dg.materialize([*ASSETS, *CHECKS], selection=dg.AssetSelection.assets("raw_images", "lora_adapter"),
+                         partition_key=demo_build.concept, instance=demo_build.instance,
+                         resources=demo_build.resources)
+    assert res.success
+    again = [e.user_message for e in demo_build.instance.all_logs(res.run_id)]
+    assert any(m.startswith("reusing ") for m in again)
+    assert not any("trainer process ahead" in m for m in again)
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_training_reports_progress_and_logs_to_tensorboard(demo_build, method):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

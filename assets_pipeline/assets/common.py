@@ -19,6 +19,22 @@ def spec_from_snapshot(storage: PipelineStorage, concept: str) -> ConceptSpec:
     return storage.layout().spec(concept)
 
 
+def latest_data_version(context: dg.AssetExecutionContext, key: dg.AssetKey, partition: str) -> str | None:
+    """The data version the asset's partition was last materialized with (None: never)."""
+    rec = context.instance.get_latest_data_version_record(key, partition_key=partition)
+    mat = rec.asset_materialization if rec else None
+    return mat.tags.get("dagster/data_version") if mat and mat.tags else None
+
+
+def expect_training_if_changed(context: dg.AssetExecutionContext, storage: PipelineStorage, data_version: str) -> None:
+    """A first dataset step whose output changed (new photos, a changed concept.toml, a first build): a training
+    probably follows, so where this process may start its trainer ahead, it does (resources/spare_trainer.py)."""
+    from assets_pipeline.resources import spare_trainer
+
+    if spare_trainer.allowed() and latest_data_version(context, context.asset_key, context.partition_key) != data_version:
+        spare_trainer.expect_training(storage.layout().cache_root(), context.log.info)
+
+
 def read_upstream(storage: PipelineStorage, concept: str, asset: str, table: str) -> pd.DataFrame:
     return read_asset_table(storage.layout(), concept, asset, table)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from assets_pipeline.assets.common import (
-    clean_stale_temporaries, image_preview as _preview, read_upstream,
+    clean_stale_temporaries, expect_training_if_changed, image_preview as _preview, read_upstream,
     restore_images, result, save_table, spec_from_snapshot, table_preview,
 )
 from assets_pipeline.automation import rebuild_on_change, rebuild_on_code_change
@@ -57,8 +57,10 @@ def raw_images(context: dg.AssetExecutionContext, storage: PipelineStorage) -> d
     for r in res.rejects.itertuples():
         context.log.warning(printable(f"rejected {r.source_path}: {r.reason}"))  # names from a folder
     version_cols = [c for c in MANIFEST_COLUMNS if c != "decoded_path"]
+    version = digest(table_version(res.manifest, version_cols), dataclasses.asdict(spec))
+    expect_training_if_changed(context, storage, version)
     return result(
-        out, digest(table_version(res.manifest, version_cols), dataclasses.asdict(spec)), len(res.manifest), {
+        out, version, len(res.manifest), {
             **res.cache_counts,
             "rejected": len(res.rejects),
             "rejects": table_preview(res.rejects, ["source_path", "reason"], rows=50),

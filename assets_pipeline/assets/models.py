@@ -8,7 +8,9 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets_pipeline.assets.common import clean_stale_temporaries, restore_images, spec_from_snapshot
+from assets_pipeline.assets.common import (
+    clean_stale_temporaries, latest_data_version, restore_images, spec_from_snapshot,
+)
 from assets_pipeline.assets.dataset import clip_scored_images, control_images, raw_images
 from assets_pipeline.assets.latents import vae_latents
 from assets_pipeline.assets.priors import class_images
@@ -41,10 +43,8 @@ def _input_versions(context: dg.AssetExecutionContext, concept: str, datasets: t
     versions = {}
     for c in (concept, *datasets):
         for a in INPUT_ASSETS if c == concept else DATASET_INPUTS:
-            rec = context.instance.get_latest_data_version_record(a.key, partition_key=c)
-            mat = rec.asset_materialization if rec else None
             key = a.key.to_user_string() + ("" if c == concept else f"[{c}]")
-            versions[key] = mat.tags.get("dagster/data_version") if mat and mat.tags else None
+            versions[key] = latest_data_version(context, a.key, c)
     return versions
 
 

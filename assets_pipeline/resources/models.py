@@ -170,6 +170,15 @@ class TrainerLauncher(dg.ConfigurableResource):
 
     def setup_for_execution(self, context) -> None:
         self.check_mode()  # a bad mode or pod setting fails the run at its start, not after the inputs are read
+        if self.mode == "subprocess":  # the environment trainers get; a single local one may be started ahead
+            from assets_pipeline.resources.spare_trainer import allow
+
+            allow(spares=self.num_processes == 1)
+
+    def teardown_after_execution(self, context) -> None:
+        from assets_pipeline.resources.spare_trainer import discard
+
+        discard()  # one started ahead that no training took
 
     def check_mode(self) -> None:
         from assets_pipeline.resources.k8s import check_config, gpus_for
@@ -205,6 +214,8 @@ class TrainerLauncher(dg.ConfigurableResource):
     def command(self, job_path: Path) -> list[str]:
         import sys
 
+        from assets_pipeline.resources.spare_trainer import TRAINER
+
         if self.num_processes > 1:
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(self.num_processes)]
             if self.accelerate_config_file:  # the file says how (DDP, FSDP, DeepSpeed, machines, port)
@@ -218,21 +229,23 @@ class TrainerLauncher(dg.ConfigurableResource):
                 cmd += ["--multi_gpu", "--num_machines", "1", "--main_process_port", "0",
                         "--mixed_precision", "no", "--dynamo_backend", "no"]
             return [*cmd, "-m", "assets_pipeline.training", "--job", str(job_path)]
-        return [sys.executable, "-m", "assets_pipeline.training", "--job", str(job_path)]
+        return [*TRAINER, "--job", str(job_path)]
 
     def launch(self, context, job_path: Path):
-        import os
+        from assets_pipeline.training.job import TrainJob
 
+        job = TrainJob.load(job_path)
         if self.num_processes > 1:  # an effective batch that cannot be split fails here, before GPUs are claimed
-            from assets_pipeline.training.job import TrainJob
             from assets_pipeline.training.step import per_process_batch
 
-            cfg = TrainJob.load(job_path).config
+            cfg = job.config
             per_process_batch(cfg.train_batch_size, cfg.gradient_accumulation_steps, self.num_processes)
 
-        # Extra variables only: PipesSubprocessClient merges them over this process's environment (a pod gets
+        # Extra variables only: run_trainer merges them over this process's environment (a pod gets
         # them with k8s.env and the Pipes variables over the image's).
-        env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        from assets_pipeline.resources.spare_trainer import TRAINER_ENV
+
+        env = dict(TRAINER_ENV)
         self.check_mode()
         if self.mode == "k8s":
             from assets_pipeline.resources.k8s import gpus_for, run_pod
@@ -243,7 +256,8 @@ class TrainerLauncher(dg.ConfigurableResource):
                            job_path)
         from assets_pipeline.resources.pipes import WholeLineTempFileMessageReader
         from assets_pipeline.resources.run_watch import trainer_dies_with_run
+        from assets_pipeline.resources.spare_trainer import run_trainer
 
-        client = dg.PipesSubprocessClient(env=env, message_reader=WholeLineTempFileMessageReader())
         with trainer_dies_with_run(context):  # a run that ends (its worker killed) takes its trainer with it
-            return client.run(context=context, command=self.command(job_path), cwd=os.getcwd())
+            # PipesSubprocessClient.run, except that a trainer started ahead of the job takes it where it can
+            return run_trainer(context, self.command(job_path), env, WholeLineTempFileMessageReader(), job.cache_dir)

@@ -87,7 +87,10 @@ def trainer_dies_with_run(context, interval_s: float = 2.0) -> Iterator[None]:
         yield
         return
     stop, ended = threading.Event(), {}
-    before = set(children(os.getpid()))  # what this process ran already is not the trainer's
+    from assets_pipeline.resources.spare_trainer import pids as spare
+
+    # What this process ran already is not the trainer's, except a trainer started ahead that this step may take.
+    before = set(children(os.getpid())) - spare()
 
     def watch() -> None:
         while not stop.wait(interval_s):

@@ -2,7 +2,8 @@
 
 Launched by the model assets through Dagster Pipes (logs and the materialization stream back into the run);
 from a shell it logs to stderr. Under ``accelerate launch --num_processes N`` it trains data-parallel and the
-main process writes the output.
+main process writes the output. ``--job-from-stdin``: started ahead of its job, it imports its libraries, then
+reads the job from stdin (resources/spare_trainer.py).
 """
 
 from __future__ import annotations
@@ -40,13 +41,13 @@ def _images_table(job) -> str:
         f"\n\n_and {more} more_" if more > 0 else "")
 
 
-def _die_with_launcher() -> None:
+def _die_with_launcher(launched: bool = False) -> None:
     """Under ``accelerate launch`` (torchrun) each process trains in its own session, so a launcher killed hard
     (SIGKILL of its process group, a Dagster run terminated) would leave them training on, holding the GPUs
     and the job lock; a trainer launched by a Dagster step (Pipes) likewise outlived a killed step process.
     Linux's parent-death signal ends each with its launcher (prctl(2), PR_SET_PDEATHSIG). A run that ends while
     its step lives on is the step's to notice (resources/run_watch.py)."""
-    launched = "TORCHELASTIC_RUN_ID" in os.environ or "DAGSTER_PIPES_CONTEXT" in os.environ
+    launched = launched or "TORCHELASTIC_RUN_ID" in os.environ or "DAGSTER_PIPES_CONTEXT" in os.environ
     if not launched or not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -56,6 +57,37 @@ def _die_with_launcher() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
     if os.getppid() != launcher:  # it died before the signal was armed
         os._exit(1)
+
+
+def import_ahead() -> None:
+    """What a training imports before its first step, for a trainer started ahead of its job (the libraries and
+    the classes their lazy modules load on first use; a family's own classes load when its job needs them)."""
+    import accelerate  # noqa: F401
+    import open_clip  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+
+    from assets_pipeline.training import checkpoints, job, loop, output, validation  # noqa: F401
+
+
+def wait_for_job() -> int:
+    """``--job-from-stdin``: a trainer started ahead (resources/spare_trainer.py). It imports what a training
+    needs, then reads one JSON line from stdin: the arguments, the Pipes variables and the working directory its
+    launcher would have started a new trainer with. Its stdin closed with no job (the launcher had no use for it)
+    ends it quietly."""
+    _die_with_launcher(launched=True)  # first: it must die with the step, imports or not
+    import_ahead()
+    line = sys.stdin.readline()
+    if not line.strip():
+        return 0
+    import json
+
+    order = json.loads(line)
+    os.environ.update(order["env"])
+    os.chdir(order["cwd"])
+    return main(order["argv"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("trainer").setLevel(logging.INFO)
     job = TrainJob.load(args.job)
-    if job.cache_dir:  # the compilers' own on-disk caches inside the artifact root, not /tmp or ~/.triton
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(job.cache_dir) / "inductor"))
-        os.environ.setdefault("TRITON_CACHE_DIR", str(Path(job.cache_dir) / "triton"))
+    if job.cache_dir:  # a launcher sets them (resources/spare_trainer.py); from a shell, set them here
+        from assets_pipeline.training.runtime.compilation import compile_cache_env
+
+        for key, value in compile_cache_env(job.cache_dir).items():
+            os.environ.setdefault(key, value)
     with ExitStack() as stack:
         pipes = _pipes(stack)
         progress = pipes.log.info if pipes else logging.getLogger("trainer").info
@@ -134,4 +168,4 @@ def exit_now(code: int) -> None:
 
 
 if __name__ == "__main__":
-    exit_now(main())
+    exit_now(wait_for_job() if sys.argv[1:] == ["--job-from-stdin"] else main())

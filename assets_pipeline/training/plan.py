@@ -201,7 +201,7 @@ def plan_job(layout: ArtifactLayout, ref: BaseModelRef, spec: ConceptSpec, metho
                  "preprocessing": preprocessing(layout, [spec, *(layout.spec(s.concept) for s, _ in sources)])},
         scorer={**(scorer or {"model_name": "embedded", "pretrained": None}), "artifact_root": str(layout.root)},
         device=launch.device, mixed_precision=launch.mixed_precision, performance=launch.performance,
-        cache_dir=str(layout.root / "cache"), log_with=launch.log_with,
+        cache_dir=str(layout.cache_root()), log_with=launch.log_with,
         datasets=tuple(source for source, _ in sources),
         # The embedded random model's images mean nothing: fewer, cheaper validation renders. Any other model's
         # validation costs in proportion to its training (validation.validation_inference_steps).

@@ -24,6 +24,13 @@ REGIONAL_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D", "CLIPEncoderLayer")
 
 
 
+def compile_cache_env(cache_dir: str | Path) -> dict[str, str]:
+    """The compilers' own on-disk caches inside the artifact root (a job's ``cache_dir``), not /tmp or ~/.triton.
+    Set in a trainer's environment before torch._dynamo is imported: importing it fixes some paths and sets
+    ``TORCHINDUCTOR_CACHE_DIR`` to its /tmp default where it is unset."""
+    return {"TORCHINDUCTOR_CACHE_DIR": str(Path(cache_dir) / "inductor"), "TRITON_CACHE_DIR": str(Path(cache_dir) / "triton")}
+
+
 def compile_module(module, mode: str, backend: str, blocks: tuple[str, ...] = REGIONAL_BLOCKS) -> int:
     """Compile ``module`` in place (``nn.Module.compile``: state-dict keys unchanged, so saving, checkpoints and
     ``unwrap_model`` see the plain module); ``regional`` compiles each submodule whose class is named in
