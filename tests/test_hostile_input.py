@@ -5,6 +5,7 @@ roots."""
 from __future__ import annotations
 
 import json
+import os
 import unicodedata
 from pathlib import Path
 
@@ -274,3 +275,29 @@ def test_raw_images_never_logs_the_control_characters_of_a_file_name(data_root, 
     rejected = [m for m in messages if m.startswith("rejected x")]
     assert rejected and all(_control_characters(m) == [] for m in rejected)
     assert "x\\x1b]0;owned\\x07\\x1b[2J.jpg" in rejected[0]
+
+
+def test_a_file_name_that_is_not_utf8_is_a_reject_and_the_step_goes_on(data_root, storage):
+    """A photo named in Latin-1 (or any bytes that are not UTF-8) failed the whole raw_images step: the name
+    could not be written to the manifest (pyarrow: surrogates not allowed). Now it is a reject, its name shown
+    with the bytes escaped, and the other photos are ingested."""
+    import dagster as dg
+
+    from assets_pipeline.definitions import ASSETS, default_resources
+    from assets_pipeline.tables import read_asset_table
+    from helpers import encode, photo, write_concept
+
+    folder = write_concept(data_root, "latin", {"a.png": encode(photo("coffee", (64, 64)), "PNG")},
+                           'token = "sks"\nmethods = ["lora"]\n')
+    Path(os.fsdecode(os.fsencode(folder) + b"/caf\xe9.png")).write_bytes(encode(photo("chelsea", (64, 64)), "PNG"))
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("concepts", ["latin"])
+        res = dg.materialize(ASSETS, selection="raw_images", partition_key="latin", instance=instance,
+                             resources={**default_resources(), "storage": storage})
+        messages = [e.user_message for e in instance.all_logs(res.run_id)]
+    assert res.success
+    layout = storage.layout()
+    assert list(read_asset_table(layout, "latin", "raw_images", "manifest.parquet")["source_path"]) == ["a.png"]
+    rejects = read_asset_table(layout, "latin", "raw_images", "rejects.parquet").set_index("source_path")
+    assert rejects.loc["caf\\xe9.png", "code"] == "name_not_utf8"
+    assert any(m.startswith("rejected caf\\xe9.png: the file name is not valid UTF-8") for m in messages)

@@ -158,6 +158,12 @@ def _link_loop(e: OSError) -> RejectedFile:
                         "remove it")
 
 
+def shown_name(rel: Path) -> str:
+    """A relative path as text: itself where its name is valid UTF-8; else its bytes as ``\\xff`` escapes (a name
+    the file system decoded with surrogate escapes cannot be stored in a table or JSON)."""
+    return os.fsencode(rel.as_posix()).decode("utf-8", "backslashreplace")
+
+
 def _walk(concept_dir: Path):
     """Every entry under the concept folder, depth first, without following directory links."""
     for dirpath, dirnames, filenames in os.walk(concept_dir, followlinks=False):
@@ -203,11 +209,15 @@ def ingest_concept(
     captions: dict[Path, str] = {}
 
     def reject(path: Path, code: str, reason: str) -> None:
-        rejects.append({"source_path": path.relative_to(concept_dir).as_posix(), "code": code, "reason": reason})
+        rejects.append({"source_path": shown_name(path.relative_to(concept_dir)), "code": code, "reason": reason})
 
     for path in _walk(concept_dir):
         rel = path.relative_to(concept_dir)
         if rel.as_posix() == SPEC_FILE:
+            continue
+        if shown_name(rel) != rel.as_posix():  # tables, lineage and captions need text: such a name has none
+            reject(path, "name_not_utf8", "the file name is not valid UTF-8 (shown with its bytes escaped): not "
+                   "read; rename it, e.g. with convmv -f <its encoding> -t utf-8 --notest")
             continue
         try:  # what the entry is, links followed; nothing is opened before it is known to be a regular file
             mode = os.stat(path).st_mode
