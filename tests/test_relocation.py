@@ -26,7 +26,7 @@ def test_moving_the_artifact_root_keeps_lineage_reuse_caches_and_training(tmp_pa
     from assets_pipeline.training.reuse import FORCE_RETRAIN_TAG
 
     class NoTraining(TrainerLauncher):
-        def launch(self, context, job_path):
+        def launch(self, context, job_path, cache_dir=""):
             raise AssertionError(f"trained although nothing changed ({job_path})")
 
     data = tmp_path / "data"

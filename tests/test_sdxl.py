@@ -142,7 +142,7 @@ def test_an_unchanged_sdxl_build_reuses_both_outputs(sdxl_build):
     from assets_pipeline.resources import TrainerLauncher
 
     class NoTraining(TrainerLauncher):
-        def launch(self, context, job_path):
+        def launch(self, context, job_path, cache_dir=""):
             raise AssertionError(f"trained although nothing changed ({job_path})")
 
     res = dg.materialize([*ASSETS, *CHECKS], selection=dg.AssetSelection.assets("lora_adapter", "dreambooth_model"),

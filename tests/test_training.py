@@ -367,7 +367,7 @@ def test_identical_job_reuses_the_current_output_and_the_tag_forces_training(dem
     from assets_pipeline.training.reuse import FORCE_RETRAIN_TAG
 
     class NoTraining(TrainerLauncher):
-        def launch(self, context, job_path):
+        def launch(self, context, job_path, cache_dir=""):
             raise AssertionError(f"trained although nothing changed ({job_path})")
 
     before = _versions(demo_build, "lora_adapter")
@@ -491,7 +491,7 @@ def _rebuild_lora_reusing(demo, named: str):
     from assets_pipeline.resources import TrainerLauncher
 
     class NoTraining(TrainerLauncher):
-        def launch(self, context, job_path):
+        def launch(self, context, job_path, cache_dir=""):
             raise AssertionError(f"trained although an identical output is kept ({job_path})")
 
     pointer = demo.artifacts / "concepts" / demo.concept / "lora_adapter" / "current.json"
@@ -575,7 +575,7 @@ def test_a_second_run_of_a_job_in_training_waits_without_its_slot_and_reuses_tha
     from assets_pipeline.resources import TrainerLauncher
 
     class NoTraining(TrainerLauncher):
-        def launch(self, context, job_path):
+        def launch(self, context, job_path, cache_dir=""):
             raise AssertionError(f"trained although the same job was being trained ({job_path})")
 
     asset_dir = demo_build.artifacts / "concepts" / demo_build.concept / "lora_adapter"

@@ -171,7 +171,7 @@ def build_model_asset(method_name: str) -> dg.AssetsDefinition:
         clean_stale_temporaries(context, storage, concept, method.asset_name, caches=("base_renders", "check_results"))
         job_path = asset_dir / f".job-{context.run_id}.json"
         job.save(job_path)
-        invocation = trainer.launch(context, job_path)
+        invocation = trainer.launch(context, job_path, job.cache_dir)
         ensure_run_active(context)  # a run that ended meanwhile (its worker killed) makes nothing current
         yield from invocation.get_results()
         # The version folder's name, relative to this folder: the artifact root can move.

@@ -231,14 +231,13 @@ class TrainerLauncher(dg.ConfigurableResource):
             return [*cmd, "-m", "assets_pipeline.training", "--job", str(job_path)]
         return [*TRAINER, "--job", str(job_path)]
 
-    def launch(self, context, job_path: Path):
-        from assets_pipeline.training.job import TrainJob
-
-        job = TrainJob.load(job_path)
+    def launch(self, context, job_path: Path, cache_dir: str = ""):
+        """Run the trainer on the job file; ``cache_dir``: the job's, where the compilers keep their caches."""
         if self.num_processes > 1:  # an effective batch that cannot be split fails here, before GPUs are claimed
+            from assets_pipeline.training.job import TrainJob
             from assets_pipeline.training.step import per_process_batch
 
-            cfg = job.config
+            cfg = TrainJob.load(job_path).config
             per_process_batch(cfg.train_batch_size, cfg.gradient_accumulation_steps, self.num_processes)
 
         # Extra variables only: run_trainer merges them over this process's environment (a pod gets
@@ -260,4 +259,4 @@ class TrainerLauncher(dg.ConfigurableResource):
 
         with trainer_dies_with_run(context):  # a run that ends (its worker killed) takes its trainer with it
             # PipesSubprocessClient.run, except that a trainer started ahead of the job takes it where it can
-            return run_trainer(context, self.command(job_path), env, WholeLineTempFileMessageReader(), job.cache_dir)
+            return run_trainer(context, self.command(job_path), env, WholeLineTempFileMessageReader(), cache_dir)
