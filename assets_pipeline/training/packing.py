@@ -34,6 +34,10 @@ Design choices, and why:
 - The forward follows PEFT's LoRA ``Linear.forward``: the input is cast to the adapter's dtype (fp32 master
   weights over a bf16 base), added to the base output and cast back to the base output's dtype.
 
+Every adapter takes part in every forward (the stack is differentiated as a whole): an adapter with no row in
+the batch gets a zero gradient, not None. So DDP finds no unused parameters, but an optimizer must not step a
+concept that had no rows (AdamW would still move it through its moments and weight decay).
+
 With gradient checkpointing (diffusers' is non-reentrant) the forward of a checkpointed block runs again during
 ``backward()``: keep the ``rows`` context open around the backward too, or the recomputation finds no index.
 """
@@ -46,7 +50,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"  # the key suffixes of get_peft_model_state_dict (adapter name dropped)
+# The key suffixes of get_peft_model_state_dict (the adapter's name dropped).
+LORA_A, LORA_B = "lora_A.weight", "lora_B.weight"
 
 
 class RowIndex:
@@ -173,7 +178,8 @@ def inject_packed_lora(model: nn.Module, target_modules: Sequence[str], n_adapte
     matched = [(name, m) for name, m in model.named_modules() if name and _matches(name, target_modules)]
     if not matched:
         raise ValueError(f"target_modules {list(target_modules)} not found in the model ({type(model).__name__})")
-    if wrong := [f"{name} ({type(m).__module__}.{type(m).__qualname__})" for name, m in matched if type(m) is not nn.Linear]:
+    if wrong := [f"{name} ({type(m).__module__}.{type(m).__qualname__})" for name, m in matched
+                 if type(m) is not nn.Linear]:
         raise TypeError(f"packed LoRA adapts plain nn.Linear layers only; target_modules {list(target_modules)} "
                         f"also match {wrong[:3]}{' ...' if len(wrong) > 3 else ''} (a PEFT adapter already on the "
                         "model? convolutions are not packed)")
