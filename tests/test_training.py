@@ -563,7 +563,6 @@ def test_a_second_run_of_a_job_in_training_waits_without_its_slot_and_reuses_tha
     waited on the job lock, then trained again to a second version. Now the step sees the lock taken before it
     launches anything, gives its slot back (a retry: Dagster frees a pool slot while a step waits to retry), and
     on retry reuses what the first run wrote."""
-    import shutil
     import subprocess
     import sys
     import threading

@@ -214,7 +214,7 @@ class TrainerLauncher(dg.ConfigurableResource):
     def command(self, job_path: Path) -> list[str]:
         import sys
 
-        from assets_pipeline.resources.spare_trainer import TRAINER
+        from assets_pipeline.training import TRAINER
 
         if self.num_processes > 1:
             cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(self.num_processes)]
@@ -242,7 +242,7 @@ class TrainerLauncher(dg.ConfigurableResource):
 
         # Extra variables only: run_trainer merges them over this process's environment (a pod gets
         # them with k8s.env and the Pipes variables over the image's).
-        from assets_pipeline.resources.spare_trainer import TRAINER_ENV
+        from assets_pipeline.training import TRAINER_ENV
 
         env = dict(TRAINER_ENV)
         self.check_mode()

@@ -29,7 +29,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -37,9 +36,8 @@ from pathlib import Path
 
 import dagster as dg
 
-# The single-process trainer (TrainerLauncher.command without accelerate), and the environment a step adds.
-TRAINER = (sys.executable, "-m", "assets_pipeline.training")
-TRAINER_ENV = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+from assets_pipeline.training import TRAINER, TRAINER_ENV
+
 WAIT_FOR_JOB = "--job-from-stdin"
 PIPES = "DAGSTER_PIPES_"  # the variables a Pipes session adds, handed to the spare with its job
 

@@ -26,7 +26,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from collections import deque
 from collections.abc import Callable
@@ -462,11 +461,15 @@ def rebuild_job(manifest: dict, rows: list[Row], ref: BaseModelRef, scratch: Pat
         raise ReproductionError([f"the recorded job cannot be rebuilt by this code: {type(e).__name__}: {e}"]) from e
 
 
-def run_trainer(job_path: Path, progress: Callable[[str], None]) -> None:
+def run_trainer(job_path: Path, progress: Callable[[str], None], cache_dir: str) -> None:
     """The trainer process as the trainer resource starts it for one process (TrainerLauncher.command), its output
-    passed to ``progress`` line by line."""
-    cmd = [sys.executable, "-m", "assets_pipeline.training", "--job", str(job_path)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    passed to ``progress`` line by line. The compilers' caches go to ``cache_dir`` (the scratch folder's): this
+    process imported torch._dynamo to re-derive the bundle, which set ``TORCHINDUCTOR_CACHE_DIR`` to /tmp."""
+    from assets_pipeline.training import TRAINER, TRAINER_ENV
+    from assets_pipeline.training.runtime.compilation import compile_cache_env
+
+    cmd = [*TRAINER, "--job", str(job_path)]
+    env = {**os.environ, **TRAINER_ENV, **compile_cache_env(cache_dir)}
     tail: deque[str] = deque(maxlen=30)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         assert proc.stdout is not None
@@ -595,7 +598,7 @@ def reproduce(output: Path, data_root: Path, artifact_root: Path, *, scratch_par
         job_path.parent.mkdir(parents=True, exist_ok=True)
         job.save(job_path)
         progress(f"training {job.method} for {job.concept!r} again in {scratch}")
-        run_trainer(job_path, progress)
+        run_trainer(job_path, progress, job.cache_dir)
         count, diffs, weight_notes = compare_weights(output, Path(job.output_dir), manifest)
         return Report(output, not diffs, count, diffs, notes + weight_notes, scratch if keep else None)
     except ReproductionError as e:
