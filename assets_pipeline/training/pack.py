@@ -258,7 +258,8 @@ def train_pack(jobs: Sequence[TrainJob], progress: Callable[[str], None] = log.i
     """Train ``jobs`` (one group of :func:`packable`) as one pack in this process. Returns one entry per job, in
     order: its :class:`TrainState` (for ``output.write_output``, as ``loop.train``'s), or the exception that
     ended it alone (a :class:`DivergedTraining`, or an error in its own inputs); the others trained on. Errors
-    of the pack itself (the base model, the device) raise."""
+    of the pack itself (the base model, the device) raise. How the step runs (channels_last, fused AdamW, TF32)
+    follows the first job's ``performance``; each concept logs and checks its losses at its own solo log points."""
     import torch
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
