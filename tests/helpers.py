@@ -54,21 +54,24 @@ def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def write_synthetic_bundle(root: Path, seed: int = 0) -> Path:
-    """A latents bundle of three 64 px instance rows ("a", "b", "c") with random latents and text embeddings
-    for the embedded model (text width 32), in ``root/latents.safetensors`` with its digest recorded: enough for
-    the training loop without a dataset build."""
+def write_synthetic_bundle(root: Path, seed: int = 0, n: int = 3, bucket: tuple[int, int] = (64, 64)) -> Path:
+    """A latents bundle of ``n`` (default three) instance rows ("a", "b", "c", ...) in one ``bucket`` (width, height;
+    default 64 px square) with random latents and text embeddings for the embedded model (text width 32, VAE factor
+    2), in ``root/latents.safetensors`` with its digest recorded: enough for the training loop without a dataset
+    build."""
     import torch
     from safetensors.torch import save_file
 
     from assets_pipeline.store import record_digest
 
+    names, label = "abcdefghijklmnopqrstuvwxyz"[:n], f"{bucket[0]}x{bucket[1]}"
+    shape = (n, 4, bucket[1] // 2, bucket[0] // 2)
     g = torch.Generator().manual_seed(seed)
-    save_file({"prompt_embeds": torch.randn(3, 77, 32, generator=g),
-               "latent_mean@64x64": torch.randn(3, 4, 32, 32, generator=g),
-               "latent_std@64x64": torch.full((3, 4, 32, 32), 0.1)}, str(root / "latents.safetensors"),
-              metadata={"image_sha256": '["a", "b", "c"]', "role": '["instance", "instance", "instance"]',
-                        "bucket": '["64x64", "64x64", "64x64"]'})
+    save_file({"prompt_embeds": torch.randn(n, 77, 32, generator=g),
+               f"latent_mean@{label}": torch.randn(*shape, generator=g),
+               f"latent_std@{label}": torch.full(shape, 0.1)}, str(root / "latents.safetensors"),
+              metadata={"image_sha256": json.dumps(list(names)), "role": json.dumps(["instance"] * n),
+                        "bucket": json.dumps([label] * n)})
     record_digest(root / "latents.safetensors")
     return root / "latents.safetensors"
 

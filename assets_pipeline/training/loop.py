@@ -80,14 +80,21 @@ class TrainState:
     validation: dict | None = None
 
 
-def make_accelerator(job: TrainJob, cpu: bool, ckpt_root):
-    """(accelerator, precision) for the job: ``mixed_precision = 'auto'`` is bf16 on a GPU that supports it."""
+def run_precision(job: TrainJob, cpu: bool) -> str:
+    """The job's mixed precision on this machine: ``'auto'`` is bf16 on a GPU that supports it, else ``'no'``."""
     import torch
-    from accelerate import Accelerator, DataLoaderConfiguration
 
     precision = job.mixed_precision
     if precision == "auto":
         precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
+    return precision
+
+
+def make_accelerator(job: TrainJob, cpu: bool, ckpt_root):
+    """(accelerator, precision) for the job: ``mixed_precision = 'auto'`` is bf16 on a GPU that supports it."""
+    from accelerate import Accelerator, DataLoaderConfiguration
+
+    precision = run_precision(job, cpu)
     # Trackers log into the checkpoint folder while training (resume appends to the same run); write_output
     # copies the logs into the output folder.
     # split_batches: the configured batch is the total the processes split (per_process_batch), so the prepared

@@ -264,3 +264,14 @@ def load_adapter_state(model: nn.Module, i: int, state: Mapping[str, Tensor]) ->
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(state[k])
+
+
+def remove_packed_lora(model: nn.Module) -> int:
+    """Put each packed layer's frozen ``base_layer`` back in its place: ``model`` is the base model again (its
+    adapters gone; read them with :func:`adapter_state` first). Returns the number of layers restored."""
+    layers = list(packed_layers(model))
+    for name, layer in layers:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base_layer)
+    return len(layers)
