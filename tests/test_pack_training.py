@@ -51,7 +51,8 @@ def world(built_models, tmp_path_factory):
     artifacts = link_models(built_models, root / "artifacts")
     ref = resolve_base_model("embedded", artifacts)
 
-    def job(concept: str, n: int, config: dict, bucket=(64, 64), name: str | None = None, **fields):
+    def job(concept: str, n: int, config: dict, bucket=(64, 64), name: str | None = None, method: str = "lora",
+            **fields):
         folder = root / (name or concept)
         folder.mkdir(exist_ok=True)
         write_synthetic_bundle(folder, seed=sum(map(ord, concept)), n=n, bucket=bucket)
@@ -62,7 +63,7 @@ def world(built_models, tmp_path_factory):
             rows.append({"image_sha256": s, "role": "instance", "caption": f"a photo of {concept} dog",
                          "decoded_path": str(photo), "source_path": str(photo),
                          **({"repeats": 2} if concept == "bob" and s == "a" else {})})
-        return make_job("lora", config, rows=rows, base_model=ref, concept=concept, latents_dir=str(folder),
+        return make_job(method, config, rows=rows, base_model=ref, concept=concept, latents_dir=str(folder),
                         output_dir=str(folder / "out"), checkpoint_dir=str(folder / "ckpt"), device="cpu",
                         mixed_precision="no", validation_inference_steps=2, validation_seeds=(0,),
                         scorer={"model_name": "embedded", "artifact_root": str(artifacts)}, **fields)
@@ -218,7 +219,7 @@ def test_other_methods_and_an_interrupted_training_with_a_checkpoint_are_refused
     groups, refused = packable([dreambooth, resumable, _job("fresh")])
     assert [g[0].concept for g in groups] == ["fresh"]
     assert [str(r) for r in refused] == [
-        "concept 'db' trains alone: method 'dreambooth' (a pack trains LoRA adapters only)",
+        "concept 'db' trains alone: method 'dreambooth' (a pack trains LoRA adapters or textual-inversion tokens only)",
         ("concept 'half' trains alone: it has a checkpoint at step 4 of an interrupted training, which resumes alone "
          "(a pack neither resumes nor writes checkpoints)")]
 
@@ -243,3 +244,123 @@ def test_packs_group_what_they_share_and_a_pack_refuses_jobs_that_cannot_share_i
         train_pack([a, wide])
     with pytest.raises(ValueError, match=r"cannot train as one pack: concept 'odd' trains alone: \[lora\] variant"):
         train_pack([a, _job("odd", {"variant": "loha"})])
+
+
+# -- textual inversion ------------------------------------------------------------------------------------------------
+
+# Each concept its own token (one shares another's word as its initializer), seed, learning rate and schedule, steps
+# (3, 5, 4), photos, batch and accumulation, weight decay, clipping that bites (max_grad_norm tiny), EMA.
+TI_CONCEPTS = {
+    "ann": (3, {"max_train_steps": 3, "seed": 1, "learning_rate": 5e-3, "train_batch_size": 2}),
+    "bob": (4, {"max_train_steps": 5, "seed": 2, "learning_rate": 2e-3, "lr_scheduler": "linear",
+                "lr_warmup_steps": 2, "adam_weight_decay": 0.5, "max_grad_norm": 1e-4, "initializer_token": "cat",
+                "caption_dropout": 0.3}),
+    "cat": (5, {"max_train_steps": 4, "seed": 3, "learning_rate": 1e-2, "gradient_accumulation_steps": 2,
+                "use_ema": True, "ema_decay": 0.5, "noise_offset": 0.05}),
+}
+
+
+def token_row(state) -> torch.Tensor:
+    """The learned row (the one textual_inversion.save writes) of the state's one text encoder."""
+    name = state.models.family.text_encoder_names[0]
+    return state.method._learned(state.models, name)
+
+
+@pytest.fixture(scope="module")
+def ti_trained(world, deterministic):
+    """The textual-inversion concepts trained alone, one after another, and as one pack."""
+    from assets_pipeline.training import loop
+    from assets_pipeline.training.pack import train_pack
+
+    jobs = [world(c, n, cfg, name=f"ti-{c}", method="textual_inversion", token=f"tok{c}")
+            for c, (n, cfg) in TI_CONCEPTS.items()]
+    solo = []
+    for job in jobs:  # the method is one object: read each solo's row before the next solo training overwrites it
+        state = loop.train(job, progress=lambda m: None)
+        solo.append((state, token_row(state), list(state.losses)))
+    log: list[str] = []
+    packed = train_pack(jobs, progress=log.append)
+    return jobs, solo, packed, log
+
+
+def test_each_packed_token_equals_its_solo_training(ti_trained):
+    jobs, solo, packed, log = ti_trained
+    assert all(not isinstance(p, BaseException) for p in packed), packed
+    diffs, rows = {}, []
+    for job, (s, solo_row, solo_losses), p in zip(jobs, solo, packed):
+        steps = job.config.max_train_steps
+        assert p.steps == steps and len(p.losses) == len(solo_losses) == steps
+        np.testing.assert_allclose(p.losses, solo_losses, rtol=0, atol=TOL)
+        row = token_row(p)
+        rows.append(row)
+        diffs[job.concept] = float((row - solo_row).abs().max())
+        assert diffs[job.concept] <= TOL, diffs
+        assert p.stats["packed"] and p.stats["pack_size"] == 3
+        # Not two untrained rows agreeing: the row moved from where solo's prepare starts it.
+        emb = p.models.text_encoders[0].get_input_embeddings().weight
+        tok = p.models.tokenizers[0]
+        init = emb[tok.encode(job.config.initializer_token or job.class_noun or "photo",
+                              add_special_tokens=False)].mean(0).detach()
+        assert float((row[0] - init).abs().max()) > 100 * TOL
+        # Solo's shape: its tokenizer has its own token only, at solo's id.
+        assert len(tok) == len(s.models.tokenizers[0]) and tok.convert_tokens_to_ids(f"<tok{job.concept}>") == \
+            p.method.placeholder_ids["text_encoder"]
+    # Each concept its own row: a mix-up would break the equality above by far more than TOL.
+    assert min(float((rows[i] - rows[j]).abs().max()) for i in range(3) for j in range(i + 1, 3)) > 1e-3
+    assert [line for line in log if "leaves the pack" in line] == [
+        f"pack: {c!r} trained its {n} steps and leaves the pack" for c, n in (("ann", 3), ("cat", 4), ("bob", 5))]
+    print(f"max |packed - solo| of the learned rows: {diffs}")
+
+
+def test_a_packed_token_is_written_as_solo_writes_it_and_stock_diffusers_loads_it(ti_trained, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from assets_pipeline.training.methods.textual_inversion import DIFFUSERS_FILE
+    from assets_pipeline.training.output import write_output
+
+    jobs, solo, packed, _ = ti_trained
+    outs = {}
+    # The solo state's method is shared by every solo training: train ann alone again so its state is current.
+    from assets_pipeline.training import loop
+
+    for kind, state in (("solo", loop.train(jobs[0], progress=lambda m: None)), ("packed", packed[0])):
+        job = replace(jobs[0], output_dir=str(tmp_path / kind))
+        write_output(job, state, "cpu")
+        outs[kind] = Path(job.output_dir)
+    files = {kind: sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+             for kind, out in outs.items()}
+    assert files["packed"] == files["solo"] and {DIFFUSERS_FILE, "ann.safetensors"} <= set(files["packed"])
+    for name in (DIFFUSERS_FILE, "ann.safetensors"):
+        assert max_diff(load_file(str(outs["solo"] / name)), load_file(str(outs["packed"] / name))) <= TOL
+
+    pipe = StableDiffusionPipeline.from_pretrained(jobs[0].base_model.location, local_files_only=True)
+    pipe.load_textual_inversion(str(outs["packed"] / DIFFUSERS_FILE))  # stock diffusers: the token from the file
+    token_id = pipe.tokenizer.convert_tokens_to_ids("<tokann>")
+    loaded = pipe.text_encoder.get_input_embeddings().weight[token_id].detach()
+    assert float((loaded - token_row(packed[0])[0]).abs().max()) == 0
+
+
+def test_packable_puts_lora_and_textual_inversion_in_separate_packs_and_refuses_unpackable_tokens():
+    from assets_pipeline.training.pack import packable, train_pack
+
+    lora_a, lora_b = _job("la"), _job("lb", {"learning_rate": 1e-3})
+    ti_a = make_job("textual_inversion", {"seed": 3}, concept="ta")
+    ti_b = make_job("textual_inversion", {"learning_rate": 1e-3, "initializer_token": "dog"}, concept="tb")
+    odd = {key: make_job("textual_inversion", config, concept=key, **fields) for key, config, fields in (
+        ("opt", {"optimizer": "prodigy"}, {}), ("shuf", {"shuffle_caption": True}, {}),
+        ("val", {"validation_steps": 2}, {}), ("half", {}, {"mixed_precision": "fp16"}))}
+    groups, refused = packable([lora_a, ti_a, *odd.values(), lora_b, ti_b])
+    assert [[j.concept for j in g] for g in groups] == [["la", "lb"], ["ta", "tb"]]
+    assert [str(r) for r in refused] == [
+        "concept 'opt' trains alone: [textual_inversion] optimizer = 'prodigy': a packed token's row is stepped "
+        "alone, which equals solo's step of the whole embedding only for AdamW (per element); 8-bit AdamW, Adafactor "
+        "and Prodigy see the other rows too",
+        "concept 'shuf' trains alone: [textual_inversion] shuffle_caption = True: a pack tokenizes each concept's "
+        "captions once",
+        "concept 'val' trains alone: [textual_inversion] validation_steps = 2: a pack does not validate during "
+        "training (yet)",
+        "concept 'half' trains alone: mixed_precision = 'fp16': fp16 needs a gradient scaler, which one backward "
+        "over several concepts would share; train in bf16 or fp32"]
+    with pytest.raises(ValueError, match=r"these 2 jobs cannot train as one pack"):
+        train_pack([lora_a, ti_a])

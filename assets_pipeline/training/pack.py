@@ -80,12 +80,14 @@ def _targets(job: TrainJob) -> tuple[str, ...]:
 
 
 def pack_key(job: TrainJob) -> tuple:
-    """What the concepts of one pack share: the frozen base (its weights' fingerprint), the adapter shape (rank and
-    target modules: one packed layer per module) and how the step runs (device, precision, gradient
-    checkpointing)."""
+    """What the concepts of one pack share: the method (a pack is all LoRA or all textual inversion), the frozen
+    base (its weights' fingerprint), for LoRA the adapter shape (rank and target modules: one packed layer per
+    module), and how the step runs (device, precision, gradient checkpointing)."""
     ref, cfg = job.base_model, job.config
-    return (ref.fingerprint, ref.family, ref.prediction_type, cfg.rank, tuple(sorted(_targets(job))), job.device,
-            job.mixed_precision, cfg.gradient_checkpointing)
+    if job.method == "textual_inversion":  # the frozen base and text encoders; one new embedding row per concept
+        return (job.method, ref.fingerprint, ref.family, ref.prediction_type, job.device, job.mixed_precision)
+    return (job.method, ref.fingerprint, ref.family, ref.prediction_type, cfg.rank, tuple(sorted(_targets(job))),
+            job.device, job.mixed_precision, cfg.gradient_checkpointing)
 
 
 def refusal(job: TrainJob) -> str | None:
@@ -93,10 +95,10 @@ def refusal(job: TrainJob) -> str | None:
     from assets_pipeline.training.checkpoints import checkpoint_root, checkpoints
 
     cfg, where = job.config, f"concept {job.concept!r} trains alone:"
-    if job.method != "lora":
-        return f"{where} method {job.method!r} (a pack trains LoRA adapters only)"
+    if job.method not in ("lora", "textual_inversion"):
+        return f"{where} method {job.method!r} (a pack trains LoRA adapters or textual-inversion tokens only)"
     section = f"[{job.method}]"
-    settings = (
+    settings = _ti_settings(cfg) if job.method == "textual_inversion" else (
         ("variant", cfg.variant != "lora", "a pack trains plain LoRA; DoRA, LoHa and LoKr have no packed layer"),
         ("conv_rank", cfg.conv_rank != 0, "a pack adapts linear layers only, not the ResNets' convolutions (LoCon)"),
         ("dropout", cfg.dropout != 0, "the packed layer has no LoRA dropout"),
@@ -120,6 +122,17 @@ def refusal(job: TrainJob) -> str | None:
         return (f"{where} it has a checkpoint at step {done[-1][0]} of an interrupted training, which resumes "
                 "alone (a pack neither resumes nor writes checkpoints)")
     return None
+
+
+def _ti_settings(cfg) -> tuple:
+    """The textual-inversion settings a pack refuses: (key, refused, why)."""
+    return (
+        ("optimizer", cfg.optimizer != "adamw",
+         "a packed token's row is stepped alone, which equals solo's step of the whole embedding only for AdamW "
+         "(per element); 8-bit AdamW, Adafactor and Prodigy see the other rows too"),
+        ("shuffle_caption", cfg.shuffle_caption, "a pack tokenizes each concept's captions once"),
+        ("validation_steps", cfg.validation_steps != 0, "a pack does not validate during training (yet)"),
+    )
 
 
 def packable(jobs: Sequence[TrainJob]) -> tuple[list[list[TrainJob]], list[Refusal]]:
@@ -163,6 +176,12 @@ class _Concept:
     error: BaseException | None = None
     done: int = 0  # optimizer steps trained
     train_s: float = 0.0
+    # textual inversion: its own method instance (its placeholder ids, as solo's prepare sets them), its rows in
+    # the pack's embedding tables (one per text encoder) and the (encoder, token ids, embedding output) of each
+    # text-encoder forward since its last optimizer step
+    ti: Any = None
+    pids: list = field(default_factory=list)
+    tape: list = field(default_factory=list)
 
     @property
     def training(self) -> bool:
@@ -287,7 +306,8 @@ def train_pack(jobs: Sequence[TrainJob], progress: Callable[[str], None] = log.i
         raise ValueError(f"these {len(jobs)} jobs cannot train as one pack: " + "; ".join(why))
     if (world := int(os.environ.get("WORLD_SIZE", "1"))) > 1:
         raise ValueError(f"a pack trains in one process; this one is one of {world} (accelerate launch)")
-    method, first = get_method("lora"), jobs[0]
+    first = jobs[0]
+    method = get_method(first.method)
     cpu = first.device == "cpu" or (first.device == "auto" and not torch.cuda.is_available())
     device = torch.device("cpu" if cpu else "cuda")
     precision = run_precision(first, cpu)
@@ -302,6 +322,8 @@ def train_pack(jobs: Sequence[TrainJob], progress: Callable[[str], None] = log.i
             check_optimizer(c.cfg, cuda=not cpu, section=c.job.method)
         except Exception as e:  # noqa: BLE001 - its own inputs: it fails alone
             c.fail(e, progress)
+    if first.method == "textual_inversion":
+        return _train_textual_inversion(concepts, method, device, precision, weight_dtype, speed, progress)
 
     # -- the frozen base, once; each concept's adapter initialised as solo's ---------------------------------
     before = torch.random.get_rng_state()
@@ -455,13 +477,279 @@ def train_pack(jobs: Sequence[TrainJob], progress: Callable[[str], None] = log.i
             out.append(c.error)
             continue
         solo = _solo_models(models, method, c, states[c.slot])
-        images = c.cfg.train_batch_size * len(method.batch_roles(c.cfg)) * c.accum * c.steps
-        stats = {"packed": True, "pack_size": len(live), "packed_with": [o.job.concept for o in live if o is not c],
-                 "train_s": round(c.train_s, 2), "images_per_s": round(images / c.train_s, 3) if c.train_s else None,
-                 "micro_batch": c.cfg.train_batch_size, "gradient_accumulation": c.accum, "compile": "none",
-                 "channels_last": speed.channels_last, "optimizer": c.cfg.optimizer, "precision": precision,
-                 "device": sig, "num_processes": 1,
-                 "fused_optimizer": speed.fused_optimizer and c.cfg.optimizer == "adamw",
-                 "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
-        out.append(TrainState(method, c.cfg, c.ctx, solo, c.losses, c.steps, 0, True, 1, stats, None))
+        out.append(TrainState(method, c.cfg, c.ctx, solo, c.losses, c.steps, 0, True, 1,
+                              _stats(c, live, method, speed, precision, device, sig), None))
+    return out
+
+
+def _stats(c: _Concept, live: list, method, speed, precision: str, device, sig) -> dict:
+    """A packed concept's training_speed record (solo's keys, and whom it was packed with)."""
+    import torch
+
+    images = c.cfg.train_batch_size * len(method.batch_roles(c.cfg)) * c.accum * c.steps
+    return {"packed": True, "pack_size": len(live), "packed_with": [o.job.concept for o in live if o is not c],
+            "train_s": round(c.train_s, 2), "images_per_s": round(images / c.train_s, 3) if c.train_s else None,
+            "micro_batch": c.cfg.train_batch_size, "gradient_accumulation": c.accum, "compile": "none",
+            "channels_last": speed.channels_last, "optimizer": c.cfg.optimizer, "precision": precision,
+            "device": sig, "num_processes": 1,
+            "fused_optimizer": speed.fused_optimizer and c.cfg.optimizer == "adamw",
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
+
+
+# -- textual inversion --------------------------------------------------------------------------------------------
+
+def _ti_solo_models(models: Models, originals: list, c: _Concept):
+    """(method, models) as solo's ``TextualInversionMethod.prepare`` leaves them for concept ``c``: a method
+    instance of its own (its placeholder ids), tokenizers copied with its token added, text encoders sharing the
+    base's weights but each with its own input embedding, the base's (``originals``) resized and with its new row
+    initialised by ``prepare`` itself. The pack's text encoders must hold ``originals`` when it is called."""
+    from assets_pipeline.training.methods.textual_inversion import TextualInversionMethod
+
+    encoders = []
+    for te, original in zip(models.text_encoders, originals):
+        if te.get_input_embeddings() is not original:
+            raise RuntimeError("the pack's text encoders do not hold their own input embeddings")
+        shared = {id(t): t for t in (*te.parameters(), *te.buffers()) if t is not original.weight}
+        encoders.append(copy.deepcopy(te, memo=shared))  # new modules, the same weights but the embedding's
+    solo = replace(models, text_encoders=tuple(encoders), tokenizers=tuple(copy.deepcopy(t) for t in models.tokenizers),
+                   objective=c.models.objective)
+    method = TextualInversionMethod()
+    method.prepare(solo, c.cfg, c.ctx)
+    return method, solo
+
+
+def _clip_rows(c: _Concept, dims: list[int], padding: list) -> None:
+    """Its rows' gradients as solo's clipped embedding gradients: from the gradient of each of its text-encoder
+    forwards' embedding outputs since its last step, summed per token id (what the embedding's backward does),
+    the norm over every row its captions used (solo's whole embedding's gradient norm: only those rows have one)
+    and its own row's gradient, scaled as ``clip_grad_norm_`` scales it."""
+    import torch
+
+    norms = []
+    for e, (param, pid) in enumerate(zip(c.params, c.pids)):
+        records = [(ids, out) for k, ids, out in c.tape if k == e]
+        ids = torch.cat([i.reshape(-1) for i, _ in records])
+        grads = torch.cat([o.grad.reshape(-1, dims[e]) if o.grad is not None else torch.zeros_like(o).reshape(
+            -1, dims[e]) for _, o in records])
+        if padding[e] is not None:  # the padding row gets no gradient (nn.Embedding's padding_idx)
+            grads = grads * (ids != padding[e])[:, None]
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        rows = torch.zeros(len(unique), dims[e], device=grads.device, dtype=grads.dtype).index_add_(0, inverse, grads)
+        norms.append(torch.linalg.vector_norm(rows))
+        param.grad = (rows * (unique == pid)[:, None]).sum(0, keepdim=True).to(param.dtype)
+    c.tape = []
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    coefficient = torch.clamp(c.cfg.max_grad_norm / (total + 1e-6), max=1.0)  # torch's clip_grad_norm_
+    for param in c.params:
+        param.grad.mul_(coefficient)
+
+
+def _train_textual_inversion(concepts: list[_Concept], method, device, precision: str, weight_dtype, speed,
+                             progress: Callable[[str], None]) -> list:
+    """``train_pack`` for textual-inversion jobs: one frozen base and one set of text encoders, whose input
+    embedding tables get one new row per concept (per encoder); each concept's captions are tokenized with its own
+    token as solo's are (its tokenizer: the base's with its token added), that token's id then mapped to its row
+    in the pack's table. Each step runs each concept's text-encoder forward on its own rows (its own conditioning),
+    the denoiser over every concept's rows at once (one forward per batch shape), per-concept losses and one
+    backward. The optimizer of each concept steps its own rows only: solo's AdamW steps the whole embedding and
+    ``after_step`` restores every other row, so its row's update is AdamW on that row (per element, weight decay
+    included), with the gradient clipped by the norm solo clips by, that of every row its captions used
+    (:func:`_clip_rows`). No concept's row is in another's optimizer, and its row in the table is written only
+    from its own parameter."""
+    import torch
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    from assets_pipeline.training.runtime.compilation import device_signature
+
+    first = concepts[0].job
+    before = torch.random.get_rng_state()
+    models = Models.load(first.base_model, True, None)
+    if not torch.equal(before, torch.random.get_rng_state()):
+        log.warning("loading base model %r drew from torch's random generator: solo training seeds before loading",
+                    first.base_model.source)
+    originals = [te.get_input_embeddings() for te in models.text_encoders]
+    names = list(models.family.text_encoder_names)
+    initial: dict[_Concept, list] = {}
+    solo_ids: dict[_Concept, list] = {}
+    for c in concepts:
+        if c.error is not None:
+            continue
+        try:
+            set_seed(c.cfg.seed)  # solo: set_seed, load the base, the data, then prepare (its resize draws)
+            c.models = replace(models, objective=models.family.objective.configured(c.cfg))
+            c.data = TrainingData.from_bundle(c.job.latents_dir, c.job.training_images,
+                                              lambda text, ctx=c.ctx: method.training_caption(text, ctx),
+                                              control=False).to(device)
+            c.ti, solo = _ti_solo_models(models, originals, c)
+            c.data.tokenize(solo.tokenizers)  # solo's token ids: its token at solo's id
+            solo_ids[c] = [c.ti.placeholder_ids[n] for n in names]
+            initial[c] = [solo.network(n).get_input_embeddings().weight[pid].detach().clone()
+                          for n, pid in zip(names, solo_ids[c])]
+            del solo
+            c.data.check_caption_dropout(c.cfg.caption_dropout)
+            c.steps, c.accum = c.cfg.total_steps(c.ctx.num_instance_images), c.cfg.gradient_accumulation_steps
+            group = c.cfg.train_batch_size * c.accum
+            c.samples, c.rows, c.index = c.data.schedule(method.batch_roles(c.cfg), 0, c.steps, c.cfg.train_batch_size,
+                                                         c.accum, 1, 0, c.cfg.seed, group)
+        except Exception as e:  # noqa: BLE001 - its own data or settings: it fails alone
+            c.fail(e, progress)
+    live = [c for c in concepts if c.error is None]
+
+    # -- one table per encoder: the base's rows, then each concept's row ----------------------------------------
+    tables, padding, dims = [], [], []
+    recording: list = [None]  # the concept whose text-encoder forward runs
+
+    def hook(e):
+        def record(module, args, output):
+            ids = args[0] if args else None
+            out = output.detach().requires_grad_()  # its gradient, per position, is summed per row by _clip_rows
+            recording[0].tape.append((e, ids, out))
+            return out
+        return record
+
+    hooks = []
+    for e, (te, original) in enumerate(zip(models.text_encoders, originals)):
+        base = original.num_embeddings
+        weight = original.weight.detach()
+        rows = [initial[c][e].to(weight) for c in live]
+        table = torch.nn.Embedding(base + len(live), weight.shape[1], padding_idx=original.padding_idx,
+                                   device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            table.weight.copy_(torch.cat([weight, *(r[None] for r in rows)]))
+        table.requires_grad_(False)
+        te.set_input_embeddings(table)
+        tables.append(table)
+        padding.append(original.padding_idx)
+        dims.append(weight.shape[1])
+        for slot, c in enumerate(live):
+            c.slot = slot
+            c.pids.append(base + slot)
+    for c in live:  # its token's id in solo's tokenizer -> its row in the pack's table
+        remap = [(old, new) for old, new in zip(solo_ids[c], c.pids)]
+        c.data.token_ids = tuple(torch.where(t == old, new, t) for t, (old, new) in zip(c.data.token_ids, remap))
+        c.data.empty_ids = tuple(torch.where(t == old, new, t) for t, (old, new) in zip(c.data.empty_ids, remap))
+    place_networks(models, [], device, weight_dtype, first.config, speed.channels_last)  # all frozen
+    for table in tables:  # solo's embedding: cast with its encoder, then to fp32 master weights (trained)
+        table.to(dtype=torch.float32)
+    for c in live:
+        c.params = [torch.nn.Parameter(t.weight[pid].detach().clone()[None]) for t, pid in zip(tables, c.pids)]
+        c.optimizer = make_optimizer(c.cfg, c.params, speed.fused_optimizer and c.cfg.optimizer == "adamw")
+        c.scheduler = get_scheduler(c.cfg.lr_scheduler, c.optimizer, num_warmup_steps=c.cfg.lr_warmup_steps,
+                                    num_training_steps=c.steps)
+        if c.cfg.use_ema:
+            from diffusers.training_utils import EMAModel
+
+            c.ema = EMAModel(c.params, decay=c.cfg.ema_decay)
+    for e, table in enumerate(tables):
+        hooks.append(table.register_forward_hook(hook(e)))
+    progress(f"pack: training {len(live)} textual-inversion tokens over one {models.family.name} base on {device} "
+             f"(precision {precision}): " + ", ".join(
+                 f"{c.job.concept!r} {c.steps} steps, batch {c.cfg.train_batch_size}x{c.accum}, lr "
+                 f"{c.cfg.learning_rate:g}" for c in live))
+
+    # -- the step loop ------------------------------------------------------------------------------------------
+    autocast = (lambda: torch.autocast(device.type, dtype=weight_dtype)) if precision == "bf16" else nullcontext
+    started, step = time.perf_counter(), 0
+    try:
+        while training := [c for c in live if c.training]:
+            step_loss = {c: torch.zeros((), device=device) for c in training}
+            for m in range(max(c.accum for c in training)):
+                members = [c for c in training if m < c.accum]
+                inputs = []
+                for c in members:
+                    k = step * c.accum + m
+                    g = seeded_generator("step", c.cfg.seed, c.samples[k], device=device)
+                    parts = c.data.draw(c.rows[k], g, models.scaling_factor, c.cfg.random_flip, index=c.index[k],
+                                        caption_dropout=c.cfg.caption_dropout, shift_factor=models.shift_factor)
+                    recording[0] = c
+                    with autocast():
+                        inputs += [(c, part_inputs(method, c.models, b, c.cfg, g, weight_dtype, speed.channels_last))
+                                   for b in parts]
+                    recording[0] = None
+                shapes: dict[tuple, list[int]] = {}
+                for i, (_, x) in enumerate(inputs):
+                    shapes.setdefault(_signature(x), []).append(i)
+                row_losses: list = [None] * len(inputs)
+                with autocast():
+                    for members_of_shape in shapes.values():
+                        group = [inputs[i] for i in members_of_shape]
+                        sizes = [len(x.noised.noisy) for _, x in group]
+                        pred = method.predict(models, torch.cat([x.noised.noisy for _, x in group]),
+                                              torch.cat([x.noised.timesteps for _, x in group]),
+                                              torch.cat([x.embeds for _, x in group]),
+                                              _cat_batches([x.batch for _, x in group]))
+                        if precision != "no" and pred.dtype != torch.float32:
+                            pred = pred.float()
+                        for i, (c, x), p in zip(members_of_shape, group, torch.split(pred, sizes)):
+                            row_losses[i] = part_losses(c.models, p, x, c.cfg)
+                    total = 0
+                    for c in members:
+                        mine = [i for i, (owner, _) in enumerate(inputs) if owner is c]
+                        loss = method.loss(torch.cat([row_losses[i] for i in mine]),
+                                           torch.cat([inputs[i][1].batch.is_class for i in mine]), c.cfg)
+                        total = total + loss / c.accum
+                        step_loss[c] += loss.detach() / c.accum
+                total.backward()
+            step += 1
+            for c in training:
+                _clip_rows(c, dims, padding)
+                c.optimizer.step()
+                c.scheduler.step()
+                c.optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():  # its row in the table: the next forward reads it
+                    for table, pid, param in zip(tables, c.pids, c.params):
+                        table.weight[pid] = param[0].to(table.weight.dtype)
+                if c.ema is not None:
+                    c.ema.step(c.params)
+                c.done = step
+                c.pending.append(step_loss[c])
+                if (step % c.job.performance.log_every == 0 or step == c.steps
+                        or step % c.cfg.checkpointing_steps == 0 or step == 1):
+                    new = torch.stack(c.pending).float().tolist()
+                    c.losses.extend(new)
+                    c.pending = []
+                    lr = c.scheduler.get_last_lr()[0]
+                    try:
+                        check_losses(new, step, c.steps, lr, c.job)
+                    except DivergedTraining as e:
+                        c.fail(e, progress)
+                        continue
+                    progress(f"pack: {c.job.concept!r} step {step}/{c.steps} ({100 * step // c.steps}%) loss "
+                             f"{c.losses[-1]:.5f} lr {lr:.2e}")
+                if step == c.steps:
+                    c.train_s = time.perf_counter() - started
+                    c.optimizer = c.scheduler = None
+                    progress(f"pack: {c.job.concept!r} trained its {c.steps} steps and leaves the pack")
+    finally:
+        for h in hooks:
+            h.remove()
+        for te, original in zip(models.text_encoders, originals):  # the base's own tables back
+            te.set_input_embeddings(original)
+            original.to(device)
+
+    # -- each concept's token as solo's result -----------------------------------------------------------------
+    out: list = []
+    sig = device_signature().get("gpu", "cpu")
+    for c in concepts:
+        if c.error is None:
+            try:
+                if c.ema is not None:
+                    c.ema.copy_to(c.params)
+                check_weights(c.params, c.steps, c.job)
+            except DivergedTraining as e:
+                c.fail(e, progress)
+        if c.error is not None:
+            out.append(c.error)
+            continue
+        set_seed(c.cfg.seed)
+        ti, solo = _ti_solo_models(models, originals, c)
+        for n, param in zip(names, c.params):
+            emb = solo.network(n).get_input_embeddings()
+            emb.to(device, weight_dtype)  # as place_networks leaves solo's: cast, then fp32 master weights
+            emb.to(dtype=torch.float32)
+            with torch.no_grad():
+                emb.weight[ti.placeholder_ids[n]] = param[0].detach().to(emb.weight.dtype)
+        out.append(TrainState(ti, c.cfg, c.ctx, solo, c.losses, c.steps, 0, True, 1,
+                              _stats(c, live, method, speed, precision, device, sig), None))
     return out
