@@ -364,3 +364,24 @@ def test_packable_puts_lora_and_textual_inversion_in_separate_packs_and_refuses_
         "over several concepts would share; train in bf16 or fp32"]
     with pytest.raises(ValueError, match=r"these 2 jobs cannot train as one pack"):
         train_pack([lora_a, ti_a])
+
+
+def test_a_diverging_token_fails_alone_and_concepts_with_one_placeholder_each_train_their_own_row(world, ti_trained,
+                                                                                               deterministic):
+    """'wild' has ann's token (<tokann>) and a learning rate that overflows its row: it fails alone, and ann, whose
+    captions hold the same placeholder, still equals its solo training (each concept's captions are tokenized with
+    its own tokenizer and mapped to its own row)."""
+    from assets_pipeline.training.loop import DivergedTraining
+    from assets_pipeline.training.pack import train_pack
+
+    jobs, solo, _, _ = ti_trained
+    wild = world("wild", 3, {"max_train_steps": 4, "seed": 4, "learning_rate": 1e30}, name="ti-wild",
+                 method="textual_inversion", token="tokann")
+    log: list[str] = []
+    ann, failed, cat = train_pack([jobs[0], wild, jobs[2]], progress=log.append)
+    assert isinstance(failed, DivergedTraining), failed
+    assert "textual_inversion training of concept 'wild'" in str(failed)
+    assert any("'wild' leaves the pack" in line for line in log)
+    for (_, solo_row, solo_losses), p in ((solo[0], ann), (solo[2], cat)):
+        assert float((token_row(p) - solo_row).abs().max()) <= TOL
+        np.testing.assert_allclose(p.losses, solo_losses, rtol=0, atol=TOL)

@@ -1,4 +1,5 @@
-"""Many concepts, one GPU: the LoRAs of several concepts trained in one process over one frozen base (issue 26).
+"""Many concepts, one GPU: the LoRAs (or textual-inversion tokens) of several concepts trained in one process over
+one frozen base (issue 26).
 
 Concepts whose LoRAs share a base model and an adapter shape (rank, target modules) train as one *pack*: the base
 model is loaded once, each concept's adapter sits beside the others' in the packed layers of training/packing.py,
@@ -26,6 +27,17 @@ its :class:`~assets_pipeline.training.loop.DivergedTraining`, the others go on.
 Each concept's result is a solo-shaped :class:`~assets_pipeline.training.loop.TrainState` whose denoiser holds
 its adapter as a plain PEFT adapter, so ``output.write_output`` writes exactly the files, lineage and validation a
 solo training writes. The denoisers of the results share the frozen base's weights (one copy in memory).
+
+Textual-inversion concepts on one base pack too (a pack is all LoRA or all textual inversion): one set of text
+encoders whose input embedding tables get one new row per concept, each concept's captions tokenized by its own
+tokenizer (solo's: the base's with its token added) and its token's id mapped to its row, so concepts may even share
+a placeholder. Each row starts where solo's ``TextualInversionMethod.prepare`` starts it (prepare itself runs on a
+copy of the encoders, after ``set_seed(cfg.seed)``). Solo steps the whole embedding with AdamW and restores every
+other row after the step; AdamW acts per element, so a concept's row is stepped by an AdamW of its own over that row
+alone (weight decay included), and the gradient it gets is clipped by solo's norm: that of the whole embedding's
+gradient, whose non-zero rows are every row its captions used (the shared words' rows too, not its token's alone),
+summed from the gradient of each of its text-encoder forwards' embedding outputs. Optimizers other than AdamW are
+refused (8-bit AdamW, Adafactor and Prodigy are not per element).
 
 What a pack does not do (yet): checkpoints and resume (a pack's concepts start at step 0 and write no
 checkpoint), validation during training, trackers, compilation and the micro-batch probe (the configured
