@@ -685,7 +685,8 @@ def _timed(cmd: list[str], timeout: float) -> tuple[subprocess.CompletedProcess,
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     cpu0, t0 = _children_cpu_s(), time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT,
+                              check=False)
     except subprocess.TimeoutExpired:
         proc = subprocess.CompletedProcess(cmd, -1, "", f"timed out after {timeout} s")
     return proc, time.perf_counter() - t0, _children_cpu_s() - cpu0
@@ -756,8 +757,8 @@ def pack_table(rows: list[dict]) -> str:
     """N | solo s/concept | packed s/concept | speed-up, and the same for CPU seconds and the step loops' seconds
     alone (solo: each trainer's ``train_s``, loop.train's timer from its first step to its last; packed: the pack's
     step loop, to its last concept's last step)."""
-    lines = [f"{'N':>3} {'solo s/concept':>15} {'packed s/concept':>17} {'speed-up':>9} {'solo CPU-s/c':>13} "
-             f"{'packed CPU-s/c':>15} {'solo train s/c':>15} {'packed train s/c':>17}"]
+    lines = [(f"{'N':>3} {'solo s/concept':>15} {'packed s/concept':>17} {'speed-up':>9} {'solo CPU-s/c':>13} "
+              f"{'packed CPU-s/c':>15} {'solo train s/c':>15} {'packed train s/c':>17}")]
     for n in dict.fromkeys(r["pack"] for r in rows):
         solo = next((r for r in rows if r["pack"] == n and r["mode"] == "solo" and "error" not in r), None)
         packed = next((r for r in rows if r["pack"] == n and r["mode"] == "packed" and "error" not in r), None)
