@@ -12,6 +12,9 @@
         --config base_quantization=nf4 gradient_checkpointing=true                # LoRA over a 4-bit base
     python benchmarks/bench_training.py --shapes sd35 --methods dreambooth --batch-sizes 1 --variants project-eager \
         --config optimizer=adafactor gradient_checkpointing=true                  # DreamBooth's memory options
+    python benchmarks/bench_training.py --pack 1 2 4 --steps 200                        # CPU: solo vs packed, ~5 min
+    python benchmarks/bench_training.py --shapes sd15 --device cuda --pack 1 4 16 --steps 1000 \
+        --solo-concepts 4                                                          # GPU: issue 26's measurement
 
 ``--shapes flux`` / ``sd35`` write the random-weight model folder once in bf16 (FLUX.1: 33 GB with T5, minutes);
 the table adds the model TFLOP/s of the denoiser (forward FLOPs counted on the meta device, x2 for a frozen base,
@@ -38,6 +41,17 @@ steps after one warm-up step (compilation, and cuDNN's trials where on, happen t
 plus, for the project's compiled runs, reading the persisted kernels and writing what
 was new: ``compile_cache_io_s``); ``images_per_s`` counts the rows the U-Net sees. Prints one JSON line per run,
 then the ratio table.
+
+``--pack N [N ...]`` (issue 26, many concepts on one GPU) measures something else: for each N, N LoRA concepts of
+``--pack-photos`` (10) photos each, every one its own seed and random latents bundle, ``--steps`` steps (default 100;
+the issue's measurement is 1,000) at batch 1, trained *solo* (today's trainer process per concept, ``python -m
+assets_pipeline.training --job``, one after another) and *packed* (one process, ``training/pack.py``'s
+``train_pack`` over all N, a hidden ``--pack-one`` mode of this script). Both sides write each concept's output
+as the trainer does (weights, lineage, validation renders scored by the embedded CLIP) and are timed as whole
+processes: startup, imports, the base model's load, training, output. No checkpoints on either side (a pack
+writes none). A packed run in which any concept failed fails the measurement. Prints one JSON line per side and N
+(wall seconds, CPU-seconds of the child processes, the step loops' own seconds), then N | solo s/concept |
+packed s/concept | speed-up.
 """
 
 from __future__ import annotations
@@ -548,6 +562,217 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# -- --pack N: solo trainer processes one after another vs one packed process (issue 26) --------------------------
+
+PACK_DEFAULT_STEPS = 100  # CPU default; the issue's measurement is 1,000 steps (--steps 1000 on a GPU)
+
+
+def pack_jobs(n: int, shapes: str, photos: int, steps: int, work: Path, device: str, mode: str) -> list:
+    """``n`` LoRA concepts of ``photos`` instance rows each, every one its own seed and its own random latents
+    bundle at ``shapes`` (made once under ``work/pack-data``), batch 1, ``steps`` steps, no checkpoints (a pack
+    writes none), validation of the output as the trainer does it (the embedded CLIP scores it: no downloads).
+    Each job's output and checkpoint folders are fresh, under ``work/pack-runs/<mode>-<n>``."""
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from assets_pipeline.models.embedded import SPECS
+    from assets_pipeline.models.families import get_family
+    from assets_pipeline.models.resolve import resolve_base_model
+    from assets_pipeline.models.unet import sdxl_add_time_ids
+    from assets_pipeline.stages.scoring import ensure_embedded_clip
+    from assets_pipeline.store import record_digest
+    from assets_pipeline.training.job import TrainingRow, TrainJob
+    from assets_pipeline.training.methods import get_method
+
+    folder, res = model_folder(shapes, work, device)
+    artifacts = work / "artifacts"
+    ref = resolve_base_model(str(folder), artifacts, res, None, None)
+    ensure_embedded_clip(artifacts / "base_models")
+    vae_cfg = json.loads((folder / "vae" / "config.json").read_text())
+    side = res // 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    family = get_family(SPECS[shapes].family)
+    square = f"{res}x{res}"
+    m = get_method("lora")
+    runs = work / "pack-runs" / f"{mode}-{n}"
+    shutil.rmtree(runs, ignore_errors=True)
+    jobs = []
+    for i in range(n):
+        concept = f"concept{i:02d}"
+        bundle = work / "pack-data" / f"{shapes}-{photos}" / concept
+        rows = [TrainingRow(image_sha256=f"{concept}-{j}", role="instance", caption=f"a photo of sks dog {j}",
+                            latent_key=None, text_key=None, source_path=f"synthetic/{concept}/{j}.png",
+                            decoded_path=str(bundle / f"{j}.png")) for j in range(photos)]
+        if not (bundle / "latents.safetensors").is_file():
+            bundle.mkdir(parents=True, exist_ok=True)
+            g = torch.Generator().manual_seed(1000 + i)  # each concept its own photos
+            embeds, pooled = text_shapes(shapes)
+            tensors = {f"latent_mean@{square}": torch.randn(photos, vae_cfg.get("latent_channels", 4), side, side,
+                                                            generator=g),
+                       f"latent_std@{square}": torch.rand(photos, vae_cfg.get("latent_channels", 4), side, side,
+                                                          generator=g) * 0.1,
+                       "prompt_embeds": torch.randn(photos, *embeds, generator=g)}
+            if pooled is not None:
+                tensors["pooled_prompt_embeds"] = torch.randn(photos, *pooled, generator=g)
+            if family.micro_conditioning:
+                tensors["add_time_ids"] = sdxl_add_time_ids((res, res), (0, 0), (res, res)).repeat(photos, 1)
+            meta = ({"text_max_lengths": json.dumps(list(family.text_max_lengths()))}
+                    if family.has_sequence_length else {})
+            for j in range(photos):  # the decoded photos validation's CLIP-I compares with
+                Image.effect_noise((res, res), 64 + i).convert("RGB").save(bundle / f"{j}.png")
+            save_file(tensors, str(bundle / "latents.safetensors"),
+                      metadata={"image_sha256": json.dumps([r.image_sha256 for r in rows]),
+                                "role": json.dumps(["instance"] * photos), "bucket": json.dumps([square] * photos),
+                                **meta})
+            record_digest(bundle / "latents.safetensors")
+        cfg = m.config_cls(**{**m.default_config(photos, quick=False), "max_train_steps": steps,
+                              "train_batch_size": 1, "gradient_accumulation_steps": 1, "seed": i + 1,
+                              "checkpointing_steps": 10**9})
+        jobs.append(TrainJob(concept=concept, method="lora", config=cfg, base_model=ref, latents_dir=str(bundle),
+                             output_dir=str(runs / concept / "out"), checkpoint_dir=str(runs / concept / "ckpt"),
+                             token="sks", class_noun="dog", training_images=tuple(rows), lineage={}, device=device,
+                             scorer={"model_name": "embedded", "artifact_root": str(artifacts)}))
+    return jobs
+
+
+def run_pack_one(jobs_dir: Path) -> int:
+    """``--pack-one DIR``: the packed side's process: ``train_pack`` over the jobs of DIR (job-*.json), then each
+    concept's output written as the solo trainer writes it. Fails when any concept failed (a benchmark of failures
+    measures nothing). Prints one JSON line: the pack's training seconds and each concept's result."""
+    import logging
+
+    import torch
+
+    from assets_pipeline.training.__main__ import exit_now
+    from assets_pipeline.training.job import TrainJob
+    from assets_pipeline.training.output import write_output
+    from assets_pipeline.training.pack import train_pack
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    jobs = [TrainJob.load(p) for p in sorted(jobs_dir.glob("job-*.json"))]
+    started = time.perf_counter()
+    states = train_pack(jobs, progress=lambda msg: None)
+    train_s = time.perf_counter() - started
+    failed = {j.concept: repr(s) for j, s in zip(jobs, states) if isinstance(s, BaseException)}
+    if failed or len(states) != len(jobs):
+        raise SystemExit(f"packed training failed for {failed or 'some concepts'}: the measurement is void")
+    device = "cuda" if jobs[0].device != "cpu" and torch.cuda.is_available() else "cpu"
+    for job, state in zip(jobs, states):
+        if state.steps != job.config.max_train_steps:
+            raise SystemExit(f"{job.concept}: trained {state.steps} of {job.config.max_train_steps} steps")
+        write_output(job, state, device)
+    # train_s: the pack's step loop (its last concept's, counted from the loop's start as loop.train's timer counts
+    # solo's); train_pack_s: train_pack's whole call (the base model's load and the adapters' setup included).
+    print(json.dumps({"train_s": max(s.stats["train_s"] for s in states), "train_pack_s": round(train_s, 2),
+                      "concepts": len(jobs),
+                      "final_loss": [s.losses[-1] if s.losses else None for s in states],
+                      "pack_device": states[0].stats.get("device"), "precision": states[0].stats.get("precision")}),
+          flush=True)
+    exit_now(0)  # as the solo trainer ends: without the interpreter's teardown
+    return 0
+
+
+def _children_cpu_s() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _timed(cmd: list[str], timeout: float) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run ``cmd``; its wall seconds (startup, imports, model load, training, output) and CPU seconds (user + sys of
+    the waited-for child, from RUSAGE_CHILDREN)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    cpu0, t0 = _children_cpu_s(), time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT,
+                              check=False)
+    except subprocess.TimeoutExpired:
+        proc = subprocess.CompletedProcess(cmd, -1, "", f"timed out after {timeout} s")
+    return proc, time.perf_counter() - t0, _children_cpu_s() - cpu0
+
+
+def run_pack_bench(args, device: str) -> list[dict]:
+    """For each N of ``--pack``: N concepts trained solo (``python -m assets_pipeline.training --job``, one process
+    each, one after another) and packed (one ``--pack-one`` process), wall and CPU seconds per concept."""
+    import torch
+
+    from assets_pipeline.training.pack import packable
+
+    work = Path(args.workdir)
+    rows = []
+    for n in args.pack:
+        for mode in ("solo", "packed"):
+            jobs = pack_jobs(n, args.shapes, args.pack_photos, args.steps, work, device, mode)
+            groups, refused = packable(jobs)
+            if refused or len(groups) != 1:
+                raise SystemExit(f"the {n} benchmark jobs do not form one pack: {[str(r) for r in refused]}")
+            jobs_dir = work / "pack-runs" / f"{mode}-{n}"
+            jobs_dir.mkdir(parents=True, exist_ok=True)
+            for i, job in enumerate(jobs):
+                job.save(jobs_dir / f"job-{i:03d}.json")
+            total = cpu = 0.0
+            trained: list[float] = []
+            # Solo's cost per concept does not depend on N: --solo-concepts K times the first K of them alone.
+            measured = min(n, args.solo_concepts or n) if mode == "solo" else n
+            cmds = ([[sys.executable, "-m", "assets_pipeline.training", "--job", str(jobs_dir / f"job-{i:03d}.json")]
+                     for i in range(measured)] if mode == "solo" else
+                    [[sys.executable, __file__, "--pack-one", str(jobs_dir), "--device", device]])
+            error = None
+            for cmd in cmds:
+                proc, wall, cpu_s = _timed(cmd, args.run_timeout)
+                total, cpu = total + wall, cpu + cpu_s
+                if proc.returncode:
+                    error = proc.stderr[-2000:]
+                    break
+                if mode == "packed":
+                    trained.append(json.loads(proc.stdout.strip().splitlines()[-1])["train_s"])
+            if error is None:
+                for job in jobs[:measured]:  # every concept wrote its output, solo or packed
+                    metrics = Path(job.output_dir) / "metrics.json"
+                    if not metrics.is_file():
+                        error = f"{job.concept}: no output ({metrics} missing)"
+                        break
+                    if mode == "solo":
+                        trained.append(json.loads(metrics.read_text())["training_speed"].get("train_s") or 0.0)
+            row = {"pack": n, "mode": mode, "steps": args.steps, "photos": args.pack_photos, "batch": 1,
+                   "shapes": args.shapes, "device": device,
+                   "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                   "torch": torch.__version__, "concepts_run": measured, "total_s": round(total, 2),
+                   "per_concept_s": round(total / measured, 2), "cpu_s": round(cpu, 2),
+                   "per_concept_cpu_s": round(cpu / measured, 2), "train_s": round(sum(trained), 2),
+                   "per_concept_train_s": round(sum(trained) / measured, 2)}
+            if error is not None:
+                row["error"] = error
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            if args.json_out:
+                with open(args.json_out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            shutil.rmtree(jobs_dir, ignore_errors=True)
+    return rows
+
+
+def pack_table(rows: list[dict]) -> str:
+    """N | solo s/concept | packed s/concept | speed-up, and the same for CPU seconds and the step loops' seconds
+    alone (solo: each trainer's ``train_s``, loop.train's timer from its first step to its last; packed: the pack's
+    step loop, to its last concept's last step)."""
+    lines = [(f"{'N':>3} {'solo s/concept':>15} {'packed s/concept':>17} {'speed-up':>9} {'solo CPU-s/c':>13} "
+              f"{'packed CPU-s/c':>15} {'solo train s/c':>15} {'packed train s/c':>17}")]
+    for n in dict.fromkeys(r["pack"] for r in rows):
+        solo = next((r for r in rows if r["pack"] == n and r["mode"] == "solo" and "error" not in r), None)
+        packed = next((r for r in rows if r["pack"] == n and r["mode"] == "packed" and "error" not in r), None)
+
+        def cell(r, key):
+            return f"{r[key]:.2f}" if r else "failed"
+
+        speed = f"{solo['per_concept_s'] / packed['per_concept_s']:.2f}x" if solo and packed else "-"
+        lines.append(f"{n:>3} {cell(solo, 'per_concept_s'):>15} {cell(packed, 'per_concept_s'):>17} {speed:>9} "
+                     f"{cell(solo, 'per_concept_cpu_s'):>13} {cell(packed, 'per_concept_cpu_s'):>15} "
+                     f"{cell(solo, 'per_concept_train_s'):>15} {cell(packed, 'per_concept_train_s'):>17}")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", choices=SHAPES, default="tiny",
@@ -558,7 +783,9 @@ def main() -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 16])
     ap.add_argument("--variants", nargs="+", choices=VARIANTS,
                     default=["reference", "project-eager", "project-compiled", "project-compiled-warm"])
-    ap.add_argument("--steps", type=int, default=10, help="timed steps after one warm-up step")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed steps after one warm-up step (default 10); with --pack: each concept's training "
+                         f"steps (default {PACK_DEFAULT_STEPS}; the issue's measurement is 1000)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "assets_pipeline_bench_training"),
                     help="model folders and latents are made here once and reused")
@@ -576,8 +803,33 @@ def main() -> int:
     ap.add_argument("--table-from", metavar="JSONL",
                     help="print the ratio table of the runs recorded in this --json-out file (several invocations) "
                          "and exit")
+    ap.add_argument("--pack", type=int, nargs="+", metavar="N",
+                    help="instead of the step-throughput runs: for each N, N LoRA concepts of --pack-photos photos "
+                         "at batch 1 trained solo (one trainer process each, one after another: python -m "
+                         "assets_pipeline.training --job) and packed (one process, training/pack.py's train_pack), "
+                         "each writing its output; seconds and CPU-seconds per concept, and the speed-up")
+    ap.add_argument("--pack-photos", type=int, default=10, help="photos (rows) per concept with --pack")
+    ap.add_argument("--solo-concepts", type=int, metavar="K",
+                    help="with --pack: time the solo side on the first K of each N's concepts only (its cost per "
+                         "concept does not depend on N; rows say concepts_run), to fit a device lease")
+    ap.add_argument("--pack-one", help=argparse.SUPPRESS)  # internal: train_pack over DIR's job-*.json here
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: "method,variant,batch" in this process
     args = ap.parse_args()
+    if args.pack_one:
+        return run_pack_one(Path(args.pack_one))
+    if args.steps is None:
+        args.steps = PACK_DEFAULT_STEPS if args.pack else 10
+    if args.pack:
+        import torch
+
+        device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+        device = "cpu" if device == "auto" else device
+        print(f"--pack {' '.join(map(str, args.pack))}: {args.pack_photos} photos per concept, batch 1, "
+              f"{args.steps} steps each, --shapes {args.shapes}, device {device}", flush=True)
+        rows = run_pack_bench(args, device)
+        print()
+        print(pack_table(rows))
+        return 0 if rows and not any("error" in r for r in rows) else 1
     loops = [v for v in args.variants if v == "reference" or v in PLAIN]
     other = [m for m in args.methods if m not in SDXL_REFERENCE_METHODS]
     plain = [v for v in args.variants if v in PLAIN]
@@ -590,7 +842,7 @@ def main() -> int:
                  "project's variants alone")
     if args.table_from:
         rows = [json.loads(line) for line in Path(args.table_from).read_text().splitlines() if line.strip()]
-        print(table(rows))
+        print(pack_table(rows) if rows and "mode" in rows[0] else table(rows))  # a --pack file, or step runs
         return 0
     if args.one:
         print(json.dumps(run_one(args)), flush=True)

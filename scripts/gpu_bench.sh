@@ -96,8 +96,16 @@ run_part() {
     # SD 3.5 large DreamBooth with the memory options (Adafactor, gradient checkpointing), batch 1.
     sd35_db) part sd35_db 600 $B3 --methods dreambooth --batch-sizes 1 --run-timeout 500 --variants project-eager \
                --config optimizer=adafactor gradient_checkpointing=true ;;
+    # Issue 26: N LoRA concepts (10 photos, batch 1, PACK_STEPS steps each) trained solo, one trainer process
+    # after another, vs one packed process (training/pack.py), N = 1, 4, 16; the solo side times PACK_SOLO concepts
+    # of each N (its cost per concept does not depend on N). Not in the default list: at 1,000 steps it needs
+    # about 20 minutes of an H100 (estimate); PACK_STEPS=300 fits a 15-minute lease. Table: $OUT/pack_table.txt.
+    pack) part pack 1500 bash -c "$PY benchmarks/bench_training.py --shapes $SHAPES --device ${BENCH_DEVICE:-cuda} \
+            --workdir $WORK --pack 1 4 16 --steps ${PACK_STEPS:-1000} --solo-concepts ${PACK_SOLO:-2} \
+            --run-timeout 1200 --json-out $OUT/pack.jsonl && $PY benchmarks/bench_training.py \
+            --table-from $OUT/pack.jsonl | tee $OUT/pack_table.txt" ;;
     *) echo "unknown part $1 (lora_b16 methods_b16 db_compiled lora_full db_full class_images encoders b4 lora_plain" \
-            "lora_eager_ab first_step_ab lora_profile sdxl_lora flux_lora flux_qlora sd35_db)"; return 2 ;;
+            "lora_eager_ab first_step_ab lora_profile sdxl_lora flux_lora flux_qlora sd35_db pack)"; return 2 ;;
   esac
 }
 # Parts in order of importance; name some to run only those (e.g. when device time is short).
