@@ -204,6 +204,34 @@ class _Concept:
         self.optimizer = self.scheduler = self.ema = None
         progress(f"pack: concept {self.job.concept!r} leaves the pack: {error}")
 
+    def stepped(self, step: int, loss, started: float, progress: Callable[[str], None]) -> None:
+        """After its optimizer step ``step``: its EMA, its loss kept, and at solo's log points the loss checked
+        (a divergence is found at the step solo finds it: it fails alone) and logged; at its step count it
+        leaves the pack."""
+        import torch
+
+        if self.ema is not None:
+            self.ema.step(self.params)
+        self.done = step
+        self.pending.append(loss)
+        if (step % self.job.performance.log_every == 0 or step == self.steps
+                or step % self.cfg.checkpointing_steps == 0 or step == 1):
+            new = torch.stack(self.pending).float().tolist()
+            self.losses.extend(new)
+            self.pending = []
+            lr = self.scheduler.get_last_lr()[0]
+            try:
+                check_losses(new, step, self.steps, lr, self.job)
+            except DivergedTraining as e:
+                self.fail(e, progress)
+                return
+            progress(f"pack: {self.job.concept!r} step {step}/{self.steps} ({100 * step // self.steps}%) loss "
+                     f"{self.losses[-1]:.5f} lr {lr:.2e}")
+        if step == self.steps:
+            self.train_s = time.perf_counter() - started
+            self.optimizer = self.scheduler = None  # its states are not needed any more
+            progress(f"pack: {self.job.concept!r} trained its {self.steps} steps and leaves the pack")
+
 
 def _signature(x) -> tuple:
     """What the denoiser inputs of parts must share to run in one forward: every tensor's shape past the batch
@@ -445,27 +473,7 @@ def train_pack(jobs: Sequence[TrainJob], progress: Callable[[str], None] = log.i
             c.optimizer.step()
             c.scheduler.step()
             c.optimizer.zero_grad(set_to_none=True)
-            if c.ema is not None:
-                c.ema.step(c.params)
-            c.done = step
-            c.pending.append(step_loss[c])
-            if (step % c.job.performance.log_every == 0 or step == c.steps or step % c.cfg.checkpointing_steps == 0
-                    or step == 1):  # solo's log points: a divergence is found at the step solo finds it
-                new = torch.stack(c.pending).float().tolist()
-                c.losses.extend(new)
-                c.pending = []
-                lr = c.scheduler.get_last_lr()[0]
-                try:
-                    check_losses(new, step, c.steps, lr, c.job)
-                except DivergedTraining as e:
-                    c.fail(e, progress)
-                    continue
-                progress(f"pack: {c.job.concept!r} step {step}/{c.steps} ({100 * step // c.steps}%) loss "
-                         f"{c.losses[-1]:.5f} lr {lr:.2e}")
-            if step == c.steps:
-                c.train_s = time.perf_counter() - started
-                c.optimizer = c.scheduler = None  # its states are not needed any more
-                progress(f"pack: {c.job.concept!r} trained its {c.steps} steps and leaves the pack")
+            c.stepped(step, step_loss[c], started, progress)
 
     # -- each concept's adapter as solo's result -------------------------------------------------------------
     states: dict[int, dict] = {}
@@ -712,27 +720,7 @@ def _train_textual_inversion(concepts: list[_Concept], method, device, precision
                 with torch.no_grad():  # its row in the table: the next forward reads it
                     for table, pid, param in zip(tables, c.pids, c.params):
                         table.weight[pid] = param[0].to(table.weight.dtype)
-                if c.ema is not None:
-                    c.ema.step(c.params)
-                c.done = step
-                c.pending.append(step_loss[c])
-                if (step % c.job.performance.log_every == 0 or step == c.steps
-                        or step % c.cfg.checkpointing_steps == 0 or step == 1):
-                    new = torch.stack(c.pending).float().tolist()
-                    c.losses.extend(new)
-                    c.pending = []
-                    lr = c.scheduler.get_last_lr()[0]
-                    try:
-                        check_losses(new, step, c.steps, lr, c.job)
-                    except DivergedTraining as e:
-                        c.fail(e, progress)
-                        continue
-                    progress(f"pack: {c.job.concept!r} step {step}/{c.steps} ({100 * step // c.steps}%) loss "
-                             f"{c.losses[-1]:.5f} lr {lr:.2e}")
-                if step == c.steps:
-                    c.train_s = time.perf_counter() - started
-                    c.optimizer = c.scheduler = None
-                    progress(f"pack: {c.job.concept!r} trained its {c.steps} steps and leaves the pack")
+                c.stepped(step, step_loss[c], started, progress)
     finally:
         for h in hooks:
             h.remove()
