@@ -204,6 +204,19 @@ class _Concept:
         self.optimizer = self.scheduler = self.ema = None
         progress(f"pack: concept {self.job.concept!r} leaves the pack: {error}")
 
+    def optimize(self, params: list, speed) -> None:
+        """Its trained parameters, with solo's optimizer, LR schedule (its own steps and warm-up) and EMA."""
+        from diffusers.optimization import get_scheduler
+
+        self.params = params
+        self.optimizer = make_optimizer(self.cfg, params, speed.fused_optimizer and self.cfg.optimizer == "adamw")
+        self.scheduler = get_scheduler(self.cfg.lr_scheduler, self.optimizer,
+                                       num_warmup_steps=self.cfg.lr_warmup_steps, num_training_steps=self.steps)
+        if self.cfg.use_ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(params, decay=self.cfg.ema_decay)
+
     def stepped(self, step: int, loss, started: float, progress: Callable[[str], None]) -> None:
         """After its optimizer step ``step``: its EMA, its loss kept, and at solo's log points the loss checked
         (a divergence is found at the step solo finds it: it fails alone) and logged; at its step count it
@@ -231,6 +244,13 @@ class _Concept:
             self.train_s = time.perf_counter() - started
             self.optimizer = self.scheduler = None  # its states are not needed any more
             progress(f"pack: {self.job.concept!r} trained its {self.steps} steps and leaves the pack")
+
+
+def _announce(live: list, what: str, models: Models, device, precision: str, progress) -> None:
+    progress(f"pack: training {len(live)} {what} over one {models.family.name} base on {device} "
+             f"(precision {precision}): " + ", ".join(
+                 f"{c.job.concept!r} {c.steps} steps, batch {c.cfg.train_batch_size}x{c.accum}, lr "
+                 f"{c.cfg.learning_rate:g}" for c in live))
 
 
 def _signature(x) -> tuple:
@@ -321,7 +341,6 @@ def train_pack(jobs: Sequence[TrainJob], progress: Callable[[str], None] = log.i
     follows the first job's ``performance``; each concept logs and checks its losses at its own solo log points."""
     import torch
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
     from peft.utils import get_peft_model_state_dict
 
     from assets_pipeline.training.packing import (
@@ -406,18 +425,8 @@ def train_pack(jobs: Sequence[TrainJob], progress: Callable[[str], None] = log.i
             c.initial = None
         place_networks(models, [denoiser.component], device, weight_dtype, first.config, speed.channels_last)
         for c in live:
-            c.params = adapter_parameters(models.denoiser, c.slot)
-            c.optimizer = make_optimizer(c.cfg, c.params, speed.fused_optimizer and c.cfg.optimizer == "adamw")
-            c.scheduler = get_scheduler(c.cfg.lr_scheduler, c.optimizer, num_warmup_steps=c.cfg.lr_warmup_steps,
-                                        num_training_steps=c.steps)
-            if c.cfg.use_ema:
-                from diffusers.training_utils import EMAModel
-
-                c.ema = EMAModel(c.params, decay=c.cfg.ema_decay)
-    progress(f"pack: training {len(live)} LoRA adapters over one {models.family.name} base on {device} "
-             f"(precision {precision}): " + ", ".join(
-                 f"{c.job.concept!r} {c.steps} steps, batch {c.cfg.train_batch_size}x{c.accum}, lr "
-                 f"{c.cfg.learning_rate:g}" for c in live))
+            c.optimize(adapter_parameters(models.denoiser, c.slot), speed)
+    _announce(live, "LoRA adapters", models, device, precision, progress)
 
     # -- the step loop: one forward per batch shape and one backward over every concept still training -------
     autocast = (lambda: torch.autocast(device.type, dtype=weight_dtype)) if precision == "bf16" else nullcontext
@@ -578,7 +587,6 @@ def _train_textual_inversion(concepts: list[_Concept], method, device, precision
     from its own parameter."""
     import torch
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
 
     from assets_pipeline.training.runtime.compilation import device_signature
 
@@ -653,20 +661,11 @@ def _train_textual_inversion(concepts: list[_Concept], method, device, precision
     for table in tables:  # solo's embedding: cast with its encoder, then to fp32 master weights (trained)
         table.to(dtype=torch.float32)
     for c in live:
-        c.params = [torch.nn.Parameter(t.weight[pid].detach().clone()[None]) for t, pid in zip(tables, c.pids)]
-        c.optimizer = make_optimizer(c.cfg, c.params, speed.fused_optimizer and c.cfg.optimizer == "adamw")
-        c.scheduler = get_scheduler(c.cfg.lr_scheduler, c.optimizer, num_warmup_steps=c.cfg.lr_warmup_steps,
-                                    num_training_steps=c.steps)
-        if c.cfg.use_ema:
-            from diffusers.training_utils import EMAModel
-
-            c.ema = EMAModel(c.params, decay=c.cfg.ema_decay)
+        c.optimize([torch.nn.Parameter(t.weight[pid].detach().clone()[None]) for t, pid in zip(tables, c.pids)],
+                   speed)
     for e, table in enumerate(tables):
         hooks.append(table.register_forward_hook(hook(e)))
-    progress(f"pack: training {len(live)} textual-inversion tokens over one {models.family.name} base on {device} "
-             f"(precision {precision}): " + ", ".join(
-                 f"{c.job.concept!r} {c.steps} steps, batch {c.cfg.train_batch_size}x{c.accum}, lr "
-                 f"{c.cfg.learning_rate:g}" for c in live))
+    _announce(live, "textual-inversion tokens", models, device, precision, progress)
 
     # -- the step loop ------------------------------------------------------------------------------------------
     autocast = (lambda: torch.autocast(device.type, dtype=weight_dtype)) if precision == "bf16" else nullcontext
