@@ -61,6 +61,16 @@ def row_losses(out, target):
     return ((out - target) ** 2).mean(dim=list(range(1, out.ndim)))
 
 
+def packed_like(solo):
+    """A Tiny whose proj is packed with the three adapters of ``solo`` (peft_three_adapters) over its base."""
+    packed = Tiny()
+    packed.proj.load_state_dict(solo.proj.base_layer.state_dict())
+    inject_packed_lora(packed, ["proj"], 3, RANK, ALPHAS)
+    for k in range(3):
+        load_adapter_state(packed, k, peft_adapter_state(solo, k))
+    return packed
+
+
 def per_concept_mean(losses, index, n):
     """The pack's loss: the sum over concepts of each concept's own mean row loss."""
     return sum(losses[index == k].mean() for k in range(n) if (index == k).any())
@@ -68,11 +78,7 @@ def per_concept_mean(losses, index, n):
 
 def test_packed_linear_equals_peft_row_by_row_and_each_adapters_gradient_equals_its_solo_mean():
     solo = peft_three_adapters()
-    packed = Tiny()
-    packed.proj.load_state_dict(solo.proj.base_layer.state_dict())
-    inject_packed_lora(packed, ["proj"], 3, RANK, ALPHAS)
-    for k in range(3):
-        load_adapter_state(packed, k, peft_adapter_state(solo, k))
+    packed = packed_like(solo)
     index = torch.tensor([0, 2, 1, 0, 2, 0, 1])
     x, target = torch.randn(7, 3, 16), torch.randn(7, 3, 12)
 
@@ -103,11 +109,7 @@ def packed_out_with(packed, x, k):
 
 def test_a_row_of_index_minus_one_is_the_base_alone_and_trains_no_adapter():
     solo = peft_three_adapters()
-    packed = Tiny()
-    packed.proj.load_state_dict(solo.proj.base_layer.state_dict())
-    inject_packed_lora(packed, ["proj"], 3, RANK, ALPHAS)
-    for k in range(3):
-        load_adapter_state(packed, k, peft_adapter_state(solo, k))
+    packed = packed_like(solo)
     x = torch.randn(3, 16)
     with rows(packed, [-1, 1, -1]):
         out = packed(x)
