@@ -198,6 +198,14 @@ def test_a_run_whose_worker_died_is_retried_once_from_its_failure(tmp_path):
     with dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
         daemon = start_daemon(workspace, env, log)
         try:
+            # The daemon's retry consumer starts reading run failures at the event log's end on its first tick: a
+            # run that failed before that tick is never retried (a race of a freshly started daemon, seen under a
+            # loaded suite: the dead run failed, no retry within 300 s). Launch once it has read the log once.
+            from dagster._daemon.auto_run_reexecution.event_log_consumer import _create_cursor_key
+
+            key = _create_cursor_key(dg.DagsterEventType.RUN_FAILURE)
+            wait_for("the daemon's run-retry consumer to start", lambda: instance.daemon_cursor_storage
+                     .get_cursor_values({key}).get(key), 120, log)
             launched(launch(workspace, env, "build", build), launch(workspace, env, "fails", fails))
             wait_for("the build run to reach latents", lambda: (tmp_path / "worker.pid").is_file()
                      and (tmp_path / "worker.pid").read_text(), 120, log)
