@@ -10,6 +10,7 @@ from assets_pipeline.assets.dataset import (
 from assets_pipeline.assets.checks import MODEL_CHECKS
 from assets_pipeline.assets.latents import vae_latents
 from assets_pipeline.assets.models import MODEL_ASSETS
+from assets_pipeline.assets.packs import train_packs_job
 from assets_pipeline.assets.priors import class_images
 from assets_pipeline.assets.dataset_checks import DATASET_CHECKS
 from assets_pipeline.automation import dataset_automation_sensor
@@ -72,7 +73,7 @@ def default_resources() -> dict:
 defs = dg.Definitions(
     assets=ASSETS,
     asset_checks=CHECKS,
-    jobs=[ingest_concept_job, build_concept_job, train_concept_job, train_models_job],
+    jobs=[ingest_concept_job, build_concept_job, train_concept_job, train_models_job, train_packs_job],
     sensors=[concept_folder_sensor, dataset_automation_sensor, pool_slot_sensor],
     schedules=[retrain_schedule],
     resources=default_resources(),

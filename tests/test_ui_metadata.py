@@ -153,7 +153,7 @@ def test_the_change_check_explains_measured_before_and_rounds_only_what_it_shows
 
 def test_the_trainer_and_a_reused_output_show_rounded_numbers_and_keep_them_whole_in_metrics(tmp_path):
     """The trainer's materialization (through Pipes) and a reuse's repeat the same rounded key numbers."""
-    from assets_pipeline.training.__main__ import materialization_metadata
+    from assets_pipeline.training.output import materialization_metadata
     from assets_pipeline.training.reuse import Reuse, reuse_metadata
 
     result = {"clip_t": 0.2192746102809906, "clip_i": 0.87654321, "mean_abs_change_vs_base": 0.0123456789,

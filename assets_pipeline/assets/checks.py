@@ -1,7 +1,9 @@
 """Asset checks on every trained output: finite weights, a visible change versus the base model, and a
 lineage manifest that lists exactly the images the output was trained on."""
 
+import inspect
 import json
+from pathlib import Path
 
 import dagster as dg
 
@@ -35,96 +37,121 @@ def change_description(measured_before: bool) -> str:
                "check of the same weights reads it instead of rendering again)."))
 
 
+def current(storage: PipelineStorage, method, concept: str) -> Path:
+    out = current_output(storage.layout(), concept, method.asset_name)
+    if out is None or not out.is_dir():
+        raise FileNotFoundError(f"{method.asset_name} has no current output for concept {concept!r}")
+    return out
+
+
+def weights_finite(storage: PipelineStorage, method, concept: str, run_id: str) -> dg.AssetCheckResult:
+    """Every tensor of every weights file is finite (no NaN or inf): a diverged training (learning rate too
+    high, fp16 overflow) fails here before anyone loads the output. Blocking."""
+    from assets_pipeline.training.verify import nonfinite_tensors
+
+    out = current(storage, method, concept)
+    counts = nonfinite_tensors(out)
+    bad = {k: v for k, v in counts.items() if v}
+    metadata = {"files_checked": len(counts), "nonfinite_values": json.dumps(bad)}
+    if bad:  # never reused: the next build trains again
+        record_failed_check(out, "weights_finite", run_id, metadata)
+    return dg.AssetCheckResult(passed=not bad, metadata=metadata)
+
+
+def changes_base_output(storage: PipelineStorage, base_model: BaseModelResource, accelerator: AcceleratorResource,
+                        method, concept: str) -> dg.AssetCheckResult:
+    """The output changes what the base model renders for the same prompt and seed (mean absolute pixel
+    change > 0): an adapter that loads but does nothing (zero LoRA weights, a token never trained, a
+    ControlNet with zero-convolutions still zero) fails here."""
+    from dataclasses import asdict
+
+    from assets_pipeline.hashing import digest, sha256_file
+    from assets_pipeline.training.plan import render_context
+    from assets_pipeline.training.render import BaseRenders
+    from assets_pipeline.training.reuse import SUMS_FILE
+    from assets_pipeline.training.verify import change_versus_base
+
+    out = current(storage, method, concept)
+    layout = storage.layout()
+    spec = layout.spec(concept)
+    ref = base_model.resolve(layout.root, spec)
+    manifest = read_manifest(out)
+    ctx = render_context(layout, spec, manifest["base_model"], control=method.name == "controlnet")
+    controls = ctx.extra["control_paths"]
+    device = accelerator.torch_device()
+    # The measurement is a function of the output's weight bytes, the base model, the prompt, the
+    # conditioning images and the device: measured once per such combination (a reused output, rechecked by
+    # every later build, is not re-rendered).
+    results = layout.cache("check_results", ".json")
+    key = digest("changes_base_output", CHANGE_CHECK_VERSION, (out / SUMS_FILE).read_text(), ref.fingerprint,
+                 method.name, {k: v for k, v in asdict(ctx).items() if k not in ("extra", "family")},
+                 [sha256_file(p) for p in controls],
+                 "cuda" if device.startswith("cuda") else device)
+    renders = BaseRenders(ref, device, BaseRenders.cache_for(layout.root))
+    path = results.get_or_create(key, lambda tmp: tmp.write_text(json.dumps({
+        "mean_abs_change": change_versus_base(method, ref, out, ctx, device=device,
+                                              base_renders=renders)})))
+    return change_result(json.loads(path.read_text())["mean_abs_change"], measured_before=results.cached > 0)
+
+
+def manifest_lists_training_images(storage: PipelineStorage, method, concept: str, run_id: str) -> dg.AssetCheckResult:
+    """The output's lineage.json lists exactly the images (concept, sha256, role, caption) its training rows
+    have now (with datasets: those of each concept trained in): none missing, none extra, so the audit from
+    this output back to its photos is exact. Blocking."""
+    from dataclasses import asdict
+
+    from assets_pipeline.training.verify import manifest_difference
+
+    out = current(storage, method, concept)
+    manifest = read_manifest(out)
+    cfg = method.config_cls(**manifest["method_config"])
+    layout = storage.layout()
+    expected = [{**asdict(r), "concept": concept}
+                for r in training_rows(layout, concept, method.batch_roles(cfg), control=False)]
+    for d in getattr(cfg, "datasets", ()):  # the other concepts trained in (LoRA's datasets): their photos now
+        expected += [{**asdict(r), "concept": d["concept"]}
+                     for r in training_rows(layout, d["concept"], ("instance",), control=False)]
+    extra, missing = manifest_difference(out, expected)
+    metadata = {"images_listed": len(manifest["training_images"]), "unexpected": len(extra),
+                "missing": len(missing)}
+    if extra or missing:  # never reused: the next build trains again
+        record_failed_check(out, "manifest_lists_training_images", run_id, metadata)
+    return dg.AssetCheckResult(passed=not extra and not missing, metadata=metadata)
+
+
+# (name, blocking): the checks of every model asset, in the order a pack run evaluates them (assets/packs.py)
+MODEL_CHECK_NAMES = (("weights_finite", True), ("changes_base_output", False),
+                     ("manifest_lists_training_images", True))
+
+
+def evaluate(name: str, storage: PipelineStorage, base_model: BaseModelResource, accelerator: AcceleratorResource,
+             method, concept: str, run_id: str) -> dg.AssetCheckResult:
+    """One model check's result for ``concept``'s current output: what its asset check returns."""
+    if name == "changes_base_output":
+        return changes_base_output(storage, base_model, accelerator, method, concept)
+    return {"weights_finite": weights_finite,
+            "manifest_lists_training_images": manifest_lists_training_images}[name](storage, method, concept, run_id)
+
+
 def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
     method = get_method(method_name)
     asset = dg.AssetKey(method.asset_name)
+    blocking = dict(MODEL_CHECK_NAMES)
 
-    def _output(storage, concept):
-        out = current_output(storage.layout(), concept, method.asset_name)
-        if out is None or not out.is_dir():
-            raise FileNotFoundError(f"{method.asset_name} has no current output for concept {concept!r}")
-        return out
+    def check(name: str, doc_from, *resource_names: str) -> dg.AssetChecksDefinition:
+        @dg.asset_check(asset=asset, name=name, blocking=blocking[name], partitions_def=concepts_partitions,
+                        description=inspect.cleandoc(doc_from.__doc__),
+                        required_resource_keys={"storage", *resource_names})
+        def _check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+            r = context.resources
+            return evaluate(name, r.storage, getattr(r, "base_model", None), getattr(r, "accelerator", None), method,
+                            context.partition_key, context.run.run_id)
 
-    @dg.asset_check(asset=asset, name="weights_finite", blocking=True, partitions_def=concepts_partitions)
-    def weights_finite(context: dg.AssetCheckExecutionContext, storage: PipelineStorage) -> dg.AssetCheckResult:
-        """Every tensor of every weights file is finite (no NaN or inf): a diverged training (learning rate too
-        high, fp16 overflow) fails here before anyone loads the output. Blocking."""
-        from assets_pipeline.training.verify import nonfinite_tensors
+        return _check
 
-        out = _output(storage, context.partition_key)
-        counts = nonfinite_tensors(out)
-        bad = {k: v for k, v in counts.items() if v}
-        metadata = {"files_checked": len(counts), "nonfinite_values": json.dumps(bad)}
-        if bad:  # never reused: the next build trains again
-            record_failed_check(out, "weights_finite", context.run.run_id, metadata)
-        return dg.AssetCheckResult(passed=not bad, metadata=metadata)
-
-    @dg.asset_check(asset=asset, name="changes_base_output", partitions_def=concepts_partitions)
-    def changes_base_output(context: dg.AssetCheckExecutionContext, storage: PipelineStorage,
-                            base_model: BaseModelResource, accelerator: AcceleratorResource) -> dg.AssetCheckResult:
-        """The output changes what the base model renders for the same prompt and seed (mean absolute pixel
-        change > 0): an adapter that loads but does nothing (zero LoRA weights, a token never trained, a
-        ControlNet with zero-convolutions still zero) fails here."""
-        from dataclasses import asdict
-
-        from assets_pipeline.hashing import digest, sha256_file
-        from assets_pipeline.training.plan import render_context
-        from assets_pipeline.training.render import BaseRenders
-        from assets_pipeline.training.reuse import SUMS_FILE
-        from assets_pipeline.training.verify import change_versus_base
-
-        concept = context.partition_key
-        out = _output(storage, concept)
-        layout = storage.layout()
-        spec = layout.spec(concept)
-        ref = base_model.resolve(layout.root, spec)
-        manifest = read_manifest(out)
-        ctx = render_context(layout, spec, manifest["base_model"], control=method.name == "controlnet")
-        controls = ctx.extra["control_paths"]
-        device = accelerator.torch_device()
-        # The measurement is a function of the output's weight bytes, the base model, the prompt, the
-        # conditioning images and the device: measured once per such combination (a reused output, rechecked by
-        # every later build, is not re-rendered).
-        results = layout.cache("check_results", ".json")
-        key = digest("changes_base_output", CHANGE_CHECK_VERSION, (out / SUMS_FILE).read_text(), ref.fingerprint,
-                     method.name, {k: v for k, v in asdict(ctx).items() if k not in ("extra", "family")},
-                     [sha256_file(p) for p in controls],
-                     "cuda" if device.startswith("cuda") else device)
-        renders = BaseRenders(ref, device, BaseRenders.cache_for(layout.root))
-        path = results.get_or_create(key, lambda tmp: tmp.write_text(json.dumps({
-            "mean_abs_change": change_versus_base(method, ref, out, ctx, device=device,
-                                                  base_renders=renders)})))
-        return change_result(json.loads(path.read_text())["mean_abs_change"], measured_before=results.cached > 0)
-
-    @dg.asset_check(asset=asset, name="manifest_lists_training_images", blocking=True,
-                    partitions_def=concepts_partitions)
-    def manifest_lists_training_images(context: dg.AssetCheckExecutionContext,
-                                       storage: PipelineStorage) -> dg.AssetCheckResult:
-        """The output's lineage.json lists exactly the images (concept, sha256, role, caption) its training rows
-        have now (with datasets: those of each concept trained in): none missing, none extra, so the audit from
-        this output back to its photos is exact. Blocking."""
-        from dataclasses import asdict
-
-        from assets_pipeline.training.verify import manifest_difference
-
-        concept = context.partition_key
-        out = _output(storage, concept)
-        manifest = read_manifest(out)
-        cfg = method.config_cls(**manifest["method_config"])
-        layout = storage.layout()
-        expected = [{**asdict(r), "concept": concept}
-                    for r in training_rows(layout, concept, method.batch_roles(cfg), control=False)]
-        for d in getattr(cfg, "datasets", ()):  # the other concepts trained in (LoRA's datasets): their photos now
-            expected += [{**asdict(r), "concept": d["concept"]}
-                         for r in training_rows(layout, d["concept"], ("instance",), control=False)]
-        extra, missing = manifest_difference(out, expected)
-        metadata = {"images_listed": len(manifest["training_images"]), "unexpected": len(extra),
-                    "missing": len(missing)}
-        if extra or missing:  # never reused: the next build trains again
-            record_failed_check(out, "manifest_lists_training_images", context.run.run_id, metadata)
-        return dg.AssetCheckResult(passed=not extra and not missing, metadata=metadata)
-
-    return [weights_finite, changes_base_output, manifest_lists_training_images]
+    return [check("weights_finite", weights_finite), check("changes_base_output", changes_base_output,
+                                                           "base_model", "accelerator"),
+            check("manifest_lists_training_images", manifest_lists_training_images)]
 
 
 MODEL_CHECKS = [check for name in method_names() for check in build_checks(name)]

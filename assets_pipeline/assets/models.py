@@ -3,8 +3,9 @@ textual_inversion_embedding, controlnet_model), each trained in its own process 
 each with asset checks. A concept builds only the methods its concept.toml requests; for the others the
 asset is skipped (not materialized, not failed)."""
 
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
@@ -102,86 +103,134 @@ def model_asset_description(method) -> str:
     return inspect.cleandoc(method.__doc__) + "\n\n" + TRAINED_OUTPUT.format(asset=method.asset_name)
 
 
+@dataclass
+class Planned:
+    """What a model step decided for one concept: its job, the metadata shown either way (the resolved config, the
+    datasets), and whether its current output is reused (``reuse``: why, or why it trains)."""
+
+    job: Any
+    metadata: dict[str, Any]
+    reuse: Any  # training/reuse.Reuse, or None: it trains
+    why: str
+    forced: bool
+
+
+def plan_training(context, storage: PipelineStorage, base_model: BaseModelResource, clip_scorer: ClipScorerResource,
+                  trainer: TrainerLauncher, concept: str, method) -> Planned | None:
+    """One concept's training job for ``method``, and whether its current output (or an intact kept version of the
+    same job, made current again) is reused; None when the concept does not request the method. Shared by the
+    model assets and the pack runs (assets/packs.py); each decision is logged."""
+    spec = spec_from_snapshot(storage, concept)
+    if method.name not in spec.methods:
+        context.log.info(f"{method.name} is not requested by concept {concept!r} (methods = {list(spec.methods)})")
+        return None
+    layout = storage.layout()
+    job = plan_job(layout, base_model.resolve(layout.root, spec), spec, method.name, run_id=context.run_id,
+                   data_root=storage.data_path(), launch=trainer.launch_settings(), scorer=clip_scorer.settings())
+    job = replace(job, lineage={**job.lineage, "input_data_versions": _input_versions(
+        context, concept, tuple(d.concept for d in job.datasets))})
+    # The resolved config (e.g. LoRA's variant and ranks) beside the trainer's numbers, trained or reused.
+    metadata = {"method_config": dg.MetadataValue.json(asdict(job.config))}
+    if job.datasets:
+        metadata["datasets"] = dg.MetadataValue.md(datasets_table(job))
+    try:
+        previous = current_output(layout, concept, method.asset_name)
+        damaged = None
+    except UnreadableFile as e:  # as a lost current.json: recovered among the kept versions, or trained again
+        context.log.warning(f"{e.path}: {e.why}; this run rewrites it (an intact kept version of the same job is "
+                            "made current again, else it trains)")
+        previous, damaged = None, e
+    reuse, why = find_reusable(previous, job, CODE_VERSION)
+    if damaged is not None:
+        why = f"{damaged.path} is damaged ({damaged.why})"
+    forced = force_requested(context.run.tags)
+    if reuse is None and not forced:  # an identical output kept among the versions (current.json lost or moved)
+        kept = find_reusable_version(layout.asset_dir(concept, method.asset_name), job, CODE_VERSION, previous)
+        if kept is not None:
+            write_json_atomic(layout.asset_dir(concept, method.asset_name) / CURRENT,
+                              {"path": kept.path.name, "run_id": context.run_id})
+            reuse, why = kept, (f"{why}, but {kept.path.name}, kept among the versions, is an intact output of "
+                                f"this same job (run {kept.lineage.get('run_id')}): made current again")
+    if forced:
+        context.log.info(f"{FORCE_RETRAIN_TAG}=true: training although {why}")
+        reuse = None
+    elif reuse is not None:
+        context.log.info(f"reusing {reuse.path}: {why}; no training (tag {FORCE_RETRAIN_TAG}=true forces one)")
+    else:
+        context.log.info(f"training: {why}")
+    return Planned(job, metadata, reuse, why, forced)
+
+
+def reused_metadata(reuse) -> dict[str, Any]:
+    """A reused output's materialization metadata: its views, and what its training reported."""
+    views = {k: dg.MetadataValue.md(v) if t == "md" else dg.MetadataValue.path(v)
+             for k, (t, v) in output_views(reuse.path).items()}
+    # validation_steps: the same strips per step and chosen step the training reported
+    views.update({k: VIEW_KINDS[t](v) for k, (t, v) in step_views(reuse.path).items()})
+    return {**views, **reuse_metadata(reuse)}
+
+
+def prepare_training(context, storage: PipelineStorage, job, method) -> Path:
+    """Before a GPU is claimed: the job's inputs checked (each refusal says why), what crashed trainings of this
+    asset left removed, and the job file written; returns its path."""
+    check_training_inputs(context, storage, job)
+    method.check_inputs(train_context(job), job.config)  # refuse here, with the reason, before a process starts
+    method.check_model(job.base_model, job.config, job.concept)
+    asset_dir = Path(job.output_dir).parent
+    asset_dir.mkdir(parents=True, exist_ok=True)
+    # The trainer's base renders and the checks' results are cache kinds its training and checks write.
+    clean_stale_temporaries(context, storage, job.concept, method.asset_name, caches=("base_renders", "check_results"))
+    job_path = asset_dir / f".job-{context.run_id}.json"
+    job.save(job_path)
+    return job_path
+
+
+def make_current(context, storage: PipelineStorage, job, job_path: Path) -> None:
+    """A trained output becomes current, the weights of the oldest versions are pruned, the job file removed."""
+    asset_dir = Path(job.output_dir).parent
+    # The version folder's name, relative to this folder: the artifact root can move.
+    write_json_atomic(asset_dir / CURRENT, {"path": Path(job.output_dir).name, "run_id": context.run_id})
+    for p in prune_asset(asset_dir, Path(job.output_dir), storage.keep_weight_versions, warn=context.log.warning):
+        context.log.info(f"pruned the weights of {p.folder.name} ({human_bytes(p.bytes)}; newest "
+                         f"{storage.keep_weight_versions} kept): its lineage, metrics and validation images stay")
+    # A concurrent run of this asset removes a job file quiet for an hour (cleanup.GRACE_S); the trainer
+    # read it at its start, so only this unlink notices.
+    job_path.unlink(missing_ok=True)
+
+
+def model_deps(method_name: str) -> list[dg.AssetsDefinition]:
+    """The assets a model asset reads (its dependencies in the graph)."""
+    return [vae_latents, clip_scored_images, class_images] + ([control_images] if method_name == "controlnet" else [])
+
+
 def build_model_asset(method_name: str) -> dg.AssetsDefinition:
     method = get_method(method_name)
-    deps = [vae_latents, clip_scored_images, class_images] + ([control_images] if method_name == "controlnet" else [])
 
     @dg.asset(name=method.asset_name, partitions_def=concepts_partitions, group_name="models",
-              code_version=CODE_VERSION, deps=deps, pool="gpu", output_required=False,
+              code_version=CODE_VERSION, deps=model_deps(method_name), pool="gpu", output_required=False,
               kinds={"pytorch", "diffusers"}, description=model_asset_description(method))
     def _model(context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource,
                clip_scorer: ClipScorerResource, trainer: TrainerLauncher):
-        concept = context.partition_key
-        spec = spec_from_snapshot(storage, concept)
-        if method.name not in spec.methods:
-            context.log.info(f"{method.name} is not requested by concept {concept!r} (methods = {list(spec.methods)})")
+        planned = plan_training(context, storage, base_model, clip_scorer, trainer, context.partition_key, method)
+        if planned is None:
             return
-        layout = storage.layout()
-        job = plan_job(layout, base_model.resolve(layout.root, spec), spec, method.name, run_id=context.run_id,
-                       data_root=storage.data_path(), launch=trainer.launch_settings(), scorer=clip_scorer.settings())
-        job = replace(job, lineage={**job.lineage, "input_data_versions": _input_versions(
-            context, concept, tuple(d.concept for d in job.datasets))})
-        # The resolved config (e.g. LoRA's variant and ranks) beside the trainer's numbers, trained or reused.
-        context.add_asset_metadata({"method_config": dg.MetadataValue.json(asdict(job.config))})
-        if job.datasets:
-            context.add_asset_metadata({"datasets": dg.MetadataValue.md(datasets_table(job))})
-        try:
-            previous = current_output(layout, concept, method.asset_name)
-            damaged = None
-        except UnreadableFile as e:  # as a lost current.json: recovered among the kept versions, or trained again
-            context.log.warning(f"{e.path}: {e.why}; this run rewrites it (an intact kept version of the same job is "
-                                "made current again, else it trains)")
-            previous, damaged = None, e
-        reuse, why = find_reusable(previous, job, CODE_VERSION)
-        if damaged is not None:
-            why = f"{damaged.path} is damaged ({damaged.why})"
-        forced = force_requested(context.run_tags)
-        if reuse is None and not forced:  # an identical output kept among the versions (current.json lost or moved)
-            kept = find_reusable_version(layout.asset_dir(concept, method.asset_name), job, CODE_VERSION, previous)
-            if kept is not None:
-                write_json_atomic(layout.asset_dir(concept, method.asset_name) / CURRENT,
-                                  {"path": kept.path.name, "run_id": context.run_id})
-                reuse, why = kept, (f"{why}, but {kept.path.name}, kept among the versions, is an intact output of "
-                                    f"this same job (run {kept.lineage.get('run_id')}): made current again")
-        if forced:
-            context.log.info(f"{FORCE_RETRAIN_TAG}=true: training although {why}")
-        elif reuse is not None:
-            context.log.info(f"reusing {reuse.path}: {why}; no training (tag {FORCE_RETRAIN_TAG}=true forces one)")
-            views = {k: dg.MetadataValue.md(v) if t == "md" else dg.MetadataValue.path(v)
-                     for k, (t, v) in output_views(reuse.path).items()}
-            # validation_steps: the same strips per step and chosen step the training reported
-            views.update({k: VIEW_KINDS[t](v) for k, (t, v) in step_views(reuse.path).items()})
-            yield dg.MaterializeResult(data_version=dg.DataVersion(reuse.data_version),
-                                       metadata={**views, **reuse_metadata(reuse)})
+        job = planned.job
+        context.add_asset_metadata(planned.metadata)
+        if planned.reuse is not None:
+            yield dg.MaterializeResult(data_version=dg.DataVersion(planned.reuse.data_version),
+                                       metadata=reused_metadata(planned.reuse))
             return
-        else:
-            context.log.info(f"training: {why}")
         if (holder := lock_holder(job)) is not None:
             wait = min(LOCK_RETRY_S * 2 ** context.retry_number, LOCK_RETRY_MAX_S)
             context.log.info(f"run {holder} is training this same job ({lock_path(job)}): this step gives its gpu "
                              f"slot back and retries in {wait} s, then reuses that output (or resumes from its "
                              "checkpoints if that training failed)")
             raise dg.RetryRequested(max_retries=LOCK_RETRIES, seconds_to_wait=wait)
-        check_training_inputs(context, storage, job)
-        method.check_inputs(train_context(job), job.config)  # refuse here, with the reason, before a process starts
-        method.check_model(job.base_model, job.config, concept)
-        asset_dir = Path(job.output_dir).parent
-        asset_dir.mkdir(parents=True, exist_ok=True)
-        # The trainer's base renders and the checks' results are cache kinds its training and checks write.
-        clean_stale_temporaries(context, storage, concept, method.asset_name, caches=("base_renders", "check_results"))
-        job_path = asset_dir / f".job-{context.run_id}.json"
-        job.save(job_path)
+        job_path = prepare_training(context, storage, job, method)
         invocation = trainer.launch(context, job_path, job.cache_dir)
         ensure_run_active(context)  # a run that ended meanwhile (its worker killed) makes nothing current
         yield from invocation.get_results()
-        # The version folder's name, relative to this folder: the artifact root can move.
-        write_json_atomic(asset_dir / CURRENT, {"path": Path(job.output_dir).name, "run_id": context.run_id})
-        for p in prune_asset(asset_dir, Path(job.output_dir), storage.keep_weight_versions, warn=context.log.warning):
-            context.log.info(f"pruned the weights of {p.folder.name} ({human_bytes(p.bytes)}; newest "
-                             f"{storage.keep_weight_versions} kept): its lineage, metrics and validation images stay")
-        # A concurrent run of this asset removes a job file quiet for an hour (cleanup.GRACE_S); the trainer
-        # read it at its start, so only this unlink notices.
-        job_path.unlink(missing_ok=True)
+        make_current(context, storage, job, job_path)
 
     return _model
 

@@ -163,14 +163,16 @@ def unmounted_paths(job, job_path: Path, mount_paths: list[str]) -> list[str]:
 
 
 def run_pod(context, config: K8sTrainerConfig, command: list[str], env: dict[str, str], gpus: int,
-            job_path: Path):
-    """Launch the trainer pod through PipesK8sClient and wait for it; returns the Pipes invocation."""
+            job_path: Path | list[Path]):
+    """Launch the trainer pod through PipesK8sClient and wait for it; returns the Pipes invocation. ``job_path``:
+    the job file, or a pack's job files (each checked)."""
     from dagster_k8s import PipesK8sClient
 
     from assets_pipeline.training.job import TrainJob
 
-    job = TrainJob.load(job_path)
-    missing = unmounted_paths(job, job_path, [config.artifact_mount_path, *config.extra_volumes])
+    mounts = [config.artifact_mount_path, *config.extra_volumes]
+    missing = list(dict.fromkeys(p for path in (job_path if isinstance(job_path, list) else [job_path])
+                                 for p in unmounted_paths(TrainJob.load(path), path, mounts)))
     if missing:
         raise ValueError("trainer resource: the trainer pod would not see these paths of the job (mount the "
                          "artifact root at its own path with k8s.artifact_mount_path, and any other folder "

@@ -161,6 +161,13 @@ class TrainerLauncher(dg.ConfigurableResource):
         "tensorboard package; logs go to the checkpoint folder while training, for `tensorboard --logdir`, and "
         "into the output's tensorboard/ folder at the end). Not part of the job identity.",
     )
+    pack_size: int = Field(
+        default=16,
+        description="Concepts per pack: when several concepts' LoRAs (or textual-inversion tokens) on one base model "
+        "are due (the retraining schedule), up to this many train in one trainer process over one frozen base, "
+        "one run per pack, each concept to the result it reaches alone (README, 'Many concepts, one GPU'). "
+        "1 turns packing off: one run per concept. With num_processes > 1 every concept trains alone.",
+    )
     mode: str = Field(
         default="subprocess",
         description="'subprocess': the trainer runs on this machine; 'k8s': as a Kubernetes pod (settings in "
@@ -230,6 +237,44 @@ class TrainerLauncher(dg.ConfigurableResource):
                         "--mixed_precision", "no", "--dynamo_backend", "no"]
             return [*cmd, "-m", "assets_pipeline.training", "--job", str(job_path)]
         return [*TRAINER, "--job", str(job_path)]
+
+    def packing(self) -> int:
+        """The pack size in effect: ``pack_size``, or 1 where a pack cannot train (several processes)."""
+        if self.pack_size < 1:
+            raise ValueError(f"trainer resource: pack_size = {self.pack_size!r}; expected 1 (no packing) or more")
+        return 1 if self.num_processes > 1 else self.pack_size
+
+    def pack_command(self, job_paths: list[Path]) -> list[str]:
+        """:meth:`command` for several jobs (``--pack``): trained as packs of up to :meth:`packing` concepts."""
+        return [*self.command(job_paths[0])[:-2], "--pack", *map(str, job_paths), "--pack-size", str(self.packing())]
+
+    def launch_pack(self, context, job_paths: list[Path], cache_dir: str = ""):
+        """Run one trainer process on several job files (a pack run, assets/packs.py). Its concepts succeed or fail
+        each on its own, so a trainer that exits non-zero does not raise: the invocation's custom messages hold
+        each concept's outcome, ``returncode`` its exit code (k8s: a failed pod raises)."""
+        from assets_pipeline.training import TRAINER_ENV
+
+        if self.num_processes > 1:
+            from assets_pipeline.training.job import TrainJob
+            from assets_pipeline.training.step import per_process_batch
+
+            for path in job_paths:
+                cfg = TrainJob.load(path).config
+                per_process_batch(cfg.train_batch_size, cfg.gradient_accumulation_steps, self.num_processes)
+        self.check_mode()
+        if self.mode == "k8s":
+            from assets_pipeline.resources.k8s import gpus_for, run_pod
+
+            command = [self.k8s.python, *self.pack_command(job_paths)[1:]]
+            return run_pod(context, self.k8s, command, dict(TRAINER_ENV),
+                           gpus_for(self.k8s, self.num_processes, self.device), job_paths)
+        from assets_pipeline.resources.pipes import WholeLineTempFileMessageReader
+        from assets_pipeline.resources.run_watch import trainer_dies_with_run
+        from assets_pipeline.resources.spare_trainer import run_trainer
+
+        with trainer_dies_with_run(context):
+            return run_trainer(context, self.pack_command(job_paths), dict(TRAINER_ENV),
+                               WholeLineTempFileMessageReader(), cache_dir, check=False)
 
     def launch(self, context, job_path: Path, cache_dir: str = ""):
         """Run the trainer on the job file; ``cache_dir``: the job's, where the compilers keep their caches."""

@@ -155,10 +155,11 @@ def take(command: Sequence[str], env: Mapping[str, str], cwd: str, log=None) -> 
 
 
 def run_trainer(context, command: Sequence[str], env: Mapping[str, str], message_reader, cache_dir: str = "",
-                termination_timeout_s: float = 20) -> dg.PipesClientCompletedInvocation:
+                termination_timeout_s: float = 20, check: bool = True) -> dg.PipesClientCompletedInvocation:
     """``dg.PipesSubprocessClient.run``, except that the spare takes the job where it can: a Pipes session
     (context in a temporary file, messages through ``message_reader``), the trainer's exit code checked, and an
-    interrupted step (a run canceled) passing SIGINT on to the trainer."""
+    interrupted step (a run canceled) passing SIGINT on to the trainer. ``check=False`` (a pack, whose concepts
+    succeed or fail each on its own): a non-zero exit code does not raise; it is the invocation's ``returncode``."""
     from dagster._core.errors import DagsterExecutionInterruptedError, DagsterPipesExecutionError
 
     with dg.open_pipes_session(context=context, context_injector=dg.PipesTempFileContextInjector(),
@@ -173,11 +174,13 @@ def run_trainer(context, command: Sequence[str], env: Mapping[str, str], message
             process = subprocess.Popen(list(command), cwd=cwd, env=full_env)
         try:
             process.wait()
-            if process.returncode != 0:
+            if process.returncode != 0 and check:
                 raise DagsterPipesExecutionError(f"External execution process failed with code {process.returncode}")
         except DagsterExecutionInterruptedError:
             context.log.info("[pipes] execution interrupted, sending SIGINT to subprocess.")
             process.send_signal(signal.SIGINT)
             process.wait(timeout=termination_timeout_s)
             raise
-    return dg.PipesClientCompletedInvocation(session)
+    invocation = dg.PipesClientCompletedInvocation(session)
+    invocation.returncode = process.returncode
+    return invocation

@@ -27,20 +27,6 @@ def _pipes(stack: ExitStack):
     return stack.enter_context(open_dagster_pipes())
 
 
-SPEED_KEYS = ("images_per_s", "warmup_s", "train_s", "peak_mem_gib", "denoiser_gib", "micro_batch",
-              "gradient_accumulation", "compile", "compile_cache", "compile_cache_io_s", "cudnn_benchmark",
-              "attention", "num_processes")
-
-
-def _images_table(job) -> str:
-    """The training images as a Markdown table for the UI (the full list is in lineage.json)."""
-    rows = [f"| {r.role} | {job.row_source(r)[0] + '/' if job.datasets else ''}{r.source_path} | "
-            f"{r.image_sha256[:12]} | {r.caption} |" for r in job.training_images[:50]]
-    more = len(job.training_images) - len(rows)
-    return "\n".join(["| role | source | sha256 | caption |", "|---|---|---|---|", *rows]) + (
-        f"\n\n_and {more} more_" if more > 0 else "")
-
-
 def _die_with_launcher(launched: bool = False) -> None:
     """Under ``accelerate launch`` (torchrun) each process trains in its own session, so a launcher killed hard
     (SIGKILL of its process group, a Dagster run terminated) would leave them training on, holding the GPUs
@@ -97,20 +83,25 @@ def main(argv: list[str] | None = None) -> int:
     from assets_pipeline.training.job import TrainJob
     from assets_pipeline.training.checkpoints import checkpoint_root, job_lock
     from assets_pipeline.training.loop import train
-    from assets_pipeline.training.output import write_output
+    from assets_pipeline.training.output import materialization_metadata, write_output
 
     parser = argparse.ArgumentParser(prog="python -m assets_pipeline.training", description=__doc__)
-    parser.add_argument("--job", required=True, type=Path, help="job JSON written by a model asset")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--job", type=Path, help="job JSON written by a model asset")
+    what.add_argument("--pack", nargs="+", type=Path, metavar="JOB",
+                      help="several job JSONs (a pack run, assets/packs.py): those that can share a pack train as "
+                      "packs, the others alone; each concept's outcome is reported on its own "
+                      "(training/pack_trainer.py)")
+    parser.add_argument("--pack-size", type=int, default=0, metavar="N",
+                        help="with --pack: at most N concepts per pack (0: no limit)")
     args = parser.parse_args(argv)
     # Our progress at INFO; libraries (accelerate's checkpoint chatter, open_clip's loading) at WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("trainer").setLevel(logging.INFO)
+    if args.pack:
+        return _main_pack(args.pack, args.pack_size)
     job = TrainJob.load(args.job)
-    if job.cache_dir:  # a launcher sets them (resources/spare_trainer.py); from a shell, set them here
-        from assets_pipeline.training.runtime.compilation import compile_cache_env
-
-        for key, value in compile_cache_env(job.cache_dir).items():
-            os.environ.setdefault(key, value)
+    _compile_caches(job)
     with ExitStack() as stack:
         pipes = _pipes(stack)
         progress = pipes.log.info if pipes else logging.getLogger("trainer").info
@@ -129,30 +120,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def materialization_metadata(job, state, result: dict) -> dict:
-    """What the model asset's materialization shows of a finished training: the output's views, its key numbers
-    (rounded for display: metrics.json keeps them whole) and the training's speed."""
-    from assets_pipeline.display import shown_metadata
-    from assets_pipeline.training.reuse import output_views
-    from assets_pipeline.training.validation import step_views
+def _compile_caches(job) -> None:
+    if job.cache_dir:  # a launcher sets them (resources/spare_trainer.py); from a shell, set them here
+        from assets_pipeline.training.runtime.compilation import compile_cache_env
 
-    return {
-        **{k: {"raw_value": v, "type": t}
-           for k, (t, v) in output_views(Path(job.output_dir), result["preview_md"]).items()},
-        # validation_steps: the strips per step and the chosen step's numbers (none without it)
-        **{k: {"raw_value": v, "type": t} for k, (t, v) in step_views(Path(job.output_dir)).items()},
-        "training_images": {"raw_value": _images_table(job), "type": "md"},
-        **shown_metadata({
-            **{k: result[k] for k in ("clip_t", "clip_i", "mean_abs_change_vs_base", "final_loss", "steps",
-                                      "lineage_sha256", "scorer_is_random")},
-            "resumed_from_step": state.resumed_from,
-            "base_model_family": job.base_model.family,
-            "reused": False,
-            # Speed of this training (None where not measured, e.g. a run of one step).
-            **{k: v for k, v in state.stats.items() if k in SPEED_KEYS and v is not None},
-        }),
-        "dagster/row_count": len(job.training_images),
-    }
+        for key, value in compile_cache_env(job.cache_dir).items():
+            os.environ.setdefault(key, value)
+
+
+def _main_pack(paths: list[Path], pack_size: int) -> int:
+    """``--pack``: several jobs in this process; each concept's outcome goes to Dagster as a custom message (a pack
+    run's step turns it into the concept's materialization), or from a shell into the log."""
+    import json
+
+    from assets_pipeline.training.pack_trainer import load_jobs, train_jobs
+
+    jobs = load_jobs(paths)
+    _compile_caches(jobs[0])
+    with ExitStack() as stack:
+        pipes = _pipes(stack)
+        progress = pipes.log.info if pipes else logging.getLogger("trainer").info
+        if pipes:
+            report = pipes.report_custom_message
+        else:
+            def report(outcome: dict) -> None:
+                progress("outcome: " + json.dumps({k: v for k, v in outcome.items() if k != "metadata"}))
+        return train_jobs(jobs, pack_size, progress, report)
 
 
 def exit_now(code: int) -> None:

@@ -45,6 +45,10 @@ def lock_path(job: TrainJob) -> Path:
     return Path(job.checkpoint_dir) / f"{job.identity()[:16]}.lock"
 
 
+class JobLocked(RuntimeError):
+    """Another trainer holds the job's lock, and the caller (``job_lock(wait=False)``) does not wait for it."""
+
+
 def lock_holder(job: TrainJob) -> str | None:
     """Which run's trainer holds ``job``'s lock (:func:`job_lock`; the run id it wrote there), or None when the
     lock is free. A probe: it takes the lock and gives it back at once (a trainer starting at that instant waits
@@ -67,7 +71,7 @@ def lock_holder(job: TrainJob) -> str | None:
 
 
 @contextmanager
-def job_lock(job: TrainJob, progress: Callable[[str], None] = log.info) -> Iterator[None]:
+def job_lock(job: TrainJob, progress: Callable[[str], None] = log.info, wait: bool = True) -> Iterator[None]:
     """One trainer at a time per job identity: they share a checkpoint folder, and a second one writing into it
     would corrupt the first's states. A second trainer waits, then resumes or retrains. An OS file lock
     (flock), so a killed trainer releases it at once, and whoever takes it next removes what that one left
@@ -93,6 +97,11 @@ def job_lock(job: TrainJob, progress: Callable[[str], None] = log.info) -> Itera
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:  # a pack's concept: the pack does not wait for it (its holder's run makes it current)
+                lines = path.read_text().splitlines()
+                holder = lines[1] if len(lines) > 1 and lines[1] else "(unknown)"
+                raise JobLocked(f"concept {job.concept!r}: run {holder} is training this same job ({path}); that "
+                                "run makes its output current") from None
             progress(f"another trainer holds {path} (the same job: method, config, base model, training rows); "
                      "waiting for it to finish")
             fcntl.flock(f, fcntl.LOCK_EX)

@@ -245,3 +245,45 @@ def write_output(job: TrainJob, state: TrainState, device: str) -> dict[str, Any
         if tmp.exists():
             shutil.rmtree(tmp)
     return {**metrics, "preview_md": preview, "weights": [str(final / w.relative_to(tmp)) for w in weights]}
+
+
+SPEED_KEYS = ("images_per_s", "warmup_s", "train_s", "peak_mem_gib", "denoiser_gib", "micro_batch",
+              "gradient_accumulation", "compile", "compile_cache", "compile_cache_io_s", "cudnn_benchmark",
+              "attention", "num_processes", "pack_size")
+
+
+def _images_table(job) -> str:
+    """The training images as a Markdown table for the UI (the full list is in lineage.json)."""
+    rows = [f"| {r.role} | {job.row_source(r)[0] + '/' if job.datasets else ''}{r.source_path} | "
+            f"{r.image_sha256[:12]} | {r.caption} |" for r in job.training_images[:50]]
+    more = len(job.training_images) - len(rows)
+    return "\n".join(["| role | source | sha256 | caption |", "|---|---|---|---|", *rows]) + (
+        f"\n\n_and {more} more_" if more > 0 else "")
+
+
+def materialization_metadata(job, state, result: dict) -> dict:
+    """What the model asset's materialization shows of a finished training: the output's views, its key numbers
+    (rounded for display: metrics.json keeps them whole) and the training's speed."""
+    from assets_pipeline.display import shown_metadata
+    from assets_pipeline.training.reuse import output_views
+    from assets_pipeline.training.validation import step_views
+
+    return {
+        **{k: {"raw_value": v, "type": t}
+           for k, (t, v) in output_views(Path(job.output_dir), result["preview_md"]).items()},
+        # validation_steps: the strips per step and the chosen step's numbers (none without it)
+        **{k: {"raw_value": v, "type": t} for k, (t, v) in step_views(Path(job.output_dir)).items()},
+        "training_images": {"raw_value": _images_table(job), "type": "md"},
+        **shown_metadata({
+            **{k: result[k] for k in ("clip_t", "clip_i", "mean_abs_change_vs_base", "final_loss", "steps",
+                                      "lineage_sha256", "scorer_is_random")},
+            "resumed_from_step": state.resumed_from,
+            "base_model_family": job.base_model.family,
+            "reused": False,
+            # Speed of this training (None where not measured, e.g. a run of one step).
+            **{k: v for k, v in state.stats.items() if k in SPEED_KEYS and v is not None},
+            # Trained in a pack (training/pack.py): the concepts it shared its steps with.
+            **({"packed_with": ", ".join(state.stats["packed_with"])} if state.stats.get("packed") else {}),
+        }),
+        "dagster/row_count": len(job.training_images),
+    }

@@ -1,0 +1,206 @@
+"""Pack runs: the LoRAs (or textual-inversion tokens) of several concepts trained in one run, by one trainer
+process, holding one slot of the ``gpu`` pool (issue 26).
+
+A pack run is a run of the ``train_packs`` job: one op, :func:`train_pack`, configured with a method and the
+concepts to train (the retraining schedule decides them: schedules.py). It does for each concept what a model
+asset's step does (assets/models.py: plan the job, reuse an identical output, check the inputs), hands every job
+that must train to one trainer process (``python -m assets_pipeline.training --pack``: training/pack_trainer.py),
+and then reports each concept as its own partition of the model asset:
+
+- a materialization of ``lora_adapter`` / ``textual_inversion_embedding`` for that concept, with the same metadata,
+  data version and files as a solo training, and the data-provenance tags Dagster's own asset steps write (code
+  version, each dependency's data version and event), so the UI, the schedule and staleness see it as an ordinary
+  materialization, up to date;
+- the model checks (weights_finite, changes_base_output, manifest_lists_training_images) on that partition;
+- a concept that fails (its inputs, a diverged loss, its output) gets no materialization; the run is marked failed
+  at its end, after its pack-mates' materializations, so Dagster shows that partition failed and the others
+  materialized. At the run's start each concept's materialization is announced as planned (the event Dagster
+  logs for an asset run's partitions), which is what makes the UI show them in progress, then materialized or
+  failed.
+
+Why an op and not the model asset itself: an asset step of a partitioned asset materializes one partition (or, under
+a single-run backfill policy, a contiguous range of partitions with one data version and one set of metadata); a pack
+is any set of concepts, each with its own data version, metadata and checks. The op reports each partition's events
+itself.
+"""
+
+
+import traceback
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from assets_pipeline.assets.checks import MODEL_CHECK_NAMES, evaluate
+from assets_pipeline.assets.models import (
+    Planned, make_current, model_deps, plan_training, prepare_training, reused_metadata,
+)
+from assets_pipeline.jobs import TRAINING_RUN_TAGS
+from assets_pipeline.partitions.definitions import concepts_partitions
+from assets_pipeline.resources import (
+    AcceleratorResource, BaseModelResource, ClipScorerResource, PipelineStorage, TrainerLauncher,
+)
+from assets_pipeline.resources.run_watch import ensure_run_active
+from assets_pipeline.training.methods import get_method
+from assets_pipeline.training.plan import CODE_VERSION
+
+PACKABLE_METHODS = ("lora", "textual_inversion")
+PACK_TAG = "assets_pipeline/pack"  # a pack run: "<method> x <number of concepts>"
+UNPACKED_TAG = "assets_pipeline/unpacked"  # a run of one concept the schedule could not pack: why
+
+
+class PackConfig(dg.Config):
+    method: str = Field(default="lora", description="'lora' (lora_adapter) or 'textual_inversion' "
+                        "(textual_inversion_embedding): the asset whose partitions this run materializes.")
+    concepts: list[str] = Field(description="The concepts (partitions of the asset) to train in this run. Those "
+                                "that can share a pack train as packs of up to the trainer's pack_size, the others "
+                                "alone, one after another; an up-to-date output is reused, as by the asset.")
+
+
+def provenance_tags(instance: dg.DagsterInstance, method_name: str, concept: str, data_version: str) -> dict:
+    """The tags Dagster's own asset step writes on a materialization (its data version, code version, and each
+    dependency's data version and event): with them the staleness of a partition a pack run materialized is
+    computed as for one its asset materialized. Each dependency's are its partition's (this concept's) latest."""
+    from dagster._core.definitions.data_version import (
+        CODE_VERSION_TAG, DATA_VERSION_IS_USER_PROVIDED_TAG, DATA_VERSION_TAG, DEFAULT_DATA_VERSION,
+        NULL_EVENT_POINTER, get_input_data_version_tag, get_input_event_pointer_tag,
+    )
+
+    tags = {DATA_VERSION_TAG: data_version, CODE_VERSION_TAG: CODE_VERSION, DATA_VERSION_IS_USER_PROVIDED_TAG: "true"}
+    for dep in model_deps(method_name):
+        record = instance.get_latest_data_version_record(dep.key, partition_key=concept)
+        event = record.asset_materialization if record is not None else None
+        version = (event.tags or {}).get(DATA_VERSION_TAG) if event is not None else None
+        tags[get_input_data_version_tag(dep.key)] = version or DEFAULT_DATA_VERSION.value
+        tags[get_input_event_pointer_tag(dep.key)] = str(record.storage_id) if record is not None else NULL_EVENT_POINTER
+    return tags
+
+
+def _metadata(reported: dict[str, Any]) -> dict[str, Any]:
+    """The metadata a trainer reported for a concept, as the solo trainer's Pipes materialization would carry it:
+    ``{"raw_value", "type"}`` entries typed as Pipes types them, plain values as they are."""
+    from dagster._core.definitions.metadata.external_metadata import metadata_value_from_external
+
+    return {k: metadata_value_from_external(v["raw_value"], v["type"])
+            if isinstance(v, dict) and v.keys() == {"raw_value", "type"} else v for k, v in reported.items()}
+
+
+def _announce_planned(context: dg.OpExecutionContext, asset_key: dg.AssetKey, concepts: list[str]) -> None:
+    """The ASSET_MATERIALIZATION_PLANNED event of each concept's partition, as an asset run logs at its start: the
+    UI shows the partition in progress, and failed if this run fails without materializing it."""
+    from dagster._core.events import AssetMaterializationPlannedData, DagsterEvent
+
+    for concept in concepts:
+        event = DagsterEvent.build_asset_materialization_planned_event(
+            context.job_name, str(context.op_handle), AssetMaterializationPlannedData(asset_key, partition=concept))
+        context.instance.report_dagster_event(event, run_id=context.run_id)
+
+
+@dg.op(pool="gpu", out={}, description="Train the configured concepts' LoRAs (or textual-inversion tokens) in one trainer "
+       "process, as packs (README, 'Many concepts, one GPU'), and materialize each concept's partition of the model "
+       "asset with its checks.")
+def train_pack(context: dg.OpExecutionContext, config: PackConfig, storage: PipelineStorage,
+               base_model: BaseModelResource, clip_scorer: ClipScorerResource, trainer: TrainerLauncher,
+               accelerator: AcceleratorResource):
+    if config.method not in PACKABLE_METHODS:
+        raise dg.Failure(f"train_pack: method = {config.method!r}; a pack trains one of {list(PACKABLE_METHODS)}")
+    concepts = list(dict.fromkeys(config.concepts))
+    known = set(context.instance.get_dynamic_partitions(concepts_partitions.name))
+    if not concepts or (unknown := [c for c in concepts if c not in known]):
+        raise dg.Failure("train_pack: concepts = " + repr(config.concepts) + (
+            f": {unknown} are not partitions of {concepts_partitions.name!r}" if concepts else
+            ": expected at least one concept"))
+    method = get_method(config.method)
+    asset_key = dg.AssetKey(method.asset_name)
+    pack_size = trainer.packing()
+    context.log.info(f"{len(concepts)} concept(s), {method.asset_name}, packs of up to {pack_size}: "
+                     + ", ".join(concepts))
+    if why := context.run.tags.get(UNPACKED_TAG):
+        context.log.info(f"not packed: {why}")
+    _announce_planned(context, asset_key, concepts)
+
+    failed: dict[str, str] = {}
+    training: dict[str, tuple[Planned, Path]] = {}
+
+    def materialize(concept: str, data_version: str, metadata: dict[str, Any]):
+        yield dg.AssetMaterialization(asset_key, partition=concept, metadata=metadata,
+                                      tags=provenance_tags(context.instance, method.name, concept, data_version))
+        for name, blocking in MODEL_CHECK_NAMES:
+            try:
+                result = evaluate(name, storage, base_model, accelerator, method, concept, context.run_id)
+            except Exception as e:  # noqa: BLE001 - a check that cannot run fails its concept, not the others
+                context.log.error(f"{method.asset_name}[{concept}] check {name} raised: {traceback.format_exc()}")
+                failed[concept] = f"check {name} raised {type(e).__name__}: {e}"
+                continue
+            yield dg.AssetCheckEvaluation(asset_key=asset_key, check_name=name, passed=result.passed,
+                                          metadata=result.metadata, description=result.description,
+                                          severity=result.severity, blocking=blocking, partition=concept)
+            if blocking and not result.passed:
+                failed[concept] = f"blocking check {name} failed"
+
+    # -- as the model asset's step does, per concept: plan, reuse, check the inputs ----------------------------
+    from assets_pipeline.training.checkpoints import lock_holder, lock_path
+
+    for concept in concepts:
+        try:
+            planned = plan_training(context, storage, base_model, clip_scorer, trainer, concept, method)
+            if planned is None:
+                continue
+            if planned.reuse is not None:
+                yield from materialize(concept, planned.reuse.data_version,
+                                       {**planned.metadata, **reused_metadata(planned.reuse)})
+                continue
+            if (holder := lock_holder(planned.job)) is not None:  # that run materializes it
+                context.log.info(f"{concept}: run {holder} is training this same job ({lock_path(planned.job)}); "
+                                 "that run makes its output current, this one leaves it")
+                continue
+            training[concept] = (planned, prepare_training(context, storage, planned.job, method))
+        except Exception as e:  # noqa: BLE001 - its own inputs: it fails alone, the others train
+            context.log.error(f"{method.asset_name}[{concept}]: {type(e).__name__}: {e}")
+            failed[concept] = f"{type(e).__name__}: {e}"
+    if training:
+        # -- one trainer process for all of them ------------------------------------------------------------
+        outcomes: dict[str, dict] = {}
+        trainer_error = None
+        try:
+            invocation = trainer.launch_pack(context, [path for _, path in training.values()],
+                                             next(iter(training.values()))[0].job.cache_dir)
+            for message in invocation.get_custom_messages():
+                if isinstance(message, dict) and message.get("concept") in training:
+                    outcomes[message["concept"]] = message
+            code = getattr(invocation, "returncode", 0)
+            if code and not any("error" in o for o in outcomes.values()):
+                trainer_error = f"the trainer process exited with code {code}"
+        except Exception as e:  # noqa: BLE001 - the process as a whole (a pod that failed): its concepts without output fail
+            context.log.error(f"the pack's trainer failed: {traceback.format_exc()}")
+            trainer_error = f"the trainer failed ({type(e).__name__}: {e})"
+        ensure_run_active(context)  # a run that ended meanwhile (its worker killed) makes nothing current
+        # -- each concept: its output, as the model asset's step makes it current ----------------------------
+        from assets_pipeline.training.reuse import find_reusable
+
+        for concept, (planned, job_path) in training.items():
+            message = outcomes.get(concept, {})
+            written, _ = find_reusable(Path(planned.job.output_dir), planned.job, CODE_VERSION)
+            # Its output, complete and of this job, unless the trainer reported its failure (a trainer that wrote it
+            # and died before reporting it leaves it complete: it is materialized, with the metadata it has on disk).
+            if written is None or "error" in message:
+                failed[concept] = message.get("error") or trainer_error or "the trainer reported no outcome for it"
+                context.log.error(f"{method.asset_name}[{concept}] failed: {failed[concept]}")
+                job_path.unlink(missing_ok=True)
+                continue
+            make_current(context, storage, planned.job, job_path)
+            metadata = _metadata(message["metadata"]) if "metadata" in message else reused_metadata(written)
+            yield from materialize(concept, written.data_version, {**planned.metadata, **metadata})
+    if failed:
+        raise dg.Failure(
+            description=f"{len(failed)} of {len(concepts)} concept(s) failed; the others are materialized: "
+            + "; ".join(f"{c}: {why}" for c, why in failed.items()),
+            metadata={c: dg.MetadataValue.text(why) for c, why in failed.items()})
+
+
+@dg.job(name="train_packs", tags=TRAINING_RUN_TAGS,
+        description="Train several concepts' LoRAs (or textual-inversion tokens) in one run: the retraining schedule "
+        "launches one per pack. Launchpad: ops.train_pack.config.concepts (and method).")
+def train_packs_job():
+    train_pack()
