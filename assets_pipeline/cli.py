@@ -113,6 +113,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pack_of(folder: Path) -> list[str] | None:
+    """The concepts an output trained with in a pack (its lineage.json's ``pack``), or None: trained alone."""
+    from assets_pipeline.lineage import read_manifest
+
+    pack = read_manifest(folder).get("pack")  # audit_output has read it: it is readable
+    return list(pack["concepts"]) if isinstance(pack, dict) and pack.get("concepts") else None
+
+
 def cmd_lineage(args: argparse.Namespace) -> int:
     """Exit status 0: answered; 1: answered, but a damaged record was skipped (a warning names it), so the answer
     may be incomplete; 2: no answer (the one-line error says why)."""
@@ -144,8 +152,12 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         if len(changed):
             print(f"\n{len(changed)} source photo(s) missing or changed since training", file=sys.stderr)
         target = Path(args.target)
+        folder = target if target.is_dir() else target.parent
+        if (pack := _pack_of(folder)) is not None:  # how it was trained: with whom (training/pack_trainer.py)
+            print(f"trained in a pack of {len(pack)} (one trainer process, each concept's own adapter and loss):\n"
+                  + "\n".join(f"  {printable(c)}" for c in pack), file=sys.stderr)
         try:
-            pruned = pruned_record(target if target.is_dir() else target.parent)
+            pruned = pruned_record(folder)
         except UnreadableFile as e:
             warn(f"{e}; whether this output's weights were pruned is unknown")
             pruned = None

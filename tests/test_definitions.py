@@ -49,7 +49,9 @@ def test_jobs_sensors_and_schedule_are_registered():
     # tells a run waiting for a pool slot who holds it (assets_pipeline/pools.py); requests no runs
     slots = defs.resolve_sensor_def("pool_slot_sensor")
     assert slots.default_status == dg.DefaultSensorStatus.RUNNING and not slots.targets
-    assert defs.resolve_schedule_def("retrain_schedule").job_name == "train_models"
+    # the nightly retraining launches pack runs (one op: several concepts' partitions per run, assets/packs.py)
+    assert defs.resolve_schedule_def("retrain_schedule").job_name == "train_packs"
+    assert defs.resolve_job_def("train_packs").partitions_def is None
 
 
 def test_importing_definitions_imports_nothing_heavy():

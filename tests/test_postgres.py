@@ -135,7 +135,7 @@ def test_profile_is_the_local_one_on_postgres_with_one_training_run_per_gpu(pg_h
     assert team["concurrency"]["runs"]["tag_concurrency_limits"] == [
         {"key": tag, "limit": team["concurrency"]["pools"]["default_limit"]}]
     tagged = {job.name for job in defs.resolve_all_job_defs() if job.run_tags.get(tag) == value}
-    assert tagged == {"train_models", "train_concept"}
+    assert tagged == {"train_models", "train_concept", "train_packs"}
 
     with dg.DagsterInstance.from_config(str(pg_home)) as instance:
         assert [type(s).__name__ for s in (instance.run_storage, instance.event_log_storage,

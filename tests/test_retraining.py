@@ -60,6 +60,16 @@ def schedule_tick(world):
         return retrain_schedule(ctx)
 
 
+def run_request(world, request):
+    """Execute a schedule's run request as the daemon would launch it (its job, run config and tags)."""
+    from assets_pipeline.assets.packs import train_packs_job
+    from assets_pipeline.definitions import ASSETS, CHECKS
+
+    defs = dg.Definitions(assets=ASSETS, asset_checks=CHECKS, jobs=[train_packs_job], resources=world.resources)
+    return defs.resolve_job_def("train_packs").execute_in_process(
+        instance=world.instance, run_config=request.run_config, tags=request.tags, raise_on_error=False)
+
+
 def test_blocking_check_stops_training_of_a_concept_with_too_few_photos(world):
     res = world.materialize("tiny", DATASET | dg.AssetSelection.assets("lora_adapter"), raise_on_error=False)
     checks = {c.check_name: c for c in res.get_asset_check_evaluations()}
@@ -116,11 +126,12 @@ def test_changed_photos_retrain_only_that_concept_and_history_stays_auditable(wo
     world.materialize("rusty", DATASET)
 
     requests = schedule_tick(world)
-    assert [(r.partition_key, r.asset_selection) for r in requests] == [("rusty", [dg.AssetKey("lora_adapter")])]
-    assert requests[0].tags["retrain/reason"] == "training inputs changed"
+    assert [r.run_config["ops"]["train_pack"]["config"] for r in requests] == [
+        {"method": "lora", "concepts": ["rusty"]}]
+    assert requests[0].tags["retrain/reason"] == "rusty: training inputs changed"
     assert schedule_tick(world)[0].run_key == requests[0].run_key  # same tick, same inputs: same key
 
-    world.materialize("rusty", dg.AssetSelection.assets("lora_adapter"))
+    assert run_request(world, requests[0]).success  # the run the schedule launches: train_packs, one concept
     v2 = current_output(world.storage.layout(), "rusty", "lora_adapter")
     assert v2 != world.v1 and world.v1.is_dir()
     old = {r["image_sha256"] for r in json.loads((world.v1 / "lineage.json").read_text())["training_images"]}

@@ -2,7 +2,8 @@
 process, holding one slot of the ``gpu`` pool (issue 26).
 
 A pack run is a run of the ``train_packs`` job: one op, :func:`train_pack`, configured with a method and the
-concepts to train (the retraining schedule decides them: schedules.py). It does for each concept what a model
+concepts to train (the retraining schedule decides them: schedules.py; a run of one concept, or of a method that does
+not pack, trains each alone the same way). It does for each concept what a model
 asset's step does (assets/models.py: plan the job, reuse an identical output, check the inputs), hands every job
 that must train to one trainer process (``python -m assets_pipeline.training --pack``: training/pack_trainer.py),
 and then reports each concept as its own partition of the model asset:
@@ -42,17 +43,17 @@ from assets_pipeline.resources import (
     AcceleratorResource, BaseModelResource, ClipScorerResource, PipelineStorage, TrainerLauncher,
 )
 from assets_pipeline.resources.run_watch import ensure_run_active
-from assets_pipeline.training.methods import get_method
+from assets_pipeline.training.methods import get_method, method_names
 from assets_pipeline.training.plan import CODE_VERSION
 
-PACKABLE_METHODS = ("lora", "textual_inversion")
 PACK_TAG = "assets_pipeline/pack"  # a pack run: "<method> x <number of concepts>"
 UNPACKED_TAG = "assets_pipeline/unpacked"  # a run of one concept the schedule could not pack: why
 
 
 class PackConfig(dg.Config):
-    method: str = Field(default="lora", description="'lora' (lora_adapter) or 'textual_inversion' "
-                        "(textual_inversion_embedding): the asset whose partitions this run materializes.")
+    method: str = Field(default="lora", description="The method whose asset's partitions this run materializes: "
+                        "'lora' (lora_adapter) and 'textual_inversion' (textual_inversion_embedding) pack; "
+                        "'dreambooth' and 'controlnet' concepts train alone, one after another.")
     concepts: list[str] = Field(description="The concepts (partitions of the asset) to train in this run. Those "
                                 "that can share a pack train as packs of up to the trainer's pack_size, the others "
                                 "alone, one after another; an up-to-date output is reused, as by the asset.")
@@ -103,8 +104,8 @@ def _announce_planned(context: dg.OpExecutionContext, asset_key: dg.AssetKey, co
 def train_pack(context: dg.OpExecutionContext, config: PackConfig, storage: PipelineStorage,
                base_model: BaseModelResource, clip_scorer: ClipScorerResource, trainer: TrainerLauncher,
                accelerator: AcceleratorResource):
-    if config.method not in PACKABLE_METHODS:
-        raise dg.Failure(f"train_pack: method = {config.method!r}; a pack trains one of {list(PACKABLE_METHODS)}")
+    if config.method not in method_names():
+        raise dg.Failure(f"train_pack: method = {config.method!r}; expected one of {method_names()}")
     concepts = list(dict.fromkeys(config.concepts))
     known = set(context.instance.get_dynamic_partitions(concepts_partitions.name))
     if not concepts or (unknown := [c for c in concepts if c not in known]):
