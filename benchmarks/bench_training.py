@@ -45,8 +45,8 @@ then the ratio table.
 ``--pack N [N ...]`` (issue 26, many concepts on one GPU) measures something else: for each N, N LoRA concepts of
 ``--pack-photos`` (10) photos each, every one its own seed and random latents bundle, ``--steps`` steps (default 100;
 the issue's measurement is 1,000) at batch 1, trained *solo* (today's trainer process per concept, ``python -m
-assets_pipeline.training --job``, one after another) and *packed* (one process, ``training/pack.py``'s
-``train_pack`` over all N, a hidden ``--pack-one`` mode of this script). Both sides write each concept's output
+assets_pipeline.training --job``, one after another) and *packed* (one process, the trainer a pack run launches:
+``python -m assets_pipeline.training --pack JOB... --pack-size N``, training/pack_trainer.py). Both sides write each concept's output
 as the trainer does (weights, lineage, validation renders scored by the embedded CLIP) and are timed as whole
 processes: startup, imports, the base model's load, training, output. No checkpoints on either side (a pack
 writes none). A packed run in which any concept failed fails the measurement. Prints one JSON line per side and N
@@ -635,43 +635,6 @@ def pack_jobs(n: int, shapes: str, photos: int, steps: int, work: Path, device: 
     return jobs
 
 
-def run_pack_one(jobs_dir: Path) -> int:
-    """``--pack-one DIR``: the packed side's process: ``train_pack`` over the jobs of DIR (job-*.json), then each
-    concept's output written as the solo trainer writes it. Fails when any concept failed (a benchmark of failures
-    measures nothing). Prints one JSON line: the pack's training seconds and each concept's result."""
-    import logging
-
-    import torch
-
-    from assets_pipeline.training.__main__ import exit_now
-    from assets_pipeline.training.job import TrainJob
-    from assets_pipeline.training.output import write_output
-    from assets_pipeline.training.pack import train_pack
-
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    jobs = [TrainJob.load(p) for p in sorted(jobs_dir.glob("job-*.json"))]
-    started = time.perf_counter()
-    states = train_pack(jobs, progress=lambda msg: None)
-    train_s = time.perf_counter() - started
-    failed = {j.concept: repr(s) for j, s in zip(jobs, states) if isinstance(s, BaseException)}
-    if failed or len(states) != len(jobs):
-        raise SystemExit(f"packed training failed for {failed or 'some concepts'}: the measurement is void")
-    device = "cuda" if jobs[0].device != "cpu" and torch.cuda.is_available() else "cpu"
-    for job, state in zip(jobs, states):
-        if state.steps != job.config.max_train_steps:
-            raise SystemExit(f"{job.concept}: trained {state.steps} of {job.config.max_train_steps} steps")
-        write_output(job, state, device)
-    # train_s: the pack's step loop (its last concept's, counted from the loop's start as loop.train's timer counts
-    # solo's); train_pack_s: train_pack's whole call (the base model's load and the adapters' setup included).
-    print(json.dumps({"train_s": max(s.stats["train_s"] for s in states), "train_pack_s": round(train_s, 2),
-                      "concepts": len(jobs),
-                      "final_loss": [s.losses[-1] if s.losses else None for s in states],
-                      "pack_device": states[0].stats.get("device"), "precision": states[0].stats.get("precision")}),
-          flush=True)
-    exit_now(0)  # as the solo trainer ends: without the interpreter's teardown
-    return 0
-
-
 def _children_cpu_s() -> float:
     import resource
 
@@ -694,7 +657,7 @@ def _timed(cmd: list[str], timeout: float) -> tuple[subprocess.CompletedProcess,
 
 def run_pack_bench(args, device: str) -> list[dict]:
     """For each N of ``--pack``: N concepts trained solo (``python -m assets_pipeline.training --job``, one process
-    each, one after another) and packed (one ``--pack-one`` process), wall and CPU seconds per concept."""
+    each, one after another) and packed (one ``--pack`` trainer process), wall and CPU seconds per concept."""
     import torch
 
     from assets_pipeline.training.pack import packable
@@ -715,26 +678,33 @@ def run_pack_bench(args, device: str) -> list[dict]:
             trained: list[float] = []
             # Solo's cost per concept does not depend on N: --solo-concepts K times the first K of them alone.
             measured = min(n, args.solo_concepts or n) if mode == "solo" else n
-            cmds = ([[sys.executable, "-m", "assets_pipeline.training", "--job", str(jobs_dir / f"job-{i:03d}.json")]
-                     for i in range(measured)] if mode == "solo" else
-                    [[sys.executable, __file__, "--pack-one", str(jobs_dir), "--device", device]])
+            files = [str(jobs_dir / f"job-{i:03d}.json") for i in range(len(jobs))]
+            # packed: the trainer a pack run launches (assets/packs.py), all N in one pack
+            cmds = ([[sys.executable, "-m", "assets_pipeline.training", "--job", f] for f in files[:measured]]
+                    if mode == "solo" else
+                    [[sys.executable, "-m", "assets_pipeline.training", "--pack", *files, "--pack-size", str(n)]])
             error = None
             for cmd in cmds:
                 proc, wall, cpu_s = _timed(cmd, args.run_timeout)
                 total, cpu = total + wall, cpu + cpu_s
-                if proc.returncode:
+                if proc.returncode:  # a packed trainer exits 1 when any concept failed: the measurement is void
                     error = proc.stderr[-2000:]
                     break
-                if mode == "packed":
-                    trained.append(json.loads(proc.stdout.strip().splitlines()[-1])["train_s"])
             if error is None:
-                for job in jobs[:measured]:  # every concept wrote its output, solo or packed
+                for job in jobs[:measured]:  # every concept wrote its output, all its steps, solo or packed
                     metrics = Path(job.output_dir) / "metrics.json"
                     if not metrics.is_file():
                         error = f"{job.concept}: no output ({metrics} missing)"
                         break
-                    if mode == "solo":
-                        trained.append(json.loads(metrics.read_text())["training_speed"].get("train_s") or 0.0)
+                    record = json.loads(metrics.read_text())
+                    lineage = json.loads((Path(job.output_dir) / "lineage.json").read_text())
+                    if record["steps"] != args.steps or (mode == "packed" and n > 1 and
+                                                         (lineage.get("pack") or {}).get("size") != n):
+                        error = f"{job.concept}: {record['steps']} steps, pack {lineage.get('pack')}: not as planned"
+                        break
+                    trained.append(record["training_speed"].get("train_s") or 0.0)
+                if mode == "packed" and trained:  # the pack's step loop, to its last concept's last step
+                    trained = [max(trained)]
             row = {"pack": n, "mode": mode, "steps": args.steps, "photos": args.pack_photos, "batch": 1,
                    "shapes": args.shapes, "device": device,
                    "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -812,11 +782,8 @@ def main() -> int:
     ap.add_argument("--solo-concepts", type=int, metavar="K",
                     help="with --pack: time the solo side on the first K of each N's concepts only (its cost per "
                          "concept does not depend on N; rows say concepts_run), to fit a device lease")
-    ap.add_argument("--pack-one", help=argparse.SUPPRESS)  # internal: train_pack over DIR's job-*.json here
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: "method,variant,batch" in this process
     args = ap.parse_args()
-    if args.pack_one:
-        return run_pack_one(Path(args.pack_one))
     if args.steps is None:
         args.steps = PACK_DEFAULT_STEPS if args.pack else 10
     if args.pack:

@@ -301,3 +301,59 @@ def test_a_job_the_pod_could_not_read_starts_no_pod(kubelet, tmp_path):
     assert not res.success and kubelet.created == []
     (failure,) = [e for e in res.all_events if e.is_step_failure]
     assert "/opt/models/sd15" in failure.step_failure_data.error.cause.message
+
+
+@dg.op(out={})
+def packed(context, trainer: TrainerLauncher, job_paths: dg.ResourceParam[str]):
+    """As a pack run does (assets/packs.py): one trainer process for several job files, each concept's outcome a
+    custom message."""
+    invocation = trainer.launch_pack(context, [Path(p) for p in job_paths.split(os.pathsep)])
+    for message in invocation.get_custom_messages():
+        context.log.info("outcome " + json.dumps({k: v for k, v in message.items() if k != "metadata"}))
+
+
+@pytest.mark.slow
+def test_a_pack_trains_in_one_pod_and_each_concept_reports_its_outcome_through_the_pod_log(dataset, kubelet,
+                                                                                          tmp_path):
+    """Issue 26 in mode 'k8s': the pod runs ``--pack`` with every job file (each one's paths checked against the
+    mounts), trains the two concepts as one pack, and each concept's outcome comes back through the pod log."""
+    from dataclasses import replace
+
+    from helpers import plan_for
+    from assets_pipeline.resources import BaseModelResource, ClipScorerResource
+
+    storage, spec = dataset
+    artifacts = storage.artifact_path()
+    trainer = TrainerLauncher(device="cpu", mode="k8s", pack_size=4, k8s=_config(
+        namespace="training", artifact_mount_path=str(artifacts), kubeconfig_file=_kubeconfig(tmp_path),
+        env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}))
+    paths = []
+    for concept, seed in (("rusty", 0), ("rusty-twin", 1)):  # the same photos; another seed: another job
+        job = plan_for(storage, BaseModelResource().resolve(artifacts), spec, "lora", run_id="k8s-pack",
+                       input_versions={}, trainer=trainer, clip_scorer=ClipScorerResource(),
+                       overrides={"max_train_steps": 2, "checkpointing_steps": 1000, "seed": seed})
+        out = Path(job.output_dir)
+        job = replace(job, concept=concept, output_dir=str(out.parent.parent.parent / concept / out.parent.name
+                                                              / out.name))
+        path = Path(job.output_dir).parent / ".job-k8s-pack.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        job.save(path)
+        paths.append(path)
+
+    @dg.job(resource_defs={"trainer": trainer, "job_paths": dg.ResourceDefinition.hardcoded_resource(
+        os.pathsep.join(map(str, paths)))})
+    def pack_job():
+        packed()
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        res = pack_job.execute_in_process(instance=instance)
+        logs = [e.user_message for e in instance.all_logs(res.run_id)]
+    assert kubelet.exit_code == 0, kubelet.log.decode()[-3000:]
+    ((_, pod),) = kubelet.created
+    (c,) = pod.spec.containers
+    assert c.command == ["python", "-m", "assets_pipeline.training", "--pack", *map(str, paths), "--pack-size", "4"]
+    outcomes = [json.loads(m.partition("outcome ")[2]) for m in logs if m.startswith("outcome ")]
+    assert [o["concept"] for o in outcomes] == ["rusty", "rusty-twin"] and all("data_version" in o for o in outcomes)
+    for o in outcomes:
+        lineage = json.loads((Path(o["output_dir"]) / "lineage.json").read_text())
+        assert lineage["concept"] == o["concept"] and lineage["pack"]["concepts"] == ["rusty", "rusty-twin"]

@@ -246,6 +246,25 @@ def test_packs_group_what_they_share_and_a_pack_refuses_jobs_that_cannot_share_i
         train_pack([a, _job("odd", {"variant": "loha"})])
 
 
+def test_a_pack_run_trains_packable_jobs_in_packs_of_pack_size_then_each_other_job_alone():
+    """training/pack_trainer.units: the order a ``--pack`` trainer trains its jobs, and why each one trains alone."""
+    from dataclasses import replace
+
+    from assets_pipeline.training.pack_trainer import units
+
+    jobs = [_job(c, {"seed": i}) for i, c in enumerate("abcde")]
+    dora, db = _job("dora", {"variant": "dora"}), make_job("dreambooth", concept="db")
+    twin = replace(jobs[0], concept="twin")  # a copied folder: the same job as a's
+    said = []
+    got = units([jobs[0], dora, *jobs[1:3], twin, db, *jobs[3:]], 2, said.append)
+    assert [[j.concept for j in u] for u in got] == [["a", "b"], ["c", "d"], ["e"], ["dora"], ["db"], ["twin"]]
+    assert [line.split(":")[0] for line in said] == ["concept 'dora' trains alone", "concept 'db' trains alone",
+                                                     "concept 'twin' trains alone"]
+    assert "same as another concept's" in said[2]
+    assert [[j.concept for j in u] for u in units(jobs, 0, said.append)] == [list("abcde")]  # 0: one pack
+    assert [len(u) for u in units(jobs, 1, said.append)] == [1] * 5
+
+
 # -- textual inversion ------------------------------------------------------------------------------------------------
 
 # Each concept its own token (one shares another's word as its initializer), seed, learning rate and schedule, steps

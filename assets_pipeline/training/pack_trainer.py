@@ -37,11 +37,21 @@ def units(jobs: Sequence[TrainJob], pack_size: int, progress: Callable[[str], No
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return [[job] for job in jobs]
-    groups, refusals = packable(jobs)
+    # Two concepts with the same job (the same photos, captions and config: a copied folder) share a job lock and
+    # a checkpoint folder, so they never train at the same time: each repeat trains after the packs.
+    seen, repeats, distinct = set(), [], []
+    for job in jobs:
+        (repeats if job.identity() in seen else distinct).append(job)
+        seen.add(job.identity())
+    groups, refusals = packable(distinct)
     for r in refusals:
         progress(str(r))
+    for job in repeats:
+        progress(f"concept {job.concept!r} trains alone: its job is the same as another concept's in this run "
+                 "(same photos, captions and config), which holds its lock while it trains")
     size = pack_size if pack_size > 0 else max(len(jobs), 1)
-    return [g[i:i + size] for g in groups for i in range(0, len(g), size)] + [[r.job] for r in refusals]
+    return ([g[i:i + size] for g in groups for i in range(0, len(g), size)] + [[r.job] for r in refusals]
+            + [[job] for job in repeats])
 
 
 def outcome(job: TrainJob, **fields: Any) -> dict[str, Any]:
