@@ -91,12 +91,18 @@ def trained(world, deterministic):
     jobs = [world(c, n, cfg) for c, (n, cfg) in CONCEPTS.items()]
     solo = [loop.train(job, progress=lambda m: None) for job in jobs]
     log: list[str] = []
-    packed = train_pack(jobs, progress=log.append)
-    return jobs, solo, packed, log
+    handed: dict[str, dict] = {}
+
+    def on_done(i, state):  # as the pack trainer writes each output: when its concept leaves the pack
+        log.append(f"on_done {jobs[i].concept}")
+        handed[jobs[i].concept] = adapter(state)
+
+    packed = train_pack(jobs, progress=log.append, on_done=on_done)
+    return jobs, solo, packed, log, handed
 
 
 def test_each_packed_concept_equals_its_solo_training(trained):
-    jobs, solo, packed, log = trained
+    jobs, solo, packed, log, handed = trained
     assert all(not isinstance(p, BaseException) for p in packed), packed
     diffs = {}
     for job, s, p in zip(jobs, solo, packed):
@@ -113,8 +119,12 @@ def test_each_packed_concept_equals_its_solo_training(trained):
     assert min(max_diff(states[i], states[j]) for i in range(3) for j in range(i + 1, 3)) > 1e-2
     # Each left the pack at its own step count while the others went on (a concept stepped after it left would
     # not equal its solo training: AdamW moves weights on zero gradients).
-    assert [line for line in log if "leaves the pack" in line] == [
-        f"pack: {c!r} trained its {n} steps and leaves the pack" for c, n in (("ann", 4), ("bob", 6), ("cat", 8))]
+    assert [line for line in log if "leaves the pack" in line or line.startswith("on_done")] == [
+        line for c, n in (("ann", 4), ("bob", 6), ("cat", 8))
+        for line in (f"pack: {c!r} trained its {n} steps and leaves the pack", f"on_done {c}")]
+    # ... and its result was handed on then (its output written while the others trained on), the one returned
+    for job, p in zip(jobs, packed):
+        assert max_diff(handed[job.concept], adapter(p)) == 0
     print(f"max |packed - solo| of the adapters: {diffs}")
 
 
@@ -122,7 +132,7 @@ def test_a_diverging_concept_fails_alone_and_the_others_still_equal_solo(world, 
     from assets_pipeline.training.loop import DivergedTraining
     from assets_pipeline.training.pack import train_pack
 
-    jobs, solo, _, _ = trained
+    jobs, solo, *_ = trained
     wild = world("wild", 3, {"max_train_steps": 6, "seed": 4, "learning_rate": 1e30})
     log: list[str] = []
     ann, failed, cat = train_pack([jobs[0], wild, jobs[2]], progress=log.append)
@@ -160,7 +170,7 @@ def test_a_packed_concepts_output_is_a_solo_output_that_stock_diffusers_loads(tr
     from assets_pipeline.training.methods.lora import DIFFUSERS_FILE, KOHYA_FILE
     from assets_pipeline.training.output import write_output
 
-    jobs, solo, packed, _ = trained
+    jobs, solo, packed, *_ = trained
     outs = {}
     for kind, state in (("solo", solo[0]), ("packed", packed[0])):
         job = replace(jobs[0], output_dir=str(tmp_path / kind))
@@ -298,12 +308,18 @@ def ti_trained(world, deterministic):
         state = loop.train(job, progress=lambda m: None)
         solo.append((state, token_row(state), list(state.losses)))
     log: list[str] = []
-    packed = train_pack(jobs, progress=log.append)
-    return jobs, solo, packed, log
+    handed: dict[str, dict] = {}
+
+    def on_done(i, state):  # as the pack trainer writes each output: when its concept leaves the pack
+        log.append(f"on_done {jobs[i].concept}")
+        handed[jobs[i].concept] = token_row(state).detach().clone()
+
+    packed = train_pack(jobs, progress=log.append, on_done=on_done)
+    return jobs, solo, packed, log, handed
 
 
 def test_each_packed_token_equals_its_solo_training(ti_trained):
-    jobs, solo, packed, log = ti_trained
+    jobs, solo, packed, log, handed = ti_trained
     assert all(not isinstance(p, BaseException) for p in packed), packed
     diffs, rows = {}, []
     for job, (s, solo_row, solo_losses), p in zip(jobs, solo, packed):
@@ -326,8 +342,11 @@ def test_each_packed_token_equals_its_solo_training(ti_trained):
             p.method.placeholder_ids["text_encoder"]
     # Each concept its own row: a mix-up would break the equality above by far more than TOL.
     assert min(float((rows[i] - rows[j]).abs().max()) for i in range(3) for j in range(i + 1, 3)) > 1e-3
-    assert [line for line in log if "leaves the pack" in line] == [
-        f"pack: {c!r} trained its {n} steps and leaves the pack" for c, n in (("ann", 3), ("cat", 4), ("bob", 5))]
+    assert [line for line in log if "leaves the pack" in line or line.startswith("on_done")] == [
+        line for c, n in (("ann", 3), ("cat", 4), ("bob", 5))
+        for line in (f"pack: {c!r} trained its {n} steps and leaves the pack", f"on_done {c}")]
+    for job, p in zip(jobs, packed):  # handed on as it left the pack: the row returned
+        assert torch.equal(handed[job.concept], token_row(p))
     print(f"max |packed - solo| of the learned rows: {diffs}")
 
 
@@ -338,7 +357,7 @@ def test_a_packed_token_is_written_as_solo_writes_it_and_stock_diffusers_loads_i
     from assets_pipeline.training.methods.textual_inversion import DIFFUSERS_FILE
     from assets_pipeline.training.output import write_output
 
-    jobs, solo, packed, _ = ti_trained
+    jobs, solo, packed, *_ = ti_trained
     outs = {}
     # The solo state's method is shared by every solo training: train ann alone again so its state is current.
     from assets_pipeline.training import loop
@@ -393,7 +412,7 @@ def test_a_diverging_token_fails_alone_and_concepts_with_one_placeholder_each_tr
     from assets_pipeline.training.loop import DivergedTraining
     from assets_pipeline.training.pack import train_pack
 
-    jobs, solo, _, _ = ti_trained
+    jobs, solo, *_ = ti_trained
     wild = world("wild", 3, {"max_train_steps": 4, "seed": 4, "learning_rate": 1e30}, name="ti-wild",
                  method="textual_inversion", token="tokann")
     log: list[str] = []

@@ -194,6 +194,7 @@ class _Concept:
     ti: Any = None
     pids: list = field(default_factory=list)
     tape: list = field(default_factory=list)
+    result: Any = None  # its TrainState once it left the pack, handed to on_done then
 
     @property
     def training(self) -> bool:
@@ -309,16 +310,19 @@ def _backward(total, forwards: list, checkpointing: bool, model) -> None:
 
 
 def _solo_models(models: Models, method, concept: _Concept, state: dict) -> Models:
-    """A solo-shaped Models for ``concept``: a denoiser that shares the frozen base's weights (the pack's, its
-    packed layers removed) and carries the concept's trained adapter as a plain PEFT adapter named ``default``,
+    """A solo-shaped Models for ``concept``: a denoiser that shares the frozen base's weights (the pack's, without
+    its packed layers) and carries the concept's trained adapter as a plain PEFT adapter named ``default``,
     added as ``LoraMethod.prepare`` adds it (fp32 weights, as training leaves them): what ``method.save`` reads."""
     import torch
     from diffusers.training_utils import cast_training_params
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+    from assets_pipeline.training.packing import remove_packed_lora
+
     base = models.denoiser
     shared = {id(t): t for t in (*base.parameters(), *base.buffers())}
     denoiser = copy.deepcopy(base, memo=shared)  # new modules, the same weight tensors
+    remove_packed_lora(denoiser)  # made while the pack trains on: the copy's layers are the base's again
     solo = replace(models, denoiser=denoiser, objective=concept.models.objective)
     method.prepare(solo, concept.cfg, concept.ctx)
     cast_training_params(denoiser, dtype=torch.float32)
@@ -333,26 +337,29 @@ def _solo_models(models: Models, method, concept: _Concept, state: dict) -> Mode
     return solo
 
 
-def train_pack(jobs: Sequence[TrainJob], progress: Callable[[str], None] = log.info) -> list:
+def train_pack(jobs: Sequence[TrainJob], progress: Callable[[str], None] = log.info,
+               on_done: Callable[[int, TrainState], None] | None = None) -> list:
     """Train ``jobs`` (one group of :func:`packable`) as one pack in this process. Returns one entry per job, in
     order: its :class:`TrainState` (for ``output.write_output``, as ``loop.train``'s), or the exception that
     ended it alone (a :class:`DivergedTraining`, or an error in its own inputs); the others trained on. Errors
     of the pack itself (the base model, the device) raise. How the step runs (channels_last, fused AdamW, TF32)
-    follows the first job's ``performance``; each concept logs and checks its losses at its own solo log points."""
+    follows the first job's ``performance``; each concept logs and checks its losses at its own solo log points.
+
+    ``on_done(index, state)``: called for each concept that trained when it leaves the pack, at its last step, so
+    its output can be written then while the others train on (a pack writes no checkpoints: what is written is
+    what a later crash of the pack does not lose). Torch's random state is restored after each call."""
     import torch
     from accelerate.utils import set_seed
     from peft.utils import get_peft_model_state_dict
 
     from assets_pipeline.training.packing import (
         adapter_parameters,
-        adapter_state,
         inject_packed_lora,
         load_adapter_state,
         remove_packed_lora,
         rows,
     )
     from assets_pipeline.training.runtime.backends import configure_backends
-    from assets_pipeline.training.runtime.compilation import device_signature
     from assets_pipeline.training.runtime.settings import plan
 
     jobs = list(jobs)
@@ -382,7 +389,8 @@ def train_pack(jobs: Sequence[TrainJob], progress: Callable[[str], None] = log.i
         except Exception as e:  # noqa: BLE001 - its own inputs: it fails alone
             c.fail(e, progress)
     if first.method == "textual_inversion":
-        return _train_textual_inversion(concepts, method, device, precision, weight_dtype, speed, progress)
+        return _train_textual_inversion(concepts, method, device, precision, weight_dtype, speed, progress, jobs,
+                                        on_done)
 
     # -- the frozen base, once; each concept's adapter initialised as solo's ---------------------------------
     before = torch.random.get_rng_state()
@@ -483,32 +491,54 @@ def train_pack(jobs: Sequence[TrainJob], progress: Callable[[str], None] = log.i
             c.scheduler.step()
             c.optimizer.zero_grad(set_to_none=True)
             c.stepped(step, step_loss[c], started, progress)
+            if c.error is None and not c.training:  # it left the pack: its result now
+                _finish(c, jobs, on_done, progress, lambda c: _lora_result(c, models, method, live, speed, precision,
+                                                                           device))
 
-    # -- each concept's adapter as solo's result -------------------------------------------------------------
-    states: dict[int, dict] = {}
-    for c in live:
-        if c.error is not None:
-            continue
-        try:
-            if c.ema is not None:  # the output is the average, as solo's
-                c.ema.copy_to(c.params)
-            check_weights(c.params, c.steps, c.job)
-        except DivergedTraining as e:
-            c.fail(e, progress)
-            continue
-        states[c.slot] = {k: v.detach().clone() for k, v in adapter_state(models.denoiser, c.slot).items()}
+
+    # -- each concept's adapter as solo's result (each one's made as it left the pack) ---------------------------
     if live:
         remove_packed_lora(models.denoiser)
-    out: list = []
-    sig = device_signature().get("gpu", "cpu")
-    for c in concepts:
-        if c.error is not None:
-            out.append(c.error)
-            continue
-        solo = _solo_models(models, method, c, states[c.slot])
-        out.append(TrainState(method, c.cfg, c.ctx, solo, c.losses, c.steps, 0, True, 1,
-                              _stats(c, live, method, speed, precision, device, sig), None))
-    return out
+    return [c.error if c.error is not None else c.result for c in concepts]
+
+
+def _finish(c: _Concept, jobs: Sequence[TrainJob], on_done, progress, result: Callable[[_Concept], Any]) -> None:
+    """A concept leaves the pack: its result made (``result(c)``: a check of its weights that fails makes it fail
+    alone) and handed to ``on_done``. The random states (torch's, Python's, NumPy's) are as they were after, for the
+    others' steps: making a result seeds (textual inversion's ``prepare``) and initialises adapters."""
+    import random
+
+    import numpy as np
+    import torch
+
+    py, npy = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+            try:
+                c.result = result(c)
+            except DivergedTraining as e:
+                c.fail(e, progress)
+                return
+            if on_done is not None:
+                on_done(jobs.index(c.job), c.result)
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+
+
+def _lora_result(c: _Concept, models: Models, method, live: list, speed, precision: str, device) -> TrainState:
+    """Its adapter as solo's result: the EMA's average where it keeps one, its weights checked, then a solo-shaped
+    :class:`TrainState` (:func:`_solo_models`) whose denoiser shares the pack's frozen weights."""
+    from assets_pipeline.training.packing import adapter_state
+    from assets_pipeline.training.runtime.compilation import device_signature
+
+    if c.ema is not None:  # the output is the average, as solo's
+        c.ema.copy_to(c.params)
+    check_weights(c.params, c.steps, c.job)
+    state = {k: v.detach().clone() for k, v in adapter_state(models.denoiser, c.slot).items()}
+    solo = _solo_models(models, method, c, state)
+    return TrainState(method, c.cfg, c.ctx, solo, c.losses, c.steps, 0, True, 1,
+                      _stats(c, live, method, speed, precision, device, device_signature().get("gpu", "cpu")), None)
 
 
 def _stats(c: _Concept, live: list, method, speed, precision: str, device, sig) -> dict:
@@ -574,7 +604,7 @@ def _clip_rows(c: _Concept, dims: list[int], padding: list) -> None:
 
 
 def _train_textual_inversion(concepts: list[_Concept], method, device, precision: str, weight_dtype, speed,
-                             progress: Callable[[str], None]) -> list:
+                             progress: Callable[[str], None], jobs: Sequence[TrainJob] = (), on_done=None) -> list:
     """``train_pack`` for textual-inversion jobs: one frozen base and one set of text encoders, whose input
     embedding tables get one new row per concept (per encoder); each concept's captions are tokenized with its own
     token as solo's are (its tokenizer: the base's with its token added), that token's id then mapped to its row
@@ -666,6 +696,24 @@ def _train_textual_inversion(concepts: list[_Concept], method, device, precision
     for e, table in enumerate(tables):
         hooks.append(table.register_forward_hook(hook(e)))
     _announce(live, "textual-inversion tokens", models, device, precision, progress)
+    sig = device_signature().get("gpu", "cpu")
+
+    def result(c: _Concept) -> TrainState:
+        """Its token as solo's result (the pack's text encoders holding the base's own tables): the EMA's average
+        where it keeps one, its weights checked, then solo's models with its row."""
+        if c.ema is not None:
+            c.ema.copy_to(c.params)
+        check_weights(c.params, c.steps, c.job)
+        set_seed(c.cfg.seed)
+        ti, solo = _ti_solo_models(models, originals, c)
+        for n, param in zip(names, c.params):
+            emb = solo.network(n).get_input_embeddings()
+            emb.to(device, weight_dtype)  # as place_networks leaves solo's: cast, then fp32 master weights
+            emb.to(dtype=torch.float32)
+            with torch.no_grad():
+                emb.weight[ti.placeholder_ids[n]] = param[0].detach().to(emb.weight.dtype)
+        return TrainState(ti, c.cfg, c.ctx, solo, c.losses, c.steps, 0, True, 1,
+                          _stats(c, live, method, speed, precision, device, sig), None)
 
     # -- the step loop ------------------------------------------------------------------------------------------
     autocast = (lambda: torch.autocast(device.type, dtype=weight_dtype)) if precision == "bf16" else nullcontext
@@ -720,6 +768,14 @@ def _train_textual_inversion(concepts: list[_Concept], method, device, precision
                     for table, pid, param in zip(tables, c.pids, c.params):
                         table.weight[pid] = param[0].to(table.weight.dtype)
                 c.stepped(step, step_loss[c], started, progress)
+                if c.error is None and not c.training:  # it left the pack: its result now, made on the base's
+                    for te, original in zip(models.text_encoders, originals):  # own tables, then the pack's again
+                        te.set_input_embeddings(original)
+                    try:
+                        _finish(c, jobs, on_done, progress, result)
+                    finally:
+                        for te, table in zip(models.text_encoders, tables):
+                            te.set_input_embeddings(table)
     finally:
         for h in hooks:
             h.remove()
@@ -727,28 +783,5 @@ def _train_textual_inversion(concepts: list[_Concept], method, device, precision
             te.set_input_embeddings(original)
             original.to(device)
 
-    # -- each concept's token as solo's result -----------------------------------------------------------------
-    out: list = []
-    sig = device_signature().get("gpu", "cpu")
-    for c in concepts:
-        if c.error is None:
-            try:
-                if c.ema is not None:
-                    c.ema.copy_to(c.params)
-                check_weights(c.params, c.steps, c.job)
-            except DivergedTraining as e:
-                c.fail(e, progress)
-        if c.error is not None:
-            out.append(c.error)
-            continue
-        set_seed(c.cfg.seed)
-        ti, solo = _ti_solo_models(models, originals, c)
-        for n, param in zip(names, c.params):
-            emb = solo.network(n).get_input_embeddings()
-            emb.to(device, weight_dtype)  # as place_networks leaves solo's: cast, then fp32 master weights
-            emb.to(dtype=torch.float32)
-            with torch.no_grad():
-                emb.weight[ti.placeholder_ids[n]] = param[0].detach().to(emb.weight.dtype)
-        out.append(TrainState(ti, c.cfg, c.ctx, solo, c.losses, c.steps, 0, True, 1,
-                              _stats(c, live, method, speed, precision, device, sig), None))
-    return out
+    # -- each concept's token as solo's result (each one's made as it left the pack) -----------------------------
+    return [c.error if c.error is not None else c.result for c in concepts]

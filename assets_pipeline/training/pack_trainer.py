@@ -79,6 +79,24 @@ def train_jobs(jobs: Sequence[TrainJob], pack_size: int, progress: Callable[[str
         progress(f"concept {job.concept!r} ({job.method}) failed: {why}")
         report(outcome(job, error=why))
 
+    def write(job: TrainJob, state, pack: list[str]) -> None:
+        """Its output, written as the solo trainer writes it, and its outcome reported; called as it leaves its
+        pack (``train_pack``'s ``on_done``), while the others train on."""
+        if pack:  # a fact of how it was trained, not of what it is: the job identity ignores it
+            job = replace(job, lineage={**job.lineage, "pack": {"concepts": pack, "size": len(pack)}})
+        try:
+            device = "cuda" if job.device != "cpu" and torch.cuda.is_available() else "cpu"
+            result = write_output(job, state, device)
+        except Exception as e:  # noqa: BLE001 - its own output (validation, disk): it fails alone
+            progress(traceback.format_exc())
+            fail(job, e)
+            return
+        shutil.rmtree(checkpoint_root(job), ignore_errors=True)  # done: nothing left to resume
+        progress(f"wrote {job.output_dir}: CLIP-T {result['clip_t']:.4f}, CLIP-I {result['clip_i']:.4f}, "
+                 f"mean change vs base {result['mean_abs_change_vs_base']:.4f}")
+        report(outcome(job, data_version=result["weights_version"],
+                       metadata=materialization_metadata(job, state, result)))
+
     for unit in units(jobs, pack_size, progress):
         with ExitStack() as locks:  # each job's lock, held until its output is written (or it failed)
             locked = []
@@ -91,31 +109,24 @@ def train_jobs(jobs: Sequence[TrainJob], pack_size: int, progress: Callable[[str
             if not locked:
                 continue
             pack = [j.concept for j in locked] if len(locked) > 1 else []
+            written: set[int] = set()
+
+            def on_done(i: int, state) -> None:
+                written.add(i)
+                write(locked[i], state, pack)
+
             try:
-                results: list = train_pack(locked, progress) if pack else [train(locked[0], progress)]
-            except Exception as e:  # noqa: BLE001 - the pack's own error (base model, device): each of its concepts fails
+                results: list = train_pack(locked, progress, on_done) if pack else [train(locked[0], progress)]
+            except Exception as e:  # noqa: BLE001 - the pack's own error (base model, device): each of its concepts not written fails
                 progress(traceback.format_exc())
                 results = [e] * len(locked)
-            for job, state in zip(locked, results):
+            for i, (job, state) in enumerate(zip(locked, results)):
+                if i in written:
+                    continue
                 if isinstance(state, BaseException):
                     fail(job, state)
-                    continue
-                if not state.is_main_process:  # under accelerate launch, rank 0 writes and reports
-                    continue
-                if pack:  # a fact of how it was trained, not of what it is: the job identity ignores it
-                    job = replace(job, lineage={**job.lineage, "pack": {"concepts": pack, "size": len(pack)}})
-                try:
-                    device = "cuda" if job.device != "cpu" and torch.cuda.is_available() else "cpu"
-                    result = write_output(job, state, device)
-                except Exception as e:  # noqa: BLE001 - its own output (validation, disk): it fails alone
-                    progress(traceback.format_exc())
-                    fail(job, e)
-                    continue
-                shutil.rmtree(checkpoint_root(job), ignore_errors=True)  # done: nothing left to resume
-                progress(f"wrote {job.output_dir}: CLIP-T {result['clip_t']:.4f}, CLIP-I {result['clip_i']:.4f}, "
-                         f"mean change vs base {result['mean_abs_change_vs_base']:.4f}")
-                report(outcome(job, data_version=result["weights_version"],
-                               metadata=materialization_metadata(job, state, result)))
+                elif state.is_main_process:  # under accelerate launch, rank 0 writes and reports
+                    write(job, state, pack)
             results = state = None
         gc.collect()  # the unit's models, before the next unit loads its own
         if torch.cuda.is_available():
