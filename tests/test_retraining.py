@@ -161,3 +161,4 @@ def test_lineage_cli_answers_both_directions(world, monkeypatch, capsys):
     assert main(["lineage", "image", str(world.data / "rusty" / "astronaut.png"), "--format", "json"]) == 0
     outputs = json.loads(capsys.readouterr().out)
     assert str(world.v1) in {o["output"] for o in outputs}
+

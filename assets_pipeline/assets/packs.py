@@ -74,7 +74,7 @@ def provenance_tags(instance: dg.DagsterInstance, method_name: str, concept: str
         event = record.asset_materialization if record is not None else None
         version = (event.tags or {}).get(DATA_VERSION_TAG) if event is not None else None
         tags[get_input_data_version_tag(dep.key)] = version or DEFAULT_DATA_VERSION.value
-        tags[get_input_event_pointer_tag(dep.key)] = str(record.storage_id) if record is not None else NULL_EVENT_POINTER
+        tags[get_input_event_pointer_tag(dep.key)] = NULL_EVENT_POINTER if record is None else str(record.storage_id)
     return tags
 
 
@@ -98,8 +98,9 @@ def _announce_planned(context: dg.OpExecutionContext, asset_key: dg.AssetKey, co
         context.instance.report_dagster_event(event, run_id=context.run_id)
 
 
-@dg.op(pool="gpu", out={}, description="Train the configured concepts' LoRAs (or textual-inversion tokens) in one trainer "
-       "process, as packs (README, 'Many concepts, one GPU'), and materialize each concept's partition of the model "
+@dg.op(pool="gpu", out={},
+       description="Train the configured concepts' LoRAs (or textual-inversion tokens) in one trainer process, as "
+       "packs (docs/training.md, 'Many concepts, one GPU'), and materialize each concept's partition of the model "
        "asset with its checks.")
 def train_pack(context: dg.OpExecutionContext, config: PackConfig, storage: PipelineStorage,
                base_model: BaseModelResource, clip_scorer: ClipScorerResource, trainer: TrainerLauncher,
@@ -170,10 +171,9 @@ def train_pack(context: dg.OpExecutionContext, config: PackConfig, storage: Pipe
             for message in invocation.get_custom_messages():
                 if isinstance(message, dict) and message.get("concept") in training:
                     outcomes[message["concept"]] = message
-            code = getattr(invocation, "returncode", 0)
-            if code and not any("error" in o for o in outcomes.values()):
-                trainer_error = f"the trainer process exited with code {code}"
-        except Exception as e:  # noqa: BLE001 - the process as a whole (a pod that failed): its concepts without output fail
+            if code := getattr(invocation, "returncode", 0):  # 1: a concept failed (its own message says why)
+                trainer_error = f"the trainer process exited with code {code} before reporting it"
+        except Exception as e:  # noqa: BLE001 - the process (a pod that failed): its concepts without output fail
             context.log.error(f"the pack's trainer failed: {traceback.format_exc()}")
             trainer_error = f"the trainer failed ({type(e).__name__}: {e})"
         ensure_run_active(context)  # a run that ended meanwhile (its worker killed) makes nothing current
@@ -187,6 +187,7 @@ def train_pack(context: dg.OpExecutionContext, config: PackConfig, storage: Pipe
             # and died before reporting it leaves it complete: it is materialized, with the metadata it has on disk).
             if written is None or "error" in message:
                 failed[concept] = message.get("error") or trainer_error or "the trainer reported no outcome for it"
+                # (a trainer that exits 0 reports every concept: the last case is a trainer that lost a message)
                 context.log.error(f"{method.asset_name}[{concept}] failed: {failed[concept]}")
                 job_path.unlink(missing_ok=True)
                 continue
