@@ -491,10 +491,10 @@ def train_pack(jobs: Sequence[TrainJob], progress: Callable[[str], None] = log.i
             c.scheduler.step()
             c.optimizer.zero_grad(set_to_none=True)
             c.stepped(step, step_loss[c], started, progress)
-            if c.error is None and not c.training:  # it left the pack: its result now
+        for c in live:  # those that left the pack at this step: their results now (after every one's step timing)
+            if c in step_loss and c.error is None and not c.training:
                 _finish(c, jobs, on_done, progress, lambda c: _lora_result(c, models, method, live, speed, precision,
                                                                            device))
-
 
     # -- each concept's adapter as solo's result (each one's made as it left the pack) ---------------------------
     if live:
@@ -768,8 +768,9 @@ def _train_textual_inversion(concepts: list[_Concept], method, device, precision
                     for table, pid, param in zip(tables, c.pids, c.params):
                         table.weight[pid] = param[0].to(table.weight.dtype)
                 c.stepped(step, step_loss[c], started, progress)
-                if c.error is None and not c.training:  # it left the pack: its result now, made on the base's
-                    for te, original in zip(models.text_encoders, originals):  # own tables, then the pack's again
+            for c in training:  # those that left the pack at this step: their results now, made on the base's own
+                if c.error is None and not c.training:  # tables, then the pack's again
+                    for te, original in zip(models.text_encoders, originals):
                         te.set_input_embeddings(original)
                     try:
                         _finish(c, jobs, on_done, progress, result)
