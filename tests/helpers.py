@@ -31,6 +31,11 @@ def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
     return buf.getvalue()
 
 
+def photos(names, size: tuple[int, int] = (96, 80)) -> dict[str, bytes]:
+    """PNG files of :func:`photo` ``names`` at ``size``, by file name, for :func:`write_concept`."""
+    return {f"{n}.png": encode(photo(n, size), "PNG") for n in names}
+
+
 def write_concept(data_root: Path, name: str, files: dict[str, bytes], spec: str | None = SPEC) -> Path:
     """A concept folder with ``files`` (relative name -> bytes) and, unless None, a concept.toml."""
     folder = data_root / name

@@ -7,16 +7,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from helpers import encode, photo, write_concept
+from helpers import encode, photo, photos, write_concept
 from conftest import link_models
 
 DATASET_CHAIN = {"captioned_images", "filtered_images", "clip_scored_images", "control_images", "class_images",
                  "vae_latents"}
 SPEC = 'token = "sks"\nclass_noun = "dog"\nmethods = ["lora"]\n'
-
-
-def photos(names) -> dict[str, bytes]:
-    return {f"{n}.png": encode(photo(n, (96, 80)), "PNG") for n in names}
 
 
 class World:

@@ -15,17 +15,13 @@ from dagster._core.definitions.data_version import StaleStatus
 
 from assets_pipeline.training.reuse import current_output
 from conftest import link_models
-from helpers import encode, photo, write_concept
+from helpers import encode, photo, photos, write_concept
 
 pytestmark = pytest.mark.slow
 SPEC = 'token = "sks"\nclass_noun = "dog"\nmethods = ["lora"]\n'
 DATASET = dg.AssetSelection.groups("dataset", "priors", "latents")
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "coins"]
 PACKED = ["a", "b", "c"]
-
-
-def photos(names) -> dict[str, bytes]:
-    return {f"{n}.png": encode(photo(n, (96, 80)), "PNG") for n in names}
 
 
 @pytest.fixture(scope="module")
