@@ -105,6 +105,20 @@ def test_a_pair_is_resized_to_its_photo_and_given_its_bucket_and_crop(tmp_path):
         assert list(missing["source_path"]) == ["b.png"] and "control/b.<image extension>" in missing["reason"][0]
 
 
+def test_an_annotator_image_names_its_annotator_and_parameters_for_lineage(tmp_path):
+    from assets_pipeline.hashing import sha256_file
+    from assets_pipeline.stages.conditioning import make_control_images
+
+    src = tmp_path / "a.png"
+    photo("coffee", (96, 64)).save(src)
+    subset = pd.DataFrame([{"image_sha256": "1" * 64, "source_path": "a.png", "decoded_path": str(src),
+                            "caption": "c"}])
+    df = make_control_images(subset, ControlConfig(low_threshold=50), [(64, 64)], True,
+                             ItemCache(tmp_path, "control", ".png"))
+    assert df["control_source"][0] == "annotator annotator=canny low_threshold=50 high_threshold=200"
+    assert df["control_sha256"][0] == sha256_file(df["control_path"][0])
+
+
 def test_an_annotator_image_keeps_the_cache_key_it_had_before_the_folder_settings_existed():
     from assets_pipeline.hashing import digest
 
@@ -166,6 +180,19 @@ def test_controlnet_trains_on_the_concepts_own_pairs_and_a_missing_pair_blocks_i
         table = pd.read_parquet(storage.layout().asset_dir("own", "control_images") / "control.parquet")
         assert sorted(table["control_source_path"]) == [f"control/{k}.png" for k in "abcd"]
 
+        # lineage of both halves: each row names its conditioning image's sha256 and file; either file finds it
+        from assets_pipeline.hashing import sha256_file
+        from assets_pipeline.lineage import audit_output, outputs_trained_on
+
+        rows = {r["source_path"]: r for r in manifest["training_images"]}
+        assert rows["a.png"]["control_source"] == "control/a.png"
+        assert rows["a.png"]["control_sha256"] == sha256_file(folder / "control" / "a.png")
+        found = outputs_trained_on(storage.artifact_path(), sha256_file(folder / "control" / "b.png"))
+        assert list(found["output"]) == [str(out)] and list(found["match"]) == ["content: conditioning image"]
+        by_path = outputs_trained_on(storage.artifact_path(), None, ("own", "control/c.png"))
+        assert list(by_path["output"]) == [str(out)]
+        assert set(audit_output(out, data)["control_status"]) == {"unchanged"}
+
         # d's pair gone: the check names d and ControlNet is blocked (not trained, nothing new made current)
         (folder / "control" / "d.png").unlink()
         res = build(DATASET | dg.AssetSelection.assets("controlnet_model"))
@@ -175,6 +202,8 @@ def test_controlnet_trains_on_the_concepts_own_pairs_and_a_missing_pair_blocks_i
         assert "controlnet_model" not in {e.materialization.asset_key.to_user_string()
                                           for e in res.get_asset_materialization_events()}
         assert current_output(storage.layout(), "own", "controlnet_model") == out
+        audit = audit_output(out, data).set_index("source_path")["control_status"]
+        assert audit["d.png"] == "missing" and audit["a.png"] == "unchanged"
 
         # require_all_pairs = false: it trains on the three photos that have one
         (folder / "concept.toml").write_text('token = "sks"\nmethods = ["controlnet"]\n'

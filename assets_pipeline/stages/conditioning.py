@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from assets_pipeline.concept import config_section
-from assets_pipeline.hashing import digest
+from assets_pipeline.hashing import digest, sha256_file
 from assets_pipeline.parallel import thread_map
 from assets_pipeline.stages.ingest import CONTROL_DIR
 from assets_pipeline.stages.buckets import assign_bucket, bucket_crop
@@ -139,6 +139,9 @@ def make_control_images(
     out["control_path"] = paths
     out["annotator"] = cfg.annotator
     out["control_source_path"] = None
+    # lineage: the image the annotator made (its bytes: the cache verifies them on every read) and how
+    out["control_sha256"] = thread_map(sha256_file, paths)
+    out["control_source"] = "annotator " + " ".join(f"{k}={v}" for k, v in cfg.annotator_params().items())
     out["bucket_width"] = [w for w, _ in sizes]
     out["bucket_height"] = [h for _, h in sizes]
     return out
@@ -178,6 +181,8 @@ def pair_control_images(subset: pd.DataFrame, pairs: pd.DataFrame, buckets: list
     out["control_path"] = paths
     out["annotator"] = "folder"
     out["control_source_path"] = [p.control_source_path for p in pair_of]
+    out["control_sha256"] = [p.control_sha256 for p in pair_of]  # lineage: the user's file
+    out["control_source"] = out["control_source_path"]
     out["bucket_width"] = [w for w, _ in buckets_of]
     out["bucket_height"] = [h for _, h in buckets_of]
     lacking = pd.DataFrame({"source_path": missing["source_path"], "reason": [

@@ -112,21 +112,28 @@ def training_rows(layout: ArtifactLayout, concept: str, roles: tuple[str, ...], 
               for r in scores.itertuples()}
     source.update({s: {"source_path": f"class_images/{k}", "decoded_path": d}
                    for s, k, d in zip(priors["image_sha256"], priors["cache_key"], priors["decoded_path"])})
-    ctrl = control_paths(layout, concept) if control else {}
+    ctrl = control_rows(layout, concept) if control else {}
     rows = index[index["role"].isin(roles)]
     if control:  # ControlNet trains on the photos that have a conditioning image (all of them unless the
         rows = rows[(rows["role"] != "instance") | rows["image_sha256"].isin(ctrl)]  # concept allows fewer)
     # latent_key and text_key: the exact cached tensors (crop, bucket, VAE, text encoder), part of the job identity.
     return [TrainingRow(image_sha256=r.image_sha256, role=r.role, caption=r.caption, latent_key=r.latent_key,
                         text_key=r.text_key, **source[r.image_sha256],
-                        control_path=ctrl.get(r.image_sha256) if control and r.role == "instance" else None)
+                        **(ctrl[r.image_sha256] if control and r.role == "instance" else {}))
             for r in rows.itertuples()]
 
 
-def control_paths(layout: ArtifactLayout, concept: str) -> dict[str, str]:
-    """Each photo's conditioning image (control_images' table): image sha256 -> path."""
+def control_rows(layout: ArtifactLayout, concept: str) -> dict[str, dict]:
+    """Each photo's conditioning image (control_images' table): image sha256 -> its path and, for lineage, its
+    sha256 and where it came from (tables from before those columns: None)."""
     table = read_asset_table(layout, concept, "control_images", "control.parquet")
-    return dict(zip(table["image_sha256"], table["control_path"]))
+    return {r["image_sha256"]: {"control_path": r["control_path"], "control_sha256": r.get("control_sha256"),
+                                "control_source": r.get("control_source")} for r in table.to_dict("records")}
+
+
+def control_paths(layout: ArtifactLayout, concept: str) -> dict[str, str]:
+    """Each photo's conditioning image path (control_images' table): image sha256 -> path."""
+    return {sha: r["control_path"] for sha, r in control_rows(layout, concept).items()}
 
 
 def check_control_pairs(layout: ArtifactLayout, spec: ConceptSpec) -> None:
