@@ -234,7 +234,8 @@ def control_images(
     """ControlNet conditioning image per photo of the quality subset, at the training crop of its aspect-ratio bucket
     (the same bucket and crop as its latent in vae_latents): the concept's own (`control/<photo name>.<ext>`, paired
     at ingest; `[control] source`) or an annotator's (Canny, offline). With its own, `missing.parquet` lists each
-    subset photo without a valid one and why (the blocking check control_pairs_valid)."""
+    subset photo without a valid one and why (the blocking check control_pairs_valid). Preview: each photo beside
+    its conditioning image."""
     from assets_pipeline.stages.conditioning import ControlConfig, make_control_images, pair_control_images
     from assets_pipeline.stages.curation import QualityConfig
     from assets_pipeline.stages.latents import LatentConfig, concept_buckets
@@ -290,5 +291,6 @@ def control_images(
         "annotator": cfg.annotator if not from_folder else "folder",
         "resolution": resolution,
         "bucket_count": int(df.groupby(["bucket_width", "bucket_height"]).ngroups),
-        "preview": _preview(layout, df["control_path"]),
+        # each photo beside its conditioning image, three pairs a row: a wrong pair shows at a glance
+        "preview": _preview(layout, [p for pair in zip(df["decoded_path"], df["control_path"]) for p in pair]),
     })
