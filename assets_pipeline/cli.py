@@ -144,13 +144,16 @@ def cmd_lineage(args: argparse.Namespace) -> int:
             return 2
         # The concept of each photo, where the output was trained on several (LoRA's datasets).
         several = "concept" in table and table["concept"].nunique() > 1
-        cols = [c for c in ("concept", "source_path", "image_sha256", "role", "status", "clip_score", "blur_variance",
-                            "caption") if c in table and (c != "concept" or several)]
+        cols = [c for c in ("concept", "source_path", "image_sha256", "role", "status", "control_source",
+                            "control_sha256", "control_status", "clip_score", "blur_variance", "caption")
+                if c in table and (c != "concept" or several)]
         print(_printable_table(table[cols]).to_string(index=False) if args.format == "table"
               else _json_records(table))
         changed = table[table["status"].isin(["missing", "changed"])]
         if len(changed):
             print(f"\n{len(changed)} source photo(s) missing or changed since training", file=sys.stderr)
+        if "control_status" in table and len(pairs := table[table["control_status"].isin(["missing", "changed"])]):
+            print(f"\n{len(pairs)} conditioning image(s) missing or changed since training", file=sys.stderr)
         target = Path(args.target)
         folder = target if target.is_dir() else target.parent
         if (pack := _pack_of(folder)) is not None:  # how it was trained: with whom (training/pack_trainer.py)

@@ -96,8 +96,12 @@ def _output_dir(path: Path) -> Path:
     return folder
 
 
+CONTROL_PREFIX = "control/"  # a user's conditioning image (stages/ingest.py CONTROL_DIR), as lineage names it
+
+
 def audit_output(output: Path, data_root: Path) -> pd.DataFrame:
-    """One row per training image of ``output`` (a folder or any weights file in it)."""
+    """One row per training image of ``output`` (a folder or any weights file in it); a ControlNet's rows also say
+    whether the user's conditioning image (``control_source``) is still there unchanged (``control_status``)."""
     folder = _output_dir(output)
     manifest = read_manifest(folder)
     rows = []
@@ -111,6 +115,13 @@ def audit_output(output: Path, data_root: Path) -> pd.DataFrame:
                 row["status"] = "unchanged" if sha256_file(source) == img["image_sha256"] else "changed"
         else:
             row["status"] = "generated"  # class images come from the base model, not from a user's folder
+        if (control := img.get("control_source")) is not None:  # ControlNet: the pair's other half
+            if not control.startswith(CONTROL_PREFIX):
+                row["control_status"] = "generated"  # an annotator's, from the photo
+            else:
+                pair = data_root / row["concept"] / control
+                row["control_status"] = ("missing" if not pair.is_file() else
+                                         "unchanged" if sha256_file(pair) == img.get("control_sha256") else "changed")
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -144,8 +155,13 @@ def outputs_trained_on(artifact_root: Path, sha: str | None, source: tuple[str, 
         for r in m["training_images"]:
             if sha is not None and r["image_sha256"] == sha:
                 match = "content"
+            elif sha is not None and r.get("control_sha256") == sha:  # ControlNet: the pair's conditioning image
+                match = "content: conditioning image"
             elif source and r["role"] == "instance" and (row_concept(r, m), r.get("source_path")) == source:
                 match = "path: content changed since" if sha else "path: the file no longer exists"
+            elif source and (row_concept(r, m), r.get("control_source")) == source:
+                match = ("path: conditioning image, content changed since" if sha else
+                         "path: conditioning image, the file no longer exists")
             else:
                 continue
             if folder.parent not in currents:  # each asset's pointer read once, a damaged one warned about once

@@ -13,7 +13,7 @@ from assets_pipeline.store import ArtifactLayout, atomic_path, link_or_copy, wri
 
 # Table columns holding files inside the artifact root: stored relative to it (so the root can move), absolute
 # in memory.
-PATH_COLUMNS = ("decoded_path", "control_path")
+PATH_COLUMNS = ("decoded_path", "control_path", "control_decoded_path")
 
 
 def write_table(df: pd.DataFrame, path: Path) -> None:

@@ -106,8 +106,8 @@ def manifest_lists_training_images(storage: PipelineStorage, method, concept: st
     manifest = read_manifest(out)
     cfg = method.config_cls(**manifest["method_config"])
     layout = storage.layout()
-    expected = [{**asdict(r), "concept": concept}
-                for r in training_rows(layout, concept, method.batch_roles(cfg), control=False)]
+    expected = [{**asdict(r), "concept": concept}  # ControlNet: the photos that have a conditioning image
+                for r in training_rows(layout, concept, method.batch_roles(cfg), control=method.name == "controlnet")]
     for d in getattr(cfg, "datasets", ()):  # the other concepts trained in (LoRA's datasets): their photos now
         expected += [{**asdict(r), "concept": d["concept"]}
                      for r in training_rows(layout, d["concept"], ("instance",), control=False)]

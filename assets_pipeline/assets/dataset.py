@@ -37,31 +37,41 @@ def _imagefolder_rows(df, control: bool = False) -> list[dict]:
     return rows
 
 
-@dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="1", kinds={"python"},
+@dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="2", kinds={"python"},
           automation_condition=rebuild_on_code_change())
 def raw_images(context: dg.AssetExecutionContext, storage: PipelineStorage) -> dg.MaterializeResult:
-    """Every file of the concept folder: decoded photos (manifest) or rejects with a reason."""
-    from assets_pipeline.stages.ingest import IngestConfig, MANIFEST_COLUMNS, ingest_concept
+    """Every file of the concept folder: decoded photos (manifest) or rejects with a reason; and the concept's own
+    ControlNet conditioning images (`control/<photo name>.<ext>`), each checked and paired with its photo
+    (`pairs.parquet`; a pair that cannot be used is a reject with its reason)."""
+    from assets_pipeline.stages.conditioning import ControlConfig
+    from assets_pipeline.stages.ingest import MANIFEST_COLUMNS, PAIR_COLUMNS, IngestConfig, PairRules, ingest_concept
 
     concept = context.partition_key
     folder = storage.concept_dir(concept)
     spec = load_concept_spec(folder)
     layout = storage.layout()
     clean_stale_temporaries(context, storage, concept, "raw_images", caches=("images", "thumbnails"))
-    res = ingest_concept(folder, storage.data_path(), layout.cache("images", ".png"), IngestConfig())
+    control = spec.config("control", ControlConfig())
+    res = ingest_concept(folder, storage.data_path(), layout.cache("images", ".png"), IngestConfig(),
+                         PairRules(use=control.source != "annotator",
+                                   max_aspect_difference=control.max_aspect_difference))
     out = layout.asset_dir(concept, "raw_images")
     with atomic_dir(out) as tmp:
         save_table(storage, res.manifest, tmp / "manifest.parquet")
         save_table(storage, res.rejects, tmp / "rejects.parquet")
+        save_table(storage, res.pairs, tmp / "pairs.parquet")
         write_json_atomic(tmp / SPEC_SNAPSHOT, dataclasses.asdict(spec))
     for r in res.rejects.itertuples():
         context.log.warning(printable(f"rejected {r.source_path}: {r.reason}"))  # names from a folder
     version_cols = [c for c in MANIFEST_COLUMNS if c != "decoded_path"]
     version = digest(table_version(res.manifest, version_cols), dataclasses.asdict(spec))
+    if len(res.pairs):  # only then: a concept without control/ keeps the version it had
+        version = digest(version, table_version(res.pairs, [c for c in PAIR_COLUMNS if c != "control_decoded_path"]))
     expect_training_if_changed(context, storage, version)
     return result(
         out, version, len(res.manifest), {
             **res.cache_counts,
+            **({"conditioning_pairs": len(res.pairs)} if len(res.pairs) or control.from_folder(folder) else {}),
             "rejected": len(res.rejects),
             "rejects": table_preview(res.rejects, ["source_path", "reason"], rows=50),
             "preview": _preview(layout, res.manifest["decoded_path"]),
@@ -216,14 +226,17 @@ def clip_scored_images(
     })
 
 
-@dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="3", deps=[clip_scored_images],
+@dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="4", deps=[clip_scored_images],
           kinds={"python"}, automation_condition=rebuild_on_change())
 def control_images(
     context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource
 ) -> dg.MaterializeResult:
-    """ControlNet conditioning image (Canny, offline) per photo of the quality subset, at the training crop of its
-    aspect-ratio bucket (the same bucket and crop as its latent in vae_latents)."""
-    from assets_pipeline.stages.conditioning import ControlConfig, make_control_images
+    """ControlNet conditioning image per photo of the quality subset, at the training crop of its aspect-ratio bucket
+    (the same bucket and crop as its latent in vae_latents): the concept's own (`control/<photo name>.<ext>`, paired
+    at ingest; `[control] source`) or an annotator's (Canny, offline). With its own, `missing.parquet` lists each
+    subset photo without a valid one and why (the blocking check control_pairs_valid). Preview: each photo beside
+    its conditioning image."""
+    from assets_pipeline.stages.conditioning import ControlConfig, make_control_images, pair_control_images
     from assets_pipeline.stages.curation import QualityConfig
     from assets_pipeline.stages.latents import LatentConfig, concept_buckets
 
@@ -239,17 +252,45 @@ def control_images(
     restored = restore_images(context, storage, concept, scores[scores["in_subset"]])
     max_aspect = spec.config("quality", QualityConfig()).max_aspect_ratio  # as vae_latents: same buckets
     buckets = concept_buckets(latent_cfg, resolution, max_aspect)
-    df = make_control_images(scores[scores["in_subset"]], cfg, buckets, latent_cfg.center_crop, cache)
+    import pandas as pd
+
+    subset = scores[scores["in_subset"]]
+    from_folder = cfg.from_folder(storage.concept_dir(concept))
+    if from_folder:
+        from assets_pipeline.stages.ingest import PAIR_COLUMNS
+
+        pairs_path = layout.asset_dir(concept, "raw_images") / "pairs.parquet"
+        pairs = (read_upstream(storage, concept, "raw_images", "pairs.parquet") if pairs_path.is_file()
+                 else pd.DataFrame(columns=PAIR_COLUMNS))  # raw_images from before pairs: none read yet
+        pairs = pairs[pairs["image_sha256"].isin(subset["image_sha256"])]
+        # Their decoded images checked (a damaged one re-decoded from control/) before they are read, as the photos'
+        for key, value in restore_images(context, storage, concept, pairs.rename(columns={
+                "image_sha256": "photo_sha256", "source_path": "photo_path", "control_sha256": "image_sha256",
+                "control_source_path": "source_path", "control_decoded_path": "decoded_path"})).items():
+            restored[f"pairs_{key}"] = value
+        df, missing = pair_control_images(subset, pairs, buckets, latent_cfg.center_crop, cache)
+    else:
+        df = make_control_images(subset, cfg, buckets, latent_cfg.center_crop, cache)
+        missing = pd.DataFrame(columns=["source_path", "reason"])
     out = layout.asset_dir(concept, "control_images")
     with atomic_dir(out) as tmp:
         save_table(storage, df, tmp / "control.parquet")
+        save_table(storage, missing, tmp / "missing.parquet")
         write_imagefolder(tmp / "imagefolder", _imagefolder_rows(df, control=True))
+    for r in missing.itertuples():
+        context.log.warning(printable(f"{r.source_path}: {r.reason}"))
     # The cache file's name (its content key), not its path: the version must not depend on the artifact root.
     control_keys = df.assign(control_key=[Path(p).name for p in df["control_path"]])
-    return result(out, table_version(control_keys, ["image_sha256", "caption", "control_key"]), len(df), {
+    version = table_version(control_keys, ["image_sha256", "caption", "control_key"])
+    if len(missing):  # which photos lack a pair decides what ControlNet may train on
+        version = digest(version, table_version(missing, ["source_path"]))
+    return result(out, version, len(df), {
         **cache.counts(), **restored,
-        "annotator": cfg.annotator,
+        "source": "folder" if from_folder else "annotator",
+        **({"photos_without_pair": len(missing)} if from_folder else {}),
+        "annotator": cfg.annotator if not from_folder else "folder",
         "resolution": resolution,
         "bucket_count": int(df.groupby(["bucket_width", "bucket_height"]).ngroups),
-        "preview": _preview(layout, df["control_path"]),
+        # each photo beside its conditioning image, three pairs a row: a wrong pair shows at a glance
+        "preview": _preview(layout, [p for pair in zip(df["decoded_path"], df["control_path"]) for p in pair]),
     })

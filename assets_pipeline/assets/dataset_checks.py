@@ -3,7 +3,7 @@
 import dagster as dg
 
 from assets_pipeline.assets.common import read_upstream
-from assets_pipeline.assets.dataset import clip_scored_images
+from assets_pipeline.assets.dataset import clip_scored_images, control_images
 from assets_pipeline.partitions.definitions import concepts_partitions
 from assets_pipeline.resources import PipelineStorage
 
@@ -35,4 +35,33 @@ def subset_captioned(context: dg.AssetCheckExecutionContext, storage: PipelineSt
                                                                    "examples": ", ".join(r.uncaptioned[:5])})
 
 
-DATASET_CHECKS = [enough_training_images, subset_captioned]
+@dg.asset_check(asset=control_images, blocking=True, partitions_def=concepts_partitions)
+def control_pairs_valid(context: dg.AssetCheckExecutionContext, storage: PipelineStorage) -> dg.AssetCheckResult:
+    """With the concept's own conditioning images (`control/<photo name>.<ext>`): every photo of the quality subset
+    has a valid one. A photo without one (missing, or its pair rejected at ingest: no photo, two for one photo,
+    unreadable, the photo itself, another aspect ratio) is named with why; ERROR (blocks ControlNet) unless
+    `[control] require_all_pairs = false`, which trains on the photos that have one (WARN). Annotator images:
+    passes (one per photo)."""
+    from assets_pipeline.assets.common import spec_from_snapshot
+    from assets_pipeline.stages.conditioning import ControlConfig
+
+    concept = context.partition_key
+    missing = read_upstream(storage, concept, "control_images", "missing.parquet")
+    control = read_upstream(storage, concept, "control_images", "control.parquet")
+    spec = spec_from_snapshot(storage, concept)
+    if "controlnet" not in spec.methods:  # its pairs are kept, and checked when it requests ControlNet
+        return dg.AssetCheckResult(passed=True, description="ControlNet is not requested by this concept",
+                                   metadata={"pairs": len(control), "photos_without_pair": len(missing)})
+    required = spec.config("control", ControlConfig()).require_all_pairs
+    lines = [f"{r.source_path}: {r.reason}" for r in missing.itertuples()]
+    description = (None if not lines else f"{len(lines)} photo(s) of the quality subset have no valid conditioning "
+                   "image" + (": ControlNet is blocked" if required else "; ControlNet trains on the "
+                              f"{len(control)} that have one ([control] require_all_pairs = false)"))
+    return dg.AssetCheckResult(
+        passed=not lines, severity=dg.AssetCheckSeverity.ERROR if required else dg.AssetCheckSeverity.WARN,
+        description=description,
+        metadata={"pairs": len(control), "photos_without_pair": len(lines),
+                  "without_pair": dg.MetadataValue.md("\n".join(f"- {line}" for line in lines[:50]) or "_none_")})
+
+
+DATASET_CHECKS = [enough_training_images, subset_captioned, control_pairs_valid]

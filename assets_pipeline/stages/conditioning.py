@@ -1,41 +1,72 @@
-"""ControlNet conditioning images: one per photo of the quality subset, from a controlnet_aux annotator.
+"""ControlNet conditioning images: one per photo of the quality subset, the user's own (``control/``, paired by
+name at ingest: stages/ingest.py) or from a controlnet_aux annotator.
 
-Canny runs offline (no weights). The image is first given the training crop of its aspect-ratio bucket (the
+Canny runs offline (no weights). The photo is first given the training crop of its aspect-ratio bucket (the
 same bucket and offsets as its latent, stages/latents.py), so each conditioning image is pixel-aligned with
-the latent it will be paired with. Cached by (image sha256, annotator, its parameters, bucket size, crop); a
-square bucket keeps the key the square training crop always had.
+the latent it will be paired with; a user's conditioning image is first resized to its photo's size (their aspect
+ratios agree: ingest rejects a pair that does not), then given the same crop. Cached by (image sha256, annotator
+and its parameters or the pair's sha256, bucket size, crop); a square bucket keeps the key the square training
+crop always had.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 
 from assets_pipeline.concept import config_section
-from assets_pipeline.hashing import digest
+from assets_pipeline.hashing import digest, sha256_file
 from assets_pipeline.parallel import thread_map
+from assets_pipeline.stages.ingest import CONTROL_DIR
 from assets_pipeline.stages.buckets import assign_bucket, bucket_crop
 from assets_pipeline.stages.latents import image_size
 from assets_pipeline.store import ItemCache
 
 CONDITIONING_VERSION = 2
 ANNOTATORS = ("canny",)
+SOURCES = ("auto", "folder", "annotator")
+ANNOTATOR_KEYS = ("annotator", "low_threshold", "high_threshold")  # what an annotator's image depends on
 
 
 @config_section("control")
 @dataclass(frozen=True)
 class ControlConfig:
+    source: str = field(default="auto", metadata={"help": (
+        f"Where the conditioning images come from: 'folder': the concept's own, in <concept>/{CONTROL_DIR}/, each "
+        f"named as its photo ({CONTROL_DIR}/<photo path without extension>.<any image extension>); 'annotator': made "
+        f"from each photo by `annotator`; 'auto' (default): 'folder' when the concept has a {CONTROL_DIR}/ folder, "
+        "else 'annotator'.")})
+    require_all_pairs: bool = field(default=True, metadata={"help": (
+        "With the folder: ControlNet trains only when every photo of the quality subset has a valid conditioning "
+        "image (the blocking check control_pairs_valid names each that has none, and why); false: it trains on "
+        "the photos that have one.")})
+    max_aspect_difference: float = field(default=0.02, metadata={"help": (
+        "With the folder: a conditioning image whose width/height differs from its photo's by more than this "
+        "fraction is rejected at ingest (it could not be aligned with the photo's crop).")})
     annotator: str = field(default="canny", metadata={"help": f"One of {ANNOTATORS}."})
     low_threshold: int = field(default=100, metadata={"help": "Canny hysteresis low (diffusers' example: 100)."})
     high_threshold: int = field(default=200, metadata={"help": "Canny hysteresis high (diffusers' example: 200)."})
 
     def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"source {self.source!r}: expected one of {list(SOURCES)}")
         if self.annotator not in ANNOTATORS:
             raise ValueError(f"annotator {self.annotator!r} is not available offline; choose from {ANNOTATORS}")
         if not 0 <= self.low_threshold < self.high_threshold:
             raise ValueError("Canny thresholds need 0 <= low_threshold < high_threshold")
+        if not 0 <= self.max_aspect_difference < 1:
+            raise ValueError(f"max_aspect_difference must be in [0, 1), got {self.max_aspect_difference}")
+
+    def from_folder(self, concept_dir: Path) -> bool:
+        """Whether the conditioning images are the concept's own (``control/``) rather than an annotator's."""
+        return self.source == "folder" or (self.source == "auto" and (concept_dir / CONTROL_DIR).is_dir())
+
+    def annotator_params(self) -> dict:
+        """What an annotator's image depends on: the key's part (the other settings are about the folder)."""
+        return {k: getattr(self, k) for k in ANNOTATOR_KEYS}
 
 
 def make_annotator(cfg: ControlConfig):
@@ -67,8 +98,13 @@ def make_annotator(cfg: ControlConfig):
 def control_key(sha: str, cfg: ControlConfig, bucket: tuple[int, int], center_crop: bool) -> str:
     w, h = bucket
     if w == h:  # the square training crop, keyed as before buckets (as latents.latent_key)
-        return digest("control-image", sha, CONDITIONING_VERSION, asdict(cfg), w, center_crop)
-    return digest("control-image", sha, CONDITIONING_VERSION, asdict(cfg), "bucket-crop", w, h, center_crop)
+        return digest("control-image", sha, CONDITIONING_VERSION, cfg.annotator_params(), w, center_crop)
+    return digest("control-image", sha, CONDITIONING_VERSION, cfg.annotator_params(), "bucket-crop", w, h, center_crop)
+
+
+def pair_key(sha: str, pair_sha: str, size: tuple[int, int], bucket: tuple[int, int], center_crop: bool) -> str:
+    """A user's conditioning image (``pair_sha``) given its photo's (``sha``, ``size``) crop for ``bucket``."""
+    return digest("control-pair", sha, pair_sha, CONDITIONING_VERSION, list(size), list(bucket), center_crop)
 
 
 def make_control_images(
@@ -102,6 +138,54 @@ def make_control_images(
     out = subset[["image_sha256", "source_path", "decoded_path", "caption"]].copy()
     out["control_path"] = paths
     out["annotator"] = cfg.annotator
+    out["control_source_path"] = None
+    # lineage: the image the annotator made (its bytes: the cache verifies them on every read) and how
+    out["control_sha256"] = thread_map(sha256_file, paths)
+    out["control_source"] = "annotator " + " ".join(f"{k}={v}" for k, v in cfg.annotator_params().items())
     out["bucket_width"] = [w for w, _ in sizes]
     out["bucket_height"] = [h for _, h in sizes]
     return out
+
+
+def pair_control_images(subset: pd.DataFrame, pairs: pd.DataFrame, buckets: list[tuple[int, int]], center_crop: bool,
+                        cache: ItemCache) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(control, missing): each photo of ``subset`` that has a valid pair (raw_images' ``pairs`` table) with its
+    conditioning image, resized to the photo's size and given the crop of the photo's bucket among ``buckets``
+    (so pixel-aligned with its latent); and each photo that has none (``source_path``, ``reason``)."""
+    from PIL import Image
+
+    by_sha = {r.image_sha256: r for r in pairs.itertuples()}
+    have = subset[subset["image_sha256"].isin(by_sha)]
+    missing = subset[~subset["image_sha256"].isin(by_sha)]
+    sizes = [image_size(src) for src in have["decoded_path"]]
+    buckets_of = [assign_bucket(*size, buckets) for size in sizes]
+    pair_of = [by_sha[sha] for sha in have["image_sha256"]]
+    keys = [pair_key(sha, p.control_sha256, size, bucket, center_crop)
+            for sha, p, size, bucket in zip(have["image_sha256"], pair_of, sizes, buckets_of)]
+
+    def control(item) -> str:  # on a thread pool (assets_pipeline/parallel.py)
+        key, pair, size, bucket = item
+
+        def create(tmp):
+            with Image.open(pair.control_decoded_path) as img:
+                img = img.convert("RGB")
+                if img.size != size:  # the same aspect ratio within the tolerance: the photo's pixels
+                    img = img.resize(size, Image.Resampling.LANCZOS)
+                crop, _ = bucket_crop(img, bucket, center_crop)
+                crop.save(tmp, format="PNG")
+
+        return str(cache.get_or_create(key, create))
+
+    paths = thread_map(control, zip(keys, pair_of, sizes, buckets_of))
+    out = have[["image_sha256", "source_path", "decoded_path", "caption"]].copy()
+    out["control_path"] = paths
+    out["annotator"] = "folder"
+    out["control_source_path"] = [p.control_source_path for p in pair_of]
+    out["control_sha256"] = [p.control_sha256 for p in pair_of]  # lineage: the user's file
+    out["control_source"] = out["control_source_path"]
+    out["bucket_width"] = [w for w, _ in buckets_of]
+    out["bucket_height"] = [h for _, h in buckets_of]
+    lacking = pd.DataFrame({"source_path": missing["source_path"], "reason": [
+        f"no valid conditioning image {CONTROL_DIR}/{Path(p).with_suffix('').as_posix()}.<image extension> (missing, "
+        "or rejected at ingest: see raw_images' rejects)" for p in missing["source_path"]]})
+    return out, lacking.reset_index(drop=True)

@@ -2,6 +2,12 @@
 
 Sample identity is the sha256 of the file's bytes. Decoded images (EXIF-transposed, RGB) go to a
 content-addressed cache, so re-ingesting the same photo decodes nothing. The source folder is only read.
+
+The concept's ``control/`` folder is never read as photos: it holds ControlNet conditioning images brought by the
+user, each paired with the photo of the same path without its extension (``control/<photo stem>.<any image
+extension>``, as kohya's ControlNet training pairs them). Each pair is checked here; a pair that cannot be used is
+a reject with its reason (no photo, two for one photo, unreadable, byte-identical to its photo, another aspect
+ratio), and the valid ones are the ``pairs`` table (stages/conditioning.py crops each as its photo).
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ MANIFEST_COLUMNS = [
     "exif_orientation", "decoded_path", "sidecar_caption",
 ]
 REJECT_COLUMNS = ["source_path", "code", "reason"]
+CONTROL_DIR = "control"  # a concept's own conditioning images (ControlNet), paired with its photos by path
+PAIR_COLUMNS = ["image_sha256", "source_path", "control_sha256", "control_source_path", "control_width",
+                "control_height", "control_decoded_path"]
 
 
 @dataclass(frozen=True)
@@ -53,11 +62,20 @@ class IngestConfig:
             raise ValueError("max_pixels, max_file_bytes and max_caption_chars must be positive")
 
 
+@dataclass(frozen=True)
+class PairRules:
+    """How ``control/`` is read (from the concept's ``[control]``: stages/conditioning.py ControlConfig)."""
+
+    use: bool = True  # False: conditioning images are made by an annotator; control/'s files are rejects, unread
+    max_aspect_difference: float = 0.02  # relative difference of width/height between a pair and its photo
+
+
 @dataclass
 class IngestResult:
     manifest: pd.DataFrame
     rejects: pd.DataFrame
     cache_counts: dict[str, int]
+    pairs: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=PAIR_COLUMNS))
 
 
 class RejectedFile(Exception):
@@ -199,13 +217,15 @@ def _decoded_info(cache: ItemCache, key: str, data: bytes, cfg: IngestConfig) ->
 
 
 def ingest_concept(
-    concept_dir: Path, data_root: Path, image_cache: ItemCache, cfg: IngestConfig = IngestConfig()
+    concept_dir: Path, data_root: Path, image_cache: ItemCache, cfg: IngestConfig = IngestConfig(),
+    pairs: PairRules = PairRules(),
 ) -> IngestResult:
     root = data_root.resolve()
     rows: list[dict] = []
     rejects: list[dict] = []
     seen: dict[str, str] = {}
     image_files: list[Path] = []
+    control_files: list[Path] = []
     captions: dict[Path, str] = {}
 
     def reject(path: Path, code: str, reason: str) -> None:
@@ -242,7 +262,14 @@ def ingest_concept(
             reject(path, r.code, r.reason)
             continue
         suffix = path.suffix.lower()
-        if suffix == CAPTION_SUFFIX:
+        if rel.parts[0] == CONTROL_DIR and len(rel.parts) > 1:  # conditioning images, never photos
+            if suffix in IMAGE_SUFFIXES:
+                control_files.append(path)
+            else:
+                reject(path, "unsupported_type", f"{CONTROL_DIR}/ holds conditioning images, one per photo "
+                       f"({CONTROL_DIR}/<photo name>.<image extension>); {suffix or '(no extension)'!r} is not one "
+                       f"of {sorted(IMAGE_SUFFIXES)}")
+        elif suffix == CAPTION_SUFFIX:
             try:
                 captions[path.with_suffix("")] = _read_caption(path, cfg.max_caption_chars)
             except RejectedFile as e:
@@ -304,11 +331,70 @@ def ingest_concept(
                 "sidecar_caption": captions.get(path.with_suffix("")),
             })
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
+    paired = _pairs(control_files, concept_dir, rows, pairs, read, decode, outcome,
+                    lambda sha: image_cache.path(decoded_key(sha)), reject)
     return IngestResult(
         manifest=manifest.sort_values("source_path", ignore_index=True),
         rejects=pd.DataFrame(rejects, columns=REJECT_COLUMNS).sort_values("source_path", ignore_index=True),
         cache_counts=image_cache.counts(),
+        pairs=pd.DataFrame(paired, columns=PAIR_COLUMNS).sort_values("source_path", ignore_index=True),
     )
+
+
+def _pairs(files: list[Path], concept_dir: Path, rows: list[dict], rules: PairRules, read, decode, outcome: dict,
+           decoded_path, reject) -> list[dict]:
+    """The valid pairs among ``control/``'s image ``files`` (rows of PAIR_COLUMNS); every other one rejected with
+    why. A pair is ``control/<photo path without extension>.<ext>`` for an ingested photo (a manifest row)."""
+    if not files:
+        return []
+    control = concept_dir / CONTROL_DIR
+    if not rules.use:
+        for path in files:
+            reject(path, "control_not_used", "[control] source = 'annotator': conditioning images are made from the "
+                   f"photos, {CONTROL_DIR}/ is not read (source = 'folder' or 'auto' reads it)")
+        return []
+    by_stem: dict[str, list[Path]] = {}
+    for path in files:
+        by_stem.setdefault(path.relative_to(control).with_suffix("").as_posix(), []).append(path)
+    photos = {Path(r["source_path"]).with_suffix("").as_posix(): r for r in rows}
+    out = []
+    for stem, paths in sorted(by_stem.items()):
+        if len(paths) > 1:
+            names = ", ".join(p.relative_to(concept_dir).as_posix() for p in paths)
+            for path in paths:
+                reject(path, "control_duplicate", f"{len(paths)} conditioning images for the photo {stem}.*: {names}; "
+                       "keep one")
+            continue
+        path, photo = paths[0], photos.get(stem)
+        if photo is None:
+            reject(path, "control_without_photo", f"no photo {stem}.<image extension> was ingested for it (missing, "
+                   f"or rejected: see its own reject); a conditioning image is named as its photo, in {CONTROL_DIR}/")
+            continue
+        got = read(path)
+        if not isinstance(got, RejectedFile):
+            data, sha = got
+            if sha not in outcome:
+                outcome[sha] = decode((sha, data))
+            got = outcome[sha]
+        if isinstance(got, RejectedFile):
+            reject(path, "control_unreadable", f"conditioning image of {photo['source_path']}: {got.reason}")
+            continue
+        if sha == photo["image_sha256"]:
+            reject(path, "control_same_as_photo", f"byte-identical to its photo {photo['source_path']}: a "
+                   "conditioning image is the photo's edge map, depth map, pose or scribble, not the photo")
+            continue
+        photo_ratio, ratio = photo["width"] / photo["height"], got["width"] / got["height"]
+        if abs(ratio / photo_ratio - 1) > rules.max_aspect_difference:
+            reject(path, "control_aspect_mismatch", f"{got['width']}x{got['height']} (width/height {ratio:.3f}), its "
+                   f"photo {photo['source_path']} {photo['width']}x{photo['height']} ({photo_ratio:.3f}): they differ "
+                   f"by {abs(ratio / photo_ratio - 1):.1%}, more than [control] max_aspect_difference = "
+                   f"{rules.max_aspect_difference}: it cannot be aligned with the photo's crop")
+            continue
+        out.append({"image_sha256": photo["image_sha256"], "source_path": photo["source_path"],
+                    "control_sha256": sha, "control_source_path": path.relative_to(concept_dir).as_posix(),
+                    "control_width": got["width"], "control_height": got["height"],
+                    "control_decoded_path": str(decoded_path(sha))})
+    return out
 
 
 def restore_decoded(manifest: pd.DataFrame, concept_dir: Path, image_cache: ItemCache,

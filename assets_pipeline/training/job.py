@@ -37,6 +37,10 @@ class TrainingRow:
     clip_score: float | None = None  # the decisions that let a photo in (instance rows)
     blur_variance: float | None = None
     control_path: str | None = None  # ControlNet: the conditioning image (instance rows)
+    # ControlNet, for lineage: the conditioning image's own sha256 (the user's file, or the annotator's image), and
+    # where it came from: its path in the concept folder (control/...), or "annotator <name> <parameters>"
+    control_sha256: str | None = None
+    control_source: str | None = None
     # With datasets or repeats (LoRA's [[lora.datasets]], [lora] repeats): the concept the row comes from and how
     # often it is drawn per epoch. None on a job without them: such a row is its job's concept's, seen once.
     concept: str | None = None

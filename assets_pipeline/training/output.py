@@ -106,7 +106,8 @@ def lineage_manifest(job: TrainJob, state: TrainState, weights: list[Path], root
         "job_identity": job.identity(),
         "training_images": [
             {k: v for k in ("image_sha256", "role", "caption", "source_path", "clip_score", "blur_variance",
-                            "concept", "repeats")  # concept, repeats: with datasets (LoRA's [[lora.datasets]])
+                            "concept", "repeats",  # concept, repeats: with datasets (LoRA's [[lora.datasets]])
+                            "control_sha256", "control_source")  # ControlNet: the other half of the pair
              if (v := getattr(r, k)) is not None}
             for r in job.training_images
         ],

@@ -112,15 +112,46 @@ def training_rows(layout: ArtifactLayout, concept: str, roles: tuple[str, ...], 
               for r in scores.itertuples()}
     source.update({s: {"source_path": f"class_images/{k}", "decoded_path": d}
                    for s, k, d in zip(priors["image_sha256"], priors["cache_key"], priors["decoded_path"])})
-    ctrl = {}
-    if control:
-        table = read_asset_table(layout, concept, "control_images", "control.parquet")
-        ctrl = dict(zip(table["image_sha256"], table["control_path"]))
+    ctrl = control_rows(layout, concept) if control else {}
+    rows = index[index["role"].isin(roles)]
+    if control:  # ControlNet trains on the photos that have a conditioning image (all of them unless the
+        rows = rows[(rows["role"] != "instance") | rows["image_sha256"].isin(ctrl)]  # concept allows fewer)
     # latent_key and text_key: the exact cached tensors (crop, bucket, VAE, text encoder), part of the job identity.
     return [TrainingRow(image_sha256=r.image_sha256, role=r.role, caption=r.caption, latent_key=r.latent_key,
                         text_key=r.text_key, **source[r.image_sha256],
-                        control_path=ctrl.get(r.image_sha256) if control and r.role == "instance" else None)
-            for r in index[index["role"].isin(roles)].itertuples()]
+                        **(ctrl[r.image_sha256] if control and r.role == "instance" else {}))
+            for r in rows.itertuples()]
+
+
+def control_rows(layout: ArtifactLayout, concept: str) -> dict[str, dict]:
+    """Each photo's conditioning image (control_images' table): image sha256 -> its path and, for lineage, its
+    sha256 and where it came from (tables from before those columns: None)."""
+    table = read_asset_table(layout, concept, "control_images", "control.parquet")
+    return {r["image_sha256"]: {"control_path": r["control_path"], "control_sha256": r.get("control_sha256"),
+                                "control_source": r.get("control_source")} for r in table.to_dict("records")}
+
+
+def control_paths(layout: ArtifactLayout, concept: str) -> dict[str, str]:
+    """Each photo's conditioning image path (control_images' table): image sha256 -> path."""
+    return {sha: r["control_path"] for sha, r in control_rows(layout, concept).items()}
+
+
+def check_control_pairs(layout: ArtifactLayout, spec: ConceptSpec) -> None:
+    """:class:`TrainingInputError` when the concept's own conditioning images leave photos of the quality subset
+    without a pair and ``[control] require_all_pairs`` is true (the blocking check control_pairs_valid says the
+    same in the asset graph): each such photo named, with why."""
+    from assets_pipeline.stages.conditioning import ControlConfig
+
+    path = layout.asset_dir(spec.name, "control_images") / "missing.parquet"
+    if not spec.config("control", ControlConfig()).require_all_pairs or not path.is_file():
+        return
+    missing = read_asset_table(layout, spec.name, "control_images", "missing.parquet")
+    if len(missing):
+        shown = "; ".join(f"{r.source_path}: {r.reason}" for r in missing.head(5).itertuples())
+        raise TrainingInputError(
+            f"controlnet for concept {spec.name!r}: {len(missing)} photo(s) of the quality subset have no valid "
+            f"conditioning image ({shown}{'; ...' if len(missing) > 5 else ''}); add them, or set [control] "
+            "require_all_pairs = false to train on the photos that have one")
 
 
 def dataset_source(layout: ArtifactLayout, data_root: Path, ref: BaseModelRef, concept: str, entry: dict,
@@ -182,7 +213,11 @@ def plan_job(layout: ArtifactLayout, ref: BaseModelRef, spec: ConceptSpec, metho
     index = read_asset_table(layout, concept, "vae_latents", "index.parquet")
     listed = spec.config(method.name, method.config_cls())  # the datasets it lists, before sizing steps
     sources = [dataset_source(layout, data_root, ref, concept, d, method.name) for d in getattr(listed, "datasets", ())]
-    n_images = int((index["role"] == "instance").sum()) + sum(len(rows) for _, rows in sources)
+    instances = index[index["role"] == "instance"]
+    if method.name == "controlnet":  # its photos: those with a conditioning image
+        check_control_pairs(layout, spec)
+        instances = instances[instances["image_sha256"].isin(control_paths(layout, concept))]
+    n_images = len(instances) + sum(len(rows) for _, rows in sources)
     cfg = method_config(spec, method.name, n_images, ref.is_random, launch, overrides)
     rows = training_rows(layout, concept, method.batch_roles(cfg), control=method.name == "controlnet")
     if sources or getattr(cfg, "repeats", 1) != 1:  # each row names its concept and repeats (lineage, sampling)
