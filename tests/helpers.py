@@ -164,3 +164,19 @@ METHODS = {
     "controlnet": Contract("controlnet_model", 1e-5, ("controlnet",), ("instance",),
                            frozenset({"diffusion_pytorch_model.safetensors"}), False),
 }
+
+
+def tiny_depth_model(folder: Path) -> Path:
+    """A tiny random-weight DPT depth-estimation model and its image processor, saved in ``folder`` as a real one is
+    (no download exists here: the architecture is transformers' own, the weights random)."""
+    import torch
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    torch.manual_seed(0)
+    DPTForDepthEstimation(DPTConfig(
+        image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+        intermediate_size=37, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[16, 16, 32, 32],
+        fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5], is_hybrid=False, head_in_index=-1,
+    )).save_pretrained(folder)
+    DPTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

@@ -90,7 +90,56 @@ def test_cache_key_covers_bucket_crop_and_thresholds(tmp_path):
     assert len(seen) == 5
 
 
-@pytest.mark.parametrize("kwargs", [{"annotator": "depth"}, {"low_threshold": 200, "high_threshold": 100}])
+@pytest.mark.parametrize("kwargs", [{"annotator": "pose"}, {"annotator": "depth"}, {"gaussian_sigma": 0},
+                                    {"low_threshold": 200, "high_threshold": 100}])
 def test_control_config_rejects_nonsense(kwargs):
     with pytest.raises(ValueError):
         ControlConfig(**kwargs)
+
+
+# -- the other annotators: line art (offline) and depth (a transformers model from a local folder) ------------------
+
+@pytest.fixture(scope="module")
+def depth_model(tmp_path_factory):
+    from helpers import tiny_depth_model
+
+    return tiny_depth_model(tmp_path_factory.mktemp("dpt"))
+
+
+@pytest.mark.parametrize("annotator", ["canny", "lineart", "depth"])
+def test_each_annotator_makes_a_conditioning_image_of_its_photos_bucket(tmp_path, depth_model, annotator):
+    cfg = ControlConfig(annotator=annotator, depth_model=str(depth_model) if annotator == "depth" else "")
+    items = subset(tmp_path, {"wide": photo("coffee", (150, 90)), "square": photo("chelsea", (70, 70))})
+    df = make_control_images(items, cfg, bucket_set(64, 3.0), True, ItemCache(tmp_path, "control", ".png"),
+                             weights="w" * 64 if annotator == "depth" else None)
+    for path, bucket in zip(df["control_path"], [(80, 48), (64, 64)]):
+        img = Image.open(path)
+        px = np.asarray(img)
+        assert img.size == bucket and img.mode == "RGB" and px.max() > px.min()  # drawn, not blank
+    assert df["control_source"][0].startswith(f"annotator annotator={annotator} ")
+    if annotator == "depth":  # the model's fingerprint is part of what the image is made from
+        assert "weights=" + "w" * 64 in df["control_source"][0]
+
+
+def test_an_annotators_key_covers_its_own_parameters_and_model_only(tmp_path):
+    from assets_pipeline.stages.conditioning import control_key
+
+    key = lambda cfg, weights=None: control_key("a" * 64, cfg, (64, 64), True, weights)  # noqa: E731
+    assert key(ControlConfig(gaussian_sigma=3.0)) == key(ControlConfig())  # canny ignores line-art settings
+    assert key(ControlConfig(annotator="lineart")) != key(ControlConfig(annotator="lineart", gaussian_sigma=3.0))
+    depth = ControlConfig(annotator="depth", depth_model="/models/dpt")
+    assert key(depth, "1" * 64) != key(depth, "2" * 64)  # other weights, another image
+    assert len({key(ControlConfig()), key(ControlConfig(annotator="lineart")), key(depth, "1" * 64)}) == 3
+
+
+def test_a_depth_model_folder_that_lacks_files_is_named_with_what_it_lacks(tmp_path, depth_model):
+    import shutil
+
+    from assets_pipeline.stages.conditioning import make_annotator
+
+    broken = tmp_path / "dpt"
+    shutil.copytree(depth_model, broken)
+    (broken / "model.safetensors").unlink()
+    (broken / "preprocessor_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing \['preprocessor_config.json', 'model.safetensors'\]"):
+        make_annotator(ControlConfig(annotator="depth", depth_model=str(broken)))

@@ -216,3 +216,36 @@ def test_controlnet_trains_on_the_concepts_own_pairs_and_a_missing_pair_blocks_i
         assert trained != out
         rows = json.loads((trained / "lineage.json").read_text())["training_images"]
         assert sorted(r["source_path"] for r in rows) == ["a.png", "b.png", "c.png"]
+
+
+@pytest.mark.slow
+def test_controlnet_trains_on_line_art_and_depth_annotators_and_names_them_in_its_lineage(tmp_path, built_models):
+    """Issue 29, point 2: each annotator end to end (a tiny random-weight DPT for depth)."""
+    from assets_pipeline.definitions import ASSETS, CHECKS, default_resources
+    from assets_pipeline.resources import PipelineStorage
+    from assets_pipeline.training.reuse import current_output
+    from conftest import link_models
+    from helpers import photos, tiny_depth_model
+
+    dpt = tiny_depth_model(tmp_path / "dpt")
+    data = tmp_path / "data"
+    storage = PipelineStorage(data_root=str(data), artifact_root=str(link_models(built_models, tmp_path / "art")))
+    spec = 'token = "sks"\nmethods = ["controlnet"]\n[control]\n'
+    write_concept(data, "lines", photos(["astronaut", "chelsea", "coffee", "rocket"]),
+                  spec + 'annotator = "lineart"\ngaussian_sigma = 4.0\n')
+    write_concept(data, "deep", photos(["astronaut", "chelsea", "coffee", "rocket"]),
+                  spec + f'annotator = "depth"\ndepth_model = "{dpt}"\n')
+    resources = {**default_resources(), "storage": storage}
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("concepts", ["lines", "deep"])
+        for concept, source in (("lines", "annotator annotator=lineart gaussian_sigma=4.0 intensity_threshold=8"),
+                                ("deep", f"annotator annotator=depth depth_model={dpt} weights=")):
+            res = dg.materialize([*ASSETS, *CHECKS], selection=DATASET | dg.AssetSelection.assets("controlnet_model"),
+                                 partition_key=concept, instance=instance, resources=resources)
+            assert res.success
+            mats = {e.materialization.asset_key.to_user_string(): e.materialization
+                    for e in res.get_asset_materialization_events()}
+            assert mats["control_images"].metadata["annotator"].value == {"lines": "lineart", "deep": "depth"}[concept]
+            rows = json.loads((current_output(storage.layout(), concept, "controlnet_model") / "lineage.json")
+                              .read_text())["training_images"]
+            assert len(rows) == 4 and all(r["control_source"].startswith(source) for r in rows), rows[0]

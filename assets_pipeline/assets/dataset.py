@@ -229,7 +229,8 @@ def clip_scored_images(
 @dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="4", deps=[clip_scored_images],
           kinds={"python"}, automation_condition=rebuild_on_change())
 def control_images(
-    context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource
+    context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource,
+    accelerator: AcceleratorResource,
 ) -> dg.MaterializeResult:
     """ControlNet conditioning image per photo of the quality subset, at the training crop of its aspect-ratio bucket
     (the same bucket and crop as its latent in vae_latents): the concept's own (`control/<photo name>.<ext>`, paired
@@ -270,7 +271,19 @@ def control_images(
             restored[f"pairs_{key}"] = value
         df, missing = pair_control_images(subset, pairs, buckets, latent_cfg.center_crop, cache)
     else:
-        df = make_control_images(subset, cfg, buckets, latent_cfg.center_crop, cache)
+        weights = None
+        if cfg.annotator == "depth":  # its model's weights are part of each image's key and lineage
+            from assets_pipeline.models.resolve import cached_fingerprint
+            from assets_pipeline.stages.conditioning import missing_depth_files
+
+            folder = Path(cfg.depth_model)
+            if missing := missing_depth_files(folder):  # before any photo is read
+                raise FileNotFoundError(f"{concept}/concept.toml [control] depth_model = {cfg.depth_model!r}: "
+                                        f"missing {missing}; put a depth-estimation model saved with "
+                                        "save_pretrained there (README, 'ControlNet conditioning images')")
+            weights = cached_fingerprint(folder, layout.root / "base_models" / ".fingerprints")
+        df = make_control_images(subset, cfg, buckets, latent_cfg.center_crop, cache, weights,
+                                 accelerator.torch_device())
         missing = pd.DataFrame(columns=["source_path", "reason"])
     out = layout.asset_dir(concept, "control_images")
     with atomic_dir(out) as tmp:

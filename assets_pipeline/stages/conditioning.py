@@ -26,9 +26,15 @@ from assets_pipeline.stages.latents import image_size
 from assets_pipeline.store import ItemCache
 
 CONDITIONING_VERSION = 2
-ANNOTATORS = ("canny",)
+# Each annotator and the [control] keys its image depends on (its cache key: a changed parameter rebuilds it).
+ANNOTATOR_KEYS = {
+    "canny": ("low_threshold", "high_threshold"),  # controlnet_aux CannyDetector (OpenCV), offline
+    "lineart": ("gaussian_sigma", "intensity_threshold"),  # controlnet_aux LineartStandardDetector, offline
+    "depth": ("depth_model",),  # transformers' depth-estimation (DPT, Depth Anything) from a local folder
+}
+ANNOTATORS = tuple(ANNOTATOR_KEYS)
 SOURCES = ("auto", "folder", "annotator")
-ANNOTATOR_KEYS = ("annotator", "low_threshold", "high_threshold")  # what an annotator's image depends on
+DEPTH_FILES = ("config.json", "preprocessor_config.json")  # and the weights: model.safetensors or pytorch_model.bin
 
 
 @config_section("control")
@@ -46,9 +52,19 @@ class ControlConfig:
     max_aspect_difference: float = field(default=0.02, metadata={"help": (
         "With the folder: a conditioning image whose width/height differs from its photo's by more than this "
         "fraction is rejected at ingest (it could not be aligned with the photo's crop).")})
-    annotator: str = field(default="canny", metadata={"help": f"One of {ANNOTATORS}."})
+    annotator: str = field(default="canny", metadata={"help": (
+        f"One of {ANNOTATORS}: 'canny' edges and 'lineart' (controlnet_aux's LineartStandard) run offline; "
+        "'depth' runs a transformers depth-estimation model from the local folder `depth_model`.")})
     low_threshold: int = field(default=100, metadata={"help": "Canny hysteresis low (diffusers' example: 100)."})
     high_threshold: int = field(default=200, metadata={"help": "Canny hysteresis high (diffusers' example: 200)."})
+    gaussian_sigma: float = field(default=6.0, metadata={"help": (
+        "Line art: the blur whose difference from the photo draws the lines (controlnet_aux's default 6.0).")})
+    intensity_threshold: int = field(default=8, metadata={"help": (
+        "Line art: differences at or below this are not lines (controlnet_aux's default 8).")})
+    depth_model: str = field(default="", metadata={"help": (
+        "Depth: a local transformers depth-estimation model folder, saved with save_pretrained "
+        f"({', '.join(DEPTH_FILES)} and model.safetensors), e.g. a copy of Intel/dpt-hybrid-midas or "
+        "depth-anything/Depth-Anything-V2-Small-hf made on a machine with internet.")})
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -59,33 +75,60 @@ class ControlConfig:
             raise ValueError("Canny thresholds need 0 <= low_threshold < high_threshold")
         if not 0 <= self.max_aspect_difference < 1:
             raise ValueError(f"max_aspect_difference must be in [0, 1), got {self.max_aspect_difference}")
+        if self.gaussian_sigma <= 0 or self.intensity_threshold < 0:
+            raise ValueError("line art needs gaussian_sigma > 0 and intensity_threshold >= 0")
+        if self.annotator == "depth" and not self.depth_model:
+            raise ValueError("annotator 'depth' needs depth_model: a local depth-estimation model folder "
+                             f"({', '.join(DEPTH_FILES)}, model.safetensors)")
 
     def from_folder(self, concept_dir: Path) -> bool:
         """Whether the conditioning images are the concept's own (``control/``) rather than an annotator's."""
         return self.source == "folder" or (self.source == "auto" and (concept_dir / CONTROL_DIR).is_dir())
 
     def annotator_params(self) -> dict:
-        """What an annotator's image depends on: the key's part (the other settings are about the folder)."""
-        return {k: getattr(self, k) for k in ANNOTATOR_KEYS}
+        """What an annotator's image depends on: the key's part (the other settings are about the folder, or
+        another annotator's). Canny's is the dict its key always had."""
+        return {"annotator": self.annotator, **{k: getattr(self, k) for k in ANNOTATOR_KEYS[self.annotator]}}
 
 
-def make_annotator(cfg: ControlConfig):
+def missing_depth_files(folder: Path) -> list[str]:
+    """The files a depth-estimation model folder lacks (empty: it loads)."""
+    missing = [f for f in DEPTH_FILES if not (folder / f).is_file()]
+    if not any((folder / w).is_file() for w in ("model.safetensors", "pytorch_model.bin")):
+        missing.append("model.safetensors")
+    return missing
+
+
+def make_annotator(cfg: ControlConfig, device: str = "cpu"):
+    """The annotator: a function from a photo's training crop to its conditioning image, of the same size."""
     import warnings
 
     from PIL import Image
 
+    if cfg.annotator == "depth":
+        return _depth_annotator(Path(cfg.depth_model), device)
     with warnings.catch_warnings():  # controlnet_aux's import re-registers timm models, warning about each
         warnings.simplefilter("ignore")
         from controlnet_aux import CannyDetector
+        from controlnet_aux.lineart_standard import LineartStandardDetector
 
-    detector = CannyDetector()
+    if cfg.annotator == "canny":
+        detector = CannyDetector()
+
+        def detect(img, side):
+            return detector(img, low_threshold=cfg.low_threshold, high_threshold=cfg.high_threshold,
+                            detect_resolution=side, image_resolution=side, output_type="pil")
+    else:  # lineart
+        lineart = LineartStandardDetector()
+
+        def detect(img, side):
+            return lineart(img, guassian_sigma=cfg.gaussian_sigma, intensity_threshold=cfg.intensity_threshold,
+                           detect_resolution=side, output_type="pil")
 
     def annotate(img):
         # controlnet_aux resizes the shorter side to 512 unless told the resolution: pass ours (the crop's
         # shorter side) for both detection and output.
-        side = min(img.size)
-        out = detector(img, low_threshold=cfg.low_threshold, high_threshold=cfg.high_threshold,
-                       detect_resolution=side, image_resolution=side, output_type="pil")
+        out = detect(img, min(img.size))
         # It also rounds both sides to a multiple of 64 (controlnet_aux.util.resize_image), so e.g. 96 px comes
         # back as 128 px; it is the whole crop, rescaled, so scaling back keeps it aligned with the latents.
         if out.size != img.size:
@@ -95,11 +138,42 @@ def make_annotator(cfg: ControlConfig):
     return annotate
 
 
-def control_key(sha: str, cfg: ControlConfig, bucket: tuple[int, int], center_crop: bool) -> str:
+def _depth_annotator(folder: Path, device: str):
+    """transformers' depth-estimation pipeline on the local model ``folder``: its predicted depth, scaled to 0-255
+    per image (near = bright, as the ControlNet depth models were trained), at the crop's size."""
+    import threading
+
+    from PIL import Image
+
+    if missing := missing_depth_files(folder):
+        raise FileNotFoundError(f"[control] depth_model = {str(folder)!r}: missing {missing}; put a depth-estimation "
+                                "model saved with save_pretrained there (e.g. Intel/dpt-hybrid-midas or "
+                                "depth-anything/Depth-Anything-V2-Small-hf, copied from a machine with internet)")
+    from transformers import pipeline
+
+    estimator = pipeline("depth-estimation", model=str(folder), device=device)
+    lock = threading.Lock()  # one forward at a time: the images' threads share the model
+
+    def annotate(img):
+        with lock:
+            depth = estimator(img)["predicted_depth"]
+        d = depth.detach().float().squeeze().cpu().numpy()
+        lo, hi = float(d.min()), float(d.max())
+        scaled = ((d - lo) / (hi - lo) * 255.0 if hi > lo else d * 0.0).round().astype("uint8")
+        out = Image.fromarray(scaled).convert("RGB")
+        return out if out.size == img.size else out.resize(img.size, Image.Resampling.BILINEAR)
+
+    return annotate
+
+
+def control_key(sha: str, cfg: ControlConfig, bucket: tuple[int, int], center_crop: bool,
+                weights: str | None = None) -> str:
+    """``weights``: the fingerprint of an annotator's model (depth), part of the key."""
     w, h = bucket
+    params = {**cfg.annotator_params(), **({"weights": weights} if weights else {})}
     if w == h:  # the square training crop, keyed as before buckets (as latents.latent_key)
-        return digest("control-image", sha, CONDITIONING_VERSION, cfg.annotator_params(), w, center_crop)
-    return digest("control-image", sha, CONDITIONING_VERSION, cfg.annotator_params(), "bucket-crop", w, h, center_crop)
+        return digest("control-image", sha, CONDITIONING_VERSION, params, w, center_crop)
+    return digest("control-image", sha, CONDITIONING_VERSION, params, "bucket-crop", w, h, center_crop)
 
 
 def pair_key(sha: str, pair_sha: str, size: tuple[int, int], bucket: tuple[int, int], center_crop: bool) -> str:
@@ -108,10 +182,12 @@ def pair_key(sha: str, pair_sha: str, size: tuple[int, int], bucket: tuple[int, 
 
 
 def make_control_images(
-    subset: pd.DataFrame, cfg: ControlConfig, buckets: list[tuple[int, int]], center_crop: bool, cache: ItemCache
+    subset: pd.DataFrame, cfg: ControlConfig, buckets: list[tuple[int, int]], center_crop: bool, cache: ItemCache,
+    weights: str | None = None, device: str = "cpu",
 ) -> pd.DataFrame:
     """A conditioning image per photo of ``subset``, at the crop of its bucket among ``buckets``
-    (latents.concept_buckets: the photo's latent has the same bucket and crop)."""
+    (latents.concept_buckets: the photo's latent has the same bucket and crop). ``weights``: the annotator model's
+    fingerprint (depth), in each key and in the lineage source; ``device``: where that model runs."""
     from PIL import Image
 
     made, lock = [], threading.Lock()
@@ -119,11 +195,11 @@ def make_control_images(
     def annotator():  # made on the first miss (the import takes seconds), once whichever thread gets there first
         with lock:
             if not made:
-                made.append(make_annotator(cfg))
+                made.append(make_annotator(cfg, device))
         return made[0]
 
     sizes = [assign_bucket(*image_size(src), buckets) for src in subset["decoded_path"]]
-    keys = [control_key(sha, cfg, bucket, center_crop) for sha, bucket in zip(subset["image_sha256"], sizes)]
+    keys = [control_key(sha, cfg, bucket, center_crop, weights) for sha, bucket in zip(subset["image_sha256"], sizes)]
 
     def control(item: tuple[str, str, tuple[int, int]]) -> str:  # on a thread pool (assets_pipeline/parallel.py)
         key, src, bucket = item
@@ -141,7 +217,8 @@ def make_control_images(
     out["control_source_path"] = None
     # lineage: the image the annotator made (its bytes: the cache verifies them on every read) and how
     out["control_sha256"] = thread_map(sha256_file, paths)
-    out["control_source"] = "annotator " + " ".join(f"{k}={v}" for k, v in cfg.annotator_params().items())
+    out["control_source"] = "annotator " + " ".join(
+        f"{k}={v}" for k, v in {**cfg.annotator_params(), **({"weights": weights} if weights else {})}.items())
     out["bucket_width"] = [w for w, _ in sizes]
     out["bucket_height"] = [h for _, h in sizes]
     return out
