@@ -249,3 +249,33 @@ def test_controlnet_trains_on_line_art_and_depth_annotators_and_names_them_in_it
             rows = json.loads((current_output(storage.layout(), concept, "controlnet_model") / "lineage.json")
                               .read_text())["training_images"]
             assert len(rows) == 4 and all(r["control_source"].startswith(source) for r in rows), rows[0]
+
+
+@pytest.mark.slow
+def test_an_sdxl_controlnet_trains_on_the_concepts_own_pairs(tmp_path, built_models):
+    """Issue 29, point 5: the pairs are family-agnostic (the embedded SDXL base: two text encoders, micro-
+    conditioning); ControlNet trains on them and its lineage names each pair's file."""
+    from assets_pipeline.definitions import ASSETS, CHECKS, default_resources
+    from assets_pipeline.hashing import sha256_file
+    from assets_pipeline.resources import PipelineStorage
+    from assets_pipeline.training.reuse import current_output
+    from conftest import link_models
+
+    data = tmp_path / "data"
+    storage = PipelineStorage(data_root=str(data), artifact_root=str(link_models(built_models, tmp_path / "art")))
+    imgs = {k: photo(v, (96, 64)) for k, v in PHOTOS.items() if k != "e"}
+    folder, _ = folder_with_pairs(data, "xl", spec='token = "sks"\nmethods = ["controlnet"]\n'
+                                  '[base_model]\nsource = "embedded-sdxl"\n',
+                                  files={f"control/{k}.png": png(edges(img)) for k, img in imgs.items()})
+    (folder / "e.png").unlink()
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("concepts", ["xl"])
+        res = dg.materialize([*ASSETS, *CHECKS], selection=DATASET | dg.AssetSelection.assets("controlnet_model"),
+                             partition_key="xl", instance=instance, resources={**default_resources(),
+                                                                                "storage": storage})
+    assert res.success
+    out = current_output(storage.layout(), "xl", "controlnet_model")
+    manifest = json.loads((out / "lineage.json").read_text())
+    assert manifest["base_model"]["family"] == "sdxl"
+    assert {r["source_path"]: (r["control_source"], r["control_sha256"]) for r in manifest["training_images"]} == {
+        f"{k}.png": (f"control/{k}.png", sha256_file(folder / "control" / f"{k}.png")) for k in "abcd"}
