@@ -180,3 +180,20 @@ def tiny_depth_model(folder: Path) -> Path:
     )).save_pretrained(folder)
     DPTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
+
+
+def tiny_hed_model(folder: Path) -> Path:
+    """controlnet_aux's HED network (its real architecture, 15 M parameters) with random weights, saved as
+    ``ControlNetHED.pth`` where ``HEDdetector.from_pretrained(folder)`` reads it."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from controlnet_aux.hed import ControlNetHED_Apache2
+
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(ControlNetHED_Apache2().state_dict(), folder / "ControlNetHED.pth")
+    return folder

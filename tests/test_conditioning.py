@@ -106,18 +106,26 @@ def depth_model(tmp_path_factory):
     return tiny_depth_model(tmp_path_factory.mktemp("dpt"))
 
 
-@pytest.mark.parametrize("annotator", ["canny", "lineart", "depth"])
-def test_each_annotator_makes_a_conditioning_image_of_its_photos_bucket(tmp_path, depth_model, annotator):
-    cfg = ControlConfig(annotator=annotator, depth_model=str(depth_model) if annotator == "depth" else "")
+@pytest.fixture(scope="module")
+def hed_model(tmp_path_factory):
+    from helpers import tiny_hed_model
+
+    return tiny_hed_model(tmp_path_factory.mktemp("hed"))
+
+
+@pytest.mark.parametrize("annotator", ["canny", "lineart", "depth", "hed", "scribble"])
+def test_each_annotator_makes_a_conditioning_image_of_its_photos_bucket(tmp_path, depth_model, hed_model, annotator):
+    cfg = ControlConfig(annotator=annotator, depth_model=str(depth_model) if annotator == "depth" else "",
+                        hed_model=str(hed_model) if annotator in ("hed", "scribble") else "")
     items = subset(tmp_path, {"wide": photo("coffee", (150, 90)), "square": photo("chelsea", (70, 70))})
     df = make_control_images(items, cfg, bucket_set(64, 3.0), True, ItemCache(tmp_path, "control", ".png"),
-                             weights="w" * 64 if annotator == "depth" else None)
+                             weights="w" * 64 if annotator in ("depth", "hed", "scribble") else None)
     for path, bucket in zip(df["control_path"], [(80, 48), (64, 64)]):
         img = Image.open(path)
         px = np.asarray(img)
         assert img.size == bucket and img.mode == "RGB" and px.max() > px.min()  # drawn, not blank
     assert df["control_source"][0].startswith(f"annotator annotator={annotator} ")
-    if annotator == "depth":  # the model's fingerprint is part of what the image is made from
+    if annotator in ("depth", "hed", "scribble"):  # the model's fingerprint is part of what it is made from
         assert "weights=" + "w" * 64 in df["control_source"][0]
 
 
@@ -141,5 +149,8 @@ def test_a_depth_model_folder_that_lacks_files_is_named_with_what_it_lacks(tmp_p
     shutil.copytree(depth_model, broken)
     (broken / "model.safetensors").unlink()
     (broken / "preprocessor_config.json").unlink()
-    with pytest.raises(FileNotFoundError, match=r"missing \['preprocessor_config.json', 'model.safetensors'\]"):
+    with pytest.raises(FileNotFoundError, match=r"depth_model = .*: missing \['preprocessor_config.json', "
+                                                r"'model.safetensors'\]; put a depth-estimation model"):
         make_annotator(ControlConfig(annotator="depth", depth_model=str(broken)))
+    with pytest.raises(FileNotFoundError, match=r"hed_model = .*: missing \['ControlNetHED.pth'\]"):
+        make_annotator(ControlConfig(annotator="scribble", hed_model=str(tmp_path)))

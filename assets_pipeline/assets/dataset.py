@@ -272,15 +272,14 @@ def control_images(
         df, missing = pair_control_images(subset, pairs, buckets, latent_cfg.center_crop, cache)
     else:
         weights = None
-        if cfg.annotator == "depth":  # its model's weights are part of each image's key and lineage
+        if (folder := cfg.model_folder()) is not None:  # its model's weights: part of each image's key and lineage
             from assets_pipeline.models.resolve import cached_fingerprint
-            from assets_pipeline.stages.conditioning import missing_depth_files
+            from assets_pipeline.stages.conditioning import check_model_folder
 
-            folder = Path(cfg.depth_model)
-            if missing := missing_depth_files(folder):  # before any photo is read
-                raise FileNotFoundError(f"{concept}/concept.toml [control] depth_model = {cfg.depth_model!r}: "
-                                        f"missing {missing}; put a depth-estimation model saved with "
-                                        "save_pretrained there (README, 'ControlNet conditioning images')")
+            try:  # before any photo is read
+                check_model_folder(cfg)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"{concept}/concept.toml {e}") from None
             weights = cached_fingerprint(folder, layout.root / "base_models" / ".fingerprints")
         df = make_control_images(subset, cfg, buckets, latent_cfg.center_crop, cache, weights,
                                  accelerator.torch_device())

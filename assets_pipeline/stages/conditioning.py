@@ -31,7 +31,11 @@ ANNOTATOR_KEYS = {
     "canny": ("low_threshold", "high_threshold"),  # controlnet_aux CannyDetector (OpenCV), offline
     "lineart": ("gaussian_sigma", "intensity_threshold"),  # controlnet_aux LineartStandardDetector, offline
     "depth": ("depth_model",),  # transformers' depth-estimation (DPT, Depth Anything) from a local folder
+    "hed": ("hed_model", "safe"),  # controlnet_aux HEDdetector (soft edges), its ControlNetHED.pth in a local folder
+    "scribble": ("hed_model", "safe"),  # the same network, scribble post-processing (thick binary strokes)
 }
+HED_FILE = "ControlNetHED.pth"  # what controlnet_aux's HEDdetector.from_pretrained reads from a folder
+WEIGHTED = {"depth": "depth_model", "hed": "hed_model", "scribble": "hed_model"}  # annotators with a model folder
 ANNOTATORS = tuple(ANNOTATOR_KEYS)
 SOURCES = ("auto", "folder", "annotator")
 DEPTH_FILES = ("config.json", "preprocessor_config.json")  # and the weights: model.safetensors or pytorch_model.bin
@@ -61,6 +65,11 @@ class ControlConfig:
         "Line art: the blur whose difference from the photo draws the lines (controlnet_aux's default 6.0).")})
     intensity_threshold: int = field(default=8, metadata={"help": (
         "Line art: differences at or below this are not lines (controlnet_aux's default 8).")})
+    hed_model: str = field(default="", metadata={"help": (
+        f"HED and scribble: a local folder holding {HED_FILE} (lllyasviel/Annotators' file, copied from a machine "
+        "with internet).")})
+    safe: bool = field(default=False, metadata={"help": "HED and scribble: controlnet_aux's `safe` step (quantized "
+                                                        "edges, fewer faint lines)."})
     depth_model: str = field(default="", metadata={"help": (
         "Depth: a local transformers depth-estimation model folder, saved with save_pretrained "
         f"({', '.join(DEPTH_FILES)} and model.safetensors), e.g. a copy of Intel/dpt-hybrid-midas or "
@@ -80,6 +89,12 @@ class ControlConfig:
         if self.annotator == "depth" and not self.depth_model:
             raise ValueError("annotator 'depth' needs depth_model: a local depth-estimation model folder "
                              f"({', '.join(DEPTH_FILES)}, model.safetensors)")
+        if self.annotator in ("hed", "scribble") and not self.hed_model:
+            raise ValueError(f"annotator {self.annotator!r} needs hed_model: a local folder holding {HED_FILE}")
+
+    def model_folder(self) -> Path | None:
+        """The local folder of the annotator's model (depth, HED, scribble), or None (Canny, line art)."""
+        return Path(getattr(self, WEIGHTED[self.annotator])) if self.annotator in WEIGHTED else None
 
     def from_folder(self, concept_dir: Path) -> bool:
         """Whether the conditioning images are the concept's own (``control/``) rather than an annotator's."""
@@ -91,12 +106,28 @@ class ControlConfig:
         return {"annotator": self.annotator, **{k: getattr(self, k) for k in ANNOTATOR_KEYS[self.annotator]}}
 
 
-def missing_depth_files(folder: Path) -> list[str]:
-    """The files a depth-estimation model folder lacks (empty: it loads)."""
+def missing_model_files(cfg: "ControlConfig") -> list[str]:
+    """The files the annotator's model folder lacks (empty: it loads, or the annotator needs none)."""
+    folder = cfg.model_folder()
+    if folder is None:
+        return []
+    if cfg.annotator != "depth":
+        return [] if (folder / HED_FILE).is_file() else [HED_FILE]
     missing = [f for f in DEPTH_FILES if not (folder / f).is_file()]
     if not any((folder / w).is_file() for w in ("model.safetensors", "pytorch_model.bin")):
         missing.append("model.safetensors")
     return missing
+
+
+def check_model_folder(cfg: "ControlConfig") -> None:
+    """FileNotFoundError naming the key, the folder and each file it lacks, and what to put there."""
+    if missing := missing_model_files(cfg):
+        key = WEIGHTED[cfg.annotator]
+        what = (f"the {HED_FILE} of lllyasviel/Annotators" if cfg.annotator != "depth" else
+                "a depth-estimation model saved with save_pretrained (e.g. Intel/dpt-hybrid-midas or "
+                "depth-anything/Depth-Anything-V2-Small-hf)")
+        raise FileNotFoundError(f"[control] {key} = {str(cfg.model_folder())!r}: missing {missing}; put {what} "
+                                "there, copied from a machine with internet")
 
 
 def make_annotator(cfg: ControlConfig, device: str = "cpu"):
@@ -105,14 +136,23 @@ def make_annotator(cfg: ControlConfig, device: str = "cpu"):
 
     from PIL import Image
 
+    check_model_folder(cfg)
     if cfg.annotator == "depth":
         return _depth_annotator(Path(cfg.depth_model), device)
     with warnings.catch_warnings():  # controlnet_aux's import re-registers timm models, warning about each
         warnings.simplefilter("ignore")
-        from controlnet_aux import CannyDetector
+        from controlnet_aux import CannyDetector, HEDdetector
         from controlnet_aux.lineart_standard import LineartStandardDetector
 
-    if cfg.annotator == "canny":
+    if cfg.annotator in ("hed", "scribble"):
+        hed = HEDdetector.from_pretrained(cfg.hed_model).to(device)
+        lock = threading.Lock()  # one forward at a time: the images' threads share the network
+
+        def detect(img, side):
+            with lock:
+                return hed(img, detect_resolution=side, image_resolution=side, safe=cfg.safe,
+                           scribble=cfg.annotator == "scribble", output_type="pil")
+    elif cfg.annotator == "canny":
         detector = CannyDetector()
 
         def detect(img, side):
@@ -141,14 +181,7 @@ def make_annotator(cfg: ControlConfig, device: str = "cpu"):
 def _depth_annotator(folder: Path, device: str):
     """transformers' depth-estimation pipeline on the local model ``folder``: its predicted depth, scaled to 0-255
     per image (near = bright, as the ControlNet depth models were trained), at the crop's size."""
-    import threading
-
     from PIL import Image
-
-    if missing := missing_depth_files(folder):
-        raise FileNotFoundError(f"[control] depth_model = {str(folder)!r}: missing {missing}; put a depth-estimation "
-                                "model saved with save_pretrained there (e.g. Intel/dpt-hybrid-midas or "
-                                "depth-anything/Depth-Anything-V2-Small-hf, copied from a machine with internet)")
     from transformers import pipeline
 
     estimator = pipeline("depth-estimation", model=str(folder), device=device)
