@@ -22,7 +22,8 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # The modules that take longest (most build concepts through every asset or train), longest first, so that no
 # worker is left with one of them at the end while the others idle (the order of the rest is pytest's).
 _LONG_FIRST = ("test_runtime", "test_training", "test_flow", "test_sdxl", "test_reproduce", "test_multiprocess_training",
-               "test_postgres", "test_orphaned_trainer", "test_gpu_e2e_script", "test_retraining", "test_relocation",
+               "test_postgres", "test_orphaned_trainer", "test_gpu_e2e_script", "test_control_pairs", "test_pack_runs",
+               "test_pack_training", "test_retraining", "test_relocation",
                "test_validation", "test_automation", "test_multi_concept", "test_k8s_trainer", "test_run_monitoring",
                "test_embedded", "test_lora_variants", "test_methods", "test_dataset_assets", "test_ui_metadata",
                "test_executor", "test_pool_slots", "test_resolve", "test_plan", "test_recipes")
