@@ -19,7 +19,8 @@ ingest_concept_job = dg.define_asset_job(
     executor_def=dg.in_process_executor,
 )
 
-# What the retraining schedule runs: trained outputs only (each run selects the stale ones).
+# One concept's trained outputs (from the launchpad or the CLI). The retraining schedule launches runs of
+# train_packs instead (assets/packs.py): several concepts per run where they can share a pack.
 train_models_job = dg.define_asset_job(
     "train_models",
     selection=dg.AssetSelection.groups("models"),
