@@ -197,3 +197,21 @@ def tiny_hed_model(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(ControlNetHED_Apache2().state_dict(), folder / "ControlNetHED.pth")
     return folder
+
+
+def tiny_pose_model(folder: Path) -> Path:
+    """controlnet_aux's OpenPose body network (its real architecture, 52 M parameters) with random weights, saved
+    as ``body_pose_model.pth`` with the key names the original file has (its loader strips each key's first part)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from controlnet_aux.open_pose.model import bodypose_model
+
+    torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = bodypose_model().state_dict()
+    torch.save({k.split(".", 1)[1]: v for k, v in state.items()}, folder / "body_pose_model.pth")
+    return folder

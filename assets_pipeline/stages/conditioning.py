@@ -33,9 +33,13 @@ ANNOTATOR_KEYS = {
     "depth": ("depth_model",),  # transformers' depth-estimation (DPT, Depth Anything) from a local folder
     "hed": ("hed_model", "safe"),  # controlnet_aux HEDdetector (soft edges), its ControlNetHED.pth in a local folder
     "scribble": ("hed_model", "safe"),  # the same network, scribble post-processing (thick binary strokes)
+    "pose": ("pose_model",),  # controlnet_aux OpenPose (body), its body_pose_model.pth in a local folder
 }
 HED_FILE = "ControlNetHED.pth"  # what controlnet_aux's HEDdetector.from_pretrained reads from a folder
-WEIGHTED = {"depth": "depth_model", "hed": "hed_model", "scribble": "hed_model"}  # annotators with a model folder
+POSE_FILE = "body_pose_model.pth"  # what controlnet_aux's OpenPose body estimator reads
+WEIGHTED = {"depth": "depth_model", "hed": "hed_model", "scribble": "hed_model",
+            "pose": "pose_model"}  # annotators with a model folder, and the key naming it
+WEIGHT_FILES = {"hed": HED_FILE, "scribble": HED_FILE, "pose": POSE_FILE}
 ANNOTATORS = tuple(ANNOTATOR_KEYS)
 SOURCES = ("auto", "folder", "annotator")
 DEPTH_FILES = ("config.json", "preprocessor_config.json")  # and the weights: model.safetensors or pytorch_model.bin
@@ -70,6 +74,9 @@ class ControlConfig:
         "with internet).")})
     safe: bool = field(default=False, metadata={"help": "HED and scribble: controlnet_aux's `safe` step (quantized "
                                                         "edges, fewer faint lines)."})
+    pose_model: str = field(default="", metadata={"help": (
+        f"Pose: a local folder holding {POSE_FILE} (lllyasviel/Annotators' OpenPose body model, copied from a "
+        "machine with internet); the skeletons of the people found are drawn, hands and faces are not.")})
     depth_model: str = field(default="", metadata={"help": (
         "Depth: a local transformers depth-estimation model folder, saved with save_pretrained "
         f"({', '.join(DEPTH_FILES)} and model.safetensors), e.g. a copy of Intel/dpt-hybrid-midas or "
@@ -89,8 +96,9 @@ class ControlConfig:
         if self.annotator == "depth" and not self.depth_model:
             raise ValueError("annotator 'depth' needs depth_model: a local depth-estimation model folder "
                              f"({', '.join(DEPTH_FILES)}, model.safetensors)")
-        if self.annotator in ("hed", "scribble") and not self.hed_model:
-            raise ValueError(f"annotator {self.annotator!r} needs hed_model: a local folder holding {HED_FILE}")
+        if self.annotator in WEIGHT_FILES and not getattr(self, WEIGHTED[self.annotator]):
+            raise ValueError(f"annotator {self.annotator!r} needs {WEIGHTED[self.annotator]}: a local folder "
+                             f"holding {WEIGHT_FILES[self.annotator]}")
 
     def model_folder(self) -> Path | None:
         """The local folder of the annotator's model (depth, HED, scribble), or None (Canny, line art)."""
@@ -112,7 +120,7 @@ def missing_model_files(cfg: "ControlConfig") -> list[str]:
     if folder is None:
         return []
     if cfg.annotator != "depth":
-        return [] if (folder / HED_FILE).is_file() else [HED_FILE]
+        return [] if (folder / WEIGHT_FILES[cfg.annotator]).is_file() else [WEIGHT_FILES[cfg.annotator]]
     missing = [f for f in DEPTH_FILES if not (folder / f).is_file()]
     if not any((folder / w).is_file() for w in ("model.safetensors", "pytorch_model.bin")):
         missing.append("model.safetensors")
@@ -123,7 +131,7 @@ def check_model_folder(cfg: "ControlConfig") -> None:
     """FileNotFoundError naming the key, the folder and each file it lacks, and what to put there."""
     if missing := missing_model_files(cfg):
         key = WEIGHTED[cfg.annotator]
-        what = (f"the {HED_FILE} of lllyasviel/Annotators" if cfg.annotator != "depth" else
+        what = (f"the {WEIGHT_FILES[cfg.annotator]} of lllyasviel/Annotators" if cfg.annotator != "depth" else
                 "a depth-estimation model saved with save_pretrained (e.g. Intel/dpt-hybrid-midas or "
                 "depth-anything/Depth-Anything-V2-Small-hf)")
         raise FileNotFoundError(f"[control] {key} = {str(cfg.model_folder())!r}: missing {missing}; put {what} "
@@ -144,7 +152,19 @@ def make_annotator(cfg: ControlConfig, device: str = "cpu"):
         from controlnet_aux import CannyDetector, HEDdetector
         from controlnet_aux.lineart_standard import LineartStandardDetector
 
-    if cfg.annotator in ("hed", "scribble"):
+    if cfg.annotator == "pose":
+        from controlnet_aux.open_pose import Body, OpenposeDetector
+
+        body = Body(str(Path(cfg.pose_model) / POSE_FILE))
+        body.to(device)
+        pose = OpenposeDetector(body)  # the body estimator alone: no hand or face model is loaded
+        lock = threading.Lock()
+
+        def detect(img, side):
+            with lock:
+                return pose(img, detect_resolution=side, image_resolution=side, include_body=True,
+                            include_hand=False, include_face=False, output_type="pil")
+    elif cfg.annotator in ("hed", "scribble"):
         hed = HEDdetector.from_pretrained(cfg.hed_model).to(device)
         lock = threading.Lock()  # one forward at a time: the images' threads share the network
 
