@@ -61,8 +61,9 @@ class ControlConfig:
         "With the folder: a conditioning image whose width/height differs from its photo's by more than this "
         "fraction is rejected at ingest (it could not be aligned with the photo's crop).")})
     annotator: str = field(default="canny", metadata={"help": (
-        f"One of {ANNOTATORS}: 'canny' edges and 'lineart' (controlnet_aux's LineartStandard) run offline; "
-        "'depth' runs a transformers depth-estimation model from the local folder `depth_model`.")})
+        f"One of {ANNOTATORS}: 'canny' edges and 'lineart' (controlnet_aux's LineartStandard) run offline; 'hed' "
+        "and 'scribble' (controlnet_aux's HED) read `hed_model`, 'pose' (OpenPose body) `pose_model`, and 'depth' (a "
+        "transformers depth-estimation model) `depth_model`: local folders.")})
     low_threshold: int = field(default=100, metadata={"help": "Canny hysteresis low (diffusers' example: 100)."})
     high_threshold: int = field(default=200, metadata={"help": "Canny hysteresis high (diffusers' example: 200)."})
     gaussian_sigma: float = field(default=6.0, metadata={"help": (
