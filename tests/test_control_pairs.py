@@ -192,6 +192,14 @@ def test_controlnet_trains_on_the_concepts_own_pairs_and_a_missing_pair_blocks_i
         by_path = outputs_trained_on(storage.artifact_path(), None, ("own", "control/c.png"))
         assert list(by_path["output"]) == [str(out)]
         assert set(audit_output(out, data)["control_status"]) == {"unchanged"}
+        # what a person sees: each validation render beside the conditioning image it followed (one of the pairs)
+        shown = np.asarray(Image.open(out / "validation" / "p0_seed0_conditioning.png").convert("RGB"))
+        from assets_pipeline.tables import read_asset_table
+
+        paths = read_asset_table(storage.layout(), "own", "control_images", "control.parquet")["control_path"]
+        assert any(np.array_equal(shown, np.asarray(Image.open(c).convert("RGB"))) for c in paths)
+        with Image.open(out / "validation" / "grid.png") as grid:  # conditioning, base, trained per seed
+            assert grid.width >= 3 * 256
 
         # d's pair gone: the check names d and ControlNet is blocked (not trained, nothing new made current)
         (folder / "control" / "d.png").unlink()

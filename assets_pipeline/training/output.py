@@ -158,6 +158,7 @@ def validate(job: TrainJob, state: TrainState, out: Path, device: str) -> dict[s
     generated and training images), the DreamBooth paper's metrics (Ruiz et al. 2022, section 4.1). Every image
     is rendered in one batch (the base model's come from the cache after the first training on it)."""
     import numpy as np
+    from PIL.Image import Image as PILImage
 
     method, ctx = state.method, state.ctx
     base = BaseRenders(job.base_model, device,
@@ -173,11 +174,18 @@ def validate(job: TrainJob, state: TrainState, out: Path, device: str) -> dict[s
     load_base = base.take_pipe()
     pipe = method.load_pipeline(load_base, out, ctx).to(device)
     images = render_batch(pipe, pairs, ctx.resolution, job.validation_inference_steps, **per_image)
+    # A render's conditioning image (ControlNet's: the concept's own, or its annotator's), shown beside it
+    conditions = [next((v[i] for v in per_image.values() if isinstance(v[i], PILImage)), None)
+                  for i in range(len(pairs))]
     grid: dict[str, list] = {}
-    for (prompt, seed), name, img, ref in zip(pairs, names, images, refs):
+    for (prompt, seed), name, img, ref, cond in zip(pairs, names, images, refs, conditions):
         img.save(vdir / f"{name}.png")
         ref.save(vdir / f"{name}_base.png")
-        grid.setdefault(prompt, []).extend([(f"base, seed {seed}", ref), (f"trained, seed {seed}", img)])
+        tiles = [(f"base, seed {seed}", ref), (f"trained, seed {seed}", img)]
+        if cond is not None:
+            cond.save(vdir / f"{name}_conditioning.png")
+            tiles.insert(0, (f"conditioning, seed {seed}", cond))
+        grid.setdefault(prompt, []).extend(tiles)
     diffs = [pixel_change(img, ref) for img, ref in zip(images, refs)]
     prompts = [p for p, _ in pairs]
     scorer = job_scorer(job, device)
@@ -194,7 +202,8 @@ def validate(job: TrainJob, state: TrainState, out: Path, device: str) -> dict[s
 
 
 def _validation_grid(rows, path: Path) -> str:
-    """Base and trained renders side by side, a row per prompt, each labeled: saved as ``validation/grid.png``
+    """Base and trained renders side by side (after ControlNet's conditioning image), a row per prompt, each
+    labeled: saved as ``validation/grid.png``
     and returned as Markdown for the materialization (JPEG there, to keep the event small)."""
     from assets_pipeline.imaging import image_markdown, labeled_grid
 
