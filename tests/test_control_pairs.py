@@ -201,6 +201,14 @@ def test_controlnet_trains_on_the_concepts_own_pairs_and_a_missing_pair_blocks_i
         with Image.open(out / "validation" / "grid.png") as grid:  # conditioning, base, trained per seed
             assert grid.width >= 3 * 256
 
+        # a changed pair: only its own conditioning image is made again (the others' cache keys are unchanged)
+        (folder / "control" / "a.png").write_bytes(png(edges(imgs["a"]).rotate(180)))
+        res = build(DATASET)
+        mats = {e.materialization.asset_key.to_user_string(): e.materialization
+                for e in res.get_asset_materialization_events()}
+        assert (mats["control_images"].metadata["items_computed"].value,
+                mats["control_images"].metadata["items_cached"].value) == (1, 3)
+
         # d's pair gone: the check names d and ControlNet is blocked (not trained, nothing new made current)
         (folder / "control" / "d.png").unlink()
         res = build(DATASET | dg.AssetSelection.assets("controlnet_model"))
@@ -211,7 +219,7 @@ def test_controlnet_trains_on_the_concepts_own_pairs_and_a_missing_pair_blocks_i
                                           for e in res.get_asset_materialization_events()}
         assert current_output(storage.layout(), "own", "controlnet_model") == out
         audit = audit_output(out, data).set_index("source_path")["control_status"]
-        assert audit["d.png"] == "missing" and audit["a.png"] == "unchanged"
+        assert (audit["d.png"], audit["a.png"], audit["b.png"]) == ("missing", "changed", "unchanged")
 
         # require_all_pairs = false: it trains on the three photos that have one
         (folder / "concept.toml").write_text('token = "sks"\nmethods = ["controlnet"]\n'
