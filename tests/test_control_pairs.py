@@ -268,9 +268,12 @@ def test_controlnet_trains_on_line_art_and_depth_annotators_and_names_them_in_it
 
 
 @pytest.mark.slow
-def test_an_sdxl_controlnet_trains_on_the_concepts_own_pairs(tmp_path, built_models):
-    """Issue 29, point 5: the pairs are family-agnostic (the embedded SDXL base: two text encoders, micro-
-    conditioning); ControlNet trains on them and its lineage names each pair's file."""
+@pytest.mark.parametrize("source", ["embedded-sdxl", "embedded-sd3", "embedded-flux"])
+def test_controlnet_on_sdxl_and_the_flow_matching_families_trains_on_the_concepts_own_pairs(tmp_path, flow_root,
+                                                                                              source):
+    """Issue 29, point 5: the pairs are family-agnostic (SDXL: two text encoders, micro-conditioning; SD 3.x and
+    Flux.1: a transformer whose ControlNet is conditioned on the pairs' VAE latents); ControlNet trains on them and
+    its lineage names each pair's file."""
     from assets_pipeline.definitions import ASSETS, CHECKS, default_resources
     from assets_pipeline.hashing import sha256_file
     from assets_pipeline.resources import PipelineStorage
@@ -278,10 +281,10 @@ def test_an_sdxl_controlnet_trains_on_the_concepts_own_pairs(tmp_path, built_mod
     from conftest import link_models
 
     data = tmp_path / "data"
-    storage = PipelineStorage(data_root=str(data), artifact_root=str(link_models(built_models, tmp_path / "art")))
+    storage = PipelineStorage(data_root=str(data), artifact_root=str(link_models(flow_root, tmp_path / "art")))
     imgs = {k: photo(v, (96, 64)) for k, v in PHOTOS.items() if k != "e"}
     folder, _ = folder_with_pairs(data, "xl", spec='token = "sks"\nmethods = ["controlnet"]\n'
-                                  '[base_model]\nsource = "embedded-sdxl"\n',
+                                  f'[base_model]\nsource = "{source}"\n',
                                   files={f"control/{k}.png": png(edges(img)) for k, img in imgs.items()})
     (folder / "e.png").unlink()
     with dg.DagsterInstance.ephemeral() as instance:
@@ -292,6 +295,7 @@ def test_an_sdxl_controlnet_trains_on_the_concepts_own_pairs(tmp_path, built_mod
     assert res.success
     out = current_output(storage.layout(), "xl", "controlnet_model")
     manifest = json.loads((out / "lineage.json").read_text())
-    assert manifest["base_model"]["family"] == "sdxl"
+    assert manifest["base_model"]["family"] == {"embedded-sdxl": "sdxl", "embedded-sd3": "sd3",
+                                                "embedded-flux": "flux"}[source]
     assert {r["source_path"]: (r["control_source"], r["control_sha256"]) for r in manifest["training_images"]} == {
         f"{k}.png": (f"control/{k}.png", sha256_file(folder / "control" / f"{k}.png")) for k in "abcd"}
