@@ -44,7 +44,8 @@ def current(storage: PipelineStorage, method, concept: str) -> Path:
     return out
 
 
-def weights_finite(storage: PipelineStorage, method, concept: str, run_id: str) -> dg.AssetCheckResult:
+def weights_finite(storage: PipelineStorage, base_model: BaseModelResource | None,
+                   accelerator: AcceleratorResource | None, method, concept: str, run_id: str) -> dg.AssetCheckResult:
     """Every tensor of every weights file is finite (no NaN or inf): a diverged training (learning rate too
     high, fp16 overflow) fails here before anyone loads the output. Blocking."""
     from assets_pipeline.training.verify import nonfinite_tensors
@@ -59,7 +60,7 @@ def weights_finite(storage: PipelineStorage, method, concept: str, run_id: str) 
 
 
 def changes_base_output(storage: PipelineStorage, base_model: BaseModelResource, accelerator: AcceleratorResource,
-                        method, concept: str) -> dg.AssetCheckResult:
+                        method, concept: str, run_id: str) -> dg.AssetCheckResult:
     """The output changes what the base model renders for the same prompt and seed (mean absolute pixel
     change > 0): an adapter that loads but does nothing (zero LoRA weights, a token never trained, a
     ControlNet with zero-convolutions still zero) fails here."""
@@ -94,7 +95,9 @@ def changes_base_output(storage: PipelineStorage, base_model: BaseModelResource,
     return change_result(json.loads(path.read_text())["mean_abs_change"], measured_before=results.cached > 0)
 
 
-def manifest_lists_training_images(storage: PipelineStorage, method, concept: str, run_id: str) -> dg.AssetCheckResult:
+def manifest_lists_training_images(storage: PipelineStorage, base_model: BaseModelResource | None,
+                                   accelerator: AcceleratorResource | None, method, concept: str,
+                                   run_id: str) -> dg.AssetCheckResult:
     """The output's lineage.json lists exactly the images (concept, sha256, role, caption) its training rows
     have now (with datasets: those of each concept trained in): none missing, none extra, so the audit from
     this output back to its photos is exact. Blocking."""
@@ -119,39 +122,28 @@ def manifest_lists_training_images(storage: PipelineStorage, method, concept: st
     return dg.AssetCheckResult(passed=not extra and not missing, metadata=metadata)
 
 
-# (name, blocking): the checks of every model asset, in the order a pack run evaluates them (assets/packs.py)
-MODEL_CHECK_NAMES = (("weights_finite", True), ("changes_base_output", False),
-                     ("manifest_lists_training_images", True))
-
-
-def evaluate(name: str, storage: PipelineStorage, base_model: BaseModelResource, accelerator: AcceleratorResource,
-             method, concept: str, run_id: str) -> dg.AssetCheckResult:
-    """One model check's result for ``concept``'s current output: what its asset check returns."""
-    if name == "changes_base_output":
-        return changes_base_output(storage, base_model, accelerator, method, concept)
-    return {"weights_finite": weights_finite,
-            "manifest_lists_training_images": manifest_lists_training_images}[name](storage, method, concept, run_id)
+# The checks of every model asset, in the order a pack run evaluates them (assets/packs.py): (function, blocking,
+# the resources it reads besides storage). Each function takes (storage, base_model, accelerator, method, concept,
+# run_id) and returns what its asset check returns; its name is the check's, its docstring the description.
+MODEL_CHECK_FUNCTIONS = ((weights_finite, True, ()), (changes_base_output, False, ("base_model", "accelerator")),
+                         (manifest_lists_training_images, True, ()))
 
 
 def build_checks(method_name: str) -> list[dg.AssetChecksDefinition]:
     method = get_method(method_name)
     asset = dg.AssetKey(method.asset_name)
-    blocking = dict(MODEL_CHECK_NAMES)
 
-    def check(name: str, doc_from, *resource_names: str) -> dg.AssetChecksDefinition:
-        @dg.asset_check(asset=asset, name=name, blocking=blocking[name], partitions_def=concepts_partitions,
-                        description=inspect.cleandoc(doc_from.__doc__),
-                        required_resource_keys={"storage", *resource_names})
+    def check(fn, blocking: bool, resource_names: tuple[str, ...]) -> dg.AssetChecksDefinition:
+        @dg.asset_check(asset=asset, name=fn.__name__, blocking=blocking, partitions_def=concepts_partitions,
+                        description=inspect.cleandoc(fn.__doc__), required_resource_keys={"storage", *resource_names})
         def _check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
             r = context.resources
-            return evaluate(name, r.storage, getattr(r, "base_model", None), getattr(r, "accelerator", None), method,
-                            context.partition_key, context.run.run_id)
+            return fn(r.storage, getattr(r, "base_model", None), getattr(r, "accelerator", None), method,
+                      context.partition_key, context.run.run_id)
 
         return _check
 
-    return [check("weights_finite", weights_finite), check("changes_base_output", changes_base_output,
-                                                           "base_model", "accelerator"),
-            check("manifest_lists_training_images", manifest_lists_training_images)]
+    return [check(*spec) for spec in MODEL_CHECK_FUNCTIONS]
 
 
 MODEL_CHECKS = [check for name in method_names() for check in build_checks(name)]

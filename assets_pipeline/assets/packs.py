@@ -33,7 +33,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from assets_pipeline.assets.checks import MODEL_CHECK_NAMES, evaluate
+from assets_pipeline.assets.checks import MODEL_CHECK_FUNCTIONS
 from assets_pipeline.assets.models import (
     Planned, make_current, model_deps, plan_training, prepare_training, reused_metadata,
 )
@@ -128,9 +128,10 @@ def train_pack(context: dg.OpExecutionContext, config: PackConfig, storage: Pipe
     def materialize(concept: str, data_version: str, metadata: dict[str, Any]):
         yield dg.AssetMaterialization(asset_key, partition=concept, metadata=metadata,
                                       tags=provenance_tags(context.instance, method.name, concept, data_version))
-        for name, blocking in MODEL_CHECK_NAMES:
+        for check, blocking, _ in MODEL_CHECK_FUNCTIONS:
+            name = check.__name__
             try:
-                result = evaluate(name, storage, base_model, accelerator, method, concept, context.run_id)
+                result = check(storage, base_model, accelerator, method, concept, context.run_id)
             except Exception as e:  # noqa: BLE001 - a check that cannot run fails its concept, not the others
                 context.log.error(f"{method.asset_name}[{concept}] check {name} raised: {traceback.format_exc()}")
                 failed[concept] = f"check {name} raised {type(e).__name__}: {e}"

@@ -205,6 +205,27 @@ class _Concept:
         self.optimizer = self.scheduler = self.ema = None
         progress(f"pack: concept {self.job.concept!r} leaves the pack: {error}")
 
+    def load(self, models: Models, method, device) -> None:
+        """As solo starts: ``set_seed``, the pack's models with its own objective, and its training data (``prepare``,
+        which may draw, follows: the caller's)."""
+        from accelerate.utils import set_seed
+
+        set_seed(self.cfg.seed)
+        self.models = replace(models, objective=models.family.objective.configured(self.cfg))
+        self.data = TrainingData.from_bundle(self.job.latents_dir, self.job.training_images,
+                                             lambda text, ctx=self.ctx: method.training_caption(text, ctx),
+                                             control=False).to(device)
+
+    def plan_steps(self, method) -> None:
+        """Its caption dropout checked, its step count and accumulation, and solo's schedule of rows per step."""
+        self.data.check_caption_dropout(self.cfg.caption_dropout)
+        self.steps = self.cfg.total_steps(self.ctx.num_instance_images)
+        self.accum = self.cfg.gradient_accumulation_steps
+        group = self.cfg.train_batch_size * self.accum
+        self.samples, self.rows, self.index = self.data.schedule(method.batch_roles(self.cfg), 0, self.steps,
+                                                                 self.cfg.train_batch_size, self.accum, 1, 0,
+                                                                 self.cfg.seed, group)
+
     def optimize(self, params: list, speed) -> None:
         """Its trained parameters, with solo's optimizer, LR schedule (its own steps and warm-up) and EMA."""
         from diffusers.optimization import get_scheduler
@@ -349,7 +370,6 @@ def train_pack(jobs: Sequence[TrainJob], progress: Callable[[str], None] = log.i
     its output can be written then while the others train on (a pack writes no checkpoints: what is written is
     what a later crash of the pack does not lose). Torch's random state is restored after each call."""
     import torch
-    from accelerate.utils import set_seed
     from peft.utils import get_peft_model_state_dict
 
     from assets_pipeline.training.packing import (
@@ -403,20 +423,12 @@ def train_pack(jobs: Sequence[TrainJob], progress: Callable[[str], None] = log.i
         if c.error is not None:
             continue
         try:
-            set_seed(c.cfg.seed)  # solo: set_seed, load the base (no draws), the data, then prepare
-            c.models = replace(models, objective=models.family.objective.configured(c.cfg))
-            c.data = TrainingData.from_bundle(c.job.latents_dir, c.job.training_images,
-                                              lambda text, ctx=c.ctx: method.training_caption(text, ctx),
-                                              control=False).to(device)
+            c.load(models, method, device)  # solo: set_seed, load the base (no draws), the data, then prepare
             trainable = method.prepare(c.models, c.cfg, c.ctx)
             if trainable != [denoiser.component]:
                 raise RuntimeError(f"a packed LoRA trains {denoiser.component!r} alone, this one {trainable}")
             c.initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(models.denoiser).items()}
-            c.data.check_caption_dropout(c.cfg.caption_dropout)
-            c.steps, c.accum = c.cfg.total_steps(c.ctx.num_instance_images), c.cfg.gradient_accumulation_steps
-            group = c.cfg.train_batch_size * c.accum
-            c.samples, c.rows, c.index = c.data.schedule(method.batch_roles(c.cfg), 0, c.steps, c.cfg.train_batch_size,
-                                                         c.accum, 1, 0, c.cfg.seed, group)
+            c.plan_steps(method)
         except Exception as e:  # noqa: BLE001 - its own data or settings: it fails alone
             c.fail(e, progress)
         finally:
@@ -634,22 +646,14 @@ def _train_textual_inversion(concepts: list[_Concept], method, device, precision
         if c.error is not None:
             continue
         try:
-            set_seed(c.cfg.seed)  # solo: set_seed, load the base, the data, then prepare (its resize draws)
-            c.models = replace(models, objective=models.family.objective.configured(c.cfg))
-            c.data = TrainingData.from_bundle(c.job.latents_dir, c.job.training_images,
-                                              lambda text, ctx=c.ctx: method.training_caption(text, ctx),
-                                              control=False).to(device)
+            c.load(models, method, device)  # solo: set_seed, load the base, the data, then prepare (its resize draws)
             c.ti, solo = _ti_solo_models(models, originals, c)
             c.data.tokenize(solo.tokenizers)  # solo's token ids: its token at solo's id
             solo_ids[c] = [c.ti.placeholder_ids[n] for n in names]
             initial[c] = [solo.network(n).get_input_embeddings().weight[pid].detach().clone()
                           for n, pid in zip(names, solo_ids[c])]
             del solo
-            c.data.check_caption_dropout(c.cfg.caption_dropout)
-            c.steps, c.accum = c.cfg.total_steps(c.ctx.num_instance_images), c.cfg.gradient_accumulation_steps
-            group = c.cfg.train_batch_size * c.accum
-            c.samples, c.rows, c.index = c.data.schedule(method.batch_roles(c.cfg), 0, c.steps, c.cfg.train_batch_size,
-                                                         c.accum, 1, 0, c.cfg.seed, group)
+            c.plan_steps(method)
         except Exception as e:  # noqa: BLE001 - its own data or settings: it fails alone
             c.fail(e, progress)
     live = [c for c in concepts if c.error is None]
