@@ -127,7 +127,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from assets_pipeline.hashing import sha256_file
-    from assets_pipeline.lineage import audit_output, is_sha256, outputs_trained_on, source_of
+    from assets_pipeline.lineage import audit_output, is_sha256, outputs_trained_on, read_manifest, source_of
     from assets_pipeline.resources import PipelineStorage
     from assets_pipeline.retention import human_bytes, pruned_record
     from assets_pipeline.store import UnreadableFile
@@ -156,6 +156,10 @@ def cmd_lineage(args: argparse.Namespace) -> int:
             print(f"\n{len(pairs)} conditioning image(s) missing or changed since training", file=sys.stderr)
         target = Path(args.target)
         folder = target if target.is_dir() else target.parent
+        if held := read_manifest(folder).get("validation_pairs"):  # ControlNet: validated on, never trained on
+            print(f"held out of training, the validation renders' conditioning images ({len(held)} pair(s)):\n"
+                  + "\n".join(f"  {printable(p.get('source_path'))} + {printable(p.get('control_source'))} "
+                               f"({printable(str(p.get('control_sha256'))[:12])})" for p in held), file=sys.stderr)
         if (pack := _pack_of(folder)) is not None:  # how it was trained: with whom (training/pack_trainer.py)
             print(f"trained in a pack of {len(pack)} (one trainer process, each concept's own adapter and loss):\n"
                   + "\n".join(f"  {printable(c)}" for c in pack), file=sys.stderr)

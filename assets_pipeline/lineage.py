@@ -142,7 +142,7 @@ def source_of(path: Path, data_root: Path) -> tuple[str, str] | None:
 def outputs_trained_on(artifact_root: Path, sha: str | None, source: tuple[str, str] | None = None,
                        warn: Warn = log.warning) -> pd.DataFrame:
     """Every output, current or replaced, whose manifest lists the image with this sha256 (``match`` =
-    "content") or, given ``source`` = (concept, path), an earlier content of that path ("path: content changed
+    "content"; a ControlNet's held-out validation pair says so in ``match``) or, given ``source`` = (concept, path), an earlier content of that path ("path: content changed
     since"). A damaged manifest is left out, and a damaged ``current.json`` leaves ``current`` unknown (None),
     each with a warning (``warn``) naming the file."""
     rows = []
@@ -152,7 +152,8 @@ def outputs_trained_on(artifact_root: Path, sha: str | None, source: tuple[str, 
         if (why := manifest_problem(m)) is not None:
             warn(f"{UnreadableFile(folder / LINEAGE_FILE, why, LINEAGE_REMEDY)}; until then this output is left out")
             continue
-        for r in m["training_images"]:
+        held = [{**r, "role": "instance"} for r in m.get("validation_pairs", [])]  # ControlNet: not trained on
+        for i, r in enumerate(m["training_images"] + held):
             if sha is not None and r["image_sha256"] == sha:
                 match = "content"
             elif sha is not None and r.get("control_sha256") == sha:  # ControlNet: the pair's conditioning image
@@ -164,6 +165,8 @@ def outputs_trained_on(artifact_root: Path, sha: str | None, source: tuple[str, 
                          "path: conditioning image, the file no longer exists")
             else:
                 continue
+            if i >= len(m["training_images"]):
+                match += " (held out of training: a validation pair)"
             if folder.parent not in currents:  # each asset's pointer read once, a damaged one warned about once
                 try:
                     currents[folder.parent] = current_version(folder.parent)

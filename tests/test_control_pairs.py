@@ -141,6 +141,18 @@ def test_auto_reads_the_folder_only_where_there_is_one(tmp_path):
     assert ControlConfig(source="folder").from_folder(tmp_path / "elsewhere")
 
 
+def test_pairs_are_held_out_for_validation_only_where_enough_remain_to_train_on():
+    from assets_pipeline.training.methods.controlnet import MIN_TRAINING_PAIRS, ControlNetConfig, held_out
+
+    shas = [f"{i:02x}" * 32 for i in range(MIN_TRAINING_PAIRS + 2)][::-1]
+    assert held_out(shas, 2) == sorted(shas)[:2]  # the lowest sha256, whatever the order given
+    assert held_out(shas[:-1], 2) == []  # 7 would remain: all train, validation follows training pairs
+    assert held_out(shas[:-1], 1) == sorted(shas[:-1])[:1]
+    assert held_out(shas, 0) == []
+    with pytest.raises(ValueError, match="validation_holdout must be an integer >= 0, got -1"):
+        ControlNetConfig(validation_holdout=-1)
+
+
 # -- through Dagster: ControlNet trained on the concept's own pairs --------------------------------------------------
 
 DATASET = dg.AssetSelection.groups("dataset", "priors", "latents")
@@ -299,3 +311,69 @@ def test_controlnet_on_sdxl_and_the_flow_matching_families_trains_on_the_concept
                                                 "embedded-flux": "flux"}[source]
     assert {r["source_path"]: (r["control_source"], r["control_sha256"]) for r in manifest["training_images"]} == {
         f"{k}.png": (f"control/{k}.png", sha256_file(folder / "control" / f"{k}.png")) for k in "abcd"}
+
+
+@pytest.mark.slow
+def test_controlnet_holds_pairs_out_of_training_for_its_validation_where_there_are_enough(tmp_path, built_models):
+    """Issue 29, point 4: with at least MIN_TRAINING_PAIRS + validation_holdout pairs, the pairs of the lowest photo
+    sha256 are never trained on; the validation renders follow their conditioning images, the manifest lists them
+    apart, and lineage finds the output from them as a validation pair. ``validation_holdout = 0`` trains on all."""
+    from assets_pipeline.definitions import ASSETS, CHECKS, default_resources
+    from assets_pipeline.hashing import sha256_file
+    from assets_pipeline.lineage import outputs_trained_on
+    from assets_pipeline.resources import PipelineStorage
+    from assets_pipeline.training.methods.controlnet import MIN_TRAINING_PAIRS
+    from assets_pipeline.training.reuse import current_output
+    from conftest import link_models
+
+    names = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "grass", "camera", "coins",
+             "immunohistochemistry", "retina"]
+    assert len(names) == MIN_TRAINING_PAIRS + 2
+    data = tmp_path / "data"
+    storage = PipelineStorage(data_root=str(data), artifact_root=str(link_models(built_models, tmp_path / "art")))
+    imgs = {n: photo(n, (96, 64)) for n in names}
+    files = {f"{n}.png": png(img) for n, img in imgs.items()}
+    files.update({f"control/{n}.png": png(edges(img)) for n, img in imgs.items()})
+    folder = write_concept(data, "many", files, 'token = "sks"\nmethods = ["controlnet"]\n')
+    resources = {**default_resources(), "storage": storage}
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("concepts", ["many"])
+
+        def build():
+            res = dg.materialize([*ASSETS, *CHECKS], selection=DATASET | dg.AssetSelection.assets("controlnet_model"),
+                                 partition_key="many", instance=instance, resources=resources)
+            assert res.success
+            checks = {c.check_name: c.passed for c in res.get_asset_check_evaluations()}
+            assert checks["manifest_lists_training_images"] and checks["control_pairs_valid"], checks
+            out = current_output(storage.layout(), "many", "controlnet_model")
+            return out, json.loads((out / "lineage.json").read_text())
+
+        out, manifest = build()
+        subset = {r["source_path"] for r in manifest["training_images"]} | {
+            r["source_path"] for r in manifest.get("validation_pairs", [])}
+        assert subset == set(files) - {f"control/{n}.png" for n in names}, "a photo left the subset: pick others"
+        shas = sorted(sha256_file(folder / p) for p in subset)
+        held = manifest["validation_pairs"]
+        assert [r["image_sha256"] for r in held] == shas[:2]
+        assert all(r["control_sha256"] == sha256_file(folder / r["control_source"]) for r in held)
+        assert sorted(r["image_sha256"] for r in manifest["training_images"]) == shas[2:]
+        # validation follows a held-out pair's conditioning image, never a training one
+        shown = np.asarray(Image.open(out / "validation" / "p0_seed0_conditioning.png").convert("RGB"))
+        held_controls = [np.asarray(Image.open(folder / r["control_source"]).convert("RGB").resize(
+            (shown.shape[1], shown.shape[0]))) for r in held]
+        trained_controls = [np.asarray(Image.open(folder / r["control_source"]).convert("RGB").resize(
+            (shown.shape[1], shown.shape[0]))) for r in manifest["training_images"]]
+        diff = lambda a, b: float(np.abs(a.astype(float) - b.astype(float)).mean())  # noqa: E731
+        assert min(diff(shown, c) for c in held_controls) < min(diff(shown, c) for c in trained_controls)
+        # either half of a held-out pair finds the output, as a validation pair
+        found = outputs_trained_on(storage.artifact_path(), held[0]["control_sha256"])
+        assert list(found["output"]) == [str(out)]
+        assert list(found["match"]) == ["content: conditioning image (held out of training: a validation pair)"]
+
+        # validation_holdout = 0: every pair trained on, a new output (another job)
+        (folder / "concept.toml").write_text('token = "sks"\nmethods = ["controlnet"]\n[controlnet]\n'
+                                             "validation_holdout = 0\n")
+        out0, manifest0 = build()
+        assert out0 != out and "validation_pairs" not in manifest0
+        assert sorted(r["image_sha256"] for r in manifest0["training_images"]) == shas
+        assert manifest0["job_identity"] != manifest["job_identity"]

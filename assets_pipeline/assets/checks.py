@@ -77,7 +77,8 @@ def changes_base_output(storage: PipelineStorage, base_model: BaseModelResource,
     spec = layout.spec(concept)
     ref = base_model.resolve(layout.root, spec)
     manifest = read_manifest(out)
-    ctx = render_context(layout, spec, manifest["base_model"], control=method.name == "controlnet")
+    ctx = render_context(layout, spec, manifest["base_model"], control=method.name == "controlnet",
+                         holdout=manifest["method_config"].get("validation_holdout", 0))
     controls = ctx.extra["control_paths"]
     device = accelerator.torch_device()
     # The measurement is a function of the output's weight bytes, the base model, the prompt, the
@@ -110,7 +111,8 @@ def manifest_lists_training_images(storage: PipelineStorage, base_model: BaseMod
     cfg = method.config_cls(**manifest["method_config"])
     layout = storage.layout()
     expected = [{**asdict(r), "concept": concept}  # ControlNet: the photos that have a conditioning image
-                for r in training_rows(layout, concept, method.batch_roles(cfg), control=method.name == "controlnet")]
+                for r in training_rows(layout, concept, method.batch_roles(cfg), control=method.name == "controlnet",
+                                       holdout=getattr(cfg, "validation_holdout", 0))]
     for d in getattr(cfg, "datasets", ()):  # the other concepts trained in (LoRA's datasets): their photos now
         expected += [{**asdict(r), "concept": d["concept"]}
                      for r in training_rows(layout, d["concept"], ("instance",), control=False)]

@@ -87,6 +87,9 @@ class TrainJob:
     cache_dir: str = ""
     log_with: str = ""  # an accelerate tracker ("tensorboard"), or none
     datasets: tuple[DatasetSource, ...] = ()
+    # ControlNet: pairs held out of training; validation renders follow their conditioning images. Not in the
+    # identity (the weights do not depend on them); listed in the manifest.
+    validation_pairs: tuple[TrainingRow, ...] = ()
 
     def identity(self) -> str:
         """What determines the trained weights: checkpoints from a job with another identity are never resumed,
@@ -112,6 +115,7 @@ class TrainJob:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out.update(format_version=JOB_FORMAT, config=asdict(self.config), base_model=asdict(self.base_model),
                    training_images=[r.to_json() for r in self.training_images],
+                   validation_pairs=[r.to_json() for r in self.validation_pairs],
                    performance=self.performance.to_dict(), datasets=[asdict(d) for d in self.datasets])
         return out
 
@@ -131,6 +135,7 @@ class TrainJob:
             "config": get_method(raw["method"]).config_cls(**raw["config"]),
             "base_model": BaseModelRef(**raw["base_model"]),
             "training_images": tuple(TrainingRow(**r) for r in raw["training_images"]),
+            "validation_pairs": tuple(TrainingRow(**r) for r in raw.get("validation_pairs", ())),
             "validation_seeds": tuple(raw.get("validation_seeds", (0, 1))),
             "performance": Performance.from_dict(raw.get("performance")),
             "datasets": tuple(DatasetSource(**d) for d in raw.get("datasets", ())),

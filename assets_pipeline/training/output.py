@@ -111,6 +111,10 @@ def lineage_manifest(job: TrainJob, state: TrainState, weights: list[Path], root
              if (v := getattr(r, k)) is not None}
             for r in job.training_images
         ],
+        # Only with held-out pairs (ControlNet): photo and conditioning image of each, validated on, not trained on.
+        **({"validation_pairs": [
+            {k: v for k in ("image_sha256", "caption", "source_path", "control_sha256", "control_source")
+             if (v := getattr(r, k)) is not None} for r in job.validation_pairs]} if job.validation_pairs else {}),
         # Only with datasets: the other concepts trained in (each row above names the concept it came from).
         **({"datasets": [{"concept": d.concept, "token": d.token, "class_noun": d.class_noun, "repeats": d.repeats}
                          for d in job.datasets]} if job.datasets else {}),

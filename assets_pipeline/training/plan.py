@@ -23,6 +23,7 @@ from assets_pipeline.training.config import batch_for_processes
 from assets_pipeline.training.job import DatasetSource, TrainingRow, TrainJob
 from assets_pipeline.training.methods import get_method
 from assets_pipeline.training.methods.base import TrainContext, TrainingInputError
+from assets_pipeline.training.methods.controlnet import held_out
 from assets_pipeline.training.runtime.settings import Performance
 from assets_pipeline.training.validation import VALIDATION_SUFFIXES, validation_inference_steps
 
@@ -101,8 +102,25 @@ def preprocessing(layout: ArtifactLayout, specs: list[ConceptSpec]) -> dict[str,
     return out
 
 
-def training_rows(layout: ArtifactLayout, concept: str, roles: tuple[str, ...], control: bool) -> list[TrainingRow]:
-    """The exact rows the trainer reads: vae_latents' index joined with where each image came from."""
+def training_rows(layout: ArtifactLayout, concept: str, roles: tuple[str, ...], control: bool,
+                  holdout: int = 0) -> list[TrainingRow]:
+    """The exact rows the trainer reads: vae_latents' index joined with where each image came from. ControlNet
+    (``control``): the photos that have a conditioning image, less the ``holdout`` pairs :func:`held_out` keeps
+    for validation (:func:`validation_rows`)."""
+    rows = _rows(layout, concept, roles, control)
+    held = set(held_out([r.image_sha256 for r in rows if r.role == "instance"], holdout)) if control else set()
+    return [r for r in rows if r.image_sha256 not in held or r.role != "instance"]
+
+
+def validation_rows(layout: ArtifactLayout, concept: str, holdout: int) -> list[TrainingRow]:
+    """A ControlNet's held-out pairs (:func:`held_out`): photo and conditioning image, never trained on; its
+    validation renders follow these conditioning images."""
+    rows = _rows(layout, concept, ("instance",), control=True)
+    held = held_out([r.image_sha256 for r in rows], holdout)
+    return sorted((r for r in rows if r.image_sha256 in held), key=lambda r: r.image_sha256)
+
+
+def _rows(layout: ArtifactLayout, concept: str, roles: tuple[str, ...], control: bool) -> list[TrainingRow]:
     index = read_asset_table(layout, concept, "vae_latents", "index.parquet")
     scores = read_asset_table(layout, concept, "clip_scored_images", "scores.parquet")
     priors = read_asset_table(layout, concept, "class_images", "class_images.parquet")
@@ -214,12 +232,15 @@ def plan_job(layout: ArtifactLayout, ref: BaseModelRef, spec: ConceptSpec, metho
     listed = spec.config(method.name, method.config_cls())  # the datasets it lists, before sizing steps
     sources = [dataset_source(layout, data_root, ref, concept, d, method.name) for d in getattr(listed, "datasets", ())]
     instances = index[index["role"] == "instance"]
-    if method.name == "controlnet":  # its photos: those with a conditioning image
+    control = method.name == "controlnet"
+    holdout = (overrides or {}).get("validation_holdout", getattr(listed, "validation_holdout", 0))
+    if control:  # its photos: those with a conditioning image, less the pairs held out for validation
         check_control_pairs(layout, spec)
-        instances = instances[instances["image_sha256"].isin(control_paths(layout, concept))]
+        pairs = instances[instances["image_sha256"].isin(control_paths(layout, concept))]["image_sha256"]
+        instances = pairs[~pairs.isin(held_out(list(pairs), holdout))]
     n_images = len(instances) + sum(len(rows) for _, rows in sources)
     cfg = method_config(spec, method.name, n_images, ref.is_random, launch, overrides)
-    rows = training_rows(layout, concept, method.batch_roles(cfg), control=method.name == "controlnet")
+    rows = training_rows(layout, concept, method.batch_roles(cfg), control=control, holdout=holdout)
     if sources or getattr(cfg, "repeats", 1) != 1:  # each row names its concept and repeats (lineage, sampling)
         rows = [replace(r, concept=concept, repeats=cfg.repeats) for r in rows]
         rows += [r for _, dataset_rows in sources for r in dataset_rows]
@@ -238,6 +259,7 @@ def plan_job(layout: ArtifactLayout, ref: BaseModelRef, spec: ConceptSpec, metho
         device=launch.device, mixed_precision=launch.mixed_precision, performance=launch.performance,
         cache_dir=str(layout.cache_root()), log_with=launch.log_with,
         datasets=tuple(source for source, _ in sources),
+        validation_pairs=tuple(validation_rows(layout, concept, holdout)) if control else (),
         # The embedded random model's images mean nothing: fewer, cheaper validation renders. Any other model's
         # validation costs in proportion to its training (validation.validation_inference_steps).
         validation_inference_steps=4 if ref.is_random else validation_inference_steps(
@@ -257,18 +279,22 @@ def train_context(job: TrainJob) -> TrainContext:
         num_instance_images=sum(r.role == "instance" for r in rows),
         num_class_images=sum(r.role == "class" for r in rows),
         num_control_images=sum(bool(r.control_path) for r in rows if r.role == "instance"),
-        extra={"control_paths": [r.control_path for r in rows if r.control_path],
+        # ControlNet: validation follows the held-out pairs' conditioning images, or the training pairs' if none
+        extra={"control_paths": [r.control_path for r in job.validation_pairs or rows if r.control_path],
                # the other concepts trained in: their tokens and class nouns give validation prompts of their own
                "datasets": [{"concept": d.concept, "token": d.token, "class_noun": d.class_noun}
                             for d in job.datasets]},
     )
 
 
-def render_context(layout: ArtifactLayout, spec: ConceptSpec, base_model: dict, control: bool) -> TrainContext:
+def render_context(layout: ArtifactLayout, spec: ConceptSpec, base_model: dict, control: bool,
+                   holdout: int = 0) -> TrainContext:
     """What rendering an output needs of its concept (the changes_base_output check): prompts, size and family
-    from the output's manifest (``base_model``), and the concept's conditioning images now. It counts no
-    training rows: the check's cached result is keyed by it."""
-    controls = [r.control_path for r in training_rows(layout, spec.name, ("instance",), True)] if control else []
+    from the output's manifest (``base_model``), and the concept's conditioning images now (a ControlNet's
+    held-out pairs' where it has them, as its validation). It counts no training rows: the check's cached result
+    is keyed by it."""
+    controls = [r.control_path for r in (validation_rows(layout, spec.name, holdout)
+                                         or training_rows(layout, spec.name, ("instance",), True))] if control else []
     return TrainContext(concept=spec.name, token=spec.token, class_noun=spec.class_noun,
                         resolution=base_model["resolution"], num_instance_images=0,
                         family=base_model.get("family", "sd1"), extra={"control_paths": controls})

@@ -18,15 +18,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from assets_pipeline.concept import MIN_IMAGES
-from assets_pipeline.training.config import TrainConfig
+from assets_pipeline.training.config import TrainConfig, added_field
 from assets_pipeline.training.methods.registry import register
 from assets_pipeline.training.methods.base import Method, Models, TrainContext, TrainingInputError
+
+MIN_TRAINING_PAIRS = 8  # pairs are held out for validation only where at least this many remain to train on
+
+
+def held_out(pairs: list[str], holdout: int) -> list[str]:
+    """The photos (sha256) whose pairs a ControlNet keeps out of training for its validation renders: the
+    ``holdout`` lowest sha256 of ``pairs``, where at least :data:`MIN_TRAINING_PAIRS` pairs remain to train on;
+    otherwise none (validation then conditions on training pairs). Content-defined: renaming or reordering photos
+    holds out the same pairs."""
+    if holdout < 1 or len(pairs) - holdout < MIN_TRAINING_PAIRS:
+        return []
+    return sorted(pairs)[:holdout]
 
 
 @dataclass(frozen=True)
 class ControlNetConfig(TrainConfig):
     learning_rate: float = field(default=1e-5, metadata={"help": "diffusers' ControlNet example default."})
     conditioning_scale: float = field(default=1.0, metadata={"help": "controlnet_conditioning_scale at validation."})
+    validation_holdout: int = added_field(2, (
+        "Pairs (photo + conditioning image) kept out of training for the validation renders to follow, where at "
+        f"least {MIN_TRAINING_PAIRS} pairs remain to train on (otherwise validation follows training pairs); the "
+        "pairs with the lowest photo sha256, listed in the manifest's validation_pairs. 0: none held out."))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (isinstance(self.validation_holdout, int) and self.validation_holdout >= 0):
+            raise ValueError(f"validation_holdout must be an integer >= 0, got {self.validation_holdout!r}")
 
 
 class ControlNetMethod(Method):
