@@ -24,11 +24,16 @@ def rebuild_on_change() -> dg.AutomationCondition:
     ).with_label("rebuild when inputs or code change")
 
 
-def rebuild_on_code_change() -> dg.AutomationCondition:
-    """For ``raw_images``, whose input is the concept folder: the folder sensor requests it when files change."""
-    return (AC.code_version_changed().since_last_handled() & ~AC.in_progress()).with_label(
-        "rebuild when code changes"
-    )
+def rebuild_on_folder_change() -> dg.AutomationCondition:
+    """For ``raw_images``, whose input is the concept folder (``concept_folders``, a data version the folder sensor
+    reports when the folder changed): rebuild when that version changed or its own code changed. A new concept is
+    not requested here: the folder sensor builds new concepts in batch runs (assets/batch.py), which announce their
+    partitions as in progress when they start. A version that appears where there was none is not a change."""
+    return (
+        (AC.any_deps_match(AC.data_version_changed()).with_label("the concept folder changed")
+         | AC.code_version_changed()).since_last_handled()
+        & ~AC.in_progress()
+    ).with_label("rebuild when the folder or code changes")
 
 
 # Evaluates the conditions above; a dedicated sensor so it can be turned on/off and shows in the UI by name.

@@ -5,8 +5,9 @@ import os
 import dagster as dg
 
 from assets_pipeline.assets.dataset import (
-    captioned_images, clip_scored_images, control_images, filtered_images, raw_images,
+    captioned_images, clip_scored_images, concept_folders, control_images, filtered_images, raw_images,
 )
+from assets_pipeline.assets.batch import build_concepts_job
 from assets_pipeline.assets.checks import MODEL_CHECKS
 from assets_pipeline.assets.latents import vae_latents
 from assets_pipeline.assets.models import MODEL_ASSETS
@@ -22,7 +23,7 @@ from assets_pipeline.resources import (
 )
 from assets_pipeline.sensors import concept_folder_sensor
 
-ASSETS = [raw_images, captioned_images, filtered_images, clip_scored_images, control_images, class_images,
+ASSETS = [concept_folders, raw_images, captioned_images, filtered_images, clip_scored_images, control_images, class_images,
           vae_latents, *MODEL_ASSETS]
 CHECKS = [*DATASET_CHECKS, *MODEL_CHECKS]
 
@@ -73,7 +74,7 @@ def default_resources() -> dict:
 defs = dg.Definitions(
     assets=ASSETS,
     asset_checks=CHECKS,
-    jobs=[ingest_concept_job, build_concept_job, train_concept_job, train_models_job, train_packs_job],
+    jobs=[ingest_concept_job, build_concept_job, build_concepts_job, train_concept_job, train_models_job, train_packs_job],
     sensors=[concept_folder_sensor, dataset_automation_sensor, pool_slot_sensor],
     schedules=[retrain_schedule],
     resources=default_resources(),

@@ -1,75 +1,156 @@
-"""The concept sensor: registers concept folders as partitions, requests a build when one changes, and reports a
-registered concept whose folder is gone (it never removes one: ``assets-pipeline concept remove`` does)."""
+"""The concept sensor: registers new concept folders as partitions and builds their datasets in batch runs, many
+concepts per run (``assets/batch.py``); reports each folder whose content changed as a new data version of the
+``concept_folders`` source asset (one observation per change, not per tick), whose ``raw_images`` partition
+declarative automation then rebuilds (``automation.py``). It reports a registered concept whose folder is gone, and
+never removes one (``assets-pipeline concept remove`` does).
+
+Per-concept state is not in the cursor (Dagster stores a sensor's cursor with every tick, kept for days): what
+each folder looked like lives in the code server's memory (:class:`~assets_pipeline.partitions.discovery.FolderIndex`,
+re-read within the ticks' time budget after a restart), and what Dagster holds of each concept is its observations'
+data versions, asked for (one query) only for the folders whose digest differs from the last answer. The cursor
+holds where the verification pass resumes and the concepts already warned about as gone.
+"""
 
 
 import json
+from pathlib import Path
 
 import dagster as dg
 
-from assets_pipeline.jobs import ingest_concept_job
+from assets_pipeline.assets.batch import BATCH_SIZE, BATCH_TAG, build_concepts_job
 from assets_pipeline.partitions.definitions import concepts_partitions
 from assets_pipeline.resources import PipelineStorage
 
-MAX_RUNS_PER_TICK = 10
-# Cursor keys beside the {concept: content digest} entries. A leading '_' is never a concept name (CONCEPT_KEY),
-# and each is written only when non-empty, so a cursor written before they existed loads as it is.
-VANISHED = "_vanished"  # registered concepts whose folder is gone, already warned about
-REMOVALS = "_removals"  # {concept: times its partition was removed}, to give a re-registered concept new run keys
+CONCEPT_FOLDERS = dg.AssetKey("concept_folders")
+DATA_VERSION_TAG = "dagster/data_version"
+MAX_OBSERVATIONS_PER_TICK = 1000  # the rest of a mass upload is observed by the next ticks
+READ_BUDGET_S = 20.0  # reading new and changed folders in full, per tick (the daemon allows a sensor 60 s)
+VERIFY_BUDGET_S = 0.5  # re-reading folders in full in turn, per tick (finds files rewritten in place)
+VANISHED = "_vanished"  # cursor: registered concepts whose folder is gone, already warned about
+VERIFY_FROM = "_verify_from"  # cursor: the folder the last verification pass stopped at
+TICK = "_tick"  # cursor: ticks so far (a batch run's key: the same if a tick is evaluated again, new otherwise)
+
+_INDEXES: dict[str, "FolderIndex"] = {}  # noqa: F821  data root -> what its folders looked like (code server memory)
 
 
-def run_key(concept: str, digest: str, removals: int) -> str:
-    # The daemon skips a run key this sensor has used before, and a folder put back as it was has its old digest.
-    return f"{concept}:{digest[:16]}" + (f":{removals}" if removals else "")
+def folder_index(data_root: Path):
+    """This process's view of a data root's folders (one per data root; a new process starts empty)."""
+    from assets_pipeline.partitions.discovery import FolderIndex
+
+    key = str(Path(data_root).absolute())
+    if key not in _INDEXES:
+        _INDEXES[key] = FolderIndex(Path(key))
+    return _INDEXES[key]
 
 
-@dg.sensor(job=ingest_concept_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
+def reported_versions(instance: dg.DagsterInstance, names: list[str]) -> dict[str, str]:
+    """The data version of each concept's latest ``concept_folders`` observation Dagster holds (concepts with none
+    are left out): one query (every partition's, when asked for most of them)."""
+    from dagster._core.events import DagsterEventType
+
+    storage = instance.event_log_storage
+    if not names:
+        return {}
+    if len(names) > 2000:
+        found = storage.get_latest_tags_by_partition(CONCEPT_FOLDERS, DagsterEventType.ASSET_OBSERVATION,
+                                                     [DATA_VERSION_TAG])
+    else:
+        found = storage.get_latest_tags_by_partition(CONCEPT_FOLDERS, DagsterEventType.ASSET_OBSERVATION,
+                                                     [DATA_VERSION_TAG], asset_partitions=names)
+    return {k: v[DATA_VERSION_TAG] for k, v in found.items() if DATA_VERSION_TAG in v}
+
+
+def batch_pending(instance: dg.DagsterInstance) -> set[str]:
+    """The concepts of every batch build not finished yet (queued, starting or running)."""
+    runs = instance.get_runs(dg.RunsFilter(job_name=build_concepts_job.name, statuses=[
+        dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+        dg.DagsterRunStatus.STARTED]))
+    return {c for run in runs for c in run.run_config.get("ops", {}).get("build_inputs", {}).get("config", {})
+            .get("concepts", [])}
+
+
+def observation(name: str, state) -> dg.AssetObservation:
+    return dg.AssetObservation(CONCEPT_FOLDERS, partition=name, tags={DATA_VERSION_TAG: state.digest},
+                               metadata={"files": state.files})
+
+
+@dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING, jobs=[build_concepts_job])
 def concept_folder_sensor(context: dg.SensorEvaluationContext, storage: PipelineStorage) -> dg.SensorResult:
-    """Requests an ingest of each new or changed concept folder (declarative automation rebuilds what the
-    ingest's new data version invalidates). Cursor: {concept: content digest} of what has been requested, plus
-    ``_vanished`` and ``_removals``. A folder whose name is not a valid partition key is reported (once per
-    tick) and never used as a path. A registered concept whose folder is gone is warned about once and named in
-    every tick's skip reason; its partition and outputs are kept (the folder may be coming back)."""
-    from assets_pipeline.partitions.discovery import scan_concepts
-
-    seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
-    warned = set(seen.pop(VANISHED, []))
-    removals: dict[str, int] = seen.pop(REMOVALS, {})
+    """Registers each new concept folder as a partition and reports each new or changed folder's content digest as
+    a new data version of `concept_folders` (declarative automation then rebuilds that concept's `raw_images`, and
+    what its new data version invalidates). A tick stats each folder and sub-folder (not each file) and reads in
+    full only the folders that changed, plus a few in turn (which finds a file rewritten in place). A folder whose
+    name is not a valid partition key, or whose concept.toml is not usable, is reported and never used. A
+    registered concept whose folder is gone is warned about once and named in every tick's skip reason; its
+    partition and outputs are kept (the folder may be coming back)."""
+    cursor: dict = json.loads(context.cursor) if context.cursor else {}
+    # A cursor from before the index (concept -> digest entries) holds nothing needed now: dropped.
+    warned = set(cursor.get(VANISHED, []))
+    tick = cursor.get(TICK, 0) + 1
     data_root = storage.data_path()
-    scan = scan_concepts(data_root)
-    for name, why in scan.invalid.items():
-        context.log.warning(f"ignoring folder {name!r}: {why}")
     known = set(context.instance.get_dynamic_partitions(concepts_partitions.name))
-    # A partition removed since its ingest was requested (`concept remove`, or the UI): forget the request, so
-    # the folder, if present or put back, is registered and ingested again.
-    for name in sorted(set(seen) - known):
-        del seen[name]
-        removals[name] = removals.get(name, 0) + 1
-    new = sorted(set(scan.concepts) - known)
-    changed = [n for n in sorted(scan.concepts) if seen.get(n) != scan.concepts[n]][:MAX_RUNS_PER_TICK]
-    runs = [dg.RunRequest(run_key=run_key(n, scan.concepts[n], removals.get(n, 0)), partition_key=n)
-            for n in changed]
-    cursor: dict = {**seen, **{n: scan.concepts[n] for n in changed}}
-
+    events, new, runs, skip = [], [], [], None
+    out: dict = {TICK: tick}
     if not data_root.is_dir():  # unmounted or misconfigured: not a reason to call every concept removed
-        gone, skip = sorted(warned & known), None
+        gone = sorted(warned & known)
         if known:
             skip = f"the data root {data_root} does not exist: {len(known)} registered concept(s) not checked"
             context.log.warning(skip)
     else:
-        gone = sorted(known - set(scan.concepts) - set(scan.invalid))  # an invalid folder is reported above
+        index = folder_index(data_root)
+        scan = index.scan(cursor.get(VERIFY_FROM, ""), READ_BUDGET_S, VERIFY_BUDGET_S)
+        for name in scan.read:
+            if name in scan.invalid:
+                context.log.warning(f"ignoring folder {name!r}: {scan.invalid[name]}")
+        for name in sorted(set(scan.invalid) - set(index.folders)):  # invalid names: never read, said each tick
+            context.log.warning(f"ignoring folder {name!r}: {scan.invalid[name]}")
+        new = sorted(set(scan.concepts) - known)
+        # What Dagster holds, asked only for the folders whose digest is not the last answer. A new concept's
+        # first version is its batch build's to report, with its ingest (assets/batch.py observe_folder); one
+        # registered but never observed and in no pending batch (a batch that died first) is reported here, and
+        # automation builds it.
+        ask = [n for n, d in scan.concepts.items() if index.folders[n].reported != d and n not in new]
+        held = reported_versions(context.instance, ask)
+        pending = batch_pending(context.instance) if any(n not in held for n in ask) else set()
+        changed = []
+        for name in ask:
+            index.folders[name].reported = held.get(name)
+            if held.get(name) != scan.concepts[name] and not (name not in held and name in pending):
+                changed.append(name)
+        for name in changed[:MAX_OBSERVATIONS_PER_TICK]:
+            events.append(observation(name, index.folders[name]))
+        # New concepts (and ones registered again after `concept remove`) are built in batches, many per run.
+        for i in range(0, len(new), BATCH_SIZE):
+            batch = new[i:i + BATCH_SIZE]
+            runs.append(dg.RunRequest(
+                run_key=f"build:{tick}:{i // BATCH_SIZE}", job_name=build_concepts_job.name,
+                run_config={"ops": {"build_inputs": {"config": {"concepts": batch}}}},
+                tags={BATCH_TAG: str(len(batch))}))
+        if new:
+            context.log.info(f"{len(new)} new concept(s), built in {len(runs)} run(s) of up to {BATCH_SIZE}")
+        if changed:
+            shown = ", ".join(changed[:20]) + (f" and {len(changed) - 20} more" if len(changed) > 20 else "")
+            context.log.info(f"{len(changed)} concept folder(s) new or changed: {shown}"
+                             + (f" ({MAX_OBSERVATIONS_PER_TICK} reported now, the rest by the next ticks)"
+                                if len(changed) > MAX_OBSERVATIONS_PER_TICK else ""))
+        if scan.deferred:
+            context.log.info(f"{scan.deferred} folder(s) left for the next tick (this tick's {READ_BUDGET_S:g} s "
+                             "of reading spent)")
+        out[VERIFY_FROM] = scan.verify_from
+        gone = sorted(known - set(scan.present))
         for name in sorted(set(gone) - warned):
             context.log.warning(
                 f"concept {name!r} is registered but its folder {data_root / name} is gone; its partition and "
                 f"outputs are kept. If it was removed on purpose: assets-pipeline concept remove {name}")
-        skip = (f"{len(gone)} registered concept(s) without a folder in {data_root}: {', '.join(gone)} (kept; "
-                "`assets-pipeline concept remove <name>` removes one)") if gone else None
+        skip = (f"{len(gone)} registered concept(s) without a folder in {data_root}: {', '.join(gone[:50])}"
+                f"{' ...' if len(gone) > 50 else ''} (kept; `assets-pipeline concept remove <name>` removes one)"
+                ) if gone else f"{len(scan.concepts)} concept folder(s), none new or changed"
     if gone:
-        cursor[VANISHED] = gone
-    if removals:
-        cursor[REMOVALS] = removals
+        out[VANISHED] = gone
     return dg.SensorResult(
         run_requests=runs,
+        asset_events=events,
         dynamic_partitions_requests=[concepts_partitions.build_add_request(new)] if new else [],
-        cursor=json.dumps(cursor, sort_keys=True),
-        skip_reason=None if runs else skip,
+        cursor=json.dumps(out, sort_keys=True),
+        skip_reason=None if events or new else skip,
     )

@@ -7,6 +7,12 @@
 #   bash scripts/postgres.sh url                                # the URL of the running server
 #   bash scripts/postgres.sh stop                               # stop it and delete its data
 #   export DAGSTER_HOME=$(bash scripts/postgres.sh home)        # dagster_home/postgres/: the Postgres profile
+#   export DAGSTER_PG_URL=$(bash scripts/postgres.sh pooler)   # PgBouncer in front of it; prints its URL
+#
+# dagster-postgres opens a new connection for every query outside the webserver (SQLAlchemy's NullPool); each
+# costs the server a new backend process. `pooler` starts PgBouncer (Debian's pgbouncer package) on
+# ASSETS_PIPELINE_PGBOUNCER_PORT (port + 1) in session mode, which hands those short connections the server's
+# already open ones (session mode: every PostgreSQL feature works as on the server itself). `stop` stops both.
 #
 # `home` is for any server: its dagster.yaml is a link to dagster_home/dagster.postgres.yaml, which reads the
 # server's URL from $DAGSTER_PG_URL. Environment: ASSETS_PIPELINE_PG_PORT (55432), ASSETS_PIPELINE_PG_DIR
@@ -17,6 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PORT=${ASSETS_PIPELINE_PG_PORT:-55432}
+BOUNCER_PORT=${ASSETS_PIPELINE_PGBOUNCER_PORT:-$((PORT + 1))}
 DIR=${ASSETS_PIPELINE_PG_DIR:-${TMPDIR:-/tmp}/assets-pipeline-postgres-$PORT}
 DB=dagster
 # The usual form: the team profile's storages (assets_pipeline/postgres.py) name the installed driver, psycopg2.
@@ -66,8 +73,41 @@ case "${1:-}" in
     echo "$URL"
     ;;
   stop)
+    if [ -f "$DIR/pgbouncer.pid" ]; then kill "$(cat "$DIR/pgbouncer.pid")" 2>/dev/null || true; fi
     if running; then as_pg "$BIN/pg_ctl" -D "$DIR/data" -m fast -w stop >&2; fi
     rm -rf "$DIR"
+    ;;
+  pooler)
+    running || die "no server running in $DIR (bash scripts/postgres.sh start first)"
+    BOUNCER=${ASSETS_PIPELINE_PGBOUNCER_BIN:-$(command -v pgbouncer || echo /usr/sbin/pgbouncer)}
+    [ -x "$BOUNCER" ] || die "no pgbouncer: install Debian's pgbouncer package (apt-get install pgbouncer) or set ASSETS_PIPELINE_PGBOUNCER_BIN"
+    POOLED="postgresql://postgres@127.0.0.1:$BOUNCER_PORT/$DB"
+    if [ -f "$DIR/pgbouncer.pid" ] && kill -0 "$(cat "$DIR/pgbouncer.pid")" 2>/dev/null; then echo "$POOLED"; exit 0; fi
+    # Any database name maps to the same name on the server; trust, loopback only, as the server itself.
+    cat >"$DIR/pgbouncer.ini" <<INI
+[databases]
+* = host=127.0.0.1 port=$PORT
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BOUNCER_PORT
+unix_socket_dir = $DIR
+auth_type = trust
+auth_file = $DIR/pgbouncer.users
+pool_mode = session
+max_client_conn = 1000
+default_pool_size = 40
+server_idle_timeout = 600
+logfile = $DIR/pgbouncer.log
+pidfile = $DIR/pgbouncer.pid
+INI
+    echo '"postgres" ""' >"$DIR/pgbouncer.users"
+    [ "$(id -u)" = 0 ] && chown postgres:postgres "$DIR/pgbouncer.ini" "$DIR/pgbouncer.users"
+    as_pg "$BOUNCER" -d "$DIR/pgbouncer.ini" >&2 || { tail -n 20 "$DIR/pgbouncer.log" >&2; die "pgbouncer did not start (port $BOUNCER_PORT in use? ASSETS_PIPELINE_PGBOUNCER_PORT)"; }
+    for _ in $(seq 50); do
+      as_pg "$BIN/psql" -h 127.0.0.1 -p "$BOUNCER_PORT" -U postgres -d "$DB" -tAc "SELECT 1" >/dev/null 2>&1 && { echo "$POOLED"; exit 0; }
+      sleep 0.1
+    done
+    tail -n 20 "$DIR/pgbouncer.log" >&2; die "pgbouncer started but does not answer on port $BOUNCER_PORT"
     ;;
   url)
     running || die "no server running in $DIR (bash scripts/postgres.sh start)"
@@ -79,6 +119,6 @@ case "${1:-}" in
     echo "$PWD/dagster_home/postgres"
     ;;
   *)
-    die "usage: bash scripts/postgres.sh start|stop|url|home"
+    die "usage: bash scripts/postgres.sh start|pooler|stop|url|home"
     ;;
 esac

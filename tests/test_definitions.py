@@ -10,7 +10,8 @@ import dagster as dg
 
 EXPECTED = {
     # The foundation's keys (ARCHITECTURE.md's table; user-facing, so they stay): group, upstream keys it must have.
-    "raw_images": ("dataset", set()),
+    "concept_folders": ("dataset", set()),
+    "raw_images": ("dataset", {"concept_folders"}),
     "captioned_images": ("dataset", {"raw_images"}),
     "filtered_images": ("dataset", {"captioned_images"}),
     "clip_scored_images": ("dataset", {"filtered_images"}),
@@ -32,7 +33,7 @@ def test_definitions_load_with_the_architecture_asset_graph():
         assert parents <= {p.to_user_string() for p in node.parent_keys}, key
     for key in graph.get_all_asset_keys():  # every asset, including ones added later
         node = graph.get(key)
-        assert node.code_version, key
+        assert node.code_version or node.is_observable, key  # concept_folders: observed, not computed
         assert isinstance(node.partitions_def, dg.DynamicPartitionsDefinition), key
         assert node.partitions_def.name == "concepts", key
     assert graph.get(dg.AssetKey("vae_latents")).pools == {"gpu"}
@@ -43,8 +44,8 @@ def test_jobs_sensors_and_schedule_are_registered():
 
     for name in ("ingest_concept", "build_concept", "train_concept", "train_models"):
         assert defs.resolve_job_def(name).partitions_def.name == "concepts"
-    # the folder sensor only ingests; declarative automation rebuilds what the ingest invalidates
-    assert defs.resolve_sensor_def("concept_folder_sensor").job_name == "ingest_concept"
+    # the folder sensor builds new concepts in batches; automation rebuilds what a changed folder invalidates
+    assert defs.resolve_sensor_def("concept_folder_sensor").job_name == "build_concepts"
     assert defs.resolve_sensor_def("dataset_automation") is not None
     # tells a run waiting for a pool slot who holds it (assets_pipeline/pools.py); requests no runs
     slots = defs.resolve_sensor_def("pool_slot_sensor")

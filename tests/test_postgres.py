@@ -191,25 +191,23 @@ def test_dataset_half_materializes_on_postgres(pg_home, tmp_path, built_models):
         assert other.event_log_storage.get_latest_asset_check_execution_by_key([check])[check].run_id == res.run_id
 
 
-def test_sensor_and_automation_cycle_on_postgres(pg_home, tmp_path, built_models):
-    """The folder sensor registers and ingests, automation requests what the ingest invalidated, per concept."""
+def test_sensor_batch_build_and_automation_cycle_on_postgres(pg_home, tmp_path, built_models):
+    """The folder sensor registers new concepts and requests their batch build, which builds both in one run; a
+    changed folder is observed and automation requests the ingest and what it invalidates, for that concept only."""
+    from assets_pipeline.assets.batch import build_concepts_job
     from assets_pipeline.automation import dataset_automation_sensor
-    from assets_pipeline.definitions import ASSETS
+    from assets_pipeline.definitions import ASSETS, CHECKS
+    from assets_pipeline.sensors import reported_versions
 
     storage = _storage(tmp_path, built_models)
     data = Path(storage.data_root)
     for concept, extra in (("alpha", "rocket"), ("beta", "hubble_deep_field")):
         write_concept(data, concept, photos(["astronaut", "chelsea", "coffee", extra]), SPEC)
     resources = _resources(storage)
-    defs = dg.Definitions(assets=ASSETS, resources=resources)
+    defs = dg.Definitions(assets=ASSETS, asset_checks=CHECKS, jobs=[build_concepts_job], resources=resources)
+    chain = {"raw_images", *DATASET_CHAIN}
 
     with dg.DagsterInstance.from_config(str(pg_home)) as instance:
-        def ingest(result):  # what the sensor's runs do: raw_images for each requested concept
-            for request in result.run_requests:
-                assert dg.materialize(ASSETS, selection=["raw_images"], partition_key=request.partition_key,
-                                      instance=instance, resources=resources).success
-            return sorted(r.partition_key for r in result.run_requests)
-
         cursor = None
 
         def evaluate():  # one tick of the dataset_automation sensor; its cursor carries over, as in the daemon
@@ -222,17 +220,24 @@ def test_sensor_and_automation_cycle_on_postgres(pg_home, tmp_path, built_models
         assert evaluate() == {}  # the first tick records the state it starts from
         first = tick(instance, data, storage.artifact_root)
         assert instance.get_dynamic_partitions("concepts") == ["alpha", "beta"]  # registered on the server
-        assert ingest(first) == ["alpha", "beta"]
-        assert evaluate() == {asset: {"alpha", "beta"} for asset in DATASET_CHAIN}
+        [request] = first.run_requests
+        assert evaluate() == {}  # new concepts are their batch's
+        run = defs.resolve_job_def("build_concepts").execute_in_process(
+            run_config=request.run_config, instance=instance, tags=request.tags)
+        assert run.success
+        assert {(e.materialization.asset_key.to_user_string(), e.materialization.partition)
+                for e in run.get_asset_materialization_events()} == {(a, c) for a in chain for c in ("alpha", "beta")}
+        assert sorted(reported_versions(instance, ["alpha", "beta"])) == ["alpha", "beta"]  # observed there
+        assert evaluate() == {}  # built, not requested again
 
         unchanged = tick(instance, data, storage.artifact_root, first.cursor)
-        assert unchanged.run_requests == []
-        assert evaluate() == {}  # requested once, not again
+        assert unchanged.asset_events == [] and unchanged.run_requests == []
+        assert evaluate() == {}
 
         (data / "alpha" / "coins.png").write_bytes(encode(photo("coins", (96, 80)).convert("RGB"), "PNG"))
         changed = tick(instance, data, storage.artifact_root, unchanged.cursor)
-        assert ingest(changed) == ["alpha"]
-        assert evaluate() == {asset: {"alpha"} for asset in DATASET_CHAIN}  # beta untouched
+        assert [e.partition for e in changed.asset_events] == ["alpha"]
+        assert evaluate() == {asset: {"alpha"} for asset in chain}  # beta untouched
 
 
 # --- a daemon, a code server and run workers on one Postgres instance -------------------------------------------

@@ -14,7 +14,7 @@ from assets_pipeline.cli import main
 from assets_pipeline.definitions import ASSETS
 from assets_pipeline.sensors import VANISHED
 from helpers import snapshot, write_concept
-from test_sensors import tick
+from test_sensors import batch_ran, built, tick
 
 TRAINED = [a.key.to_user_string() for a in MODEL_ASSETS]
 DATASET = [a.key.to_user_string() for a in ASSETS if a.key.to_user_string() not in TRAINED]
@@ -58,7 +58,7 @@ def test_sensor_warns_once_about_a_vanished_folder_and_deletes_nothing(data_root
     write_concept(data_root, "rusty", {"a.png": b"x"})
     with dg.DagsterInstance.ephemeral() as instance:
         first = tick(instance, data_root, art)
-        assert json.loads(first.cursor) == {"rusty": json.loads(first.cursor)["rusty"]}  # the old cursor's shape
+        batch_ran(instance, data_root, first)  # its batch build reported its folder
         (art / "concepts" / "rusty" / "raw_images").mkdir(parents=True)
         shutil.move(data_root / "rusty", tmp_path / "away")  # keeps mtimes: put back, it is the same folder
         capfd.readouterr()
@@ -66,7 +66,7 @@ def test_sensor_warns_once_about_a_vanished_folder_and_deletes_nothing(data_root
         second = tick(instance, data_root, art, first.cursor)
         log = capfd.readouterr().err
         assert "'rusty' is registered but its folder" in log and "assets-pipeline concept remove rusty" in log
-        assert "rusty" in second.skip_reason.skip_message and second.run_requests == []
+        assert "rusty" in second.skip_reason.skip_message and second.asset_events == []
         assert instance.get_dynamic_partitions("concepts") == ["rusty"]
         assert (art / "concepts" / "rusty" / "raw_images").is_dir()
 
@@ -76,7 +76,7 @@ def test_sensor_warns_once_about_a_vanished_folder_and_deletes_nothing(data_root
 
         shutil.move(tmp_path / "away", data_root / "rusty")
         back = tick(instance, data_root, art, third.cursor)
-        assert back.run_requests == [] and back.skip_reason is None  # a normal, unchanged concept again
+        assert back.asset_events == [] and "without a folder" not in back.skip_reason.skip_message  # unchanged
         assert VANISHED not in json.loads(back.cursor)
 
 
@@ -181,17 +181,17 @@ def test_links_out_of_the_artifact_root_are_never_followed(home, tmp_path, capsy
 
 
 def test_a_removed_concept_put_back_is_registered_and_ingested_again(home, tmp_path):
-    """The whole flow on one instance: folder gone, `concept remove`, folder put back as it was."""
+    """The whole flow on one instance: folder gone, `concept remove`, folder put back as it was: registered again
+    and built again (its dataset outputs were removed), as a new concept is: a batch build."""
     write_concept(home["data"], "rusty", {"a.png": b"x"})
     with dg.DagsterInstance.get() as instance:
         first = tick(instance, home["data"], home["art"])
-        assert [r.partition_key for r in first.run_requests] == ["other", "rusty"]
+        assert built(first) == []  # both registered already (the fixture)
         shutil.move(home["data"] / "rusty", tmp_path / "away")
         gone = tick(instance, home["data"], home["art"], first.cursor)
         assert remove("rusty") == 0
         shutil.move(tmp_path / "away", home["data"] / "rusty")  # same files, same mtimes: the same digest
         back = tick(instance, home["data"], home["art"], gone.cursor)
         assert sorted(instance.get_dynamic_partitions("concepts")) == ["other", "rusty"]
-    [run] = back.run_requests
-    old_key = next(r.run_key for r in first.run_requests if r.partition_key == "rusty")
-    assert run.partition_key == "rusty" and run.run_key != old_key  # the daemon would skip a used run key
+    assert built(back) == [["rusty"]] and back.asset_events == []  # Dagster holds this folder's version already
+    assert back.run_requests[0].run_key not in {r.run_key for r in first.run_requests}  # not skipped as used

@@ -14,6 +14,70 @@ from assets_pipeline.resources import PipelineStorage
 from assets_pipeline.tables import read_asset_table, write_asset_table
 
 
+# Each dataset asset's and check's own function (what its decorator wraps), by name: a batch build
+# (assets/batch.py) runs the same bodies for many concepts in one op, each with a context of its own (:class:`Step`).
+BODIES: dict[str, Any] = {}
+
+
+def dataset_asset(**kwargs):
+    """``dg.asset(**kwargs)``, the function also kept in :data:`BODIES` for batch builds. Its body may use of
+    its context only what :class:`Step` has."""
+    def wrap(fn):
+        BODIES[fn.__name__] = fn
+        return dg.asset(**kwargs)(fn)
+    return wrap
+
+
+def dataset_check(**kwargs):
+    """``dg.asset_check(**kwargs)``, the function also kept in :data:`BODIES` (see :func:`dataset_asset`)."""
+    def wrap(fn):
+        BODIES[fn.__name__] = fn
+        return dg.asset_check(**kwargs)(fn)
+    return wrap
+
+
+class Step:
+    """What a dataset asset's or check's body reads of its context, for one concept of a batch build: its
+    partition key, the run's log, the instance, the asset's key."""
+
+    def __init__(self, partition_key: str, log, instance: dg.DagsterInstance, asset_key: dg.AssetKey):
+        self.partition_key, self.log, self.instance, self.asset_key = partition_key, log, instance, asset_key
+
+
+def provenance_tags(instance: dg.DagsterInstance, code_version: str, deps: list[dg.AssetKey], partition: str,
+                    data_version: str) -> dict:
+    """The tags Dagster's own asset step writes on a materialization (its data version, code version, and each
+    dependency's data version and event), for one an op reports itself (a pack run, a batch build): with them the
+    staleness of that partition is computed as for one its asset materialized. Each dependency's are its
+    partition's (this concept's) latest."""
+    from dagster._core.definitions.data_version import (
+        CODE_VERSION_TAG, DATA_VERSION_IS_USER_PROVIDED_TAG, DATA_VERSION_TAG, DEFAULT_DATA_VERSION,
+        NULL_EVENT_POINTER, get_input_data_version_tag, get_input_event_pointer_tag,
+    )
+
+    tags = {DATA_VERSION_TAG: data_version, CODE_VERSION_TAG: code_version, DATA_VERSION_IS_USER_PROVIDED_TAG: "true"}
+    for key in deps:
+        record = instance.get_latest_data_version_record(key, partition_key=partition)
+        event = (record.asset_materialization or record.asset_observation) if record is not None else None
+        version = (event.tags or {}).get(DATA_VERSION_TAG) if event is not None else None
+        tags[get_input_data_version_tag(key)] = version or DEFAULT_DATA_VERSION.value
+        tags[get_input_event_pointer_tag(key)] = NULL_EVENT_POINTER if record is None else str(record.storage_id)
+    return tags
+
+
+def announce_planned(context: dg.OpExecutionContext, asset_keys: list[dg.AssetKey], partitions: list[str]) -> None:
+    """The ASSET_MATERIALIZATION_PLANNED event of each asset's partition, as an asset run logs at its start: the
+    UI shows the partition in progress (automation leaves it alone meanwhile), and failed if this run fails
+    without materializing it."""
+    from dagster._core.events import AssetMaterializationPlannedData, DagsterEvent
+
+    for key in asset_keys:
+        for partition in partitions:
+            event = DagsterEvent.build_asset_materialization_planned_event(
+                context.job_name, str(context.op_handle), AssetMaterializationPlannedData(key, partition=partition))
+            context.instance.report_dagster_event(event, run_id=context.run_id)
+
+
 def spec_from_snapshot(storage: PipelineStorage, concept: str) -> ConceptSpec:
     """The concept spec as ``raw_images`` captured it, so every asset of one build agrees on it."""
     return storage.layout().spec(concept)

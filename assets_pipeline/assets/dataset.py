@@ -8,10 +8,10 @@ from pathlib import Path
 import dagster as dg
 
 from assets_pipeline.assets.common import (
-    clean_stale_temporaries, expect_training_if_changed, image_preview as _preview, read_upstream,
+    clean_stale_temporaries, dataset_asset, expect_training_if_changed, image_preview as _preview, read_upstream,
     restore_images, result, save_table, spec_from_snapshot, table_preview,
 )
-from assets_pipeline.automation import rebuild_on_change, rebuild_on_code_change
+from assets_pipeline.automation import rebuild_on_change, rebuild_on_folder_change
 from assets_pipeline.display import printable, shown
 from assets_pipeline.hashing import digest
 from assets_pipeline.partitions.concept_spec import load_concept_spec
@@ -37,8 +37,21 @@ def _imagefolder_rows(df, control: bool = False) -> list[dict]:
     return rows
 
 
-@dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="2", kinds={"python"},
-          automation_condition=rebuild_on_code_change())
+@dg.observable_source_asset(partitions_def=concepts_partitions, group_name=GROUP)
+def concept_folders(context, storage: PipelineStorage) -> dg.DataVersionsByPartition:
+    """A concept's folder under the data root, as a data version: the digest of every file's path, size and
+    modification time. The concept sensor reports a new one for each folder that changed (one observation per
+    change); observing from here reads every registered concept's folder in full. Its new data version is what
+    rebuilds the concept's `raw_images`."""
+    from assets_pipeline.partitions.discovery import scan_concepts
+
+    registered = set(context.instance.get_dynamic_partitions(concepts_partitions.name))
+    found = scan_concepts(storage.data_path())
+    return dg.DataVersionsByPartition({c: d for c, d in found.concepts.items() if c in registered})
+
+
+@dataset_asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="2", kinds={"python"},
+          deps=[concept_folders], automation_condition=rebuild_on_folder_change())
 def raw_images(context: dg.AssetExecutionContext, storage: PipelineStorage) -> dg.MaterializeResult:
     """Every file of the concept folder: decoded photos (manifest) or rejects with a reason; and the concept's own
     ControlNet conditioning images (`control/<photo name>.<ext>`), each checked and paired with its photo
@@ -79,7 +92,7 @@ def raw_images(context: dg.AssetExecutionContext, storage: PipelineStorage) -> d
     )
 
 
-@dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="1", deps=[raw_images],
+@dataset_asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="1", deps=[raw_images],
           kinds={"python"}, automation_condition=rebuild_on_change())
 def captioned_images(
     context: dg.AssetExecutionContext, storage: PipelineStorage, captioner: CaptionerResource,
@@ -154,7 +167,7 @@ def _overlong(layout, ref, df):
     return pd.DataFrame(found["rows"], columns=OVERLONG_COLUMNS), found["limit"]
 
 
-@dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="1", deps=[captioned_images],
+@dataset_asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="1", deps=[captioned_images],
           kinds={"python"}, automation_condition=rebuild_on_change())
 def filtered_images(
     context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource
@@ -189,7 +202,7 @@ def filtered_images(
     })
 
 
-@dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="1", deps=[filtered_images],
+@dataset_asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="1", deps=[filtered_images],
           kinds={"python"}, automation_condition=rebuild_on_change())
 def clip_scored_images(
     context: dg.AssetExecutionContext, storage: PipelineStorage, clip_scorer: ClipScorerResource,
@@ -226,7 +239,7 @@ def clip_scored_images(
     })
 
 
-@dg.asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="4", deps=[clip_scored_images],
+@dataset_asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="4", deps=[clip_scored_images],
           kinds={"python"}, automation_condition=rebuild_on_change())
 def control_images(
     context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource,

@@ -2,13 +2,13 @@
 
 import dagster as dg
 
-from assets_pipeline.assets.common import read_upstream
+from assets_pipeline.assets.common import dataset_check, read_upstream
 from assets_pipeline.assets.dataset import clip_scored_images, control_images
 from assets_pipeline.partitions.definitions import concepts_partitions
 from assets_pipeline.resources import PipelineStorage
 
 
-@dg.asset_check(asset=clip_scored_images, blocking=True, partitions_def=concepts_partitions)
+@dataset_check(asset=clip_scored_images, blocking=True, partitions_def=concepts_partitions)
 def enough_training_images(context: dg.AssetCheckExecutionContext, storage: PipelineStorage) -> dg.AssetCheckResult:
     """At least 3 photos in the quality subset (ERROR, blocks training); fewer than 5 is a WARN."""
     from assets_pipeline.stages.readiness import MIN_IMAGES, RECOMMENDED_IMAGES, readiness
@@ -25,7 +25,7 @@ def enough_training_images(context: dg.AssetCheckExecutionContext, storage: Pipe
                                metadata={"subset_size": r.subset_size})
 
 
-@dg.asset_check(asset=clip_scored_images, blocking=True, partitions_def=concepts_partitions)
+@dataset_check(asset=clip_scored_images, blocking=True, partitions_def=concepts_partitions)
 def subset_captioned(context: dg.AssetCheckExecutionContext, storage: PipelineStorage) -> dg.AssetCheckResult:
     """Every photo of the quality subset has a non-empty caption."""
     from assets_pipeline.stages.readiness import readiness
@@ -35,7 +35,7 @@ def subset_captioned(context: dg.AssetCheckExecutionContext, storage: PipelineSt
                                                                    "examples": ", ".join(r.uncaptioned[:5])})
 
 
-@dg.asset_check(asset=control_images, blocking=True, partitions_def=concepts_partitions)
+@dataset_check(asset=control_images, blocking=True, partitions_def=concepts_partitions)
 def control_pairs_valid(context: dg.AssetCheckExecutionContext, storage: PipelineStorage) -> dg.AssetCheckResult:
     """With the concept's own conditioning images (`control/<photo name>.<ext>`): every photo of the quality subset
     has a valid one. A photo without one (missing, or its pair rejected at ingest: no photo, two for one photo,

@@ -5,7 +5,7 @@ import dagster as dg
 
 from assets_pipeline.automation import rebuild_on_change
 from assets_pipeline.assets.common import (
-    clean_stale_temporaries, read_upstream, restore_images, result, spec_from_snapshot,
+    clean_stale_temporaries, dataset_asset, read_upstream, restore_images, result, spec_from_snapshot,
 )
 from assets_pipeline.assets.dataset import clip_scored_images
 from assets_pipeline.assets.priors import class_images
@@ -19,7 +19,7 @@ def _records(df) -> list[dict]:
     return df.astype(object).where(df.notna(), None).to_dict("records")
 
 
-@dg.asset(partitions_def=concepts_partitions, group_name="latents", code_version="2", deps=[clip_scored_images, class_images],
+@dataset_asset(partitions_def=concepts_partitions, group_name="latents", code_version="2", deps=[clip_scored_images, class_images],
           pool="gpu", kinds={"pytorch"}, automation_condition=rebuild_on_change())
 def vae_latents(
     context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource,

@@ -34,6 +34,7 @@ import dagster as dg
 from pydantic import Field
 
 from assets_pipeline.assets.checks import MODEL_CHECK_FUNCTIONS
+from assets_pipeline.assets.common import announce_planned, provenance_tags
 from assets_pipeline.assets.models import (
     Planned, make_current, model_deps, plan_training, prepare_training, reused_metadata,
 )
@@ -59,25 +60,6 @@ class PackConfig(dg.Config):
                                 "alone, one after another; an up-to-date output is reused, as by the asset.")
 
 
-def provenance_tags(instance: dg.DagsterInstance, method_name: str, concept: str, data_version: str) -> dict:
-    """The tags Dagster's own asset step writes on a materialization (its data version, code version, and each
-    dependency's data version and event): with them the staleness of a partition a pack run materialized is
-    computed as for one its asset materialized. Each dependency's are its partition's (this concept's) latest."""
-    from dagster._core.definitions.data_version import (
-        CODE_VERSION_TAG, DATA_VERSION_IS_USER_PROVIDED_TAG, DATA_VERSION_TAG, DEFAULT_DATA_VERSION,
-        NULL_EVENT_POINTER, get_input_data_version_tag, get_input_event_pointer_tag,
-    )
-
-    tags = {DATA_VERSION_TAG: data_version, CODE_VERSION_TAG: CODE_VERSION, DATA_VERSION_IS_USER_PROVIDED_TAG: "true"}
-    for dep in model_deps(method_name):
-        record = instance.get_latest_data_version_record(dep.key, partition_key=concept)
-        event = record.asset_materialization if record is not None else None
-        version = (event.tags or {}).get(DATA_VERSION_TAG) if event is not None else None
-        tags[get_input_data_version_tag(dep.key)] = version or DEFAULT_DATA_VERSION.value
-        tags[get_input_event_pointer_tag(dep.key)] = NULL_EVENT_POINTER if record is None else str(record.storage_id)
-    return tags
-
-
 def _metadata(reported: dict[str, Any]) -> dict[str, Any]:
     """The metadata a trainer reported for a concept, as the solo trainer's Pipes materialization would carry it:
     ``{"raw_value", "type"}`` entries typed as Pipes types them, plain values as they are."""
@@ -85,17 +67,6 @@ def _metadata(reported: dict[str, Any]) -> dict[str, Any]:
 
     return {k: metadata_value_from_external(v["raw_value"], v["type"])
             if isinstance(v, dict) and v.keys() == {"raw_value", "type"} else v for k, v in reported.items()}
-
-
-def _announce_planned(context: dg.OpExecutionContext, asset_key: dg.AssetKey, concepts: list[str]) -> None:
-    """The ASSET_MATERIALIZATION_PLANNED event of each concept's partition, as an asset run logs at its start: the
-    UI shows the partition in progress, and failed if this run fails without materializing it."""
-    from dagster._core.events import AssetMaterializationPlannedData, DagsterEvent
-
-    for concept in concepts:
-        event = DagsterEvent.build_asset_materialization_planned_event(
-            context.job_name, str(context.op_handle), AssetMaterializationPlannedData(asset_key, partition=concept))
-        context.instance.report_dagster_event(event, run_id=context.run_id)
 
 
 @dg.op(pool="gpu", out={},
@@ -120,14 +91,16 @@ def train_pack(context: dg.OpExecutionContext, config: PackConfig, storage: Pipe
                      + ", ".join(concepts))
     if why := context.run.tags.get(UNPACKED_TAG):
         context.log.info(f"not packed: {why}")
-    _announce_planned(context, asset_key, concepts)
+    announce_planned(context, [asset_key], concepts)
 
     failed: dict[str, str] = {}
     training: dict[str, tuple[Planned, Path]] = {}
 
+    deps = [d.key for d in model_deps(method.name)]
+
     def materialize(concept: str, data_version: str, metadata: dict[str, Any]):
         yield dg.AssetMaterialization(asset_key, partition=concept, metadata=metadata,
-                                      tags=provenance_tags(context.instance, method.name, concept, data_version))
+                                      tags=provenance_tags(context.instance, CODE_VERSION, deps, concept, data_version))
         for check, blocking, _ in MODEL_CHECK_FUNCTIONS:
             name = check.__name__
             try:

@@ -4,7 +4,7 @@ import dagster as dg
 
 from assets_pipeline.automation import rebuild_on_change
 from assets_pipeline.assets.common import (
-    clean_stale_temporaries, image_preview, result, save_table, spec_from_snapshot,
+    clean_stale_temporaries, dataset_asset, image_preview, result, save_table, spec_from_snapshot,
 )
 from assets_pipeline.assets.dataset import raw_images
 from assets_pipeline.partitions.definitions import concepts_partitions
@@ -13,7 +13,7 @@ from assets_pipeline.store import atomic_dir
 from assets_pipeline.tables import table_version
 
 
-@dg.asset(partitions_def=concepts_partitions, group_name="priors", code_version="2", deps=[raw_images],
+@dataset_asset(partitions_def=concepts_partitions, group_name="priors", code_version="2", deps=[raw_images],
           pool="gpu", kinds={"pytorch"}, automation_condition=rebuild_on_change())
 def class_images(
     context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource,
