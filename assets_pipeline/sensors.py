@@ -19,10 +19,9 @@ import dagster as dg
 
 from assets_pipeline.assets.batch import BATCH_SIZE, BATCH_TAG, build_concepts_job
 from assets_pipeline.partitions.definitions import concepts_partitions
+from assets_pipeline.partitions.versions import CONCEPT_FOLDERS, observation, reported_versions  # noqa: F401
 from assets_pipeline.resources import PipelineStorage
 
-CONCEPT_FOLDERS = dg.AssetKey("concept_folders")
-DATA_VERSION_TAG = "dagster/data_version"
 MAX_OBSERVATIONS_PER_TICK = 1000  # the rest of a mass upload is observed by the next ticks
 READ_BUDGET_S = 20.0  # reading new and changed folders in full, per tick (the daemon allows a sensor 60 s)
 VERIFY_BUDGET_S = 0.5  # re-reading folders in full in turn, per tick (finds files rewritten in place)
@@ -43,23 +42,6 @@ def folder_index(data_root: Path):
     return _INDEXES[key]
 
 
-def reported_versions(instance: dg.DagsterInstance, names: list[str]) -> dict[str, str]:
-    """The data version of each concept's latest ``concept_folders`` observation Dagster holds (concepts with none
-    are left out): one query (every partition's, when asked for most of them)."""
-    from dagster._core.events import DagsterEventType
-
-    storage = instance.event_log_storage
-    if not names:
-        return {}
-    if len(names) > 2000:
-        found = storage.get_latest_tags_by_partition(CONCEPT_FOLDERS, DagsterEventType.ASSET_OBSERVATION,
-                                                     [DATA_VERSION_TAG])
-    else:
-        found = storage.get_latest_tags_by_partition(CONCEPT_FOLDERS, DagsterEventType.ASSET_OBSERVATION,
-                                                     [DATA_VERSION_TAG], asset_partitions=names)
-    return {k: v[DATA_VERSION_TAG] for k, v in found.items() if DATA_VERSION_TAG in v}
-
-
 def batch_pending(instance: dg.DagsterInstance) -> set[str]:
     """The concepts of every batch build not finished yet (queued, starting or running)."""
     runs = instance.get_runs(dg.RunsFilter(job_name=build_concepts_job.name, statuses=[
@@ -69,16 +51,12 @@ def batch_pending(instance: dg.DagsterInstance) -> set[str]:
             .get("concepts", [])}
 
 
-def observation(name: str, state) -> dg.AssetObservation:
-    return dg.AssetObservation(CONCEPT_FOLDERS, partition=name, tags={DATA_VERSION_TAG: state.digest},
-                               metadata={"files": state.files})
-
-
 @dg.sensor(minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING, jobs=[build_concepts_job])
 def concept_folder_sensor(context: dg.SensorEvaluationContext, storage: PipelineStorage) -> dg.SensorResult:
-    """Registers each new concept folder as a partition and reports each new or changed folder's content digest as
-    a new data version of `concept_folders` (declarative automation then rebuilds that concept's `raw_images`, and
-    what its new data version invalidates). A tick stats each folder and sub-folder (not each file) and reads in
+    """Registers each new concept folder as a partition and builds it: one `build_concepts` run per batch of up to
+    100 new concepts. Reports each changed folder's content digest as a new data version of `concept_folders`
+    (declarative automation then rebuilds that concept's `raw_images`, and what its new data version
+    invalidates). A tick stats each folder and sub-folder (not each file) and reads in
     full only the folders that changed, plus a few in turn (which finds a file rewritten in place). A folder whose
     name is not a valid partition key, or whose concept.toml is not usable, is reported and never used. A
     registered concept whose folder is gone is warned about once and named in every tick's skip reason; its

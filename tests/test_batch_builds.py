@@ -90,3 +90,28 @@ def test_a_batch_builds_each_concept_as_its_asset_steps_would_and_a_failing_conc
         assert [e.partition for e in changed.asset_events] == ["beta"] and changed.run_requests == []
         auto, requested = evaluate(auto.cursor)
         assert requested == {asset: {"beta"} for asset in DATASET}
+
+
+def test_a_concept_removed_before_its_batch_ran_fails_alone(tmp_path, built_models):
+    from assets_pipeline.assets.batch import build_concepts_job
+    from assets_pipeline.definitions import ASSETS, CHECKS, default_resources
+    from assets_pipeline.resources import PipelineStorage
+    from conftest import link_models
+
+    data = tmp_path / "data"
+    storage = PipelineStorage(data_root=str(data), artifact_root=str(link_models(built_models, tmp_path / "art")))
+    write_concept(data, "alpha", photos(["astronaut", "chelsea", "coffee", "rocket"]), SPEC)
+    defs = dg.Definitions(assets=ASSETS, asset_checks=CHECKS, jobs=[build_concepts_job],
+                          resources={**default_resources(), "storage": storage})
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("concepts", ["alpha"])
+        res = defs.resolve_job_def("build_concepts").execute_in_process(
+            run_config={"ops": {"build_inputs": {"config": {"concepts": ["ghost", "alpha"]}}}}, instance=instance,
+            raise_on_error=False)
+    assert not res.success
+    failure = next(e for e in res.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "1 of 2 concept(s) failed; the others are built: ghost: not a partition of 'concepts'" in \
+        failure.step_failure_data.error.message
+    built = {(e.materialization.asset_key.to_user_string(), e.materialization.partition)
+             for e in res.get_asset_materialization_events()}
+    assert ("vae_latents", "alpha") in built and not any(p == "ghost" for _, p in built)

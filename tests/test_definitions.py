@@ -46,6 +46,8 @@ def test_jobs_sensors_and_schedule_are_registered():
         assert defs.resolve_job_def(name).partitions_def.name == "concepts"
     # the folder sensor builds new concepts in batches; automation rebuilds what a changed folder invalidates
     assert defs.resolve_sensor_def("concept_folder_sensor").job_name == "build_concepts"
+    batch = defs.resolve_job_def("build_concepts")  # its GPU half takes the gpu pool, as the asset steps do
+    assert {n.name: n.definition.pool for n in batch.nodes} == {"build_inputs": None, "build_latents": "gpu"}
     assert defs.resolve_sensor_def("dataset_automation") is not None
     # tells a run waiting for a pool slot who holds it (assets_pipeline/pools.py); requests no runs
     slots = defs.resolve_sensor_def("pool_slot_sensor")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import shutil
 import subprocess
 import tempfile
 import time
@@ -49,19 +50,53 @@ def _server_binaries() -> Path | None:
 
 
 @pytest.fixture(scope="session")
-def postgres_server() -> str:
-    """A server on a free loopback port for the session; yields the URL of its `dagster` database."""
+def postgres_env() -> tuple[dict, str]:
+    """A server on a free loopback port for the session: the environment scripts/postgres.sh ran with, and the
+    URL of its `dagster` database."""
     if _server_binaries() is None:
         pytest.skip("PostgreSQL server binaries not found (/usr/lib/postgresql/*/bin/pg_ctl): install Debian's "
                     "postgresql package, as .ci/run does")
     folder = tempfile.mkdtemp(prefix="pg-")  # short: the server's Unix socket path must fit in 107 bytes
-    env = {**os.environ, "ASSETS_PIPELINE_PG_PORT": str(free_port()), "ASSETS_PIPELINE_PG_DIR": folder}
+    env = {**os.environ, "ASSETS_PIPELINE_PG_PORT": str(free_port()), "ASSETS_PIPELINE_PG_DIR": folder,
+           "ASSETS_PIPELINE_PGBOUNCER_PORT": str(free_port())}
     res = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, f"scripts/postgres.sh start failed:\n{res.stdout}\n{res.stderr}"
     try:
-        yield res.stdout.strip()
+        yield env, res.stdout.strip()
     finally:
         subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(postgres_env) -> str:
+    return postgres_env[1]
+
+
+def test_the_instance_runs_through_pgbouncer(postgres_env, tmp_path, monkeypatch):
+    """`scripts/postgres.sh pooler`: PgBouncer in front of the server; Dagster's storages work through it (session
+    pooling), every connection they open goes to PgBouncer, and `stop` stops it with the server."""
+    from assets_pipeline.sensors import CONCEPT_FOLDERS, reported_versions
+
+    if not (shutil.which("pgbouncer") or Path("/usr/sbin/pgbouncer").is_file()):
+        pytest.skip("pgbouncer not found: install Debian's pgbouncer package, as .ci/run does")
+    env, server = postgres_env
+    res = subprocess.run(["bash", str(SCRIPT), "pooler"], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, f"scripts/postgres.sh pooler failed:\n{res.stderr}"
+    pooled = res.stdout.strip()
+    assert pooled.endswith("/dagster") and f":{env['ASSETS_PIPELINE_PGBOUNCER_PORT']}/" in pooled
+    again = subprocess.run(["bash", str(SCRIPT), "pooler"], env=env, capture_output=True, text=True, timeout=60)
+    assert again.stdout.strip() == pooled  # running already: its URL, not a second one
+    with database(server, "pooled") as direct:
+        name = direct.rsplit("/", 1)[1]
+        monkeypatch.setenv("DAGSTER_PG_URL", pooled.rsplit("/", 1)[0] + "/" + name)
+        with dg.DagsterInstance.from_config(str(write_home(tmp_path / "home"))) as instance:
+            instance.add_dynamic_partitions("concepts", ["rusty"])
+            instance.report_runless_asset_event(dg.AssetObservation(CONCEPT_FOLDERS, partition="rusty",
+                                                                    tags={"dagster/data_version": "v1"}))
+            assert reported_versions(instance, ["rusty"]) == {"rusty": "v1"}
+            assert instance.get_dynamic_partitions("concepts") == ["rusty"]
+    log = (Path(env["ASSETS_PIPELINE_PG_DIR"]) / "pgbouncer.log").read_text()
+    assert f"login attempt: db={name}" in log  # Dagster's connections went through PgBouncer
 
 
 @contextmanager

@@ -108,7 +108,7 @@ def observe_folder(instance: dg.DagsterInstance, storage: PipelineStorage, conce
     concept's first. The folder sensor leaves a concept of a pending batch to it, so that this version and the
     ingest that follows it land together (automation sees the ingest, not a changed folder to rebuild)."""
     from assets_pipeline.partitions.discovery import read_folder
-    from assets_pipeline.sensors import observation, reported_versions
+    from assets_pipeline.partitions.versions import observation, reported_versions
 
     state = read_folder(storage.concept_dir(concept))
     if state.digest is not None and reported_versions(instance, [concept]).get(concept) != state.digest:
@@ -127,14 +127,16 @@ def build_inputs(context: dg.OpExecutionContext, config: BatchConfig, storage: P
                  captioner: CaptionerResource, accelerator: AcceleratorResource, base_model: BaseModelResource,
                  clip_scorer: ClipScorerResource):
     concepts = list(dict.fromkeys(config.concepts))
+    if not concepts:
+        raise dg.Failure("build_inputs: concepts = []: expected at least one concept")
     known = set(context.instance.get_dynamic_partitions(concepts_partitions.name))
-    if not concepts or (unknown := [c for c in concepts if c not in known]):
-        raise dg.Failure("build_inputs: concepts = " + repr(config.concepts) + (
-            f": {unknown} are not partitions of {concepts_partitions.name!r}" if concepts else
-            ": expected at least one concept"))
-    context.log.info(f"building the datasets of {len(concepts)} concept(s): " + ", ".join(concepts))
-    announce_planned(context, [a.key for a in INPUT_ASSETS + GPU_ASSETS], concepts)
-    state: dict = {"concepts": concepts, "failed": {}, "stopped": [], "blocked": {}}
+    # One removed (`concept remove`) since the batch was requested fails alone; the others are built.
+    unknown = {c: f"not a partition of {concepts_partitions.name!r} (removed since this run was requested?)"
+               for c in concepts if c not in known}
+    context.log.info(f"building the datasets of {len(concepts) - len(unknown)} concept(s): "
+                     + ", ".join(c for c in concepts if c not in unknown))
+    announce_planned(context, [a.key for a in INPUT_ASSETS + GPU_ASSETS], [c for c in concepts if c not in unknown])
+    state: dict = {"concepts": concepts, "failed": dict(unknown), "stopped": list(unknown), "blocked": {}}
     yield from build_assets(context, INPUT_ASSETS, state, _resources(context))
     yield dg.Output(state, "built")
 

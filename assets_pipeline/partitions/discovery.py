@@ -23,7 +23,7 @@ class ConceptScan:
 
 
 def _walk(folder: Path) -> tuple[list[tuple[str, int, int]], list[tuple[str, int]], int]:
-    """Every file's (relative path, size, mtime), every folder's (relative path, mtime), the newest mtime."""
+    """Every file's (relative path, size, mtime), every folder's (path, mtime), the newest mtime."""
     entries, stamps, newest = [], [], 0
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
@@ -31,7 +31,7 @@ def _walk(folder: Path) -> tuple[list[tuple[str, int, int]], list[tuple[str, int
             mtime = os.stat(dirpath).st_mtime_ns
         except OSError:
             mtime = -1
-        stamps.append((Path(dirpath).relative_to(folder).as_posix(), mtime))
+        stamps.append((dirpath, mtime))
         newest = max(newest, mtime)
         for name in sorted(filenames):
             p = Path(dirpath) / name
@@ -79,8 +79,8 @@ RACY_S = 2.0  # a folder changed less than this before it was read is read again
 
 @dataclass
 class FolderState:
-    """What one concept folder looked like when last read in full: the mtime of the folder and of each sub-folder
-    (a file added, removed or renamed anywhere changes one of them), ``concept.toml``'s (inode, size, mtime),
+    """What one concept folder looked like when last read in full: the path and mtime of the folder (first) and of
+    each sub-folder (a file added, removed or renamed anywhere changes one of them), ``concept.toml``'s (inode, size, mtime),
     its content digest (:func:`folder_digest`) or why it is not a usable concept, and the data version Dagster
     holds for it (``reported``: what the last query said; None: not known yet)."""
 
@@ -109,9 +109,9 @@ class TickScan:
     verify_from: str
 
 
-def _spec_stamp(folder: Path) -> tuple[int, int, int] | None:
+def _spec_stamp(folder: Path | str) -> tuple[int, int, int] | None:
     try:
-        st = (folder / SPEC_FILE).stat()
+        st = os.stat(os.path.join(folder, SPEC_FILE))
     except OSError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -133,15 +133,15 @@ def read_folder(folder: Path) -> FolderState:
     return FolderState(tuple(stamps), spec_stamp, None if invalid else digest(entries), invalid, racy, len(entries))
 
 
-def unchanged(folder: Path, state: FolderState) -> bool:
+def unchanged(state: FolderState) -> bool:
     """Whether a folder read before still looks the same from its folders' mtimes and its spec's stamp alone (a
     stat per folder, not per file). A file rewritten in place changes neither: the verification pass of
     :meth:`FolderIndex.scan` reads every folder in full in turn, and finds it."""
-    if state.racy or _spec_stamp(folder) != state.spec_stamp:
+    if state.racy or _spec_stamp(state.stamps[0][0]) != state.spec_stamp:
         return False
-    for rel, mtime in state.stamps:
+    for path, mtime in state.stamps:
         try:
-            if os.stat(folder / rel).st_mtime_ns != mtime:
+            if os.stat(path).st_mtime_ns != mtime:
                 return False
         except OSError:
             return False
@@ -177,7 +177,7 @@ class FolderIndex:
         read, deferred = [], 0
         # Folders new to the index first (a mass upload registers in the fewest ticks), then changed ones.
         stale = [n for n in names if n not in self.folders] + [
-            n for n in names if n in self.folders and not unchanged(self.data_root / n, self.folders[n])]
+            n for n in names if n in self.folders and not unchanged(self.folders[n])]
         for name in stale:
             if read and time.perf_counter() - start > read_budget_s:  # at least one a tick: always progress
                 deferred += 1
