@@ -87,7 +87,8 @@ def concept_folder_sensor(context: dg.SensorEvaluationContext, storage: Pipeline
         # first version is its batch build's to report, with its ingest (assets/batch.py observe_folder); one
         # registered but never observed and in no pending batch (a batch that died first) is reported here, and
         # automation builds it.
-        ask = [n for n, d in scan.concepts.items() if index.folders[n].reported != d and n not in new]
+        fresh = set(new)
+        ask = [n for n, d in scan.concepts.items() if index.folders[n].reported != d and n not in fresh]
         held = reported_versions(context.instance, ask)
         pending = batch_pending(context.instance) if any(n not in held for n in ask) else set()
         changed = []
