@@ -113,11 +113,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pack_of(folder: Path) -> list[str] | None:
+def _pack_of(manifest: dict) -> list[str] | None:
     """The concepts an output trained with in a pack (its lineage.json's ``pack``), or None: trained alone."""
-    from assets_pipeline.lineage import read_manifest
-
-    pack = read_manifest(folder).get("pack")  # audit_output has read it: it is readable
+    pack = manifest.get("pack")
     return list(pack["concepts"]) if isinstance(pack, dict) and pack.get("concepts") else None
 
 
@@ -156,11 +154,12 @@ def cmd_lineage(args: argparse.Namespace) -> int:
             print(f"\n{len(pairs)} conditioning image(s) missing or changed since training", file=sys.stderr)
         target = Path(args.target)
         folder = target if target.is_dir() else target.parent
-        if held := read_manifest(folder).get("validation_pairs"):  # ControlNet: validated on, never trained on
+        manifest = read_manifest(folder)  # audit_output has read it: it is readable
+        if held := manifest.get("validation_pairs"):  # ControlNet: validated on, never trained on
             print(f"held out of training, the validation renders' conditioning images ({len(held)} pair(s)):\n"
                   + "\n".join(f"  {printable(p.get('source_path'))} + {printable(p.get('control_source'))} "
                                f"({printable(str(p.get('control_sha256'))[:12])})" for p in held), file=sys.stderr)
-        if (pack := _pack_of(folder)) is not None:  # how it was trained: with whom (training/pack_trainer.py)
+        if (pack := _pack_of(manifest)) is not None:  # how it was trained: with whom (training/pack_trainer.py)
             print(f"trained in a pack of {len(pack)} (one trainer process, each concept's own adapter and loss):\n"
                   + "\n".join(f"  {printable(c)}" for c in pack), file=sys.stderr)
         try:

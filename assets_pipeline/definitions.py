@@ -23,8 +23,8 @@ from assets_pipeline.resources import (
 )
 from assets_pipeline.sensors import concept_folder_sensor
 
-ASSETS = [concept_folders, raw_images, captioned_images, filtered_images, clip_scored_images, control_images, class_images,
-          vae_latents, *MODEL_ASSETS]
+ASSETS = [concept_folders, raw_images, captioned_images, filtered_images, clip_scored_images, control_images,
+          class_images, vae_latents, *MODEL_ASSETS]
 CHECKS = [*DATASET_CHECKS, *MODEL_CHECKS]
 
 
@@ -74,7 +74,8 @@ def default_resources() -> dict:
 defs = dg.Definitions(
     assets=ASSETS,
     asset_checks=CHECKS,
-    jobs=[ingest_concept_job, build_concept_job, build_concepts_job, train_concept_job, train_models_job, train_packs_job],
+    jobs=[ingest_concept_job, build_concept_job, build_concepts_job, train_concept_job, train_models_job,
+          train_packs_job],
     sensors=[concept_folder_sensor, dataset_automation_sensor, pool_slot_sensor],
     schedules=[retrain_schedule],
     resources=default_resources(),

@@ -142,7 +142,8 @@ def source_of(path: Path, data_root: Path) -> tuple[str, str] | None:
 def outputs_trained_on(artifact_root: Path, sha: str | None, source: tuple[str, str] | None = None,
                        warn: Warn = log.warning) -> pd.DataFrame:
     """Every output, current or replaced, whose manifest lists the image with this sha256 (``match`` =
-    "content"; a ControlNet's held-out validation pair says so in ``match``) or, given ``source`` = (concept, path), an earlier content of that path ("path: content changed
+    "content"; a ControlNet's held-out validation pair says so in ``match``) or, given ``source`` = (concept,
+    path), an earlier content of that path ("path: content changed
     since"). A damaged manifest is left out, and a damaged ``current.json`` leaves ``current`` unknown (None),
     each with a warning (``warn``) naming the file."""
     rows = []

@@ -19,6 +19,7 @@ import dagster as dg
 
 from assets_pipeline.assets.batch import BATCH_SIZE, BATCH_TAG, build_concepts_job
 from assets_pipeline.partitions.definitions import concepts_partitions
+from assets_pipeline.partitions.discovery import FolderIndex
 from assets_pipeline.partitions.versions import CONCEPT_FOLDERS, observation, reported_versions  # noqa: F401
 from assets_pipeline.resources import PipelineStorage
 
@@ -29,13 +30,11 @@ VANISHED = "_vanished"  # cursor: registered concepts whose folder is gone, alre
 VERIFY_FROM = "_verify_from"  # cursor: the folder the last verification pass stopped at
 TICK = "_tick"  # cursor: ticks so far (a batch run's key: the same if a tick is evaluated again, new otherwise)
 
-_INDEXES: dict[str, "FolderIndex"] = {}  # noqa: F821  data root -> what its folders looked like (code server memory)
+_INDEXES: dict[str, FolderIndex] = {}  # data root -> what its folders looked like (the code server's memory)
 
 
-def folder_index(data_root: Path):
+def folder_index(data_root: Path) -> FolderIndex:
     """This process's view of a data root's folders (one per data root; a new process starts empty)."""
-    from assets_pipeline.partitions.discovery import FolderIndex
-
     key = str(Path(data_root).absolute())
     if key not in _INDEXES:
         _INDEXES[key] = FolderIndex(Path(key))

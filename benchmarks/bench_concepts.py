@@ -263,8 +263,8 @@ def run_one(storage: str, n: int, photos: int, root: Path, urls: dict, sensor_on
             **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
-COLUMNS = ["first_tick_s", "register_partitions_s", "second_tick_s", "steady_tick_s", "changed_tick_s", "restart_tick_s", "restart_tick_read",
-           "cursor_bytes", "batch_runs_requested", "concepts_per_batch_run", "peak_rss_mib"]
+COLUMNS = ["first_tick_s", "register_partitions_s", "second_tick_s", "steady_tick_s", "changed_tick_s", "restart_tick_s",
+           "restart_tick_read", "cursor_bytes", "batch_runs_requested", "concepts_per_batch_run", "peak_rss_mib"]
 AUTOMATION = ["eval_first_s", "eval_steady_s", "eval_steady2_s", "eval_one_changed_s", "eval_one_changed_requested",
               "automation_evaluations_stored",
               "sensor_tick_bytes", "automation_tick_bytes", "automation_cursor_bytes", "idle_mb_per_day"]

@@ -51,7 +51,7 @@ def concept_folders(context, storage: PipelineStorage) -> dg.DataVersionsByParti
 
 
 @dataset_asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="2", kinds={"python"},
-          deps=[concept_folders], automation_condition=rebuild_on_folder_change())
+               deps=[concept_folders], automation_condition=rebuild_on_folder_change())
 def raw_images(context: dg.AssetExecutionContext, storage: PipelineStorage) -> dg.MaterializeResult:
     """Every file of the concept folder: decoded photos (manifest) or rejects with a reason; and the concept's own
     ControlNet conditioning images (`control/<photo name>.<ext>`), each checked and paired with its photo
@@ -93,7 +93,7 @@ def raw_images(context: dg.AssetExecutionContext, storage: PipelineStorage) -> d
 
 
 @dataset_asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="1", deps=[raw_images],
-          kinds={"python"}, automation_condition=rebuild_on_change())
+               kinds={"python"}, automation_condition=rebuild_on_change())
 def captioned_images(
     context: dg.AssetExecutionContext, storage: PipelineStorage, captioner: CaptionerResource,
     accelerator: AcceleratorResource, base_model: BaseModelResource,
@@ -168,7 +168,7 @@ def _overlong(layout, ref, df):
 
 
 @dataset_asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="1", deps=[captioned_images],
-          kinds={"python"}, automation_condition=rebuild_on_change())
+               kinds={"python"}, automation_condition=rebuild_on_change())
 def filtered_images(
     context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource
 ) -> dg.MaterializeResult:
@@ -203,7 +203,7 @@ def filtered_images(
 
 
 @dataset_asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="1", deps=[filtered_images],
-          kinds={"python"}, automation_condition=rebuild_on_change())
+               kinds={"python"}, automation_condition=rebuild_on_change())
 def clip_scored_images(
     context: dg.AssetExecutionContext, storage: PipelineStorage, clip_scorer: ClipScorerResource,
     accelerator: AcceleratorResource,
@@ -240,7 +240,7 @@ def clip_scored_images(
 
 
 @dataset_asset(partitions_def=concepts_partitions, group_name=GROUP, code_version="4", deps=[clip_scored_images],
-          kinds={"python"}, automation_condition=rebuild_on_change())
+               kinds={"python"}, automation_condition=rebuild_on_change())
 def control_images(
     context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource,
     accelerator: AcceleratorResource,

@@ -19,8 +19,9 @@ def _records(df) -> list[dict]:
     return df.astype(object).where(df.notna(), None).to_dict("records")
 
 
-@dataset_asset(partitions_def=concepts_partitions, group_name="latents", code_version="2", deps=[clip_scored_images, class_images],
-          pool="gpu", kinds={"pytorch"}, automation_condition=rebuild_on_change())
+@dataset_asset(partitions_def=concepts_partitions, group_name="latents", code_version="2",
+               deps=[clip_scored_images, class_images], pool="gpu", kinds={"pytorch"},
+               automation_condition=rebuild_on_change())
 def vae_latents(
     context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource,
     accelerator: AcceleratorResource,

@@ -14,7 +14,7 @@ from assets_pipeline.tables import table_version
 
 
 @dataset_asset(partitions_def=concepts_partitions, group_name="priors", code_version="2", deps=[raw_images],
-          pool="gpu", kinds={"pytorch"}, automation_condition=rebuild_on_change())
+               pool="gpu", kinds={"pytorch"}, automation_condition=rebuild_on_change())
 def class_images(
     context: dg.AssetExecutionContext, storage: PipelineStorage, base_model: BaseModelResource,
     accelerator: AcceleratorResource,

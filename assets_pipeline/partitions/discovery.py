@@ -4,6 +4,7 @@ observation call this)."""
 from __future__ import annotations
 
 import bisect
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -54,22 +55,10 @@ def folder_digest(folder: Path) -> str:
 
 def scan_concepts(data_root: Path) -> ConceptScan:
     """Every folder under the data root read in full (the ``concept_folders`` observation run from the UI)."""
-    concepts: dict[str, str] = {}
-    invalid: dict[str, str] = {}
     if not data_root.is_dir():
-        return ConceptScan(concepts, invalid)
-    for entry in sorted(data_root.iterdir()):
-        if not entry.is_dir() or entry.name.startswith("."):
-            continue
-        if not is_valid_concept_key(entry.name):
-            invalid[entry.name] = INVALID_NAME
-            continue
-        state = read_folder(entry)
-        if state.invalid:
-            invalid[entry.name] = state.invalid
-        else:
-            concepts[entry.name] = state.digest
-    return ConceptScan(concepts, invalid)
+        return ConceptScan({}, {})
+    scan = FolderIndex(data_root).scan(read_budget_s=math.inf, verify_budget_s=0)
+    return ConceptScan(scan.concepts, scan.invalid)
 
 
 # -- the sensor's view of the data root, kept between ticks -------------------------------------------------------
@@ -80,9 +69,9 @@ RACY_S = 2.0  # a folder changed less than this before it was read is read again
 @dataclass
 class FolderState:
     """What one concept folder looked like when last read in full: the path and mtime of the folder (first) and of
-    each sub-folder (a file added, removed or renamed anywhere changes one of them), ``concept.toml``'s (inode, size, mtime),
-    its content digest (:func:`folder_digest`) or why it is not a usable concept, and the data version Dagster
-    holds for it (``reported``: what the last query said; None: not known yet)."""
+    each sub-folder (a file added, removed or renamed anywhere changes one of them), ``concept.toml``'s (inode,
+    size, mtime), its content digest (:func:`folder_digest`) or why it is not a usable concept, and the data
+    version Dagster holds for it (``reported``: what the last query said; None: not known yet)."""
 
     stamps: tuple[tuple[str, int], ...]
     spec_stamp: tuple[int, int, int] | None

@@ -106,18 +106,17 @@ def training_rows(layout: ArtifactLayout, concept: str, roles: tuple[str, ...], 
                   holdout: int = 0) -> list[TrainingRow]:
     """The exact rows the trainer reads: vae_latents' index joined with where each image came from. ControlNet
     (``control``): the photos that have a conditioning image, less the ``holdout`` pairs :func:`held_out` keeps
-    for validation (:func:`validation_rows`)."""
-    rows = _rows(layout, concept, roles, control)
-    held = set(held_out([r.image_sha256 for r in rows if r.role == "instance"], holdout)) if control else set()
-    return [r for r in rows if r.image_sha256 not in held or r.role != "instance"]
+    for validation (:func:`split_pairs`)."""
+    return split_pairs(_rows(layout, concept, roles, control), holdout if control else 0)[0]
 
 
-def validation_rows(layout: ArtifactLayout, concept: str, holdout: int) -> list[TrainingRow]:
-    """A ControlNet's held-out pairs (:func:`held_out`): photo and conditioning image, never trained on; its
-    validation renders follow these conditioning images."""
-    rows = _rows(layout, concept, ("instance",), control=True)
-    held = held_out([r.image_sha256 for r in rows], holdout)
-    return sorted((r for r in rows if r.image_sha256 in held), key=lambda r: r.image_sha256)
+def split_pairs(rows: list[TrainingRow], holdout: int) -> tuple[list[TrainingRow], list[TrainingRow]]:
+    """A ControlNet's rows split into (those it trains on, the pairs :func:`held_out` keeps for its validation,
+    by photo sha256): the held-out pairs are never trained on; its validation renders follow their conditioning
+    images."""
+    held = set(held_out([r.image_sha256 for r in rows if r.role == "instance"], holdout))
+    return ([r for r in rows if r.role != "instance" or r.image_sha256 not in held],
+            sorted((r for r in rows if r.role == "instance" and r.image_sha256 in held), key=lambda r: r.image_sha256))
 
 
 def _rows(layout: ArtifactLayout, concept: str, roles: tuple[str, ...], control: bool) -> list[TrainingRow]:
@@ -240,7 +239,7 @@ def plan_job(layout: ArtifactLayout, ref: BaseModelRef, spec: ConceptSpec, metho
         instances = pairs[~pairs.isin(held_out(list(pairs), holdout))]
     n_images = len(instances) + sum(len(rows) for _, rows in sources)
     cfg = method_config(spec, method.name, n_images, ref.is_random, launch, overrides)
-    rows = training_rows(layout, concept, method.batch_roles(cfg), control=control, holdout=holdout)
+    rows, held = split_pairs(_rows(layout, concept, method.batch_roles(cfg), control), holdout if control else 0)
     if sources or getattr(cfg, "repeats", 1) != 1:  # each row names its concept and repeats (lineage, sampling)
         rows = [replace(r, concept=concept, repeats=cfg.repeats) for r in rows]
         rows += [r for _, dataset_rows in sources for r in dataset_rows]
@@ -259,7 +258,7 @@ def plan_job(layout: ArtifactLayout, ref: BaseModelRef, spec: ConceptSpec, metho
         device=launch.device, mixed_precision=launch.mixed_precision, performance=launch.performance,
         cache_dir=str(layout.cache_root()), log_with=launch.log_with,
         datasets=tuple(source for source, _ in sources),
-        validation_pairs=tuple(validation_rows(layout, concept, holdout)) if control else (),
+        validation_pairs=tuple(held),
         # The embedded random model's images mean nothing: fewer, cheaper validation renders. Any other model's
         # validation costs in proportion to its training (validation.validation_inference_steps).
         validation_inference_steps=4 if ref.is_random else validation_inference_steps(
@@ -293,8 +292,8 @@ def render_context(layout: ArtifactLayout, spec: ConceptSpec, base_model: dict, 
     from the output's manifest (``base_model``), and the concept's conditioning images now (a ControlNet's
     held-out pairs' where it has them, as its validation). It counts no training rows: the check's cached result
     is keyed by it."""
-    controls = [r.control_path for r in (validation_rows(layout, spec.name, holdout)
-                                         or training_rows(layout, spec.name, ("instance",), True))] if control else []
+    trained, held = split_pairs(_rows(layout, spec.name, ("instance",), True), holdout) if control else ([], [])
+    controls = [r.control_path for r in held or trained]
     return TrainContext(concept=spec.name, token=spec.token, class_noun=spec.class_noun,
                         resolution=base_model["resolution"], num_instance_images=0,
                         family=base_model.get("family", "sd1"), extra={"control_paths": controls})
